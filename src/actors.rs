@@ -1,0 +1,81 @@
+//! The consumer-side actors every backend shares, fed by a [`Transport`]'s delivery streams:
+//! one [`TaskQueue`](task_queue::TaskQueue) per consumed task queue, one
+//! [`RpcEndpoint`](rpc_endpoint::RpcEndpoint) per RPC identifier, one
+//! [`BroadcastHub`](broadcast_hub::BroadcastHub) per communicator; and
+//! [`Replies`](replies::Replies), which routes replies to the futures waiting for them.
+
+pub(crate) mod broadcast_hub;
+pub(crate) mod replies;
+pub(crate) mod rpc_endpoint;
+pub(crate) mod task_queue;
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+
+use crate::Codec;
+use crate::codec::envelope::{Host, Reply, ReplyEnvelope};
+use crate::error::Result;
+use crate::messages::HandlerError;
+use crate::transport::{Exchange, Outgoing, Route, Transport};
+
+/// What the actors need to decode, answer and settle: the transport and the codec.
+#[derive(Clone)]
+pub(crate) struct Link {
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) codec: Codec,
+}
+
+impl Link {
+    /// Sends an encoded reply map to `reply_to` on `exchange`.
+    pub(crate) fn reply(
+        &self,
+        exchange: Exchange,
+        reply_to: String,
+        correlation_id: Option<String>,
+        body: Vec<u8>,
+    ) -> BoxFuture<'static, Result<()>> {
+        tracing::debug!(?correlation_id, %reply_to, "sending reply");
+        let message = Outgoing {
+            body,
+            correlation_id,
+            ..Outgoing::default()
+        };
+        self.transport
+            .publish(Route::Reply(exchange, reply_to), message)
+    }
+}
+
+/// Encodes a handler's outcome as a kiwiPy reply map. A result that cannot be encoded
+/// becomes an exception reply naming the problem, so the caller is never left waiting.
+pub(crate) fn encode_reply<R: Serialize>(
+    codec: Codec,
+    outcome: std::result::Result<R, HandlerError>,
+    host: Option<Host>,
+) -> Vec<u8> {
+    let reply = match outcome {
+        Ok(value) => Reply::Result(value),
+        Err(error) => Reply::Exception(error.to_string()),
+    };
+    let envelope = ReplyEnvelope {
+        reply,
+        host: host.clone(),
+    };
+    codec.encode(&envelope).unwrap_or_else(|error| {
+        exception_reply(
+            codec,
+            &format!("the result could not be encoded: {error}"),
+            host,
+        )
+    })
+}
+
+/// Encodes `{exception: text}`; a string always encodes.
+pub(crate) fn exception_reply(codec: Codec, text: &str, host: Option<Host>) -> Vec<u8> {
+    let envelope: ReplyEnvelope<()> = ReplyEnvelope {
+        reply: Reply::Exception(text.to_owned()),
+        host,
+    };
+    codec.encode(&envelope).unwrap_or_default()
+}

@@ -1,0 +1,267 @@
+//! The `TaskQueue` actor: consumes one task queue while it has subscribers, offers each
+//! task to them in turn, sends the result back and acks only after the handler finished.
+
+use std::marker::PhantomData;
+use std::sync::{Arc, LazyLock};
+
+use actix::prelude::*;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{Link, encode_reply, exception_reply};
+use crate::Codec;
+use crate::codec::envelope::{Host, TaskEnvelope};
+use crate::error::{Error, ErrorKind, Result};
+use crate::messages::{HandlerError, Task};
+use crate::transport::{Delivery, Exchange, Outcome, Source};
+
+static HOST: LazyLock<Host> = LazyLock::new(Host::this_process);
+
+/// This process, as named in task replies.
+pub(crate) fn host() -> Host {
+    HOST.clone()
+}
+
+/// A task as the dispatcher sees it, before a subscriber decodes it with its own type.
+#[derive(Clone)]
+pub(crate) struct TaskInput {
+    pub(crate) body: Arc<Vec<u8>>,
+    pub(crate) redelivered: bool,
+    pub(crate) correlation_id: Option<String>,
+}
+
+/// What one subscriber made of a task.
+pub(crate) enum TaskAnswer {
+    /// Handled: the encoded reply map, unless the sender asked for none.
+    Reply { bytes: Vec<u8>, no_reply: bool },
+    /// Declined: offer it to the next subscriber.
+    Rejected,
+    /// Not a task of this subscriber's type.
+    Undecodable(Error),
+    /// The subscriber's actor is gone (it stopped or panicked).
+    Dead(String),
+}
+
+/// A task subscriber with its types erased.
+pub(crate) type TaskFn = Arc<dyn Fn(TaskInput) -> BoxFuture<'static, TaskAnswer> + Send + Sync>;
+
+/// Erases a typed task recipient.
+pub(crate) fn task_fn<T, R>(recipient: Recipient<Task<T, R>>, codec: Codec) -> TaskFn
+where
+    T: DeserializeOwned + Send + 'static,
+    R: Serialize + Send + 'static,
+{
+    Arc::new(move |input: TaskInput| {
+        let recipient = recipient.clone();
+        async move {
+            let (body, no_reply): TaskEnvelope<T> = match codec.decode(&input.body) {
+                Ok(envelope) => envelope,
+                Err(error) => return TaskAnswer::Undecodable(error),
+            };
+            let task = Task {
+                body,
+                redelivered: input.redelivered,
+                correlation_id: input.correlation_id,
+                result: PhantomData,
+            };
+            match recipient.send(task).await {
+                Err(error) => TaskAnswer::Dead(error.to_string()),
+                Ok(Err(HandlerError::Rejected)) => TaskAnswer::Rejected,
+                Ok(outcome) => TaskAnswer::Reply {
+                    bytes: encode_reply(codec, outcome, Some(host())),
+                    no_reply,
+                },
+            }
+        }
+        .boxed()
+    })
+}
+
+/// Consumes one task queue for one communicator.
+pub(crate) struct TaskQueue {
+    link: Link,
+    queue: String,
+    prefetch: u16,
+    subscribers: Vec<(String, TaskFn)>,
+    /// The running consumer's tag; none while there are no subscribers.
+    consumer: Option<String>,
+}
+
+impl TaskQueue {
+    pub(crate) fn new(link: Link, queue: String, prefetch: u16) -> Self {
+        Self {
+            link,
+            queue,
+            prefetch,
+            subscribers: Vec::new(),
+            consumer: None,
+        }
+    }
+}
+
+impl Actor for TaskQueue {
+    type Context = Context<Self>;
+}
+
+/// Adds a subscriber, starting the consumer for the first one.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub(crate) struct AddSubscriber {
+    pub(crate) id: String,
+    pub(crate) handler: TaskFn,
+}
+
+/// Removes a subscriber, stopping the consumer after the last one.
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub(crate) struct RemoveSubscriber {
+    pub(crate) id: String,
+    /// Removed because its actor died: no error if already gone.
+    pub(crate) dead: bool,
+}
+
+impl Handler<AddSubscriber> for TaskQueue {
+    type Result = AtomicResponse<Self, Result<()>>;
+
+    fn handle(&mut self, message: AddSubscriber, _: &mut Context<Self>) -> Self::Result {
+        if self.subscribers.iter().any(|(id, _)| *id == message.id) {
+            let error = Error::new(ErrorKind::DuplicateSubscriber(message.id));
+            return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
+        }
+        self.subscribers.push((message.id, message.handler));
+        if self.consumer.is_some() {
+            return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
+        }
+        let consume = self
+            .link
+            .transport
+            .consume(Source::Tasks(self.queue.clone()), self.prefetch);
+        AtomicResponse::new(Box::pin(consume.into_actor(self).map(
+            |result, actor, ctx| match result {
+                Ok(consumer) => {
+                    tracing::debug!(queue = %actor.queue, tag = %consumer.tag, "consuming tasks");
+                    actor.consumer = Some(consumer.tag);
+                    ctx.add_stream(consumer.deliveries);
+                    Ok(())
+                }
+                Err(error) => {
+                    actor.subscribers.pop();
+                    Err(error)
+                }
+            },
+        )))
+    }
+}
+
+impl Handler<RemoveSubscriber> for TaskQueue {
+    type Result = AtomicResponse<Self, Result<()>>;
+
+    fn handle(&mut self, message: RemoveSubscriber, _: &mut Context<Self>) -> Self::Result {
+        let before = self.subscribers.len();
+        self.subscribers.retain(|(id, _)| *id != message.id);
+        if self.subscribers.len() == before && !message.dead {
+            let error = Error::new(ErrorKind::UnknownSubscriber(message.id));
+            return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
+        }
+        let cancel = match (&self.consumer, self.subscribers.is_empty()) {
+            (Some(tag), true) => self.link.transport.cancel(tag),
+            _ => return AtomicResponse::new(Box::pin(fut::ready(Ok(())))),
+        };
+        self.consumer = None;
+        AtomicResponse::new(Box::pin(cancel.into_actor(self)))
+    }
+}
+
+impl StreamHandler<Delivery> for TaskQueue {
+    fn handle(&mut self, delivery: Delivery, ctx: &mut Context<Self>) {
+        let subscribers = self.subscribers.clone();
+        let link = self.link.clone();
+        let queue = self.queue.clone();
+        let me = ctx.address();
+        actix::spawn(dispatch(delivery, subscribers, link, queue, me));
+    }
+
+    /// A cancelled consumer's stream ends; the actor lives on for the next one.
+    fn finished(&mut self, _: &mut Context<Self>) {}
+}
+
+/// Offers one task to the subscribers in turn and settles it.
+async fn dispatch(
+    delivery: Delivery,
+    subscribers: Vec<(String, TaskFn)>,
+    link: Link,
+    queue: String,
+    me: Addr<TaskQueue>,
+) {
+    let Delivery {
+        body,
+        correlation_id,
+        reply_to,
+        redelivered,
+        acker,
+    } = delivery;
+    tracing::debug!(%queue, ?correlation_id, redelivered, "task received");
+    let input = TaskInput {
+        body: Arc::new(body),
+        redelivered,
+        correlation_id: correlation_id.clone(),
+    };
+    let mut undecodable = None;
+    let mut rejected = false;
+    for (id, handler) in subscribers {
+        match handler(input.clone()).await {
+            TaskAnswer::Reply { bytes, no_reply } => {
+                let outcome = match (no_reply, reply_to) {
+                    (false, Some(reply_to)) => {
+                        match link
+                            .reply(Exchange::Tasks, reply_to, correlation_id.clone(), bytes)
+                            .await
+                        {
+                            Ok(()) => Outcome::Ack,
+                            Err(error) => {
+                                tracing::warn!(%queue, ?correlation_id, %error, "task reply failed; requeueing");
+                                Outcome::Requeue
+                            }
+                        }
+                    }
+                    _ => Outcome::Ack,
+                };
+                acker.settle(outcome);
+                return;
+            }
+            TaskAnswer::Rejected => rejected = true,
+            TaskAnswer::Undecodable(error) => undecodable = Some(error),
+            TaskAnswer::Dead(reason) => {
+                tracing::error!(%queue, subscriber = %id, %reason, "task subscriber died; task requeued, subscriber removed");
+                me.do_send(RemoveSubscriber { id, dead: true });
+                acker.settle(Outcome::Requeue);
+                return;
+            }
+        }
+    }
+    match undecodable {
+        Some(error) if !rejected => {
+            tracing::warn!(%queue, ?correlation_id, %error, "undecodable task discarded");
+            if let Some(reply_to) = reply_to {
+                let bytes = exception_reply(
+                    link.codec,
+                    &format!("the task could not be decoded: {error}"),
+                    Some(host()),
+                );
+                if let Err(error) = link
+                    .reply(Exchange::Tasks, reply_to, correlation_id, bytes)
+                    .await
+                {
+                    tracing::warn!(%queue, %error, "could not report an undecodable task");
+                }
+            }
+            acker.settle(Outcome::Discard);
+        }
+        _ => {
+            tracing::debug!(%queue, ?correlation_id, "task rejected by every subscriber; requeued");
+            acker.settle(Outcome::Requeue);
+        }
+    }
+}

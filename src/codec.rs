@@ -1,0 +1,179 @@
+//! How bodies become bytes: the [`Codec`] chosen per communicator, and (in `envelope`) the
+//! kiwiPy message envelopes every backend puts on the wire.
+
+pub(crate) mod envelope;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+
+/// The encoding of message bodies and envelopes, chosen per communicator.
+///
+/// Every process that talks over the same exchanges must use the same codec.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Codec {
+    /// MessagePack with named struct fields (`rmp-serde`): compact and self-describing, so a
+    /// task stored for weeks still decodes after its struct gains an optional field.
+    #[default]
+    MessagePack,
+    /// JSON (`serde_json`): readable, and what kiwiPy users configure with `json.dumps`.
+    Json,
+    /// bincode 2 with its standard configuration: the smallest bytes, for Rust-only fleets.
+    /// Not self-describing: sender and receiver must agree on the exact types.
+    #[cfg(feature = "bincode")]
+    Bincode,
+}
+
+impl Codec {
+    /// Every codec compiled into this build.
+    pub const ALL: &'static [Codec] = &[
+        Codec::MessagePack,
+        Codec::Json,
+        #[cfg(feature = "bincode")]
+        Codec::Bincode,
+    ];
+
+    /// The codec's short name, as accepted by [`str::parse`]: `msgpack`, `json`, `bincode`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MessagePack => "msgpack",
+            Self::Json => "json",
+            #[cfg(feature = "bincode")]
+            Self::Bincode => "bincode",
+        }
+    }
+
+    /// Encodes `value` into bytes.
+    pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Vec<u8>> {
+        match self {
+            Self::MessagePack => rmp_serde::to_vec_named(value).map_err(Error::codec),
+            Self::Json => serde_json::to_vec(value).map_err(Error::codec),
+            #[cfg(feature = "bincode")]
+            Self::Bincode => bincode::serde::encode_to_vec(value, bincode::config::standard())
+                .map_err(Error::codec),
+        }
+    }
+
+    /// Decodes bytes into a `T`. Malformed bytes or a value of another shape give an
+    /// [`ErrorKind::Codec`](crate::ErrorKind::Codec) error, never a panic.
+    pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T> {
+        match self {
+            Self::MessagePack => rmp_serde::from_slice(bytes).map_err(Error::codec),
+            Self::Json => serde_json::from_slice(bytes).map_err(Error::codec),
+            #[cfg(feature = "bincode")]
+            Self::Bincode => {
+                let (value, used) =
+                    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+                        .map_err(Error::codec)?;
+                if used != bytes.len() {
+                    return Err(Error::codec(format!(
+                        "{} trailing bytes after the value",
+                        bytes.len() - used
+                    )));
+                }
+                Ok(value)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Codec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "msgpack" | "messagepack" => Ok(Self::MessagePack),
+            "json" => Ok(Self::Json),
+            #[cfg(feature = "bincode")]
+            "bincode" => Ok(Self::Bincode),
+            other => Err(Error::config(format!(
+                "unknown codec '{other}' (this build knows: {})",
+                Self::ALL
+                    .iter()
+                    .map(|c| c.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use serde::Deserialize;
+    use std::collections::BTreeMap;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Job {
+        name: String,
+        steps: Vec<u32>,
+        tags: BTreeMap<String, f64>,
+        parent: Option<Box<Job>>,
+    }
+
+    fn sample() -> Job {
+        Job {
+            name: "relax".into(),
+            steps: vec![1, 2, 3],
+            tags: [("energy".to_string(), -1.5)].into_iter().collect(),
+            parent: Some(Box::new(Job {
+                name: "scf".into(),
+                steps: vec![],
+                tags: BTreeMap::new(),
+                parent: None,
+            })),
+        }
+    }
+
+    #[test]
+    fn every_codec_round_trips_a_nested_struct() {
+        for codec in Codec::ALL {
+            let bytes = codec.encode(&sample()).unwrap();
+            let back: Job = codec.decode(&bytes).unwrap();
+            assert_eq!(back, sample(), "{codec}");
+        }
+    }
+
+    #[test]
+    fn malformed_bytes_are_a_codec_error() {
+        for codec in Codec::ALL {
+            for bytes in [&b""[..], b"\xff\xfe\x00", b"{\"name\": 3", &[0xc1; 7]] {
+                let err = codec.decode::<Job>(bytes).unwrap_err();
+                assert!(matches!(err.kind(), ErrorKind::Codec(_)), "{codec}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_shape_is_a_codec_error() {
+        for codec in Codec::ALL {
+            let bytes = codec.encode(&("not", "a", "job")).unwrap();
+            let err = codec.decode::<Job>(&bytes).unwrap_err();
+            assert!(matches!(err.kind(), ErrorKind::Codec(_)), "{codec}: {err}");
+        }
+    }
+
+    #[test]
+    fn names_parse_back() {
+        for codec in Codec::ALL {
+            assert_eq!(codec.name().parse::<Codec>().unwrap(), *codec);
+        }
+        assert!(matches!(
+            "xml".parse::<Codec>().unwrap_err().kind(),
+            ErrorKind::Config(_)
+        ));
+    }
+}

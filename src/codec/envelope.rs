@@ -1,0 +1,260 @@
+//! The kiwiPy 0.9 message envelopes, identical on every backend: a task is the 2-sequence
+//! `[task, no_reply]`, a reply is a map with exactly one of `result`, `exception`,
+//! `cancelled`, `pending` (task replies add `host`), a broadcast is the map
+//! `{body, sender, subject, correlation_id}`.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::ser::{SerializeMap, Serializer};
+use serde::{Deserialize, Serialize};
+
+/// A task on the wire: `[task, no_reply]`.
+pub(crate) type TaskEnvelope<T> = (T, bool);
+
+/// The outcome a reply carries.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Reply<T> {
+    /// `{result: X}`: the handler's value.
+    Result(T),
+    /// `{exception: "text"}`: the handler failed.
+    Exception(String),
+    /// `{cancelled: reason}`: the handler's future was cancelled.
+    Cancelled(Option<String>),
+    /// `{pending: null}`: the result is deferred; more replies follow.
+    Pending,
+}
+
+/// Where a task reply came from (kiwiPy's `host` key).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Host {
+    pub(crate) hostname: String,
+    pub(crate) pid: u32,
+}
+
+impl Host {
+    pub(crate) fn this_process() -> Self {
+        Self {
+            hostname: gethostname::gethostname().to_string_lossy().into_owned(),
+            pid: std::process::id(),
+        }
+    }
+}
+
+/// A reply map: the outcome, plus `host` on task replies.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ReplyEnvelope<T> {
+    pub(crate) reply: Reply<T>,
+    pub(crate) host: Option<Host>,
+}
+
+const RESULT: &str = "result";
+const EXCEPTION: &str = "exception";
+const CANCELLED: &str = "cancelled";
+const PENDING: &str = "pending";
+const HOST: &str = "host";
+
+impl<T: Serialize> Serialize for ReplyEnvelope<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(1 + usize::from(self.host.is_some())))?;
+        match &self.reply {
+            Reply::Result(value) => map.serialize_entry(RESULT, value)?,
+            Reply::Exception(text) => map.serialize_entry(EXCEPTION, text)?,
+            Reply::Cancelled(reason) => map.serialize_entry(CANCELLED, reason)?,
+            Reply::Pending => map.serialize_entry(PENDING, &())?,
+        }
+        if let Some(host) = &self.host {
+            map.serialize_entry(HOST, host)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for ReplyEnvelope<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(ReplyVisitor(PhantomData))
+    }
+}
+
+struct ReplyVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for ReplyVisitor<T> {
+    type Value = ReplyEnvelope<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a reply map with one of 'result', 'exception', 'cancelled', 'pending'")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut reply = None;
+        let mut host = None;
+        while let Some(key) = map.next_key::<String>()? {
+            let value = match key.as_str() {
+                RESULT => Reply::Result(map.next_value()?),
+                EXCEPTION => Reply::Exception(map.next_value()?),
+                CANCELLED => Reply::Cancelled(map.next_value()?),
+                PENDING => {
+                    map.next_value::<IgnoredAny>()?;
+                    Reply::Pending
+                }
+                HOST => {
+                    host = map.next_value()?;
+                    continue;
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            if reply.replace(value).is_some() {
+                return Err(de::Error::custom("a reply map holds more than one outcome"));
+            }
+        }
+        let reply = reply.ok_or_else(|| {
+            de::Error::custom(
+                "a reply map needs one of 'result', 'exception', 'cancelled', 'pending'",
+            )
+        })?;
+        Ok(ReplyEnvelope { reply, host })
+    }
+}
+
+/// A broadcast on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct BroadcastEnvelope<T> {
+    pub(crate) body: T,
+    #[serde(default)]
+    pub(crate) sender: Option<String>,
+    #[serde(default)]
+    pub(crate) subject: Option<String>,
+    #[serde(default)]
+    pub(crate) correlation_id: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Codec;
+
+    fn replies() -> Vec<ReplyEnvelope<Vec<i64>>> {
+        vec![
+            ReplyEnvelope {
+                reply: Reply::Result(vec![1, 2]),
+                host: None,
+            },
+            ReplyEnvelope {
+                reply: Reply::Result(vec![]),
+                host: Some(Host::this_process()),
+            },
+            ReplyEnvelope {
+                reply: Reply::Exception("ValueError: bad".into()),
+                host: None,
+            },
+            ReplyEnvelope {
+                reply: Reply::Cancelled(Some("user".into())),
+                host: None,
+            },
+            ReplyEnvelope {
+                reply: Reply::Cancelled(None),
+                host: None,
+            },
+            ReplyEnvelope {
+                reply: Reply::Pending,
+                host: None,
+            },
+        ]
+    }
+
+    #[test]
+    fn reply_envelopes_round_trip_in_every_codec() {
+        for codec in Codec::ALL {
+            for reply in replies() {
+                let bytes = codec.encode(&reply).unwrap();
+                let back: ReplyEnvelope<Vec<i64>> = codec.decode(&bytes).unwrap();
+                assert_eq!(back, reply, "{codec}");
+            }
+        }
+    }
+
+    #[test]
+    fn reply_maps_match_kiwipy_json() {
+        let json =
+            |r: &ReplyEnvelope<u32>| String::from_utf8(Codec::Json.encode(r).unwrap()).unwrap();
+        assert_eq!(
+            json(&ReplyEnvelope {
+                reply: Reply::Result(5),
+                host: None
+            }),
+            r#"{"result":5}"#
+        );
+        assert_eq!(
+            json(&ReplyEnvelope {
+                reply: Reply::Pending,
+                host: None
+            }),
+            r#"{"pending":null}"#
+        );
+        assert_eq!(
+            json(&ReplyEnvelope {
+                reply: Reply::Exception("boom".into()),
+                host: None
+            }),
+            r#"{"exception":"boom"}"#
+        );
+        let from_python: ReplyEnvelope<u32> = Codec::Json
+            .decode(br#"{"result": 7, "host": {"hostname": "h", "pid": 12}, "extra": [1]}"#)
+            .unwrap();
+        assert_eq!(from_python.reply, Reply::Result(7));
+        assert_eq!(from_python.host.unwrap().pid, 12);
+    }
+
+    #[test]
+    fn a_result_of_null_is_not_a_missing_result() {
+        let reply: ReplyEnvelope<Option<u32>> = Codec::Json.decode(br#"{"result": null}"#).unwrap();
+        assert_eq!(reply.reply, Reply::Result(None));
+    }
+
+    #[test]
+    fn bad_reply_maps_are_codec_errors() {
+        for bytes in [
+            &br#"{}"#[..],
+            br#"{"result": 1, "exception": "x"}"#,
+            br#"[1, 2]"#,
+            b"\x00",
+        ] {
+            let err = Codec::Json.decode::<ReplyEnvelope<u32>>(bytes).unwrap_err();
+            assert!(matches!(err.kind(), crate::ErrorKind::Codec(_)), "{err}");
+        }
+    }
+
+    #[test]
+    fn task_envelope_is_a_two_sequence() {
+        let bytes = Codec::Json.encode(&("job", true)).unwrap();
+        assert_eq!(bytes, br#"["job",true]"#);
+        for codec in Codec::ALL {
+            let bytes = codec.encode(&(vec![1u8, 2], false)).unwrap();
+            let back: TaskEnvelope<Vec<u8>> = codec.decode(&bytes).unwrap();
+            assert_eq!(back, (vec![1, 2], false));
+        }
+    }
+
+    #[test]
+    fn broadcast_envelope_has_all_four_keys() {
+        let b = BroadcastEnvelope {
+            body: 1,
+            sender: Some("s".into()),
+            subject: None,
+            correlation_id: None,
+        };
+        let json = String::from_utf8(Codec::Json.encode(&b).unwrap()).unwrap();
+        assert_eq!(
+            json,
+            r#"{"body":1,"sender":"s","subject":null,"correlation_id":null}"#
+        );
+        for codec in Codec::ALL {
+            let back: BroadcastEnvelope<i32> = codec.decode(&codec.encode(&b).unwrap()).unwrap();
+            assert_eq!(back, b);
+        }
+    }
+}

@@ -1,0 +1,501 @@
+//! [`Communicator`]: the cheap-`Clone` async handle users hold. It encodes and sends from the
+//! caller's task and forwards subscriptions, by address, to the actors on its runtime.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use actix::{Actor, Addr};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::actors::Link;
+use crate::actors::broadcast_hub::{self, BroadcastHub, broadcast_fn};
+use crate::actors::replies::{Replies, ReplyFuture};
+use crate::actors::rpc_endpoint::{RpcEndpoint, rpc_fn};
+use crate::actors::task_queue::TaskQueue as TaskQueueActor;
+use crate::codec::envelope::BroadcastEnvelope;
+use crate::error::{Error, ErrorKind, Result};
+use crate::filter::BroadcastFilter;
+use crate::messages::{Broadcast, Rpc, Task};
+use crate::queue::{PulledTask, TaskQueue};
+use crate::runtime::Runtime;
+use crate::settings::Settings;
+use crate::subscriber::IntoSubscriber;
+use crate::transport::{Exchange, Outgoing, Route, Source, Transport};
+use crate::{Codec, mem};
+
+/// Connects to the broker at `uri` with default [`Settings`]: `mem://` for a private
+/// in-process broker, `mem://NAME` for one shared by name within the process, or
+/// `amqp://user:pass@host:port/vhost` for RabbitMQ.
+pub async fn connect(uri: &str) -> Result<Communicator> {
+    Settings::new(uri).connect().await
+}
+
+/// Options of a broadcast beyond its body; every field may be left out.
+#[derive(Debug, Clone, Default)]
+pub struct BroadcastOptions {
+    /// Who sends it.
+    pub sender: Option<String>,
+    /// What it is about; subscribers filter on it.
+    pub subject: Option<String>,
+    /// A correlation id for the receivers.
+    pub correlation_id: Option<String>,
+}
+
+impl BroadcastOptions {
+    /// A broadcast about `subject`.
+    pub fn subject(subject: impl Into<String>) -> Self {
+        Self {
+            subject: Some(subject.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Names the sender.
+    #[must_use]
+    pub fn with_sender(mut self, sender: impl Into<String>) -> Self {
+        self.sender = Some(sender.into());
+        self
+    }
+
+    /// Sets the correlation id.
+    #[must_use]
+    pub fn with_correlation_id(mut self, correlation_id: impl Into<String>) -> Self {
+        self.correlation_id = Some(correlation_id.into());
+        self
+    }
+}
+
+/// A connection to a broker for tasks, RPC and broadcasts.
+///
+/// Cloning is cheap: every clone is the same communicator. It closes with
+/// [`close`](Communicator::close), or when the last clone is dropped.
+#[derive(Clone)]
+pub struct Communicator {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) settings: Settings,
+    pub(crate) link: Link,
+    pub(crate) runtime: Runtime,
+    pub(crate) replies: Arc<Replies>,
+    /// Reply queues, one per exchange, as kiwiPy's publishers have.
+    pub(crate) task_reply_queue: String,
+    pub(crate) message_reply_queue: String,
+    closed: AtomicBool,
+    /// Task queues this communicator has declared (sending declares once).
+    declared: Mutex<std::collections::HashSet<String>>,
+    task_queues: Mutex<HashMap<String, Addr<TaskQueueActor>>>,
+    /// RPC identifier → its endpoint and the consumer tag to cancel.
+    rpc: Mutex<HashMap<String, (Addr<RpcEndpoint>, String)>>,
+    broadcast_hub: Mutex<Option<Addr<BroadcastHub>>>,
+    broadcast_queue: String,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+impl Communicator {
+    pub(crate) async fn connect_with(settings: Settings) -> Result<Self> {
+        let runtime = Runtime::start()?;
+        let transport: Arc<dyn Transport> = match settings.uri.split_once("://") {
+            Some(("mem", name)) => Arc::new(mem::MemTransport::connect(name)),
+            Some(("amqp" | "amqps", _)) => crate::amqp::connect(&settings, &runtime).await?,
+            _ => {
+                runtime.stop();
+                return Err(Error::config(format!(
+                    "unsupported URI '{}': expected mem://[NAME] or amqp://…",
+                    settings.uri
+                )));
+            }
+        };
+        let link = Link {
+            transport,
+            codec: settings.codec,
+        };
+        let replies = Replies::new();
+        let task_reply_queue = format!("{}-reply-{}", settings.task_exchange, new_id());
+        let message_reply_queue = format!("{}-reply-{}", settings.message_exchange, new_id());
+        for (exchange, queue) in [
+            (Exchange::Tasks, &task_reply_queue),
+            (Exchange::Messages, &message_reply_queue),
+        ] {
+            let consumer = link
+                .transport
+                .consume(Source::Replies(exchange, queue.clone()), 0)
+                .await?;
+            runtime.spawn(replies.clone().run(consumer.deliveries));
+        }
+        let broadcast_queue = format!("broadcast-{}", new_id());
+        let inner = Inner {
+            settings,
+            link,
+            runtime,
+            replies,
+            task_reply_queue,
+            message_reply_queue,
+            closed: AtomicBool::new(false),
+            declared: Mutex::default(),
+            task_queues: Mutex::default(),
+            rpc: Mutex::default(),
+            broadcast_hub: Mutex::default(),
+            broadcast_queue,
+        };
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The settings this communicator was connected with.
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    /// The codec of this communicator.
+    pub fn codec(&self) -> Codec {
+        self.inner.link.codec
+    }
+
+    /// Whether [`close`](Self::close) has been called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// How many task and RPC results this communicator still awaits.
+    pub fn pending_replies(&self) -> usize {
+        self.inner.replies.len()
+    }
+
+    // ---- tasks -------------------------------------------------------------------------
+
+    /// A handle on the named task queue (declared on first use).
+    pub fn task_queue(&self, name: impl Into<String>) -> TaskQueue {
+        TaskQueue::new(self.inner.clone(), name.into())
+    }
+
+    /// The default task queue (`kiwipy.tasks` unless configured).
+    pub fn default_task_queue(&self) -> TaskQueue {
+        self.task_queue(self.inner.settings.task_queue.clone())
+    }
+
+    /// Sends a task to the default queue. Resolves once the broker accepted it, with a
+    /// future of its result. See [`TaskQueue::task_send`].
+    pub async fn task_send<T, R>(&self, body: &T) -> Result<ReplyFuture<R>>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.default_task_queue().task_send(body).await
+    }
+
+    /// Sends a task to the default queue and asks for no result.
+    pub async fn task_send_no_reply<T: Serialize + ?Sized>(&self, body: &T) -> Result<()> {
+        self.default_task_queue().task_send_no_reply(body).await
+    }
+
+    /// Subscribes to the default task queue; returns the subscriber's identifier.
+    pub async fn add_task_subscriber<T, R, S>(&self, subscriber: S) -> Result<String>
+    where
+        T: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        S: IntoSubscriber<Task<T, R>>,
+    {
+        self.default_task_queue()
+            .add_task_subscriber(subscriber)
+            .await
+    }
+
+    /// Removes a subscriber of the default task queue.
+    pub async fn remove_task_subscriber(&self, identifier: &str) -> Result<()> {
+        self.default_task_queue()
+            .remove_task_subscriber(identifier)
+            .await
+    }
+
+    /// Takes one task from the default queue (see [`TaskQueue::next_task`]).
+    pub async fn next_task<T: DeserializeOwned + Send + 'static>(
+        &self,
+        timeout: Duration,
+    ) -> Result<PulledTask<T>> {
+        self.default_task_queue().next_task(timeout).await
+    }
+
+    // ---- RPC ---------------------------------------------------------------------------
+
+    /// Calls the RPC subscriber registered under `identifier`. Resolves once the broker
+    /// accepted the request, with a future of the reply; `Unroutable` if nobody has that
+    /// identifier.
+    pub async fn rpc_send<T, R>(&self, identifier: &str, body: &T) -> Result<ReplyFuture<R>>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let body = inner.link.codec.encode(body)?;
+        let correlation_id = new_id();
+        tracing::debug!(%identifier, %correlation_id, "sending RPC");
+        let reply = inner
+            .replies
+            .expect(correlation_id.clone(), inner.link.codec)?;
+        let message = Outgoing {
+            body,
+            correlation_id: Some(correlation_id),
+            reply_to: Some(inner.message_reply_queue.clone()),
+            persistent: false,
+            mandatory: true,
+        };
+        inner
+            .link
+            .transport
+            .publish(Route::Rpc(identifier.to_owned()), message)
+            .await?;
+        Ok(reply)
+    }
+
+    /// Registers an RPC subscriber under `identifier` (generated when `None`) and returns
+    /// the identifier. `DuplicateSubscriber` if this communicator or another already serves
+    /// that identifier.
+    pub async fn add_rpc_subscriber<T, R, S>(
+        &self,
+        identifier: Option<&str>,
+        subscriber: S,
+    ) -> Result<String>
+    where
+        T: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        S: IntoSubscriber<Rpc<T, R>>,
+    {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let identifier = identifier.map_or_else(new_id, str::to_owned);
+        if lock(&inner.rpc).contains_key(&identifier) {
+            return Err(Error::new(ErrorKind::DuplicateSubscriber(identifier)));
+        }
+        let recipient = subscriber.into_recipient(inner.runtime.arbiter());
+        let handler = rpc_fn(recipient, inner.link.codec);
+        let consumer = inner
+            .link
+            .transport
+            .consume(Source::Rpc(identifier.clone()), 0)
+            .await
+            .map_err(|e| match e.kind() {
+                ErrorKind::DuplicateSubscriber(_) => {
+                    Error::new(ErrorKind::DuplicateSubscriber(identifier.clone()))
+                }
+                _ => e,
+            })?;
+        let link = inner.link.clone();
+        let id = identifier.clone();
+        let deliveries = consumer.deliveries;
+        let endpoint = RpcEndpoint::start_in_arbiter(inner.runtime.arbiter(), move |ctx| {
+            <RpcEndpoint as actix::StreamHandler<_>>::add_stream(deliveries, ctx);
+            RpcEndpoint::new(link, id, handler)
+        });
+        let mut rpc = lock(&inner.rpc);
+        if rpc.contains_key(&identifier) {
+            // Another call won the race for this identifier while we were subscribing.
+            drop(rpc);
+            let _ = inner.link.transport.cancel(&consumer.tag).await;
+            return Err(Error::new(ErrorKind::DuplicateSubscriber(identifier)));
+        }
+        rpc.insert(identifier.clone(), (endpoint, consumer.tag));
+        Ok(identifier)
+    }
+
+    /// Removes the RPC subscriber `identifier`; `UnknownSubscriber` if there is none.
+    pub async fn remove_rpc_subscriber(&self, identifier: &str) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let removed = lock(&inner.rpc).remove(identifier);
+        let Some((_endpoint, tag)) = removed else {
+            return Err(Error::new(ErrorKind::UnknownSubscriber(
+                identifier.to_owned(),
+            )));
+        };
+        // Cancelling ends the endpoint's stream; the actor stops with the runtime.
+        inner.link.transport.cancel(&tag).await
+    }
+
+    // ---- broadcasts --------------------------------------------------------------------
+
+    /// Sends a broadcast to every subscriber on the broker. Nobody listening is fine.
+    pub async fn broadcast_send<T: Serialize + ?Sized>(
+        &self,
+        body: &T,
+        options: BroadcastOptions,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let envelope = BroadcastEnvelope {
+            body,
+            sender: options.sender,
+            subject: options.subject,
+            correlation_id: options.correlation_id,
+        };
+        let body = inner.link.codec.encode(&envelope)?;
+        tracing::debug!(subject = ?envelope.subject, "sending broadcast");
+        let message = Outgoing {
+            body,
+            ..Outgoing::default()
+        };
+        inner
+            .link
+            .transport
+            .publish(Route::Broadcast, message)
+            .await
+    }
+
+    /// Subscribes to broadcasts that pass `filter`; returns the subscriber's identifier.
+    pub async fn add_broadcast_subscriber<T, S>(
+        &self,
+        filter: BroadcastFilter,
+        subscriber: S,
+    ) -> Result<String>
+    where
+        T: DeserializeOwned + Send + 'static,
+        S: IntoSubscriber<Broadcast<T>>,
+    {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let handler = broadcast_fn(
+            subscriber.into_recipient(inner.runtime.arbiter()),
+            filter,
+            inner.link.codec,
+        );
+        let id = new_id();
+        let hub = inner.broadcast_hub();
+        hub.send(broadcast_hub::AddSubscriber {
+            id: id.clone(),
+            handler,
+        })
+        .await
+        .map_err(|_| Error::closed())??;
+        Ok(id)
+    }
+
+    /// Removes a broadcast subscriber; `UnknownSubscriber` if there is none.
+    pub async fn remove_broadcast_subscriber(&self, identifier: &str) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let hub = inner.broadcast_hub();
+        let removed = hub
+            .send(broadcast_hub::RemoveSubscriber {
+                id: identifier.to_owned(),
+            })
+            .await
+            .map_err(|_| Error::closed())??;
+        if !removed {
+            return Err(Error::new(ErrorKind::UnknownSubscriber(
+                identifier.to_owned(),
+            )));
+        }
+        Ok(())
+    }
+
+    // ---- lifetime ----------------------------------------------------------------------
+
+    /// Closes the communicator: subscribers stop, results still awaited fail with `Closed`,
+    /// the connection closes, and every later call fails with `Closed`. Idempotent.
+    pub async fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.inner.replies.close();
+        let close = self.inner.link.transport.close();
+        let result = self.inner.runtime.run(close).await.and_then(|r| r);
+        self.inner.runtime.stop();
+        result
+    }
+
+    /// Runs `f` with a communicator connected to `uri`, then closes it, whatever `f`
+    /// returned (kiwiPy's `with communicator:`).
+    pub async fn scoped<F, Fut, T>(uri: &str, f: F) -> Result<T>
+    where
+        F: FnOnce(Communicator) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let comm = connect(uri).await?;
+        let result = f(comm.clone()).await;
+        comm.close().await?;
+        result
+    }
+}
+
+impl Inner {
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::closed());
+        }
+        Ok(())
+    }
+
+    /// Declares a task queue the first time this communicator sends to it.
+    pub(crate) async fn declare_once(&self, queue: &str) -> Result<()> {
+        if lock(&self.declared).contains(queue) {
+            return Ok(());
+        }
+        self.link.transport.declare_task_queue(queue).await?;
+        lock(&self.declared).insert(queue.to_owned());
+        Ok(())
+    }
+
+    /// The actor consuming `queue` for this communicator, started on first use.
+    pub(crate) fn task_queue_actor(&self, queue: &str, prefetch: u16) -> Addr<TaskQueueActor> {
+        let mut actors = lock(&self.task_queues);
+        actors
+            .entry(queue.to_owned())
+            .or_insert_with(|| {
+                let actor = TaskQueueActor::new(self.link.clone(), queue.to_owned(), prefetch);
+                TaskQueueActor::start_in_arbiter(self.runtime.arbiter(), move |_| actor)
+            })
+            .clone()
+    }
+
+    fn broadcast_hub(&self) -> Addr<BroadcastHub> {
+        let mut hub = lock(&self.broadcast_hub);
+        hub.get_or_insert_with(|| {
+            let actor =
+                BroadcastHub::new(self.link.transport.clone(), self.broadcast_queue.clone());
+            BroadcastHub::start_in_arbiter(self.runtime.arbiter(), |_| actor)
+        })
+        .clone()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.replies.close();
+        let close = self.link.transport.close();
+        self.runtime.spawn(async move {
+            if let Err(error) = close.await {
+                tracing::warn!(%error, "closing the connection failed");
+            }
+            actix_rt::System::current().stop();
+        });
+        self.runtime.join();
+    }
+}
+
+impl fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Communicator")
+            .field("uri", &self.inner.settings.redacted_uri())
+            .field("codec", &self.inner.link.codec)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}

@@ -1,0 +1,154 @@
+//! The one error type of kiwimq: an [`Error`] carrying an [`ErrorKind`] the caller can match.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// A `Result` whose error is a kiwimq [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, named after what it means for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Nobody could receive the message: no queue is bound to its route (an RPC identifier
+    /// with no subscriber, or a task queue that does not exist). Carries the route.
+    Unroutable(String),
+    /// The remote handler failed; carries its error text (kiwiPy's `RemoteException`).
+    Remote(String),
+    /// The receiver cancelled the request; carries its reason when it gave one.
+    Cancelled(Option<String>),
+    /// A task was rejected by every subscriber that saw it.
+    Rejected,
+    /// No task arrived in the queue within the time allowed.
+    QueueEmpty,
+    /// A subscriber with this identifier already exists.
+    DuplicateSubscriber(String),
+    /// No subscriber has this identifier.
+    UnknownSubscriber(String),
+    /// The communicator has been closed.
+    Closed,
+    /// The operation did not finish within its time limit.
+    Timeout,
+    /// The broker refused a publish (a negative publisher confirm).
+    Nacked,
+    /// The connection to the broker failed or was lost; carries the reason.
+    Connection(String),
+    /// Bytes that do not decode, or a value that does not encode; carries the reason.
+    Codec(String),
+    /// An invalid setting or URI; carries the reason.
+    Config(String),
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unroutable(route) => write!(f, "unroutable: nobody receives '{route}'"),
+            Self::Remote(text) => write!(f, "remote error: {text}"),
+            Self::Cancelled(Some(reason)) => write!(f, "cancelled by the receiver: {reason}"),
+            Self::Cancelled(None) => f.write_str("cancelled by the receiver"),
+            Self::Rejected => f.write_str("rejected by every subscriber"),
+            Self::QueueEmpty => f.write_str("the task queue is empty"),
+            Self::DuplicateSubscriber(id) => write!(f, "a subscriber '{id}' already exists"),
+            Self::UnknownSubscriber(id) => write!(f, "no subscriber '{id}'"),
+            Self::Closed => f.write_str("the communicator is closed"),
+            Self::Timeout => f.write_str("timed out"),
+            Self::Nacked => f.write_str("the broker refused the message (nack)"),
+            Self::Connection(reason) => write!(f, "connection error: {reason}"),
+            Self::Codec(reason) => write!(f, "codec error: {reason}"),
+            Self::Config(reason) => write!(f, "invalid configuration: {reason}"),
+        }
+    }
+}
+
+/// A kiwimq error: a matchable [`ErrorKind`] with the underlying cause attached.
+#[derive(Clone)]
+pub struct Error {
+    kind: ErrorKind,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Error {
+    /// An error of this kind with no underlying cause.
+    pub fn new(kind: ErrorKind) -> Self {
+        Self { kind, source: None }
+    }
+
+    /// An error of this kind caused by `source`.
+    pub fn with_source(
+        kind: ErrorKind,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            kind,
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> &ErrorKind {
+        &self.kind
+    }
+
+    /// Whether trying the same operation again later may succeed (a lost connection, a
+    /// timeout, an empty queue), as opposed to errors that will repeat (bad bytes, closed).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.kind,
+            ErrorKind::Connection(_)
+                | ErrorKind::Timeout
+                | ErrorKind::QueueEmpty
+                | ErrorKind::Nacked
+                | ErrorKind::Unroutable(_)
+        )
+    }
+
+    pub(crate) fn closed() -> Self {
+        Self::new(ErrorKind::Closed)
+    }
+
+    pub(crate) fn codec(reason: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::Codec(reason.to_string()))
+    }
+
+    pub(crate) fn connection(reason: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::Connection(reason.to_string()))
+    }
+
+    pub(crate) fn config(reason: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::Config(reason.to_string()))
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = f.debug_struct("Error");
+        s.field("kind", &self.kind);
+        if let Some(source) = &self.source {
+            s.field("source", source);
+        }
+        s.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Some(source) => write!(f, "{}: {source}", self.kind),
+            None => self.kind.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<ErrorKind> for Error {
+    fn from(kind: ErrorKind) -> Self {
+        Self::new(kind)
+    }
+}

@@ -1,0 +1,85 @@
+//! kiwimq: task queues, RPC and broadcasts over RabbitMQ (or in process), for actix
+//! services and worker fleets — the Rust counterpart of Python's kiwiPy, wire-compatible
+//! with it.
+//!
+//! # Quick start
+//!
+//! ```
+//! use kiwimq::{BroadcastFilter, BroadcastOptions, Broadcast, HandlerError, Rpc, Task};
+//!
+//! # fn main() -> kiwimq::Result<()> {
+//! # actix_rt::System::new().block_on(async {
+//! let comm = kiwimq::connect("mem://").await?;
+//!
+//! // A worker: the closure's value is the task's result.
+//! comm.add_task_subscriber(|task: Task<u64>| async move { Ok(task.body * 2) }).await?;
+//! let result: u64 = comm.task_send(&21u64).await?.await?;
+//! assert_eq!(result, 42);
+//!
+//! // RPC by identifier.
+//! comm.add_rpc_subscriber(Some("echo"), |rpc: Rpc<String>| async move { Ok::<_, HandlerError>(rpc.body) })
+//!     .await?;
+//! let echoed: String = comm.rpc_send("echo", "hi").await?.await?;
+//! assert_eq!(echoed, "hi");
+//!
+//! // Broadcasts to every subscriber whose filter matches.
+//! comm.add_broadcast_subscriber(BroadcastFilter::new().subject("news.*"), |b: Broadcast<String>| async move {
+//!     println!("{:?}: {}", b.subject, b.body);
+//!     Ok(())
+//! })
+//! .await?;
+//! comm.broadcast_send("hello", BroadcastOptions::subject("news.today")).await?;
+//! comm.close().await
+//! # })
+//! # }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`communicator`](Communicator) — the cheap-`Clone` async handle; `connect`, sending, and
+//!   subscriptions forwarded to actors by address.
+//! - `queue` — [`TaskQueue`], a named queue with pull mode, and [`PulledTask`].
+//! - `messages` — the typed messages subscriber actors handle: [`Task`], [`Rpc`],
+//!   [`Broadcast`], and the [`HandlerError`] they answer with.
+//! - `subscriber` — [`IntoSubscriber`]: actors' addresses, recipients, or closures.
+//! - `actors/` — the consumer-side actors every backend shares: `TaskQueue`,
+//!   `RpcEndpoint`, `BroadcastHub`, and the reply router.
+//! - `transport` — the seam to a backend: an AMQP-shaped interface over bytes.
+//! - `mem/` — the in-process broker (`mem://`), the embedded default.
+//! - `amqp/` — the RabbitMQ backend (`amqp://`): a supervisor actor owning the lapin
+//!   connection.
+//! - `codec/` — [`Codec`] (MessagePack, JSON, bincode) and the kiwiPy envelopes.
+//! - `filter` — [`BroadcastFilter`]. `settings` — [`Settings`]. `error` — [`Error`].
+//! - `runtime` — the communicator's own thread running an actix System.
+
+mod actors;
+mod amqp;
+mod codec;
+mod communicator;
+mod error;
+mod filter;
+mod mem;
+mod messages;
+mod queue;
+mod runtime;
+mod settings;
+mod subscriber;
+mod transport;
+
+pub use actors::replies::ReplyFuture;
+pub use codec::Codec;
+pub use communicator::{BroadcastOptions, Communicator, connect};
+pub use error::{Error, ErrorKind, Result};
+pub use filter::BroadcastFilter;
+pub use messages::{Broadcast, HandlerError, Rpc, Task};
+pub use queue::{PulledTask, TaskQueue};
+pub use settings::Settings;
+pub use subscriber::IntoSubscriber;
+
+/// The names most programs need: `use kiwimq::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        Broadcast, BroadcastFilter, BroadcastOptions, Codec, Communicator, Error, ErrorKind,
+        HandlerError, PulledTask, Rpc, Settings, Task, TaskQueue,
+    };
+}

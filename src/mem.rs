@@ -1,0 +1,135 @@
+//! The `mem://` backend: an in-process [`Broker`](broker::Broker) with RabbitMQ's semantics,
+//! the embedded default. `mem://NAME` shares one broker between communicators, as two
+//! processes share one RabbitMQ; plain `mem://` gets a private one.
+
+mod broker;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+
+use futures::StreamExt;
+use futures::future::{self, BoxFuture, FutureExt};
+
+use crate::error::{Error, Result};
+use crate::transport::{Consumer, Delivery, Outgoing, Route, Source, Transport};
+use broker::{Broker, QueueMode};
+
+/// Named brokers, alive while a communicator uses them.
+static BROKERS: LazyLock<Mutex<HashMap<String, Weak<Broker>>>> = LazyLock::new(Default::default);
+
+/// One communicator's connection to an in-process broker.
+pub(crate) struct MemTransport {
+    broker: Arc<Broker>,
+    /// Identifies this connection's exclusive queues and unsettled deliveries.
+    connection: u64,
+    closed: AtomicBool,
+}
+
+impl MemTransport {
+    /// Connects to the broker named by a `mem://NAME` URI, or a private one for `mem://`.
+    pub(crate) fn connect(name: &str) -> Self {
+        let broker = if name.is_empty() {
+            Arc::new(Broker::default())
+        } else {
+            let mut brokers = BROKERS.lock().unwrap_or_else(|p| p.into_inner());
+            brokers.retain(|_, broker| broker.strong_count() > 0);
+            match brokers.get(name).and_then(Weak::upgrade) {
+                Some(broker) => broker,
+                None => {
+                    let broker = Arc::new(Broker::default());
+                    brokers.insert(name.to_owned(), Arc::downgrade(&broker));
+                    broker
+                }
+            }
+        };
+        let connection = broker.next_id();
+        Self {
+            broker,
+            connection,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::closed());
+        }
+        Ok(())
+    }
+}
+
+fn rpc_queue(identifier: &str) -> String {
+    format!("[rpc].{identifier}")
+}
+
+impl Transport for MemTransport {
+    fn declare_task_queue(&self, queue: &str) -> BoxFuture<'static, Result<()>> {
+        let result = self.check_open().map(|()| self.broker.declare(queue));
+        future::ready(result).boxed()
+    }
+
+    fn publish(&self, route: Route, message: Outgoing) -> BoxFuture<'static, Result<()>> {
+        let result = self.check_open().and_then(|()| match &route {
+            Route::Task(queue) => self.broker.publish(&[queue], queue, message),
+            Route::Rpc(identifier) => {
+                let queue = rpc_queue(identifier);
+                self.broker.publish(&[&queue], &queue, message)
+            }
+            Route::Broadcast => {
+                let queues = self.broker.broadcast_queues();
+                let names: Vec<&str> = queues.iter().map(String::as_str).collect();
+                self.broker.publish(&names, "[broadcast]", message)
+            }
+            Route::Reply(_, queue) => self.broker.publish(&[queue], queue, message),
+        });
+        future::ready(result).boxed()
+    }
+
+    fn consume(&self, source: Source, prefetch: u16) -> BoxFuture<'static, Result<Consumer>> {
+        let exclusive = |unique, broadcast| QueueMode::Exclusive { unique, broadcast };
+        let (queue, mode) = match source {
+            Source::Tasks(queue) => (queue, QueueMode::Shared),
+            Source::Rpc(identifier) => (rpc_queue(&identifier), exclusive(true, false)),
+            Source::Broadcasts(queue) => (queue, exclusive(true, true)),
+            Source::Replies(_, queue) => (queue, exclusive(true, false)),
+        };
+        let result = self.check_open().and_then(|()| {
+            let (tag, deliveries) = self
+                .broker
+                .consume(self.connection, &queue, mode, prefetch)?;
+            Ok(Consumer {
+                tag,
+                deliveries: deliveries.boxed(),
+            })
+        });
+        future::ready(result).boxed()
+    }
+
+    fn cancel(&self, tag: &str) -> BoxFuture<'static, Result<()>> {
+        let result = self.check_open().map(|()| self.broker.cancel(tag));
+        future::ready(result).boxed()
+    }
+
+    fn get(&self, queue: &str) -> BoxFuture<'static, Result<Option<Delivery>>> {
+        let result = self
+            .check_open()
+            .map(|()| self.broker.get(self.connection, queue));
+        future::ready(result).boxed()
+    }
+
+    fn close(&self) -> BoxFuture<'static, Result<()>> {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.broker.disconnect(self.connection);
+        }
+        future::ready(Ok(())).boxed()
+    }
+}
+
+impl Drop for MemTransport {
+    fn drop(&mut self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.broker.disconnect(self.connection);
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! The in-process broker: queues, consumers with prefetch credit, acks and requeues — the
+//! semantics of RabbitMQ that kiwimq relies on, without a network.
+//!
+//! It is shared state behind a mutex rather than an actor because communicators on different
+//! threads (each with its own actix System, as the blocking communicator has) must share
+//! one broker, and an actor would die with the System that started it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use futures::channel::mpsc;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::transport::{Acker, Delivery, Outcome, Outgoing, Settle};
+
+/// A message at rest in a queue.
+#[derive(Debug, Clone)]
+struct Stored {
+    body: Vec<u8>,
+    correlation_id: Option<String>,
+    reply_to: Option<String>,
+    redelivered: bool,
+}
+
+struct Slot {
+    tag: String,
+    connection: u64,
+    tx: mpsc::UnboundedSender<Delivery>,
+    /// 0 = unlimited.
+    prefetch: u16,
+    in_flight: u32,
+}
+
+impl Slot {
+    fn has_credit(&self) -> bool {
+        self.prefetch == 0 || self.in_flight < u32::from(self.prefetch)
+    }
+}
+
+struct Unacked {
+    message: Stored,
+    consumer: Option<String>,
+    connection: u64,
+}
+
+#[derive(Default)]
+struct Queue {
+    messages: VecDeque<Stored>,
+    consumers: Vec<Slot>,
+    /// Round-robin position among consumers.
+    cursor: usize,
+    unacked: HashMap<u64, Unacked>,
+    next_delivery: u64,
+    /// Deliveries settle themselves (RPC, broadcasts, replies): at-most-once queues.
+    auto_ack: bool,
+    /// The connection an exclusive queue belongs to; the queue goes when it closes.
+    owner: Option<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    queues: HashMap<String, Queue>,
+    broadcast_queues: Vec<String>,
+    /// consumer tag → queue name.
+    consumers: HashMap<String, String>,
+    next_id: u64,
+}
+
+/// One in-process broker; communicators connected to the same `mem://NAME` share it.
+#[derive(Default)]
+pub(crate) struct Broker {
+    state: Mutex<State>,
+}
+
+/// How a queue is created when a consumer asks for it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum QueueMode {
+    /// Durable, shared, acked by consumers.
+    Shared,
+    /// Exclusive to one connection and auto-acked; with `unique` a second consumer is an
+    /// error (an RPC identifier), with `broadcast` it receives every broadcast.
+    Exclusive { unique: bool, broadcast: bool },
+}
+
+impl Broker {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than stopping every communicator would, so recover the guard.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        let mut state = self.lock();
+        state.next_id += 1;
+        state.next_id
+    }
+
+    pub(crate) fn declare(&self, queue: &str) {
+        self.lock().queues.entry(queue.to_owned()).or_default();
+    }
+
+    /// Routes a message to the named queues; `Unroutable` if none exists and it is mandatory.
+    pub(crate) fn publish(
+        self: &Arc<Self>,
+        queues: &[&str],
+        route: &str,
+        message: Outgoing,
+    ) -> Result<()> {
+        let mut state = self.lock();
+        let stored = Stored {
+            body: message.body,
+            correlation_id: message.correlation_id,
+            reply_to: message.reply_to,
+            redelivered: false,
+        };
+        let mut routed = false;
+        for name in queues {
+            if let Some(queue) = state.queues.get_mut(*name) {
+                queue.messages.push_back(stored.clone());
+                routed = true;
+                self.pump(name, queue);
+            }
+        }
+        if !routed && message.mandatory {
+            return Err(Error::new(ErrorKind::Unroutable(route.to_owned())));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn broadcast_queues(&self) -> Vec<String> {
+        self.lock().broadcast_queues.clone()
+    }
+
+    pub(crate) fn consume(
+        self: &Arc<Self>,
+        connection: u64,
+        queue_name: &str,
+        mode: QueueMode,
+        prefetch: u16,
+    ) -> Result<(String, mpsc::UnboundedReceiver<Delivery>)> {
+        let mut state = self.lock();
+        state.next_id += 1;
+        let tag = format!("mem-consumer-{}", state.next_id);
+        match mode {
+            QueueMode::Shared => {
+                state.queues.entry(queue_name.to_owned()).or_default();
+            }
+            QueueMode::Exclusive { unique, broadcast } => {
+                if let Some(queue) = state.queues.get(queue_name) {
+                    if unique || queue.owner != Some(connection) {
+                        return Err(Error::new(ErrorKind::DuplicateSubscriber(
+                            queue_name.to_owned(),
+                        )));
+                    }
+                } else {
+                    let queue = Queue {
+                        auto_ack: true,
+                        owner: Some(connection),
+                        ..Queue::default()
+                    };
+                    state.queues.insert(queue_name.to_owned(), queue);
+                    if broadcast {
+                        state.broadcast_queues.push(queue_name.to_owned());
+                    }
+                }
+            }
+        }
+        let (tx, rx) = mpsc::unbounded();
+        state.consumers.insert(tag.clone(), queue_name.to_owned());
+        let queue = state.queues.get_mut(queue_name).expect("declared above");
+        queue.consumers.push(Slot {
+            tag: tag.clone(),
+            connection,
+            tx,
+            prefetch,
+            in_flight: 0,
+        });
+        self.pump(queue_name, queue);
+        Ok((tag, rx))
+    }
+
+    /// Removes a consumer; an exclusive queue is deleted with its last consumer.
+    pub(crate) fn cancel(&self, tag: &str) {
+        let mut state = self.lock();
+        let Some(queue_name) = state.consumers.remove(tag) else {
+            return;
+        };
+        let Some(queue) = state.queues.get_mut(&queue_name) else {
+            return;
+        };
+        queue.consumers.retain(|slot| slot.tag != tag);
+        if queue.owner.is_some() && queue.consumers.is_empty() {
+            state.queues.remove(&queue_name);
+            state.broadcast_queues.retain(|name| *name != queue_name);
+        }
+    }
+
+    pub(crate) fn get(self: &Arc<Self>, connection: u64, queue_name: &str) -> Option<Delivery> {
+        let mut state = self.lock();
+        let queue = state.queues.get_mut(queue_name)?;
+        let message = queue.messages.pop_front()?;
+        queue.next_delivery += 1;
+        let id = queue.next_delivery;
+        Some(self.hand_out(queue_name, queue, id, message, None, connection))
+    }
+
+    /// A connection closed: its exclusive queues go, its consumers stop, and every message it
+    /// held unsettled returns to its queue, as a broker does for a closed channel.
+    pub(crate) fn disconnect(self: &Arc<Self>, connection: u64) {
+        let mut state = self.lock();
+        let owned: Vec<String> = state
+            .queues
+            .iter()
+            .filter(|(_, q)| q.owner == Some(connection))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &owned {
+            state.queues.remove(name);
+        }
+        state.broadcast_queues.retain(|name| !owned.contains(name));
+        let State {
+            queues, consumers, ..
+        } = &mut *state;
+        for (name, queue) in queues.iter_mut() {
+            let held: Vec<u64> = queue
+                .unacked
+                .iter()
+                .filter(|(_, u)| u.connection == connection)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in held {
+                if let Some(unacked) = queue.unacked.remove(&id) {
+                    queue.messages.push_front(Stored {
+                        redelivered: true,
+                        ..unacked.message
+                    });
+                }
+            }
+            self.pump(name, queue);
+        }
+        consumers.retain(|_, queue| queues.contains_key(queue));
+    }
+
+    fn settle(self: &Arc<Self>, queue_name: &str, id: u64, outcome: Outcome) {
+        let mut state = self.lock();
+        let Some(queue) = state.queues.get_mut(queue_name) else {
+            return;
+        };
+        // Unknown ids were already returned by a disconnect: settling them is a no-op, as
+        // acking a delivery of a closed channel is.
+        let Some(unacked) = queue.unacked.remove(&id) else {
+            return;
+        };
+        if let Some(tag) = &unacked.consumer {
+            if let Some(slot) = queue.consumers.iter_mut().find(|s| s.tag == *tag) {
+                slot.in_flight = slot.in_flight.saturating_sub(1);
+            }
+        }
+        if outcome == Outcome::Requeue {
+            queue.messages.push_front(Stored {
+                redelivered: true,
+                ..unacked.message
+            });
+        }
+        self.pump(queue_name, queue);
+    }
+
+    /// Delivers queued messages to consumers with credit, round robin.
+    fn pump(self: &Arc<Self>, queue_name: &str, queue: &mut Queue) {
+        queue.consumers.retain(|slot| !slot.tx.is_closed());
+        while !queue.messages.is_empty() && !queue.consumers.is_empty() {
+            let count = queue.consumers.len();
+            let Some(offset) =
+                (0..count).find(|i| queue.consumers[(queue.cursor + i) % count].has_credit())
+            else {
+                return;
+            };
+            let index = (queue.cursor + offset) % count;
+            queue.cursor = index + 1;
+            let message = queue.messages.pop_front().expect("checked non-empty");
+            let (tag, connection) = {
+                let slot = &queue.consumers[index];
+                (slot.tag.clone(), slot.connection)
+            };
+            let (delivery, id) = if queue.auto_ack {
+                (Self::delivery(&message, Acker::auto()), None)
+            } else {
+                queue.next_delivery += 1;
+                let id = queue.next_delivery;
+                let delivery = self.hand_out(queue_name, queue, id, message, Some(tag), connection);
+                queue.consumers[index].in_flight += 1;
+                (delivery, Some(id))
+            };
+            if let Err(failed) = queue.consumers[index].tx.unbounded_send(delivery) {
+                // The reader went away between the check above and now. Its delivery's
+                // acker would take our lock to requeue: settle by hand instead.
+                queue.consumers.remove(index);
+                let delivery = failed.into_inner();
+                std::mem::forget(delivery.acker);
+                match id.and_then(|id| queue.unacked.remove(&id)) {
+                    Some(unacked) => queue.messages.push_front(unacked.message),
+                    None => queue.messages.push_front(Stored {
+                        body: delivery.body,
+                        correlation_id: delivery.correlation_id,
+                        reply_to: delivery.reply_to,
+                        redelivered: false,
+                    }),
+                }
+            }
+        }
+    }
+
+    fn hand_out(
+        self: &Arc<Self>,
+        queue_name: &str,
+        queue: &mut Queue,
+        id: u64,
+        message: Stored,
+        consumer: Option<String>,
+        connection: u64,
+    ) -> Delivery {
+        let acker = Acker::new(MemAck {
+            broker: Arc::downgrade(self),
+            queue: queue_name.to_owned(),
+            id,
+        });
+        let delivery = Self::delivery(&message, acker);
+        queue.unacked.insert(
+            id,
+            Unacked {
+                message,
+                consumer,
+                connection,
+            },
+        );
+        delivery
+    }
+
+    fn delivery(message: &Stored, acker: Acker) -> Delivery {
+        Delivery {
+            body: message.body.clone(),
+            correlation_id: message.correlation_id.clone(),
+            reply_to: message.reply_to.clone(),
+            redelivered: message.redelivered,
+            acker,
+        }
+    }
+}
+
+struct MemAck {
+    broker: Weak<Broker>,
+    queue: String,
+    id: u64,
+}
+
+impl Settle for MemAck {
+    fn settle(self: Box<Self>, outcome: Outcome) {
+        if let Some(broker) = self.broker.upgrade() {
+            broker.settle(&self.queue, self.id, outcome);
+        }
+    }
+}

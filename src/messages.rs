@@ -1,0 +1,120 @@
+//! The typed messages subscriber actors handle — [`Task`], [`Rpc`], [`Broadcast`] — and the
+//! [`HandlerError`] a handler answers with when it fails or rejects a task.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use actix::Message;
+
+/// A task delivered to a task subscriber. The handler's `Ok` value is the task's result,
+/// sent back to the sender; `Err` is either a failure (the sender gets
+/// [`ErrorKind::Remote`](crate::ErrorKind::Remote)) or a rejection ([`HandlerError::reject`]:
+/// the next subscriber gets the task, else it goes back to the queue).
+///
+/// `T` is the body the sender sent, `R` the result type (the same as `T` unless named).
+/// The task is acknowledged only after the handler finished.
+pub struct Task<T, R = T> {
+    /// The task's body.
+    pub body: T,
+    /// Whether the broker delivered this task before (to this or another worker) without
+    /// its outcome being recorded: handlers of non-idempotent work should check it.
+    pub redelivered: bool,
+    /// The sender's correlation id, when it expects a reply.
+    pub correlation_id: Option<String>,
+    pub(crate) result: PhantomData<fn() -> R>,
+}
+
+impl<T: 'static, R: 'static> Message for Task<T, R> {
+    type Result = Result<R, HandlerError>;
+}
+
+impl<T: fmt::Debug, R> fmt::Debug for Task<T, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Task")
+            .field("body", &self.body)
+            .field("redelivered", &self.redelivered)
+            .field("correlation_id", &self.correlation_id)
+            .finish()
+    }
+}
+
+/// A remote procedure call delivered to the subscriber registered under an identifier.
+/// The handler's `Ok` value is the reply; `Err` reaches the caller as
+/// [`ErrorKind::Remote`](crate::ErrorKind::Remote).
+pub struct Rpc<T, R = T> {
+    /// The request's body.
+    pub body: T,
+    /// The caller's correlation id.
+    pub correlation_id: Option<String>,
+    pub(crate) result: PhantomData<fn() -> R>,
+}
+
+impl<T: 'static, R: 'static> Message for Rpc<T, R> {
+    type Result = Result<R, HandlerError>;
+}
+
+impl<T: fmt::Debug, R> fmt::Debug for Rpc<T, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rpc")
+            .field("body", &self.body)
+            .field("correlation_id", &self.correlation_id)
+            .finish()
+    }
+}
+
+/// A broadcast delivered to every subscriber whose filter it passes. Nothing is sent back;
+/// a handler's error is logged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Broadcast<T> {
+    /// The broadcast's body.
+    pub body: T,
+    /// Who sent it, if the sender said.
+    pub sender: Option<String>,
+    /// What it is about, if the sender said.
+    pub subject: Option<String>,
+    /// A correlation id, if the sender gave one.
+    pub correlation_id: Option<String>,
+}
+
+impl<T: 'static> Message for Broadcast<T> {
+    type Result = Result<(), HandlerError>;
+}
+
+/// Why a handler did not produce a result.
+///
+/// Any `std::error::Error` converts into a failure, so handlers can use `?`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandlerError {
+    /// The handler failed; the text is sent to the sender as a remote error.
+    Failed(String),
+    /// A task subscriber declines the task: it is offered to the next subscriber, else
+    /// returned to the queue for another worker. (For RPC it is reported as a failure.)
+    Rejected,
+}
+
+impl HandlerError {
+    /// A failure with this message.
+    pub fn failed(message: impl fmt::Display) -> Self {
+        Self::Failed(message.to_string())
+    }
+
+    /// Declines a task (see [`HandlerError::Rejected`]).
+    pub fn reject() -> Self {
+        Self::Rejected
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Failed(message) => f.write_str(message),
+            Self::Rejected => f.write_str("the subscriber rejected the task"),
+        }
+    }
+}
+
+impl<E: std::error::Error> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        Self::Failed(error.to_string())
+    }
+}

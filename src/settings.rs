@@ -1,0 +1,160 @@
+//! [`Settings`]: how to connect and the names and limits to use. The defaults reproduce
+//! kiwiPy 0.9's exchanges, queues and arguments, so kiwimq and kiwiPy processes interoperate.
+
+use std::time::Duration;
+
+use crate::Codec;
+use crate::communicator::Communicator;
+use crate::error::Result;
+
+/// Connection settings: `Settings::new(uri)`, then `with_*` methods, then
+/// [`connect`](Settings::connect).
+///
+/// ```
+/// # async fn example() -> kiwimq::Result<()> {
+/// let comm = kiwimq::Settings::new("mem://")
+///     .with_codec(kiwimq::Codec::Json)
+///     .with_task_prefetch(10)
+///     .connect()
+///     .await?;
+/// # comm.close().await
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Settings {
+    pub(crate) uri: String,
+    pub(crate) codec: Codec,
+    pub(crate) message_exchange: String,
+    pub(crate) task_exchange: String,
+    pub(crate) task_queue: String,
+    pub(crate) task_prefetch: u16,
+    pub(crate) testing_mode: bool,
+    pub(crate) task_message_ttl: Duration,
+    pub(crate) message_ttl: Duration,
+    pub(crate) queue_expires: Duration,
+    pub(crate) testing_queue_expires: Duration,
+    pub(crate) connect_timeout: Duration,
+}
+
+impl Settings {
+    /// Settings for the broker at `uri`: `mem://`, `mem://NAME`, or `amqp://…`.
+    pub fn new(uri: impl Into<String>) -> Self {
+        Self {
+            uri: uri.into(),
+            codec: Codec::default(),
+            message_exchange: "kiwipy.messages".into(),
+            task_exchange: "kiwipy.tasks".into(),
+            task_queue: "kiwipy.tasks".into(),
+            task_prefetch: 1,
+            testing_mode: false,
+            task_message_ttl: Duration::from_secs(7 * 24 * 3600),
+            message_ttl: Duration::from_millis(66_000),
+            queue_expires: Duration::from_millis(60_000),
+            testing_queue_expires: Duration::from_millis(10_000),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The codec of bodies and envelopes (default MessagePack).
+    #[must_use]
+    pub fn with_codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// The exchange of RPC and broadcasts (default `kiwipy.messages`).
+    #[must_use]
+    pub fn with_message_exchange(mut self, name: impl Into<String>) -> Self {
+        self.message_exchange = name.into();
+        self
+    }
+
+    /// The exchange of tasks (default `kiwipy.tasks`).
+    #[must_use]
+    pub fn with_task_exchange(mut self, name: impl Into<String>) -> Self {
+        self.task_exchange = name.into();
+        self
+    }
+
+    /// The default task queue (default `kiwipy.tasks`).
+    #[must_use]
+    pub fn with_task_queue(mut self, name: impl Into<String>) -> Self {
+        self.task_queue = name.into();
+        self
+    }
+
+    /// How many tasks a subscribed queue holds unacknowledged at once; 0 = no limit.
+    ///
+    /// Default 1: a worker whose tasks run for hours should not hoard tasks another worker
+    /// could start. (kiwiPy's default is 0.) Raise it for many short tasks.
+    #[must_use]
+    pub fn with_task_prefetch(mut self, count: u16) -> Self {
+        self.task_prefetch = count;
+        self
+    }
+
+    /// kiwiPy's testing mode: exchanges auto-delete and task queues are non-durable and
+    /// expire after 10 s unused, so tests leave nothing behind on a shared broker.
+    #[must_use]
+    pub fn with_testing_mode(mut self, on: bool) -> Self {
+        self.testing_mode = on;
+        self
+    }
+
+    /// How long a task may wait in its queue (`x-message-ttl`, default 7 days).
+    #[must_use]
+    pub fn with_task_message_ttl(mut self, ttl: Duration) -> Self {
+        self.task_message_ttl = ttl;
+        self
+    }
+
+    /// How long `connect` may take before it fails with `Timeout` (default 10 s).
+    #[must_use]
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The URI these settings connect to.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The URI with any password replaced by `***`, for logs.
+    pub fn redacted_uri(&self) -> String {
+        let Some((scheme, rest)) = self.uri.split_once("://") else {
+            return self.uri.clone();
+        };
+        let Some((credentials, host)) = rest.rsplit_once('@') else {
+            return self.uri.clone();
+        };
+        match credentials.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => self.uri.clone(),
+        }
+    }
+
+    /// The codec these settings use.
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// Connects a [`Communicator`] with these settings.
+    pub async fn connect(self) -> Result<Communicator> {
+        Communicator::connect_with(self).await
+    }
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("uri", &self.redacted_uri())
+            .field("codec", &self.codec)
+            .field("message_exchange", &self.message_exchange)
+            .field("task_exchange", &self.task_exchange)
+            .field("task_queue", &self.task_queue)
+            .field("task_prefetch", &self.task_prefetch)
+            .field("testing_mode", &self.testing_mode)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,146 @@
+//! The seam between the communicator and a backend: a small AMQP-shaped [`Transport`] that
+//! moves encoded bytes. Everything above it (envelopes, subscribers, replies, filters) is
+//! shared by every backend, so `mem://` and `amqp://` behave the same by construction.
+
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+
+use crate::error::Result;
+
+/// The two exchanges of kiwiPy's model: tasks and their replies go on one, RPC, broadcasts
+/// and RPC replies on the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exchange {
+    Tasks,
+    Messages,
+}
+
+/// Where a published message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// The task queue of this name (on the task exchange).
+    Task(String),
+    /// The RPC subscriber with this identifier (on the message exchange).
+    Rpc(String),
+    /// Every broadcast queue (on the message exchange).
+    Broadcast,
+    /// A reply queue, by the name a request carried in `reply_to`, via its exchange.
+    Reply(Exchange, String),
+}
+
+/// What a consumer reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// A task queue (declared by the consumer when missing); acked by the consumer.
+    Tasks(String),
+    /// The exclusive queue of one RPC identifier; auto-acked. Only one consumer may exist.
+    Rpc(String),
+    /// This communicator's broadcast queue, by name; auto-acked.
+    Broadcasts(String),
+    /// One of this communicator's reply queues (one per exchange), by name; auto-acked.
+    Replies(Exchange, String),
+}
+
+/// A message to publish.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Outgoing {
+    pub(crate) body: Vec<u8>,
+    pub(crate) correlation_id: Option<String>,
+    pub(crate) reply_to: Option<String>,
+    /// Survives a broker restart (tasks).
+    pub(crate) persistent: bool,
+    /// Fails with `Unroutable` when no queue takes it.
+    pub(crate) mandatory: bool,
+}
+
+/// A message received from a queue.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    pub(crate) body: Vec<u8>,
+    pub(crate) correlation_id: Option<String>,
+    pub(crate) reply_to: Option<String>,
+    pub(crate) redelivered: bool,
+    pub(crate) acker: Acker,
+}
+
+/// What becomes of a delivered message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Done: remove it from the queue.
+    Ack,
+    /// Not done: put it back for another consumer.
+    Requeue,
+    /// Unusable: drop it (to the dead-letter exchange when the queue has one).
+    Discard,
+}
+
+/// How a backend settles one delivery. Fire and forget: settling never blocks the caller.
+pub(crate) trait Settle: Send {
+    fn settle(self: Box<Self>, outcome: Outcome);
+}
+
+/// Settles a delivery exactly once; dropped unsettled, it requeues the message so nothing is
+/// lost when a handler or a pulled task goes away without an outcome.
+pub(crate) struct Acker(Option<Box<dyn Settle>>);
+
+impl Acker {
+    pub(crate) fn new(settle: impl Settle + 'static) -> Self {
+        Self(Some(Box::new(settle)))
+    }
+
+    /// For auto-acked deliveries: settling does nothing.
+    pub(crate) fn auto() -> Self {
+        Self(None)
+    }
+
+    pub(crate) fn settle(mut self, outcome: Outcome) {
+        if let Some(settle) = self.0.take() {
+            settle.settle(outcome);
+        }
+    }
+}
+
+impl Drop for Acker {
+    fn drop(&mut self) {
+        if let Some(settle) = self.0.take() {
+            settle.settle(Outcome::Requeue);
+        }
+    }
+}
+
+impl std::fmt::Debug for Acker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Acker(pending)"
+        } else {
+            "Acker(settled)"
+        })
+    }
+}
+
+/// A running consumer: its tag (to cancel it) and its deliveries.
+pub(crate) struct Consumer {
+    pub(crate) tag: String,
+    pub(crate) deliveries: BoxStream<'static, Delivery>,
+}
+
+/// A backend. Every future is `'static` and `Send` so callers may await it anywhere.
+pub(crate) trait Transport: Send + Sync + 'static {
+    /// Declares a task queue (idempotent), so tasks wait in it while nobody consumes.
+    fn declare_task_queue(&self, queue: &str) -> BoxFuture<'static, Result<()>>;
+
+    /// Publishes and resolves once the broker has taken responsibility for the message.
+    fn publish(&self, route: Route, message: Outgoing) -> BoxFuture<'static, Result<()>>;
+
+    /// Starts a consumer holding at most `prefetch` unsettled deliveries (0 = unlimited).
+    fn consume(&self, source: Source, prefetch: u16) -> BoxFuture<'static, Result<Consumer>>;
+
+    /// Stops a consumer; its unsettled deliveries stay valid. An RPC consumer's queue goes.
+    fn cancel(&self, tag: &str) -> BoxFuture<'static, Result<()>>;
+
+    /// Takes one message from a task queue, if it holds any.
+    fn get(&self, queue: &str) -> BoxFuture<'static, Result<Option<Delivery>>>;
+
+    /// Closes the connection; later operations fail with `Closed`.
+    fn close(&self) -> BoxFuture<'static, Result<()>>;
+}
