@@ -7,57 +7,49 @@ use std::sync::Arc;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What went wrong, named after what it means for the caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ErrorKind {
     /// Nobody could receive the message: no queue is bound to its route (an RPC identifier
     /// with no subscriber, or a task queue that does not exist). Carries the route.
+    #[error("unroutable: nobody receives '{0}'")]
     Unroutable(String),
     /// The remote handler failed; carries its error text (kiwiPy's `RemoteException`).
+    #[error("remote error: {0}")]
     Remote(String),
     /// The receiver cancelled the request; carries its reason when it gave one.
+    #[error("cancelled by the receiver{}", .0.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
     Cancelled(Option<String>),
     /// A task was rejected by every subscriber that saw it.
+    #[error("rejected by every subscriber")]
     Rejected,
     /// No task arrived in the queue within the time allowed.
+    #[error("the task queue is empty")]
     QueueEmpty,
     /// A subscriber with this identifier already exists.
+    #[error("a subscriber '{0}' already exists")]
     DuplicateSubscriber(String),
     /// No subscriber has this identifier.
+    #[error("no subscriber '{0}'")]
     UnknownSubscriber(String),
     /// The communicator has been closed.
+    #[error("the communicator is closed")]
     Closed,
     /// The operation did not finish within its time limit.
+    #[error("timed out")]
     Timeout,
     /// The broker refused a publish (a negative publisher confirm).
+    #[error("the broker refused the message (nack)")]
     Nacked,
     /// The connection to the broker failed or was lost; carries the reason.
+    #[error("connection error: {0}")]
     Connection(String),
     /// Bytes that do not decode, or a value that does not encode; carries the reason.
+    #[error("codec error: {0}")]
     Codec(String),
     /// An invalid setting or URI; carries the reason.
+    #[error("invalid configuration: {0}")]
     Config(String),
-}
-
-impl fmt::Display for ErrorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Unroutable(route) => write!(f, "unroutable: nobody receives '{route}'"),
-            Self::Remote(text) => write!(f, "remote error: {text}"),
-            Self::Cancelled(Some(reason)) => write!(f, "cancelled by the receiver: {reason}"),
-            Self::Cancelled(None) => f.write_str("cancelled by the receiver"),
-            Self::Rejected => f.write_str("rejected by every subscriber"),
-            Self::QueueEmpty => f.write_str("the task queue is empty"),
-            Self::DuplicateSubscriber(id) => write!(f, "a subscriber '{id}' already exists"),
-            Self::UnknownSubscriber(id) => write!(f, "no subscriber '{id}'"),
-            Self::Closed => f.write_str("the communicator is closed"),
-            Self::Timeout => f.write_str("timed out"),
-            Self::Nacked => f.write_str("the broker refused the message (nack)"),
-            Self::Connection(reason) => write!(f, "connection error: {reason}"),
-            Self::Codec(reason) => write!(f, "codec error: {reason}"),
-            Self::Config(reason) => write!(f, "invalid configuration: {reason}"),
-        }
-    }
 }
 
 /// A kiwimq error: a matchable [`ErrorKind`] with the underlying cause attached.

@@ -1,0 +1,128 @@
+//! What every backend test shares: a backend's settings with names of its own, actor
+//! subscribers, and waiting by polling with a deadline.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use kiwimq::{Broadcast, HandlerError, Rpc, Settings, Task};
+
+/// Where a behaviour test runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    Mem,
+    Amqp,
+}
+
+/// The broker URI for AMQP tests: `KIWIMQ_AMQP_URL`, else the local RabbitMQ.
+pub fn amqp_url() -> String {
+    std::env::var("KIWIMQ_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Settings private to one test: a fresh in-process broker, or on RabbitMQ exchanges and
+/// queues under a random prefix in testing mode (so nothing outlives the test). Clones
+/// share the broker and names, as two processes of one fleet would.
+pub fn settings(backend: Backend) -> Settings {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    match backend {
+        Backend::Mem => Settings::new(format!("mem://{id}")),
+        Backend::Amqp => Settings::new(amqp_url())
+            .with_testing_mode(true)
+            .with_message_exchange(format!("kiwimq-test-{id}.messages"))
+            .with_task_exchange(format!("kiwimq-test-{id}.tasks"))
+            .with_task_queue(format!("kiwimq-test-{id}.tasks")),
+    }
+}
+
+/// A queue name private to one test.
+pub fn unique(name: &str) -> String {
+    format!("kiwimq-test-{}-{name}", uuid::Uuid::new_v4().simple())
+}
+
+/// Polls `condition` until it holds, failing the test after `within`.
+pub async fn eventually(within: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The usual deadline for something that should happen promptly.
+pub const SOON: Duration = Duration::from_secs(10);
+
+/// Shared record of what subscribers saw.
+pub type Seen<T> = Arc<Mutex<Vec<T>>>;
+
+pub fn seen<T>() -> Seen<T> {
+    Arc::new(Mutex::new(Vec::new()))
+}
+
+pub fn count<T>(seen: &Seen<T>) -> usize {
+    seen.lock().unwrap().len()
+}
+
+/// A task worker actor: multiplies by `factor` and records what it saw.
+pub struct Multiplier {
+    pub factor: i64,
+    pub seen: Seen<i64>,
+}
+
+impl Actor for Multiplier {
+    type Context = Context<Self>;
+}
+
+impl Handler<Task<i64>> for Multiplier {
+    type Result = Result<i64, HandlerError>;
+
+    fn handle(&mut self, task: Task<i64>, _: &mut Context<Self>) -> Self::Result {
+        self.seen.lock().unwrap().push(task.body);
+        Ok(task.body * self.factor)
+    }
+}
+
+/// An RPC actor computing Fibonacci numbers; negative input is an error.
+pub struct Fib;
+
+impl Actor for Fib {
+    type Context = Context<Self>;
+}
+
+impl Handler<Rpc<i64, u64>> for Fib {
+    type Result = Result<u64, HandlerError>;
+
+    fn handle(&mut self, rpc: Rpc<i64, u64>, _: &mut Context<Self>) -> Self::Result {
+        if rpc.body < 0 {
+            return Err(HandlerError::failed(format!(
+                "fib of a negative number: {}",
+                rpc.body
+            )));
+        }
+        let (mut a, mut b) = (0u64, 1u64);
+        for _ in 0..rpc.body {
+            (a, b) = (b, a + b);
+        }
+        Ok(a)
+    }
+}
+
+/// A broadcast listener actor recording every broadcast it gets.
+pub struct Listener {
+    pub seen: Seen<Broadcast<String>>,
+}
+
+impl Actor for Listener {
+    type Context = Context<Self>;
+}
+
+impl Handler<Broadcast<String>> for Listener {
+    type Result = Result<(), HandlerError>;
+
+    fn handle(&mut self, broadcast: Broadcast<String>, _: &mut Context<Self>) -> Self::Result {
+        self.seen.lock().unwrap().push(broadcast);
+        Ok(())
+    }
+}
