@@ -169,6 +169,9 @@ impl TaskQueue {
         futures::stream::unfold(Some(state), |state| async move {
             let (queue, parked) = state?;
             queue.inner.check_open().ok()?;
+            if let Err(error) = queue.inner.declare_once(&queue.name).await {
+                return Some((Err(error), None));
+            }
             match queue.inner.link.transport.get(&queue.name).await {
                 Ok(None) => None,
                 Ok(Some(delivery)) => {
@@ -198,6 +201,7 @@ impl fmt::Debug for TaskQueue {
 async fn wait_for_task(inner: Arc<Inner>, queue: String, timeout: Duration) -> Result<Delivery> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut pause = Duration::from_millis(1);
+    inner.declare_once(&queue).await?;
     loop {
         inner.check_open()?;
         if let Some(delivery) = inner.link.transport.get(&queue).await? {

@@ -978,4 +978,4 @@ macro_rules! behaviours {
     };
 }
 
-behaviours!(mem => Mem);
+behaviours!(mem => Mem, amqp => Amqp);

@@ -1,0 +1,204 @@
+//! kiwiPy 0.9's names and arguments on RabbitMQ — a contract: the broker refuses to
+//! redeclare a queue or exchange with other arguments (PRECONDITION_FAILED), so these must
+//! match kiwiPy's exactly.
+
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, ExchangeKind};
+
+use crate::settings::Settings;
+use crate::transport::Exchange;
+
+/// The RPC routing-key prefix.
+pub(crate) const RPC_TOPIC: &str = "[rpc]";
+/// The broadcast routing key.
+pub(crate) const BROADCAST_TOPIC: &str = "[broadcast]";
+
+/// Names and arguments derived from the settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Topology {
+    pub(crate) task_exchange: String,
+    pub(crate) message_exchange: String,
+    testing_mode: bool,
+    task_message_ttl: Duration,
+    message_ttl: Duration,
+    queue_expires: Duration,
+    testing_queue_expires: Duration,
+}
+
+fn millis(duration: Duration) -> AMQPValue {
+    // kiwiPy's arguments arrive as 32-bit integers; the broker compares integer arguments by
+    // value across integer types, so any integer type is equivalent.
+    AMQPValue::LongInt(i32::try_from(duration.as_millis()).unwrap_or(i32::MAX))
+}
+
+fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in entries {
+        table.insert((*key).into(), value.clone());
+    }
+    table
+}
+
+impl Topology {
+    pub(crate) fn new(settings: &Settings) -> Self {
+        Self {
+            task_exchange: settings.task_exchange.clone(),
+            message_exchange: settings.message_exchange.clone(),
+            testing_mode: settings.testing_mode,
+            task_message_ttl: settings.task_message_ttl,
+            message_ttl: settings.message_ttl,
+            queue_expires: settings.queue_expires,
+            testing_queue_expires: settings.testing_queue_expires,
+        }
+    }
+
+    pub(crate) fn exchange(&self, exchange: Exchange) -> &str {
+        match exchange {
+            Exchange::Tasks => &self.task_exchange,
+            Exchange::Messages => &self.message_exchange,
+        }
+    }
+
+    /// Both exchanges: topic, not durable, auto-deleted in testing mode.
+    pub(crate) async fn declare_exchanges(&self, channel: &Channel) -> lapin::Result<()> {
+        for name in [&self.task_exchange, &self.message_exchange] {
+            let options = ExchangeDeclareOptions {
+                auto_delete: self.testing_mode,
+                ..Default::default()
+            };
+            channel
+                .exchange_declare(
+                    name.as_str().into(),
+                    ExchangeKind::Topic,
+                    options,
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A task queue: durable with a 7-day message TTL; in testing mode non-durable and
+    /// expiring after 10 s unused. Bound with its own name as routing key.
+    pub(crate) async fn declare_task_queue(
+        &self,
+        channel: &Channel,
+        queue: &str,
+    ) -> lapin::Result<()> {
+        let mut arguments = vec![("x-message-ttl", millis(self.task_message_ttl))];
+        if self.testing_mode {
+            arguments.push(("x-expires", millis(self.testing_queue_expires)));
+        }
+        let options = QueueDeclareOptions {
+            durable: !self.testing_mode,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(queue.into(), options, table(&arguments))
+            .await?;
+        channel
+            .queue_bind(
+                queue.into(),
+                self.task_exchange.as_str().into(),
+                queue.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+
+    /// A reply queue: exclusive, expiring 60 s after its connection goes, bound to its
+    /// exchange with its own name.
+    pub(crate) async fn declare_reply_queue(
+        &self,
+        channel: &Channel,
+        exchange: Exchange,
+        queue: &str,
+    ) -> lapin::Result<()> {
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: self.testing_mode,
+            ..Default::default()
+        };
+        let arguments = table(&[("x-expires", millis(self.queue_expires))]);
+        channel
+            .queue_declare(queue.into(), options, arguments)
+            .await?;
+        channel
+            .queue_bind(
+                queue.into(),
+                self.exchange(exchange).into(),
+                queue.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+
+    /// The queue name of an RPC identifier. Named by us (never server-named) and exclusive,
+    /// so a second communicator claiming the identifier is refused by the broker.
+    pub(crate) fn rpc_queue(&self, identifier: &str) -> String {
+        format!("{}.rpc.{identifier}", self.message_exchange)
+    }
+
+    /// An RPC queue: exclusive, 66 s message TTL, expiring 60 s unused, bound with
+    /// `[rpc].<identifier>`.
+    pub(crate) async fn declare_rpc_queue(
+        &self,
+        channel: &Channel,
+        identifier: &str,
+    ) -> lapin::Result<String> {
+        let queue = self.rpc_queue(identifier);
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        };
+        let arguments = table(&[
+            ("x-message-ttl", millis(self.message_ttl)),
+            ("x-expires", millis(self.queue_expires)),
+        ]);
+        channel
+            .queue_declare(queue.as_str().into(), options, arguments)
+            .await?;
+        let key = format!("{RPC_TOPIC}.{identifier}");
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                self.message_exchange.as_str().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(queue)
+    }
+
+    /// A broadcast queue: exclusive, 66 s message TTL, bound with `[broadcast]`.
+    pub(crate) async fn declare_broadcast_queue(
+        &self,
+        channel: &Channel,
+        queue: &str,
+    ) -> lapin::Result<()> {
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        };
+        let arguments = table(&[("x-message-ttl", millis(self.message_ttl))]);
+        channel
+            .queue_declare(queue.into(), options, arguments)
+            .await?;
+        channel
+            .queue_bind(
+                queue.into(),
+                self.message_exchange.as_str().into(),
+                BROADCAST_TOPIC.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+}
