@@ -108,6 +108,9 @@ impl Drop for ConsumerChannel {
     }
 }
 
+/// A running consumer's channel, and the queue to delete when it is cancelled.
+type Registered = (Arc<ConsumerChannel>, Option<String>);
+
 struct Shared {
     supervisor: Addr<ConnectionSupervisor>,
     topology: Topology,
@@ -116,7 +119,7 @@ struct Shared {
     puller: Slot,
     /// Consumer tag → its channel (and, for an RPC or broadcast consumer, its queue to
     /// delete on cancel).
-    consumers: Mutex<HashMap<String, (Arc<ConsumerChannel>, Option<String>)>>,
+    consumers: Mutex<HashMap<String, Registered>>,
     closed: AtomicBool,
 }
 
@@ -136,10 +139,10 @@ impl Shared {
     }
 
     async fn slot(&self, slot: &Slot, confirm: bool) -> Result<Channel> {
-        if let Some(channel) = slot.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            if channel.status().connected() {
-                return Ok(channel.clone());
-            }
+        if let Some(channel) = slot.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
         }
         let channel = self.open(confirm).await?;
         *slot.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel.clone());

@@ -302,14 +302,19 @@ impl Communicator {
             <RpcEndpoint as actix::StreamHandler<_>>::add_stream(deliveries, ctx);
             RpcEndpoint::new(link, id, handler)
         });
-        let mut rpc = lock(&inner.rpc);
-        if rpc.contains_key(&identifier) {
+        let raced = {
+            let mut rpc = lock(&inner.rpc);
+            let raced = rpc.contains_key(&identifier);
+            if !raced {
+                rpc.insert(identifier.clone(), (endpoint, consumer.tag.clone()));
+            }
+            raced
+        };
+        if raced {
             // Another call won the race for this identifier while we were subscribing.
-            drop(rpc);
             let _ = inner.link.transport.cancel(&consumer.tag).await;
             return Err(Error::new(ErrorKind::DuplicateSubscriber(identifier)));
         }
-        rpc.insert(identifier.clone(), (endpoint, consumer.tag));
         Ok(identifier)
     }
 

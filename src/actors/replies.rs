@@ -97,10 +97,10 @@ struct Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if let Some(replies) = self.replies.upgrade() {
-            if let Some(map) = replies.lock().as_mut() {
-                map.remove(&self.correlation_id);
-            }
+        if let Some(replies) = self.replies.upgrade()
+            && let Some(map) = replies.lock().as_mut()
+        {
+            map.remove(&self.correlation_id);
         }
     }
 }

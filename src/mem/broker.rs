@@ -253,10 +253,10 @@ impl Broker {
         let Some(unacked) = queue.unacked.remove(&id) else {
             return;
         };
-        if let Some(tag) = &unacked.consumer {
-            if let Some(slot) = queue.consumers.iter_mut().find(|s| s.tag == *tag) {
-                slot.in_flight = slot.in_flight.saturating_sub(1);
-            }
+        if let Some(tag) = &unacked.consumer
+            && let Some(slot) = queue.consumers.iter_mut().find(|s| s.tag == *tag)
+        {
+            slot.in_flight = slot.in_flight.saturating_sub(1);
         }
         if outcome == Outcome::Requeue {
             queue.messages.push_front(Stored {

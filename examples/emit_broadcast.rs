@@ -1,0 +1,33 @@
+//! Sends one broadcast: `cargo run --example emit_broadcast -- [--uri URI] [--codec NAME]
+//! [--sender NAME] SUBJECT BODY...`
+
+#[path = "common/cli.rs"]
+mod cli;
+
+use clap::Parser;
+use kiwimq::BroadcastOptions;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    connection: cli::Connection,
+    /// Who sends it.
+    #[arg(long)]
+    sender: Option<String>,
+    /// What it is about.
+    subject: String,
+    /// Its words.
+    body: Vec<String>,
+}
+
+#[actix::main]
+async fn main() -> kiwimq::Result<()> {
+    let cli = Cli::parse();
+    let comm = cli.connection.connect().await?;
+    let body = cli.body.join(" ");
+    let mut options = BroadcastOptions::subject(cli.subject.clone());
+    options.sender = cli.sender;
+    comm.broadcast_send(&body, options).await?;
+    println!(" [x] Sent {:?}: {body:?}", cli.subject);
+    comm.close().await
+}

@@ -1,0 +1,39 @@
+//! Prints every broadcast (or those whose subject matches `--subject`, `*` as wildcard)
+//! until Ctrl-C. `cargo run --example receive_broadcast -- [--uri URI] [--codec NAME]
+//! [--subject PATTERN]`
+
+#[path = "common/cli.rs"]
+mod cli;
+
+use clap::Parser;
+use kiwimq::{Broadcast, BroadcastFilter};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    connection: cli::Connection,
+    /// Only broadcasts whose subject matches this pattern.
+    #[arg(long)]
+    subject: Option<String>,
+}
+
+#[actix::main]
+async fn main() -> kiwimq::Result<()> {
+    let cli = Cli::parse();
+    let comm = cli.connection.connect().await?;
+    let filter = match &cli.subject {
+        Some(pattern) => BroadcastFilter::new().subject(pattern),
+        None => BroadcastFilter::new(),
+    };
+    comm.add_broadcast_subscriber(filter, |b: Broadcast<serde_json::Value>| async move {
+        println!(
+            " [x] sender={:?} subject={:?} body={}",
+            b.sender, b.subject, b.body
+        );
+        Ok(())
+    })
+    .await?;
+    println!(" [*] Waiting for broadcasts (Ctrl-C to stop)");
+    let _ = actix_rt::signal::ctrl_c().await;
+    comm.close().await
+}
