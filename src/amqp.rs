@@ -346,7 +346,7 @@ fn convert(delivery: lapin::message::Delivery, acker: Option<AmqpAck>) -> Delive
         correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
         reply_to: properties.reply_to().as_ref().map(|s| s.to_string()),
         redelivered: delivery.redelivered,
-        body: delivery.data,
+        body: delivery.data.into(),
         acker: acker.map_or_else(Acker::auto, Acker::new),
     }
 }

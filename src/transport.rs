@@ -56,7 +56,9 @@ pub(crate) struct Outgoing {
 /// A message received from a queue.
 #[derive(Debug)]
 pub(crate) struct Delivery {
-    pub(crate) body: Vec<u8>,
+    /// Shared, so handing a body to several subscribers or keeping it for a requeue
+    /// copies nothing.
+    pub(crate) body: bytes::Bytes,
     pub(crate) correlation_id: Option<String>,
     pub(crate) reply_to: Option<String>,
     pub(crate) redelivered: bool,

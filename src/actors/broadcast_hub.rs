@@ -16,7 +16,7 @@ use crate::messages::Broadcast;
 use crate::transport::{Delivery, Source, Transport};
 
 /// A broadcast subscriber with its type and filter erased.
-pub(crate) type BroadcastFn = Arc<dyn Fn(Arc<Vec<u8>>) -> BoxFuture<'static, ()> + Send + Sync>;
+pub(crate) type BroadcastFn = Arc<dyn Fn(bytes::Bytes) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// Erases a typed broadcast recipient behind its filter. Errors are logged: broadcasts are
 /// fire and forget.
@@ -28,7 +28,7 @@ pub(crate) fn broadcast_fn<T>(
 where
     T: DeserializeOwned + Send + 'static,
 {
-    Arc::new(move |bytes: Arc<Vec<u8>>| {
+    Arc::new(move |bytes: bytes::Bytes| {
         let envelope: BroadcastEnvelope<T> = match codec.decode(&bytes) {
             Ok(envelope) => envelope,
             Err(error) => {
@@ -148,7 +148,7 @@ impl Handler<RemoveSubscriber> for BroadcastHub {
 impl StreamHandler<Delivery> for BroadcastHub {
     fn handle(&mut self, delivery: Delivery, _: &mut Context<Self>) {
         tracing::debug!(queue = %self.queue, "broadcast received");
-        let bytes = Arc::new(delivery.body);
+        let bytes = delivery.body;
         let handlers: Vec<_> = self
             .subscribers
             .iter()

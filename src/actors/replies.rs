@@ -20,7 +20,7 @@ use crate::transport::Delivery;
 /// Correlation id → the channel of the future awaiting its replies. `None` once closed.
 #[derive(Debug, Default)]
 pub(crate) struct Replies {
-    pending: Mutex<Option<HashMap<String, mpsc::UnboundedSender<Vec<u8>>>>>,
+    pending: Mutex<Option<HashMap<String, mpsc::UnboundedSender<bytes::Bytes>>>>,
 }
 
 impl Replies {
@@ -30,7 +30,7 @@ impl Replies {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Option<HashMap<String, mpsc::UnboundedSender<Vec<u8>>>>> {
+    fn lock(&self) -> MutexGuard<'_, Option<HashMap<String, mpsc::UnboundedSender<bytes::Bytes>>>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -111,7 +111,7 @@ impl Drop for Guard {
 #[must_use = "a reply future does nothing unless awaited"]
 #[derive(Debug)]
 pub struct ReplyFuture<R> {
-    replies: mpsc::UnboundedReceiver<Vec<u8>>,
+    replies: mpsc::UnboundedReceiver<bytes::Bytes>,
     codec: Codec,
     guard: Guard,
     result: PhantomData<fn() -> R>,

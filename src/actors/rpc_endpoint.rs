@@ -17,7 +17,7 @@ use crate::transport::{Delivery, Exchange};
 
 /// An RPC subscriber with its types erased: request bytes in, reply map bytes out.
 pub(crate) type RpcFn =
-    Arc<dyn Fn(Vec<u8>, Option<String>) -> BoxFuture<'static, Vec<u8>> + Send + Sync>;
+    Arc<dyn Fn(bytes::Bytes, Option<String>) -> BoxFuture<'static, Vec<u8>> + Send + Sync>;
 
 /// Erases a typed RPC recipient. Every request gets a reply: bad bytes and a dead
 /// subscriber become exception replies naming the problem.
@@ -26,7 +26,7 @@ where
     T: DeserializeOwned + Send + 'static,
     R: Serialize + Send + 'static,
 {
-    Arc::new(move |body: Vec<u8>, correlation_id: Option<String>| {
+    Arc::new(move |body: bytes::Bytes, correlation_id: Option<String>| {
         let recipient = recipient.clone();
         async move {
             let body: T = match codec.decode(&body) {

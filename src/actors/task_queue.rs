@@ -27,7 +27,7 @@ pub(crate) fn host() -> Host {
 /// A task as the dispatcher sees it, before a subscriber decodes it with its own type.
 #[derive(Clone)]
 pub(crate) struct TaskInput {
-    pub(crate) body: Arc<Vec<u8>>,
+    pub(crate) body: bytes::Bytes,
     pub(crate) redelivered: bool,
     pub(crate) correlation_id: Option<String>,
 }
@@ -84,7 +84,8 @@ pub(crate) struct TaskQueue {
     link: Link,
     queue: String,
     prefetch: u16,
-    subscribers: Vec<(String, TaskFn)>,
+    /// Copied on write, so each delivery takes a snapshot for the price of a count.
+    subscribers: Arc<Vec<(String, TaskFn)>>,
     /// The running consumer's tag; none while there are no subscribers.
     consumer: Option<String>,
 }
@@ -95,7 +96,7 @@ impl TaskQueue {
             link,
             queue,
             prefetch,
-            subscribers: Vec::new(),
+            subscribers: Arc::default(),
             consumer: None,
         }
     }
@@ -130,7 +131,7 @@ impl Handler<AddSubscriber> for TaskQueue {
             let error = Error::new(ErrorKind::DuplicateSubscriber(message.id));
             return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
         }
-        self.subscribers.push((message.id, message.handler));
+        Arc::make_mut(&mut self.subscribers).push((message.id, message.handler));
         if self.consumer.is_some() {
             return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
         }
@@ -147,7 +148,7 @@ impl Handler<AddSubscriber> for TaskQueue {
                     Ok(())
                 }
                 Err(error) => {
-                    actor.subscribers.pop();
+                    Arc::make_mut(&mut actor.subscribers).pop();
                     Err(error)
                 }
             },
@@ -160,7 +161,7 @@ impl Handler<RemoveSubscriber> for TaskQueue {
 
     fn handle(&mut self, message: RemoveSubscriber, _: &mut Context<Self>) -> Self::Result {
         let before = self.subscribers.len();
-        self.subscribers.retain(|(id, _)| *id != message.id);
+        Arc::make_mut(&mut self.subscribers).retain(|(id, _)| *id != message.id);
         if self.subscribers.len() == before && !message.dead {
             let error = Error::new(ErrorKind::UnknownSubscriber(message.id));
             return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
@@ -190,7 +191,7 @@ impl StreamHandler<Delivery> for TaskQueue {
 /// Offers one task to the subscribers in turn and settles it.
 async fn dispatch(
     delivery: Delivery,
-    subscribers: Vec<(String, TaskFn)>,
+    subscribers: Arc<Vec<(String, TaskFn)>>,
     link: Link,
     queue: String,
     me: Addr<TaskQueue>,
@@ -204,13 +205,13 @@ async fn dispatch(
     } = delivery;
     tracing::debug!(%queue, ?correlation_id, redelivered, "task received");
     let input = TaskInput {
-        body: Arc::new(body),
+        body,
         redelivered,
         correlation_id: correlation_id.clone(),
     };
     let mut undecodable = None;
     let mut rejected = false;
-    for (id, handler) in subscribers {
+    for (id, handler) in subscribers.iter() {
         match handler(input.clone()).await {
             TaskAnswer::Reply { bytes, no_reply } => {
                 let outcome = match (no_reply, reply_to) {
@@ -235,7 +236,10 @@ async fn dispatch(
             TaskAnswer::Undecodable(error) => undecodable = Some(error),
             TaskAnswer::Dead(reason) => {
                 tracing::error!(%queue, subscriber = %id, %reason, "task subscriber died; task requeued, subscriber removed");
-                me.do_send(RemoveSubscriber { id, dead: true });
+                me.do_send(RemoveSubscriber {
+                    id: id.clone(),
+                    dead: true,
+                });
                 acker.settle(Outcome::Requeue);
                 return;
             }

@@ -16,7 +16,7 @@ use crate::transport::{Acker, Delivery, Outcome, Outgoing, Settle};
 /// A message at rest in a queue.
 #[derive(Debug, Clone)]
 struct Stored {
-    body: Vec<u8>,
+    body: bytes::Bytes,
     correlation_id: Option<String>,
     reply_to: Option<String>,
     redelivered: bool,
@@ -110,7 +110,7 @@ impl Broker {
     ) -> Result<()> {
         let mut state = self.lock();
         let stored = Stored {
-            body: message.body,
+            body: message.body.into(),
             correlation_id: message.correlation_id,
             reply_to: message.reply_to,
             redelivered: false,

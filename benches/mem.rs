@@ -1,0 +1,187 @@
+//! The in-process backend's throughput, release build: task round trips, RPC round trips
+//! and broadcast deliveries per second with 1 KiB bodies.
+//!
+//! `cargo bench --bench mem` (`KIWIMQ_BENCH_N` sets the messages per figure; default
+//! 100000). Prints a table and writes `target/kiwimq-bench-mem.json`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kiwimq::{Broadcast, BroadcastFilter, BroadcastOptions, Rpc, Settings, Task};
+use serde::{Deserialize, Serialize};
+
+/// A 1 KiB body.
+#[derive(Clone, Serialize, Deserialize)]
+struct Body {
+    #[serde(with = "serde_bytes_compat")]
+    data: Vec<u8>,
+}
+
+/// Bytes as a MessagePack/JSON sequence would be 1 KiB of small integers; keep them bytes.
+mod serde_bytes_compat {
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(b) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+const IN_FLIGHT: usize = 256;
+
+fn body() -> Body {
+    Body {
+        data: vec![7u8; 1024],
+    }
+}
+
+async fn task_round_trips(n: usize) -> f64 {
+    let settings = Settings::new(format!("mem://bench-tasks-{}", uuid::Uuid::new_v4()))
+        .with_task_prefetch(IN_FLIGHT as u16);
+    let worker = settings.clone().connect().await.unwrap();
+    let client = settings.connect().await.unwrap();
+    worker
+        .add_task_subscriber(|t: Task<Body>| async move { Ok(t.body) })
+        .await
+        .unwrap();
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|_| {
+            let client = client.clone();
+            async move {
+                client
+                    .task_send::<_, Body>(&body())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|_| async {})
+        .await;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    worker.close().await.unwrap();
+    client.close().await.unwrap();
+    rate
+}
+
+async fn rpc_round_trips(n: usize) -> f64 {
+    let settings = Settings::new(format!("mem://bench-rpc-{}", uuid::Uuid::new_v4()));
+    let server = settings.clone().connect().await.unwrap();
+    let client = settings.connect().await.unwrap();
+    server
+        .add_rpc_subscriber(Some("echo"), |r: Rpc<Body>| async move { Ok(r.body) })
+        .await
+        .unwrap();
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|_| {
+            let client = client.clone();
+            async move {
+                client
+                    .rpc_send::<_, Body>("echo", &body())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|_| async {})
+        .await;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    server.close().await.unwrap();
+    client.close().await.unwrap();
+    rate
+}
+
+async fn broadcast_deliveries(n: usize) -> f64 {
+    let settings = Settings::new(format!("mem://bench-broadcast-{}", uuid::Uuid::new_v4()));
+    let receiver = settings.clone().connect().await.unwrap();
+    let sender = settings.connect().await.unwrap();
+    let received = Arc::new(AtomicUsize::new(0));
+    let counter = received.clone();
+    receiver
+        .add_broadcast_subscriber(
+            BroadcastFilter::new().subject("bench"),
+            move |_: Broadcast<Body>| {
+                counter.fetch_add(1, Ordering::Relaxed);
+                async { Ok(()) }
+            },
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for _ in 0..n {
+        sender
+            .broadcast_send(&body(), BroadcastOptions::subject("bench"))
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while received.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let rate = received.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    receiver.close().await.unwrap();
+    sender.close().await.unwrap();
+    rate
+}
+
+#[actix::main]
+async fn main() {
+    let n: usize = std::env::var("KIWIMQ_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    // Warm up allocators and threads.
+    task_round_trips(n / 20).await;
+    let figures = [
+        ("task_roundtrip_msgs_per_s", task_round_trips(n).await),
+        ("rpc_roundtrip_msgs_per_s", rpc_round_trips(n).await),
+        ("broadcast_msgs_per_s", broadcast_deliveries(n).await),
+    ];
+    println!("kiwimq mem:// backend, {n} messages of 1 KiB per figure, {IN_FLIGHT} in flight");
+    println!("{:<28} {:>12}", "figure", "kiwimq");
+    for (name, value) in &figures {
+        println!("{name:<28} {value:>12.0}");
+    }
+    let json: serde_json::Map<String, serde_json::Value> = figures
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::json!(v.round())))
+        .collect();
+    let report = serde_json::json!({ "kiwimq": json, "messages": n, "body_bytes": 1024, "in_flight": IN_FLIGHT });
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/kiwimq-bench-mem.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    println!("written to {}", path.display());
+}
