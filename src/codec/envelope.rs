@@ -95,11 +95,13 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for ReplyVisitor<T> {
                 EXCEPTION => Reply::Exception(map.next_value()?),
                 CANCELLED => Reply::Cancelled(map.next_value()?),
                 PENDING => {
-                    map.next_value::<IgnoredAny>()?;
+                    // kiwiPy sends `{pending: None}`; reading a unit works in every codec,
+                    // bincode included (which cannot skip values it does not know).
+                    map.next_value::<()>()?;
                     Reply::Pending
                 }
                 HOST => {
-                    host = map.next_value()?;
+                    host = Some(map.next_value::<Host>()?);
                     continue;
                 }
                 _ => {
