@@ -63,6 +63,21 @@ fn body() -> Body {
     }
 }
 
+/// Runs `n` round trips, `IN_FLIGHT` at a time, and returns how many completed per second.
+async fn rate_of<F, Fut>(n: usize, round_trip: F) -> f64
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Body>,
+{
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|_| round_trip())
+        .buffer_unordered(IN_FLIGHT)
+        .for_each(|_| async {})
+        .await;
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
 async fn task_round_trips(n: usize) -> f64 {
     let settings = Settings::new(format!("mem://bench-tasks-{}", uuid::Uuid::new_v4()))
         .with_task_prefetch(IN_FLIGHT as u16);
@@ -72,23 +87,18 @@ async fn task_round_trips(n: usize) -> f64 {
         .add_task_subscriber(|t: Task<Body>| async move { Ok(t.body) })
         .await
         .unwrap();
-    let started = Instant::now();
-    futures::stream::iter(0..n)
-        .map(|_| {
-            let client = client.clone();
-            async move {
-                client
-                    .task_send::<_, Body>(&body())
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap()
-            }
-        })
-        .buffer_unordered(IN_FLIGHT)
-        .for_each(|_| async {})
-        .await;
-    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let rate = rate_of(n, || {
+        let client = client.clone();
+        async move {
+            client
+                .task_send::<_, Body>(&body())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        }
+    })
+    .await;
     worker.close().await.unwrap();
     client.close().await.unwrap();
     rate
@@ -102,23 +112,18 @@ async fn rpc_round_trips(n: usize) -> f64 {
         .add_rpc_subscriber(Some("echo"), |r: Rpc<Body>| async move { Ok(r.body) })
         .await
         .unwrap();
-    let started = Instant::now();
-    futures::stream::iter(0..n)
-        .map(|_| {
-            let client = client.clone();
-            async move {
-                client
-                    .rpc_send::<_, Body>("echo", &body())
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap()
-            }
-        })
-        .buffer_unordered(IN_FLIGHT)
-        .for_each(|_| async {})
-        .await;
-    let rate = n as f64 / started.elapsed().as_secs_f64();
+    let rate = rate_of(n, || {
+        let client = client.clone();
+        async move {
+            client
+                .rpc_send::<_, Body>("echo", &body())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+        }
+    })
+    .await;
     server.close().await.unwrap();
     client.close().await.unwrap();
     rate

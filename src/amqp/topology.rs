@@ -42,6 +42,30 @@ fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
     table
 }
 
+/// Declares a queue and binds it to `exchange` with `key`.
+async fn declare_bound(
+    channel: &Channel,
+    queue: &str,
+    options: QueueDeclareOptions,
+    arguments: FieldTable,
+    exchange: &str,
+    key: &str,
+) -> lapin::Result<()> {
+    channel
+        .queue_declare(queue.into(), options, arguments)
+        .await?;
+    let bind = QueueBindOptions::default();
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            bind,
+            FieldTable::default(),
+        )
+        .await
+}
+
 impl Topology {
     pub(crate) fn new(settings: &Settings) -> Self {
         Self {
@@ -96,18 +120,15 @@ impl Topology {
             durable: !self.testing_mode,
             ..Default::default()
         };
-        channel
-            .queue_declare(queue.into(), options, table(&arguments))
-            .await?;
-        channel
-            .queue_bind(
-                queue.into(),
-                self.task_exchange.as_str().into(),
-                queue.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
+        declare_bound(
+            channel,
+            queue,
+            options,
+            table(&arguments),
+            &self.task_exchange,
+            queue,
+        )
+        .await
     }
 
     /// A reply queue: exclusive, expiring 60 s after its connection goes, bound to its
@@ -124,18 +145,15 @@ impl Topology {
             ..Default::default()
         };
         let arguments = table(&[("x-expires", millis(self.queue_expires))]);
-        channel
-            .queue_declare(queue.into(), options, arguments)
-            .await?;
-        channel
-            .queue_bind(
-                queue.into(),
-                self.exchange(exchange).into(),
-                queue.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
+        declare_bound(
+            channel,
+            queue,
+            options,
+            arguments,
+            self.exchange(exchange),
+            queue,
+        )
+        .await
     }
 
     /// The queue name of an RPC identifier. Named by us (never server-named) and exclusive,
@@ -160,19 +178,16 @@ impl Topology {
             ("x-message-ttl", millis(self.message_ttl)),
             ("x-expires", millis(self.queue_expires)),
         ]);
-        channel
-            .queue_declare(queue.as_str().into(), options, arguments)
-            .await?;
         let key = format!("{RPC_TOPIC}.{identifier}");
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                self.message_exchange.as_str().into(),
-                key.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        declare_bound(
+            channel,
+            &queue,
+            options,
+            arguments,
+            &self.message_exchange,
+            &key,
+        )
+        .await?;
         Ok(queue)
     }
 
@@ -188,17 +203,14 @@ impl Topology {
             ..Default::default()
         };
         let arguments = table(&[("x-message-ttl", millis(self.message_ttl))]);
-        channel
-            .queue_declare(queue.into(), options, arguments)
-            .await?;
-        channel
-            .queue_bind(
-                queue.into(),
-                self.message_exchange.as_str().into(),
-                BROADCAST_TOPIC.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
+        declare_bound(
+            channel,
+            queue,
+            options,
+            arguments,
+            &self.message_exchange,
+            BROADCAST_TOPIC,
+        )
+        .await
     }
 }
