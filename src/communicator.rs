@@ -417,7 +417,7 @@ impl Communicator {
             return Ok(());
         }
         self.inner.replies.close();
-        let close = self.inner.link.transport.close();
+        let close = bounded_close(self.inner.link.transport.close());
         let result = self.inner.runtime.run(close).await.and_then(|r| r);
         self.inner.runtime.stop();
         result
@@ -478,13 +478,23 @@ impl Inner {
     }
 }
 
+/// How long closing may wait for the broker before giving up on a clean goodbye.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closing never hangs: a broker that does not answer the goodbye is left behind.
+async fn bounded_close(close: impl Future<Output = Result<()>>) -> Result<()> {
+    tokio::time::timeout(CLOSE_TIMEOUT, close)
+        .await
+        .unwrap_or_else(|_| Err(Error::new(ErrorKind::Timeout)))
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
         self.replies.close();
-        let close = self.link.transport.close();
+        let close = bounded_close(self.link.transport.close());
         self.runtime.spawn(async move {
             if let Err(error) = close.await {
                 tracing::warn!(%error, "closing the connection failed");
