@@ -1,0 +1,47 @@
+//! Connecting: bad URIs, nothing listening and wrong credentials fail clearly and promptly.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use kiwimq::{ErrorKind, Settings};
+
+#[actix_rt::test]
+async fn an_unknown_scheme_is_a_config_error() {
+    let error = kiwimq::connect("ftp://127.0.0.1").await.unwrap_err();
+    assert!(matches!(error.kind(), ErrorKind::Config(_)), "{error}");
+}
+
+#[actix_rt::test]
+async fn nothing_listening_is_a_connection_error_within_the_timeout() {
+    let started = Instant::now();
+    let error = Settings::new("amqp://guest:guest@127.0.0.1:1/%2f")
+        .with_connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error.kind(), ErrorKind::Connection(_) | ErrorKind::Timeout),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(6));
+}
+
+#[actix_rt::test]
+async fn wrong_credentials_are_a_connection_error_that_hides_the_password() {
+    let url = common::amqp_url().replacen("guest:guest", "guest:not-the-password", 1);
+    let error = Settings::new(url)
+        .with_connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(error.kind(), ErrorKind::Connection(_)), "{error}");
+    assert!(!error.to_string().contains("not-the-password"), "{error}");
+}
+
+#[actix_rt::test]
+async fn an_unknown_vhost_is_a_connection_error() {
+    let url = format!("{}-no-such-vhost", common::amqp_url());
+    let error = Settings::new(url).connect().await.unwrap_err();
+    assert!(matches!(error.kind(), ErrorKind::Connection(_)), "{error}");
+}
