@@ -112,7 +112,6 @@ impl Communicator {
             Some(("mem", name)) => Arc::new(mem::MemTransport::connect(name)),
             Some(("amqp" | "amqps", _)) => crate::amqp::connect(&settings, &runtime).await?,
             _ => {
-                runtime.stop();
                 return Err(Error::config(format!(
                     "unsupported URI '{}': expected mem://[NAME] or amqp://…",
                     settings.uri
@@ -465,6 +464,11 @@ impl Inner {
                 TaskQueueActor::start_in_arbiter(self.runtime.arbiter(), move |_| actor)
             })
             .clone()
+    }
+
+    /// The actor consuming `queue`, if this communicator ever subscribed to it.
+    pub(crate) fn existing_task_queue_actor(&self, queue: &str) -> Option<Addr<TaskQueueActor>> {
+        lock(&self.task_queues).get(queue).cloned()
     }
 
     fn broadcast_hub(&self) -> Addr<BroadcastHub> {

@@ -130,9 +130,12 @@ impl TaskQueue {
     pub async fn remove_task_subscriber(&self, identifier: &str) -> Result<()> {
         let inner = &self.inner;
         inner.check_open()?;
-        let prefetch = self.prefetch.unwrap_or(inner.settings.task_prefetch);
-        inner
-            .task_queue_actor(&self.name, prefetch)
+        let Some(actor) = inner.existing_task_queue_actor(&self.name) else {
+            return Err(Error::new(ErrorKind::UnknownSubscriber(
+                identifier.to_owned(),
+            )));
+        };
+        actor
             .send(task_queue::RemoveSubscriber {
                 id: identifier.to_owned(),
                 dead: false,

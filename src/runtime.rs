@@ -94,3 +94,11 @@ impl Runtime {
         }
     }
 }
+
+impl Drop for Runtime {
+    /// A communicator that failed half way through connecting must not leave its thread
+    /// behind: stopping an already stopped System is harmless.
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

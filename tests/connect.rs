@@ -45,3 +45,34 @@ async fn an_unknown_vhost_is_a_connection_error() {
     let error = Settings::new(url).connect().await.unwrap_err();
     assert!(matches!(error.kind(), ErrorKind::Connection(_)), "{error}");
 }
+
+/// Threads of this process named like a communicator's runtime.
+fn runtime_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|name| name.trim() == "kiwimq-runtime")
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[actix_rt::test]
+async fn a_failed_connect_leaves_no_thread_behind() {
+    let before = runtime_threads();
+    for _ in 0..20 {
+        kiwimq::connect("ftp://127.0.0.1").await.unwrap_err();
+        let _ = Settings::new("amqp://guest:guest@127.0.0.1:1/%2f")
+            .connect()
+            .await
+            .unwrap_err();
+    }
+    // Other tests of this file may hold a runtime or two at the same moment; a leak would
+    // leave forty.
+    assert!(
+        runtime_threads() < before + 8,
+        "runtime threads leaked: {before} -> {}",
+        runtime_threads()
+    );
+}
