@@ -1,72 +1,66 @@
 //! The `amqp://` backend: RabbitMQ through lapin, speaking kiwiPy 0.9's wire protocol.
 //!
-//! A [`ConnectionSupervisor`](supervisor::ConnectionSupervisor) actor owns the connection on
-//! the communicator's runtime; [`AmqpTransport`] publishes on one confirm-mode channel (many
-//! publishes in flight, each awaiting only its own confirm), gives every consumer a channel
-//! of its own (its prefetch, and errors that stay local), and pulls on a channel of its own.
+//! Everything here runs on a small tokio runtime of its own ([`IoRuntime`]): lapin's
+//! heartbeats and internal tasks, publishes, consumer pumps and the
+//! [supervisor](supervisor::supervise), so nothing a user's handler does on the
+//! communicator's runtime can stall the connection.
+//!
+//! The transport survives connection loss. Publishes wait for the connection (within the
+//! send timeout) and are sent again until the broker confirms them. Each consumer's
+//! delivery stream is fed by a pump; when its channel or the connection dies the pump stops,
+//! and the supervisor starts a new one, under the same consumer tag and queue, that feeds
+//! the same stream, so the actors above never notice.
 
 mod supervisor;
 mod topology;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
-use actix::{Actor, Addr};
-use actix_rt::ArbiterHandle;
-use futures::StreamExt;
+use futures::channel::mpsc;
 use futures::future::{BoxFuture, FutureExt};
+use futures::{Future, StreamExt};
 use lapin::Confirmation;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, QueueDeleteOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    QueueDeleteOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::runtime::Handle;
+use tokio::sync::{Notify, broadcast, watch};
+use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::runtime::Runtime;
+use crate::events::{self, ConnectionEvent};
 use crate::settings::Settings;
 use crate::transport::{
     Acker, Consumer, Delivery, Exchange, Outcome, Outgoing, Route, Settle, Source, Transport,
 };
-use supervisor::{Close, ConnectionSupervisor, OpenChannel};
 use topology::{BROADCAST_TOPIC, RPC_TOPIC, Topology};
 
-/// Connects to RabbitMQ on the communicator's runtime, within the connect timeout, and
-/// declares both exchanges.
-pub(crate) async fn connect(settings: &Settings, runtime: &Runtime) -> Result<Arc<dyn Transport>> {
-    let uri = settings.uri.clone();
-    let redacted = settings.redacted_uri();
-    let timeout = settings.connect_timeout;
-    let connect = async move {
-        let properties = ConnectionProperties::default();
-        match tokio::time::timeout(timeout, Connection::connect(&uri, properties)).await {
-            Ok(Ok(connection)) => Ok(ConnectionSupervisor::new(connection).start()),
-            Ok(Err(error)) => Err(Error::with_source(
-                ErrorKind::Connection(format!("cannot connect to {redacted}: {error}")),
-                error,
-            )),
-            Err(_) => Err(Error::new(ErrorKind::Timeout)),
-        }
-    };
-    let supervisor = runtime.run(connect).await??;
-    let shared = Arc::new(Shared {
-        supervisor,
-        topology: Topology::new(settings),
-        arbiter: runtime.arbiter().clone(),
-        publisher: Slot::default(),
-        puller: Slot::default(),
-        consumers: Mutex::default(),
-        closed: AtomicBool::new(false),
-    });
-    let channel = shared.publisher().await?;
+/// Connects to RabbitMQ within the connect timeout, declares both exchanges and starts the
+/// supervisor.
+pub(crate) async fn connect(settings: &Settings) -> Result<Arc<dyn Transport>> {
+    let shared = Arc::new(Shared::new(settings)?);
+    let first = shared.clone();
+    let connection = shared
+        .io
+        .run(async move {
+            let connection = Arc::new(first.open_connection().await?);
+            first.declare_topology(&connection).await?;
+            Ok::<_, Error>(connection)
+        })
+        .await??;
+    shared.state.send_replace(State::Up(connection.clone(), 0));
     shared
-        .topology
-        .declare_exchanges(&channel)
-        .await
-        .map_err(amqp_error)?;
+        .io
+        .handle
+        .spawn(supervisor::supervise(shared.clone(), connection));
     Ok(Arc::new(AmqpTransport(shared)))
 }
 
@@ -76,6 +70,7 @@ fn amqp_error(error: lapin::Error) -> Error {
     Error::with_source(ErrorKind::Connection(reason), error)
 }
 
+/// The broker's refusal of one request (it closed the channel, not the connection).
 fn soft_error(error: &lapin::Error) -> Option<AMQPSoftError> {
     match error.kind() {
         lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
@@ -86,21 +81,93 @@ fn soft_error(error: &lapin::Error) -> Option<AMQPSoftError> {
     }
 }
 
-/// A channel opened on demand and reopened after the broker closed it.
-#[derive(Default)]
-struct Slot(Mutex<Option<Channel>>);
+/// What to tell an operator about a consumer's channel that the broker closed, when the
+/// reason is one they can act on.
+pub(crate) fn explain(error: &str) -> Option<&'static str> {
+    let error = error.to_ascii_lowercase();
+    (error.contains("acknowledgement") && error.contains("timed out")).then_some(
+        "the broker's consumer_timeout (RabbitMQ default 30 min) expired for a task still \
+         being handled: raise consumer_timeout in rabbitmq.conf, or per queue with the \
+         x-consumer-timeout argument / a policy, above the longest task's duration; the task \
+         was returned to the queue and will run again",
+    )
+}
 
-/// A consumer's channel, closed once the consumer is cancelled and every delivery it
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The tokio runtime that owns the connection's I/O, separate from the communicator's
+/// actix runtime, where user handlers run and may block.
+struct IoRuntime {
+    handle: Handle,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+}
+
+impl IoRuntime {
+    fn start() -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("kiwimq-amqp")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::connection(format!("cannot start the AMQP runtime: {e}")))?;
+        Ok(Self {
+            handle: runtime.handle().clone(),
+            runtime: Mutex::new(Some(runtime)),
+        })
+    }
+
+    /// Runs `future` here; awaitable from any executor.
+    fn run<F>(&self, future: F) -> impl Future<Output = Result<F::Output>> + Send + 'static
+    where
+        F: Future + Send + 'static,
+        F::Output: Send,
+    {
+        let task = self.handle.spawn(future);
+        async move { task.await.map_err(|_| Error::closed()) }
+    }
+
+    /// Stops every task here; safe to call from any thread or task.
+    fn shutdown(&self) {
+        if let Some(runtime) = lock(&self.runtime).take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for IoRuntime {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The connection as everyone else sees it.
+#[derive(Clone)]
+enum State {
+    /// Connected; the number counts reconnections, so a cached channel of an older
+    /// connection is recognised as dead.
+    Up(Arc<Connection>, u64),
+    /// Lost, reconnecting; carries the reason.
+    Down(Arc<str>),
+    Closed,
+}
+
+/// A channel for one purpose, reopened when it dies or belongs to an older connection.
+#[derive(Default)]
+struct Slot(tokio::sync::Mutex<Option<(u64, Channel)>>);
+
+/// A consumer's channel, closed once it is no longer consumed from and every delivery it
 /// handed out is settled (closing earlier would requeue tasks still being worked on).
 struct ConsumerChannel {
     channel: Channel,
-    arbiter: ArbiterHandle,
+    io: Handle,
 }
 
 impl Drop for ConsumerChannel {
     fn drop(&mut self) {
         let channel = self.channel.clone();
-        self.arbiter.spawn(async move {
+        self.io.spawn(async move {
             if channel.status().connected() {
                 let _ = channel.close(200, "consumer cancelled".into()).await;
             }
@@ -108,53 +175,210 @@ impl Drop for ConsumerChannel {
     }
 }
 
-/// A running consumer's channel, and the queue to delete when it is cancelled.
-type Registered = (Arc<ConsumerChannel>, Option<String>);
+/// A registered consumer: what to restore after a loss, and the stream it feeds.
+struct Entry {
+    source: Source,
+    prefetch: u16,
+    sender: mpsc::UnboundedSender<Delivery>,
+    /// The channel consuming now; none while it waits to be restored.
+    active: Option<Arc<ConsumerChannel>>,
+    /// Failed restorations in a row, and when to try again.
+    failures: u32,
+    retry_at: Option<Instant>,
+}
 
 struct Shared {
-    supervisor: Addr<ConnectionSupervisor>,
+    uri: String,
+    redacted: String,
+    connect_timeout: Duration,
+    send_timeout: Duration,
+    reconnect_delay: (Duration, Duration),
     topology: Topology,
-    arbiter: ArbiterHandle,
+    io: IoRuntime,
+    state: watch::Sender<State>,
+    events: broadcast::Sender<ConnectionEvent>,
     publisher: Slot,
     puller: Slot,
-    /// Consumer tag → its channel (and, for an RPC or broadcast consumer, its queue to
-    /// delete on cancel).
-    consumers: Mutex<HashMap<String, Registered>>,
+    /// Consumer tag → what it consumes.
+    consumers: Mutex<HashMap<String, Entry>>,
+    /// Task queues declared so far, declared again after a reconnection (a broker restart
+    /// loses non-durable ones).
+    task_queues: Mutex<HashSet<String>>,
     closed: AtomicBool,
+    /// Asks the supervisor to look now: something failed.
+    wake: Notify,
 }
 
 impl Shared {
+    fn new(settings: &Settings) -> Result<Self> {
+        Ok(Self {
+            uri: settings.uri.clone(),
+            redacted: settings.redacted_uri(),
+            connect_timeout: settings.connect_timeout,
+            send_timeout: settings.send_timeout,
+            reconnect_delay: settings.reconnect_delay,
+            topology: Topology::new(settings),
+            io: IoRuntime::start()?,
+            state: watch::Sender::new(State::Down("not connected yet".into())),
+            events: events::channel(),
+            publisher: Slot::default(),
+            puller: Slot::default(),
+            consumers: Mutex::default(),
+            task_queues: Mutex::default(),
+            closed: AtomicBool::new(false),
+            wake: Notify::new(),
+        })
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
+        if self.is_closed() {
             return Err(Error::closed());
         }
         Ok(())
     }
 
-    async fn open(&self, confirm: bool) -> Result<Channel> {
-        self.supervisor
-            .send(OpenChannel { confirm })
-            .await
-            .map_err(|_| Error::closed())?
+    fn emit(&self, event: ConnectionEvent) {
+        // No observer is fine.
+        let _ = self.events.send(event);
     }
 
-    async fn slot(&self, slot: &Slot, confirm: bool) -> Result<Channel> {
-        if let Some(channel) = slot.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+    /// Opens a connection, within the connect timeout.
+    async fn open_connection(&self) -> Result<Connection> {
+        let properties = ConnectionProperties::default();
+        match tokio::time::timeout(
+            self.connect_timeout,
+            Connection::connect(&self.uri, properties),
+        )
+        .await
+        {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(error)) => Err(Error::with_source(
+                ErrorKind::Connection(format!("cannot connect to {}: {error}", self.redacted)),
+                error,
+            )),
+            Err(_) => Err(Error::with_source(
+                ErrorKind::Timeout,
+                Error::connection(format!(
+                    "no answer from {} within {:?}",
+                    self.redacted, self.connect_timeout
+                )),
+            )),
+        }
+    }
+
+    /// Declares the exchanges and every task queue declared so far.
+    async fn declare_topology(&self, connection: &Connection) -> Result<()> {
+        let channel = connection.create_channel().await.map_err(amqp_error)?;
+        self.topology
+            .declare_exchanges(&channel)
+            .await
+            .map_err(amqp_error)?;
+        let queues: Vec<String> = lock(&self.task_queues).iter().cloned().collect();
+        for queue in queues {
+            self.topology
+                .declare_task_queue(&channel, &queue)
+                .await
+                .map_err(amqp_error)?;
+        }
+        let _ = channel.close(200, "topology declared".into()).await;
+        Ok(())
+    }
+
+    /// The current connection, waiting for it through an outage until `deadline`.
+    async fn connection(&self, deadline: Instant) -> Result<(Arc<Connection>, u64)> {
+        let mut receiver = self.state.subscribe();
+        let waited = tokio::time::timeout_at(
+            deadline,
+            receiver.wait_for(|state| !matches!(state, State::Down(_))),
+        )
+        .await;
+        let state = match waited {
+            Ok(Ok(state)) => state.clone(),
+            Ok(Err(_)) => State::Closed,
+            Err(_) => {
+                let reason = match &*self.state.borrow() {
+                    State::Down(reason) => reason.to_string(),
+                    _ => "the connection changed while waiting".to_owned(),
+                };
+                return Err(Error::with_source(
+                    ErrorKind::Timeout,
+                    Error::connection(format!(
+                        "no connection to {} within the send timeout ({:?}); last error: {reason}",
+                        self.redacted, self.send_timeout
+                    )),
+                ));
+            }
+        };
+        match state {
+            State::Up(connection, epoch) => Ok((connection, epoch)),
+            State::Down(_) | State::Closed => Err(Error::closed()),
+        }
+    }
+
+    /// The slot's channel on the current connection, opened when needed.
+    async fn channel(&self, slot: &Slot, confirm: bool, deadline: Instant) -> Result<Channel> {
+        let (connection, epoch) = self.connection(deadline).await?;
+        let mut slot = slot.0.lock().await;
+        if let Some((opened_in, channel)) = slot.as_ref()
+            && *opened_in == epoch
             && channel.status().connected()
         {
             return Ok(channel.clone());
         }
-        let channel = self.open(confirm).await?;
-        *slot.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel.clone());
+        let channel = connection.create_channel().await.map_err(amqp_error)?;
+        if confirm {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(amqp_error)?;
+        }
+        *slot = Some((epoch, channel.clone()));
         Ok(channel)
     }
 
-    async fn publisher(&self) -> Result<Channel> {
-        self.slot(&self.publisher, true).await
+    /// Runs `attempt` until it succeeds, fails for a reason retrying cannot mend, or
+    /// `deadline` passes. A failed attempt wakes the supervisor, which notices a lost
+    /// connection at once.
+    async fn retrying<T, F, Fut>(&self, deadline: Instant, what: &str, mut attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<T, Attempt>>,
+    {
+        let mut pause = Duration::from_millis(25);
+        loop {
+            self.check_open()?;
+            let error = match tokio::time::timeout_at(deadline, attempt()).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(Attempt::Final(error))) => return Err(error),
+                Ok(Err(Attempt::Again(error))) => error,
+                Err(_) => {
+                    return Err(Error::with_source(
+                        ErrorKind::Timeout,
+                        Error::connection(format!(
+                            "{what}: no confirmation from the broker within the send timeout ({:?})",
+                            self.send_timeout
+                        )),
+                    ));
+                }
+            };
+            self.check_open()?;
+            tracing::debug!(%error, "{what} failed; trying again");
+            self.wake.notify_one();
+            if Instant::now() + pause >= deadline {
+                return Err(error);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
     }
 
     async fn publish(self: Arc<Self>, route: Route, message: Outgoing) -> Result<()> {
         self.check_open()?;
+        let deadline = Instant::now() + self.send_timeout;
         let topology = &self.topology;
         let (exchange, routing_key) = match &route {
             Route::Task(queue) => (topology.exchange(Exchange::Tasks), queue.clone()),
@@ -182,18 +406,41 @@ impl Shared {
             mandatory: message.mandatory,
             ..Default::default()
         };
-        let channel = self.publisher().await?;
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.as_str().into(),
-                options,
-                &message.body,
-                properties,
-            )
-            .await
-            .map_err(amqp_error)?;
-        match confirm.await.map_err(amqp_error)? {
+        let body = &message.body;
+        let confirmation = self
+            .retrying(deadline, "publish", || async {
+                let channel = self
+                    .channel(&self.publisher, true, deadline)
+                    .await
+                    .map_err(Attempt::after_wait)?;
+                let sent = channel
+                    .basic_publish(
+                        exchange.into(),
+                        routing_key.as_str().into(),
+                        options,
+                        body,
+                        properties.clone(),
+                    )
+                    .await;
+                let confirmed = match sent {
+                    Ok(confirm) => confirm.await,
+                    Err(error) => Err(error),
+                };
+                match confirmed {
+                    Ok(confirmation) => Ok(confirmation),
+                    Err(error) => {
+                        if soft_error(&error) == Some(AMQPSoftError::NOTFOUND) {
+                            // Someone deleted our exchange: declare it again, then resend.
+                            if let Ok((connection, _)) = self.connection(deadline).await {
+                                let _ = self.declare_topology(&connection).await;
+                            }
+                        }
+                        Err(Attempt::Again(amqp_error(error)))
+                    }
+                }
+            })
+            .await?;
+        match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(returned)) => {
                 tracing::debug!(%exchange, %routing_key, code = returned.reply_code, "message returned unroutable");
@@ -203,15 +450,28 @@ impl Shared {
         }
     }
 
-    async fn consume(self: Arc<Self>, source: Source, prefetch: u16) -> Result<Consumer> {
-        self.check_open()?;
-        let channel = self.open(false).await?;
+    fn queue_of(&self, source: &Source) -> String {
+        match source {
+            Source::Tasks(queue) | Source::Broadcasts(queue) | Source::Replies(_, queue) => {
+                queue.clone()
+            }
+            Source::Rpc(identifier) => self.topology.rpc_queue(identifier),
+        }
+    }
+
+    /// Opens a channel on `connection`, declares the source's queue and consumes it under
+    /// `tag`. Returns the channel, the consumer and whether deliveries are auto-acked.
+    async fn start(
+        &self,
+        connection: &Connection,
+        tag: &str,
+        source: &Source,
+        prefetch: u16,
+    ) -> Result<(Channel, lapin::Consumer, bool)> {
+        let channel = connection.create_channel().await.map_err(amqp_error)?;
         let topology = &self.topology;
-        let tag = match &source {
-            Source::Rpc(identifier) => identifier.clone(),
-            _ => format!("kiwimq-{}", uuid::Uuid::new_v4()),
-        };
-        let (queue, delete_on_cancel, no_ack) = match &source {
+        let queue = self.queue_of(source);
+        let no_ack = match source {
             Source::Tasks(queue) => {
                 channel
                     .basic_qos(prefetch, BasicQosOptions::default())
@@ -221,10 +481,10 @@ impl Shared {
                     .declare_task_queue(&channel, queue)
                     .await
                     .map_err(amqp_error)?;
-                (queue.clone(), false, false)
+                false
             }
             Source::Rpc(identifier) => {
-                let queue = topology
+                topology
                     .declare_rpc_queue(&channel, identifier)
                     .await
                     .map_err(|e| match soft_error(&e) {
@@ -233,21 +493,21 @@ impl Shared {
                         }
                         _ => amqp_error(e),
                     })?;
-                (queue, true, true)
+                true
             }
             Source::Broadcasts(queue) => {
                 topology
                     .declare_broadcast_queue(&channel, queue)
                     .await
                     .map_err(amqp_error)?;
-                (queue.clone(), true, true)
+                true
             }
             Source::Replies(exchange, queue) => {
                 topology
                     .declare_reply_queue(&channel, *exchange, queue)
                     .await
                     .map_err(amqp_error)?;
-                (queue.clone(), false, true)
+                true
             }
         };
         let options = BasicConsumeOptions {
@@ -257,62 +517,160 @@ impl Shared {
         let consumer = channel
             .basic_consume(
                 queue.as_str().into(),
-                tag.as_str().into(),
+                tag.into(),
                 options,
                 FieldTable::default(),
             )
             .await
             .map_err(amqp_error)?;
+        Ok((channel, consumer, no_ack))
+    }
+
+    /// Makes `channel` the active one of consumer `tag` and starts pumping its deliveries,
+    /// unless the consumer was cancelled meanwhile (then the channel just closes).
+    fn activate(
+        self: &Arc<Self>,
+        tag: &str,
+        channel: Channel,
+        consumer: lapin::Consumer,
+        no_ack: bool,
+    ) -> bool {
         let guard = Arc::new(ConsumerChannel {
             channel,
-            arbiter: self.arbiter.clone(),
+            io: self.io.handle.clone(),
         });
-        self.consumers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                tag.clone(),
-                (guard.clone(), delete_on_cancel.then(|| queue.clone())),
-            );
-        let arbiter = self.arbiter.clone();
-        let deliveries = consumer
-            .take_while(|delivery| {
-                if let Err(error) = delivery {
-                    tracing::warn!(%error, "consumer stopped");
+        let sender = {
+            let mut consumers = lock(&self.consumers);
+            let Some(entry) = consumers.get_mut(tag) else {
+                return false;
+            };
+            entry.active = Some(guard.clone());
+            entry.failures = 0;
+            entry.retry_at = None;
+            entry.sender.clone()
+        };
+        let pump = Pump {
+            shared: Arc::downgrade(self),
+            tag: tag.to_owned(),
+            guard,
+            sender,
+            no_ack,
+        };
+        self.io.handle.spawn(pump.run(consumer));
+        true
+    }
+
+    async fn consume(self: Arc<Self>, source: Source, prefetch: u16) -> Result<Consumer> {
+        self.check_open()?;
+        let deadline = Instant::now() + self.send_timeout;
+        let tag = match &source {
+            Source::Rpc(identifier) => identifier.clone(),
+            _ => format!("kiwimq-{}", uuid::Uuid::new_v4()),
+        };
+        let (channel, consumer, no_ack) = self
+            .retrying(deadline, "consume", || async {
+                let (connection, _) = self
+                    .connection(deadline)
+                    .await
+                    .map_err(Attempt::after_wait)?;
+                self.start(&connection, &tag, &source, prefetch)
+                    .await
+                    .map_err(Attempt::unless_refused)
+            })
+            .await?;
+        let (sender, receiver) = mpsc::unbounded();
+        lock(&self.consumers).insert(
+            tag.clone(),
+            Entry {
+                source,
+                prefetch,
+                sender,
+                active: None,
+                failures: 0,
+                retry_at: None,
+            },
+        );
+        self.activate(&tag, channel, consumer, no_ack);
+        Ok(Consumer {
+            tag,
+            deliveries: receiver.boxed(),
+        })
+    }
+
+    /// Restores the consumers that lost their channel and are due, on `connection`.
+    async fn restore_consumers(self: &Arc<Self>, connection: &Connection) {
+        let now = Instant::now();
+        let due: Vec<(String, Source, u16)> = lock(&self.consumers)
+            .iter()
+            .filter(|(_, entry)| {
+                entry.active.is_none() && entry.retry_at.is_none_or(|at| at <= now)
+            })
+            .map(|(tag, entry)| (tag.clone(), entry.source.clone(), entry.prefetch))
+            .collect();
+        for (tag, source, prefetch) in due {
+            match self.start(connection, &tag, &source, prefetch).await {
+                Ok((channel, consumer, no_ack)) => {
+                    if self.activate(&tag, channel, consumer, no_ack) {
+                        tracing::info!(%tag, queue = %self.queue_of(&source), "consumer restored");
+                    }
                 }
-                futures::future::ready(delivery.is_ok())
-            })
-            .filter_map(move |delivery| {
-                let acker = match (&delivery, no_ack) {
-                    (Ok(_), true) | (Err(_), _) => None,
-                    (Ok(d), false) => Some(AmqpAck {
-                        acker: d.acker.clone(),
-                        arbiter: arbiter.clone(),
-                        _channel: Some(guard.clone()),
-                    }),
-                };
-                futures::future::ready(delivery.ok().map(|d| convert(d, acker)))
-            })
-            .boxed();
-        Ok(Consumer { tag, deliveries })
+                Err(error) => {
+                    let mut consumers = lock(&self.consumers);
+                    if let Some(entry) = consumers.get_mut(&tag) {
+                        entry.failures += 1;
+                        let pause = Duration::from_millis(100 << entry.failures.min(6));
+                        entry.retry_at = Some(Instant::now() + pause);
+                        tracing::warn!(%tag, %error, failures = entry.failures, "could not restore a consumer; trying again in {pause:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records a lost connection: waiting senders hold, every consumer awaits restoration.
+    fn lost(&self, reason: &str) {
+        if self.is_closed() {
+            return;
+        }
+        self.state.send_replace(State::Down(reason.into()));
+        for entry in lock(&self.consumers).values_mut() {
+            entry.active = None;
+            entry.retry_at = None;
+        }
+        tracing::warn!(uri = %self.redacted, %reason, "connection lost; reconnecting");
+        self.emit(ConnectionEvent::Lost(reason.to_owned()));
+    }
+
+    /// Records a restored connection: consumers are back, waiting senders go on.
+    fn restored(&self, connection: Arc<Connection>, epoch: u64, down_for: Duration) {
+        if self.is_closed() {
+            return;
+        }
+        self.state.send_replace(State::Up(connection, epoch));
+        tracing::info!(uri = %self.redacted, ?down_for, "connection restored");
+        self.emit(ConnectionEvent::Restored(down_for));
     }
 
     async fn cancel(self: Arc<Self>, tag: String) -> Result<()> {
         self.check_open()?;
-        let entry = self
-            .consumers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&tag);
-        let Some((guard, delete)) = entry else {
+        let Some(entry) = lock(&self.consumers).remove(&tag) else {
+            return Ok(());
+        };
+        // Without an active channel there is nothing to cancel on the broker: the
+        // connection that consumed is gone.
+        let Some(guard) = entry.active else {
             return Ok(());
         };
         let channel = &guard.channel;
+        if !channel.status().connected() {
+            return Ok(());
+        }
         channel
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
             .await
             .map_err(amqp_error)?;
-        if let Some(queue) = delete {
+        if matches!(entry.source, Source::Rpc(_) | Source::Broadcasts(_)) {
+            let queue = self.queue_of(&entry.source);
             channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await
@@ -321,22 +679,155 @@ impl Shared {
         Ok(())
     }
 
+    async fn declare_task_queue(self: Arc<Self>, queue: String) -> Result<()> {
+        self.check_open()?;
+        lock(&self.task_queues).insert(queue.clone());
+        let deadline = Instant::now() + self.send_timeout;
+        self.retrying(deadline, "declare queue", || async {
+            let channel = self
+                .channel(&self.publisher, true, deadline)
+                .await
+                .map_err(Attempt::after_wait)?;
+            self.topology
+                .declare_task_queue(&channel, &queue)
+                .await
+                .map_err(|e| Attempt::unless_refused(amqp_error_refused(e)))
+        })
+        .await
+    }
+
     async fn get(self: Arc<Self>, queue: String) -> Result<Option<Delivery>> {
         self.check_open()?;
-        let channel = self.slot(&self.puller, false).await?;
-        let message = channel
-            .basic_get(queue.as_str().into(), BasicGetOptions::default())
-            .await
-            .map_err(amqp_error)?;
+        let deadline = Instant::now() + self.send_timeout;
+        let (channel, message) = self
+            .retrying(deadline, "get", || async {
+                let channel = self
+                    .channel(&self.puller, false, deadline)
+                    .await
+                    .map_err(Attempt::after_wait)?;
+                let message = channel
+                    .basic_get(queue.as_str().into(), BasicGetOptions::default())
+                    .await
+                    .map_err(|e| Attempt::unless_refused(amqp_error_refused(e)))?;
+                Ok((channel, message))
+            })
+            .await?;
+        drop(channel);
         Ok(message.map(|m| {
             // The puller channel is shared and stays open: no guard.
             let acker = AmqpAck {
                 acker: m.delivery.acker.clone(),
-                arbiter: self.arbiter.clone(),
+                io: self.io.handle.clone(),
                 _channel: None,
             };
             convert(m.delivery, Some(acker))
         }))
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let previous = self.state.send_replace(State::Closed);
+        self.emit(ConnectionEvent::Closed);
+        self.wake.notify_one();
+        let entries: Vec<Entry> = lock(&self.consumers).drain().map(|(_, e)| e).collect();
+        drop(entries);
+        match previous {
+            State::Up(connection, _) if connection.status().connected() => connection
+                .close(200, "kiwimq communicator closed".into())
+                .await
+                .map_err(Error::connection),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Why an attempt failed: worth another try, or not.
+enum Attempt {
+    Again(Error),
+    Final(Error),
+}
+
+impl Attempt {
+    /// Waiting for the connection already took the deadline into account.
+    fn after_wait(error: Error) -> Self {
+        Attempt::Final(error)
+    }
+
+    /// The broker refusing a request is final; anything else (a channel or connection
+    /// dying under it) is worth another try.
+    fn unless_refused(error: Error) -> Self {
+        match error.kind() {
+            ErrorKind::DuplicateSubscriber(_) | ErrorKind::Config(_) => Attempt::Final(error),
+            _ => Attempt::Again(error),
+        }
+    }
+}
+
+/// A lapin error whose soft protocol error (a refusal) becomes a `Config` error, so
+/// retrying stops: a queue declared with other arguments, access refused, and the like.
+fn amqp_error_refused(error: lapin::Error) -> Error {
+    match soft_error(&error) {
+        Some(soft) if soft != AMQPSoftError::NOTFOUND => {
+            let reason = format!("the broker refused: {error} ({soft:?})");
+            Error::with_source(ErrorKind::Config(reason), error)
+        }
+        _ => amqp_error(error),
+    }
+}
+
+/// Moves one consumer's deliveries from its lapin consumer to the stream the actors read.
+struct Pump {
+    shared: Weak<Shared>,
+    tag: String,
+    guard: Arc<ConsumerChannel>,
+    sender: mpsc::UnboundedSender<Delivery>,
+    no_ack: bool,
+}
+
+impl Pump {
+    async fn run(self, mut consumer: lapin::Consumer) {
+        while let Some(item) = consumer.next().await {
+            match item {
+                Ok(delivery) => {
+                    let acker = (!self.no_ack).then(|| AmqpAck {
+                        acker: delivery.acker.clone(),
+                        io: self.guard.io.clone(),
+                        _channel: Some(self.guard.clone()),
+                    });
+                    if self.sender.unbounded_send(convert(delivery, acker)).is_err() {
+                        // Nobody reads any more; the dropped delivery went back to the queue.
+                        return;
+                    }
+                }
+                Err(error) => {
+                    let text = error.to_string();
+                    match explain(&text) {
+                        Some(advice) => {
+                            tracing::error!(tag = %self.tag, error = %text, "{advice}")
+                        }
+                        None => tracing::debug!(tag = %self.tag, error = %text, "consumer stopped"),
+                    }
+                    break;
+                }
+            }
+        }
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let mut consumers = lock(&shared.consumers);
+        if let Some(entry) = consumers.get_mut(&self.tag)
+            && entry
+                .active
+                .as_ref()
+                .is_some_and(|active| Arc::ptr_eq(active, &self.guard))
+        {
+            entry.active = None;
+            drop(consumers);
+            tracing::info!(tag = %self.tag, "consumer interrupted; restoring it");
+            shared.wake.notify_one();
+        }
     }
 }
 
@@ -351,10 +842,10 @@ fn convert(delivery: lapin::message::Delivery, acker: Option<AmqpAck>) -> Delive
     }
 }
 
-/// Settles one delivery on its channel, from the runtime.
+/// Settles one delivery on its channel, from the I/O runtime.
 struct AmqpAck {
     acker: lapin::Acker,
-    arbiter: ArbiterHandle,
+    io: Handle,
     /// Keeps the consumer's channel open until this delivery is settled.
     _channel: Option<Arc<ConsumerChannel>>,
 }
@@ -363,10 +854,10 @@ impl Settle for AmqpAck {
     fn settle(self: Box<Self>, outcome: Outcome) {
         let AmqpAck {
             acker,
-            arbiter,
+            io,
             _channel,
         } = *self;
-        arbiter.spawn(async move {
+        io.spawn(async move {
             let result = match outcome {
                 Outcome::Ack => acker.ack(BasicAckOptions::default()).await,
                 Outcome::Requeue => acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
@@ -382,58 +873,67 @@ impl Settle for AmqpAck {
     }
 }
 
-/// The transport over one RabbitMQ connection.
+fn flatten<T>(result: Result<Result<T>>) -> Result<T> {
+    result.and_then(|inner| inner)
+}
+
+/// The transport over one RabbitMQ connection, restored after every loss.
 pub(crate) struct AmqpTransport(Arc<Shared>);
 
 impl Transport for AmqpTransport {
     fn declare_task_queue(&self, queue: &str) -> BoxFuture<'static, Result<()>> {
-        let shared = self.0.clone();
-        let queue = queue.to_owned();
-        async move {
-            shared.check_open()?;
-            let channel = shared.publisher().await?;
-            shared
-                .topology
-                .declare_task_queue(&channel, &queue)
-                .await
-                .map_err(amqp_error)
-        }
-        .boxed()
+        let task = self
+            .0
+            .io
+            .run(self.0.clone().declare_task_queue(queue.to_owned()));
+        task.map(flatten).boxed()
     }
 
     fn publish(&self, route: Route, message: Outgoing) -> BoxFuture<'static, Result<()>> {
-        self.0.clone().publish(route, message).boxed()
+        let task = self.0.io.run(self.0.clone().publish(route, message));
+        task.map(flatten).boxed()
     }
 
     fn consume(&self, source: Source, prefetch: u16) -> BoxFuture<'static, Result<Consumer>> {
-        self.0.clone().consume(source, prefetch).boxed()
+        let task = self.0.io.run(self.0.clone().consume(source, prefetch));
+        task.map(flatten).boxed()
     }
 
     fn cancel(&self, tag: &str) -> BoxFuture<'static, Result<()>> {
-        self.0.clone().cancel(tag.to_owned()).boxed()
+        let task = self.0.io.run(self.0.clone().cancel(tag.to_owned()));
+        task.map(flatten).boxed()
     }
 
     fn get(&self, queue: &str) -> BoxFuture<'static, Result<Option<Delivery>>> {
-        self.0.clone().get(queue.to_owned()).boxed()
+        let task = self.0.io.run(self.0.clone().get(queue.to_owned()));
+        task.map(flatten).boxed()
     }
 
     fn close(&self) -> BoxFuture<'static, Result<()>> {
         let shared = self.0.clone();
+        let task = self.0.io.run(async move { shared.close().await });
+        let shared = self.0.clone();
         async move {
-            if shared.closed.swap(true, Ordering::AcqRel) {
-                return Ok(());
-            }
-            shared
-                .consumers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
-            shared
-                .supervisor
-                .send(Close)
-                .await
-                .map_err(|_| Error::closed())?
+            let result = task.await.and_then(|r| r);
+            shared.io.shutdown();
+            result
         }
         .boxed()
+    }
+
+    fn events(&self) -> broadcast::Receiver<ConnectionEvent> {
+        self.0.events.subscribe()
+    }
+
+    fn is_connected(&self) -> bool {
+        matches!(&*self.0.state.borrow(), State::Up(..))
+    }
+}
+
+impl Drop for AmqpTransport {
+    /// Dropped without `close` (a communicator whose setup failed): stop every task.
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+        self.0.io.shutdown();
     }
 }

@@ -19,6 +19,7 @@ use crate::actors::rpc_endpoint::{RpcEndpoint, rpc_fn};
 use crate::actors::task_queue::TaskQueue as TaskQueueActor;
 use crate::codec::envelope::BroadcastEnvelope;
 use crate::error::{Error, ErrorKind, Result};
+use crate::events::ConnectionEvent;
 use crate::filter::BroadcastFilter;
 use crate::messages::{Broadcast, Rpc, Task};
 use crate::queue::{PulledTask, TaskQueue};
@@ -110,7 +111,7 @@ impl Communicator {
         let runtime = Runtime::start()?;
         let transport: Arc<dyn Transport> = match settings.uri.split_once("://") {
             Some(("mem", name)) => Arc::new(mem::MemTransport::connect(name)),
-            Some(("amqp" | "amqps", _)) => crate::amqp::connect(&settings, &runtime).await?,
+            Some(("amqp" | "amqps", _)) => crate::amqp::connect(&settings).await?,
             _ => {
                 return Err(Error::config(format!(
                     "unsupported URI '{}': expected mem://[NAME] or amqp://…",
@@ -168,6 +169,33 @@ impl Communicator {
     /// Whether [`close`](Self::close) has been called.
     pub fn is_closed(&self) -> bool {
         self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection to the broker is up now. `false` while reconnecting after a
+    /// loss (sends wait meanwhile) and once closed.
+    pub fn is_connected(&self) -> bool {
+        !self.is_closed() && self.inner.link.transport.is_connected()
+    }
+
+    /// The changes of this communicator's connection from now on: lost, restored, closed
+    /// (kiwiPy's `add_close_callback`, and more). The stream ends after
+    /// [`ConnectionEvent::Closed`].
+    ///
+    /// ```
+    /// # async fn example(comm: kiwimq::Communicator) {
+    /// use futures::StreamExt;
+    /// let mut events = comm.connection_events();
+    /// while let Some(event) = events.next().await {
+    ///     match event {
+    ///         kiwimq::ConnectionEvent::Lost(reason) => eprintln!("broker lost: {reason}"),
+    ///         kiwimq::ConnectionEvent::Restored(after) => eprintln!("back after {after:?}"),
+    ///         _ => {}
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn connection_events(&self) -> futures::stream::BoxStream<'static, ConnectionEvent> {
+        crate::events::stream(self.inner.link.transport.events())
     }
 
     /// How many task and RPC results this communicator still awaits.

@@ -12,6 +12,7 @@ use futures::StreamExt;
 use futures::future::{self, BoxFuture, FutureExt};
 
 use crate::error::{Error, Result};
+use crate::events::{self, ConnectionEvent};
 use crate::transport::{Consumer, Delivery, Outgoing, Route, Source, Transport};
 use broker::{Broker, QueueMode};
 
@@ -24,6 +25,7 @@ pub(crate) struct MemTransport {
     /// Identifies this connection's exclusive queues and unsettled deliveries.
     connection: u64,
     closed: AtomicBool,
+    events: tokio::sync::broadcast::Sender<ConnectionEvent>,
 }
 
 impl MemTransport {
@@ -48,6 +50,7 @@ impl MemTransport {
             broker,
             connection,
             closed: AtomicBool::new(false),
+            events: events::channel(),
         }
     }
 
@@ -121,8 +124,18 @@ impl Transport for MemTransport {
     fn close(&self) -> BoxFuture<'static, Result<()>> {
         if !self.closed.swap(true, Ordering::AcqRel) {
             self.broker.disconnect(self.connection);
+            let _ = self.events.send(ConnectionEvent::Closed);
         }
         future::ready(Ok(())).boxed()
+    }
+
+    fn events(&self) -> tokio::sync::broadcast::Receiver<ConnectionEvent> {
+        self.events.subscribe()
+    }
+
+    /// An in-process broker cannot be lost: connected until closed.
+    fn is_connected(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
     }
 }
 

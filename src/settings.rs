@@ -34,6 +34,10 @@ pub struct Settings {
     pub(crate) queue_expires: Duration,
     pub(crate) testing_queue_expires: Duration,
     pub(crate) connect_timeout: Duration,
+    pub(crate) send_timeout: Duration,
+    pub(crate) reconnect_delay: (Duration, Duration),
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) delivery_limit: Option<u32>,
 }
 
 impl Settings {
@@ -52,6 +56,10 @@ impl Settings {
             queue_expires: Duration::from_millis(60_000),
             testing_queue_expires: Duration::from_millis(10_000),
             connect_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(60),
+            reconnect_delay: (Duration::from_millis(100), Duration::from_secs(5)),
+            shutdown_grace: Duration::from_secs(10),
+            delivery_limit: None,
         }
     }
 
@@ -115,6 +123,45 @@ impl Settings {
         self
     }
 
+    /// How long a send may wait for the broker before it fails with `Timeout` (default 60 s):
+    /// through a connection outage (it waits for the reconnection, then publishes) and for
+    /// the broker's confirm. A send never returns before the broker confirmed the message.
+    #[must_use]
+    pub fn with_send_timeout(mut self, timeout: Duration) -> Self {
+        self.send_timeout = timeout;
+        self
+    }
+
+    /// The delays between reconnection attempts after a connection loss: exponential from
+    /// `min` up to `max`, jittered (default 100 ms to 5 s). Attempts go on until the
+    /// communicator is closed.
+    #[must_use]
+    pub fn with_reconnect_delay(mut self, min: Duration, max: Duration) -> Self {
+        self.reconnect_delay = (min, max.max(min));
+        self
+    }
+
+    /// How long [`close`](Communicator::close) lets running task handlers finish before it
+    /// closes the connection, which returns their tasks to the queue (default 10 s).
+    #[must_use]
+    pub fn with_shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// Poison-task protection, off by default: a task delivered `limit` times without being
+    /// acknowledged (its worker crashed, or every subscriber rejected it) is moved to the
+    /// dead-letter queue `<queue>.dlq` instead of being delivered again.
+    ///
+    /// On RabbitMQ this declares task queues as quorum queues with `x-delivery-limit`, so
+    /// they differ from kiwiPy's classic queues: every process sharing a queue must use the
+    /// same setting (the broker refuses to redeclare a queue with other arguments).
+    #[must_use]
+    pub fn with_delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = Some(limit.max(1));
+        self
+    }
+
     /// The URI these settings connect to.
     pub fn uri(&self) -> &str {
         &self.uri
@@ -155,6 +202,8 @@ impl std::fmt::Debug for Settings {
             .field("task_queue", &self.task_queue)
             .field("task_prefetch", &self.task_prefetch)
             .field("testing_mode", &self.testing_mode)
+            .field("send_timeout", &self.send_timeout)
+            .field("delivery_limit", &self.delivery_limit)
             .finish_non_exhaustive()
     }
 }

@@ -6,6 +6,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
 use crate::error::Result;
+use crate::events::ConnectionEvent;
 
 /// The two exchanges of kiwiPy's model: tasks and their replies go on one, RPC, broadcasts
 /// and RPC replies on the other.
@@ -145,4 +146,10 @@ pub(crate) trait Transport: Send + Sync + 'static {
 
     /// Closes the connection; later operations fail with `Closed`.
     fn close(&self) -> BoxFuture<'static, Result<()>>;
+
+    /// Connection changes from now on.
+    fn events(&self) -> tokio::sync::broadcast::Receiver<ConnectionEvent>;
+
+    /// Whether the connection is up now.
+    fn is_connected(&self) -> bool;
 }

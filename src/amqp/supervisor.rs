@@ -1,105 +1,100 @@
-//! The `ConnectionSupervisor` actor: the only owner of the lapin connection. It opens
-//! channels for the transport and watches the connection's events.
+//! The supervisor: watches the connection, and after a loss reconnects with exponential,
+//! capped, jittered backoff, declares the topology again, restores every consumer under its
+//! old tag and queue name, and only then lets waiting senders through.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use actix::prelude::*;
-use lapin::options::ConfirmSelectOptions;
-use lapin::{Channel, Connection, Event};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::StreamExt;
+use lapin::{Connection, Event};
+use tokio::time::Instant;
 
-use crate::error::{Error, Result};
+use super::Shared;
 
-/// Owns the connection; lives on the communicator's runtime, which nothing else blocks.
-pub(crate) struct ConnectionSupervisor {
-    connection: Arc<Connection>,
-    /// What the connection last reported, for errors handed to later callers.
-    last_error: Option<String>,
+/// How often the connection's status is looked at, besides its events.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Runs until the transport closes.
+pub(super) async fn supervise(shared: Arc<Shared>, mut connection: Arc<Connection>) {
+    let mut epoch = 0;
+    loop {
+        let Some(reason) = watch(&shared, &connection).await else {
+            return;
+        };
+        shared.lost(&reason);
+        let lost_at = Instant::now();
+        let Some(restored) = reconnect(&shared).await else {
+            return;
+        };
+        connection = restored;
+        epoch += 1;
+        // Consumers first, reply queues among them, so that nothing sent after the gate
+        // opens can miss them.
+        shared.restore_consumers(&connection).await;
+        shared.restored(connection.clone(), epoch, lost_at.elapsed());
+    }
 }
 
-impl ConnectionSupervisor {
-    pub(crate) fn new(connection: Connection) -> Self {
-        Self {
-            connection: Arc::new(connection),
-            last_error: None,
+/// Watches a live connection, restoring interrupted consumers, until it is lost (returns
+/// why) or the transport closes (returns nothing).
+async fn watch(shared: &Arc<Shared>, connection: &Connection) -> Option<String> {
+    let mut events = connection.events_listener();
+    loop {
+        if shared.is_closed() {
+            return None;
+        }
+        if !connection.status().connected() {
+            return Some("the connection closed".to_owned());
+        }
+        shared.restore_consumers(connection).await;
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(POLL) => {}
+            event = events.next() => match event {
+                Some(Event::Error(error)) => return Some(error.to_string()),
+                Some(Event::ConnectionBlocked(reason)) => {
+                    tracing::warn!(%reason, "the broker blocked the connection (it is short of memory or disk); publishes wait");
+                }
+                Some(Event::ConnectionUnblocked) => tracing::info!("the broker unblocked the connection"),
+                Some(other) => tracing::debug!(event = ?other, "AMQP connection event"),
+                None => return Some("the connection's events ended".to_owned()),
+            },
         }
     }
 }
 
-impl Actor for ConnectionSupervisor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.add_stream(self.connection.events_listener());
-    }
-}
-
-impl StreamHandler<Event> for ConnectionSupervisor {
-    fn handle(&mut self, event: Event, _: &mut Context<Self>) {
-        match event {
-            Event::Error(error) => {
-                tracing::error!(%error, "AMQP connection error");
-                self.last_error = Some(error.to_string());
-            }
-            Event::ConnectionBlocked(reason) => {
-                tracing::warn!(%reason, "the broker blocked the connection")
-            }
-            Event::ConnectionUnblocked => tracing::info!("the broker unblocked the connection"),
-            other => tracing::debug!(event = ?other, "AMQP connection event"),
+/// Connects again until it works (returns the connection, its topology declared) or the
+/// transport closes (returns nothing).
+async fn reconnect(shared: &Shared) -> Option<Arc<Connection>> {
+    let (min, max) = shared.reconnect_delay;
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+        .build();
+    let mut attempt = 0u32;
+    loop {
+        let delay = delays.next().unwrap_or(max);
+        tokio::time::sleep(delay).await;
+        if shared.is_closed() {
+            return None;
         }
-    }
-
-    fn finished(&mut self, _: &mut Context<Self>) {}
-}
-
-/// Opens a channel, in confirm mode when asked.
-#[derive(Message)]
-#[rtype(result = "Result<Channel>")]
-pub(crate) struct OpenChannel {
-    pub(crate) confirm: bool,
-}
-
-impl Handler<OpenChannel> for ConnectionSupervisor {
-    type Result = ResponseFuture<Result<Channel>>;
-
-    fn handle(&mut self, message: OpenChannel, _: &mut Context<Self>) -> Self::Result {
-        let connection = self.connection.clone();
-        let last_error = self.last_error.clone();
-        Box::pin(async move {
-            let describe = |e: lapin::Error| match &last_error {
-                Some(cause) => Error::connection(format!("{e} (after: {cause})")),
-                None => Error::connection(e),
-            };
-            let channel = connection.create_channel().await.map_err(describe)?;
-            if message.confirm {
-                channel
-                    .confirm_select(ConfirmSelectOptions::default())
-                    .await
-                    .map_err(describe)?;
+        attempt += 1;
+        let error = match shared.open_connection().await {
+            Ok(connection) => {
+                let connection = Arc::new(connection);
+                match shared.declare_topology(&connection).await {
+                    Ok(()) => return Some(connection),
+                    Err(error) => {
+                        let _ = connection.close(200, "topology failed".into()).await;
+                        error
+                    }
+                }
             }
-            Ok(channel)
-        })
-    }
-}
-
-/// Closes the connection.
-#[derive(Message)]
-#[rtype(result = "Result<()>")]
-pub(crate) struct Close;
-
-impl Handler<Close> for ConnectionSupervisor {
-    type Result = ResponseFuture<Result<()>>;
-
-    fn handle(&mut self, _: Close, ctx: &mut Context<Self>) -> Self::Result {
-        let connection = self.connection.clone();
-        ctx.stop();
-        Box::pin(async move {
-            if !connection.status().connected() {
-                return Ok(());
-            }
-            connection
-                .close(200, "kiwimq communicator closed".into())
-                .await
-                .map_err(Error::connection)
-        })
+            Err(error) => error,
+        };
+        tracing::warn!(attempt, %error, "reconnecting failed; trying again");
     }
 }
