@@ -319,9 +319,16 @@ impl Shared {
         }
     }
 
-    /// The slot's channel on the current connection, opened when needed.
-    async fn channel(&self, slot: &Slot, confirm: bool, deadline: Instant) -> Result<Channel> {
-        let (connection, epoch) = self.connection(deadline).await?;
+    /// The slot's channel on the current connection, opened when needed. Waiting for the
+    /// connection takes `deadline` into account (a final failure); opening may fail because
+    /// the connection just died (worth another try).
+    async fn channel(
+        &self,
+        slot: &Slot,
+        confirm: bool,
+        deadline: Instant,
+    ) -> std::result::Result<Channel, Attempt> {
+        let (connection, epoch) = self.connection(deadline).await.map_err(Attempt::Final)?;
         let mut slot = slot.0.lock().await;
         if let Some((opened_in, channel)) = slot.as_ref()
             && *opened_in == epoch
@@ -329,13 +336,16 @@ impl Shared {
         {
             return Ok(channel.clone());
         }
-        let channel = connection.create_channel().await.map_err(amqp_error)?;
-        if confirm {
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(amqp_error)?;
-        }
+        let open = async {
+            let channel = connection.create_channel().await?;
+            if confirm {
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+            }
+            Ok(channel)
+        };
+        let channel = open.await.map_err(|e| Attempt::Again(amqp_error(e)))?;
         *slot = Some((epoch, channel.clone()));
         Ok(channel)
     }
@@ -409,10 +419,7 @@ impl Shared {
         let body = &message.body;
         let confirmation = self
             .retrying(deadline, "publish", || async {
-                let channel = self
-                    .channel(&self.publisher, true, deadline)
-                    .await
-                    .map_err(Attempt::after_wait)?;
+                let channel = self.channel(&self.publisher, true, deadline).await?;
                 let sent = channel
                     .basic_publish(
                         exchange.into(),
@@ -507,7 +514,8 @@ impl Shared {
                     .declare_reply_queue(&channel, *exchange, queue)
                     .await
                     .map_err(amqp_error)?;
-                true
+                // Acknowledged, so a reply lost in flight with the connection comes again.
+                false
             }
         };
         let options = BasicConsumeOptions {
@@ -569,10 +577,7 @@ impl Shared {
         };
         let (channel, consumer, no_ack) = self
             .retrying(deadline, "consume", || async {
-                let (connection, _) = self
-                    .connection(deadline)
-                    .await
-                    .map_err(Attempt::after_wait)?;
+                let (connection, _) = self.connection(deadline).await.map_err(Attempt::Final)?;
                 self.start(&connection, &tag, &source, prefetch)
                     .await
                     .map_err(Attempt::unless_refused)
@@ -684,10 +689,7 @@ impl Shared {
         lock(&self.task_queues).insert(queue.clone());
         let deadline = Instant::now() + self.send_timeout;
         self.retrying(deadline, "declare queue", || async {
-            let channel = self
-                .channel(&self.publisher, true, deadline)
-                .await
-                .map_err(Attempt::after_wait)?;
+            let channel = self.channel(&self.publisher, true, deadline).await?;
             self.topology
                 .declare_task_queue(&channel, &queue)
                 .await
@@ -701,10 +703,7 @@ impl Shared {
         let deadline = Instant::now() + self.send_timeout;
         let (channel, message) = self
             .retrying(deadline, "get", || async {
-                let channel = self
-                    .channel(&self.puller, false, deadline)
-                    .await
-                    .map_err(Attempt::after_wait)?;
+                let channel = self.channel(&self.puller, false, deadline).await?;
                 let message = channel
                     .basic_get(queue.as_str().into(), BasicGetOptions::default())
                     .await
@@ -733,13 +732,16 @@ impl Shared {
         self.wake.notify_one();
         let entries: Vec<Entry> = lock(&self.consumers).drain().map(|(_, e)| e).collect();
         drop(entries);
-        match previous {
-            State::Up(connection, _) if connection.status().connected() => connection
+        if let State::Up(connection, _) = previous
+            && connection.status().connected()
+            && let Err(error) = connection
                 .close(200, "kiwimq communicator closed".into())
                 .await
-                .map_err(Error::connection),
-            _ => Ok(()),
+        {
+            // Whatever went wrong, the connection is gone, as closing wants.
+            tracing::debug!(%error, "the connection failed while closing");
         }
+        Ok(())
     }
 }
 
@@ -750,11 +752,6 @@ enum Attempt {
 }
 
 impl Attempt {
-    /// Waiting for the connection already took the deadline into account.
-    fn after_wait(error: Error) -> Self {
-        Attempt::Final(error)
-    }
-
     /// The broker refusing a request is final; anything else (a channel or connection
     /// dying under it) is worth another try.
     fn unless_refused(error: Error) -> Self {
@@ -796,7 +793,11 @@ impl Pump {
                         io: self.guard.io.clone(),
                         _channel: Some(self.guard.clone()),
                     });
-                    if self.sender.unbounded_send(convert(delivery, acker)).is_err() {
+                    if self
+                        .sender
+                        .unbounded_send(convert(delivery, acker))
+                        .is_err()
+                    {
                         // Nobody reads any more; the dropped delivery went back to the queue.
                         return;
                     }

@@ -31,7 +31,9 @@ pub(crate) fn channel() -> broadcast::Sender<ConnectionEvent> {
 }
 
 /// A receiver as a stream that ends after `Closed` (or when the transport is gone).
-pub(crate) fn stream(receiver: broadcast::Receiver<ConnectionEvent>) -> BoxStream<'static, ConnectionEvent> {
+pub(crate) fn stream(
+    receiver: broadcast::Receiver<ConnectionEvent>,
+) -> BoxStream<'static, ConnectionEvent> {
     futures::stream::unfold(Some(receiver), |receiver| async move {
         let mut receiver = receiver?;
         loop {

@@ -38,7 +38,8 @@ pub(crate) enum Source {
     Rpc(String),
     /// This communicator's broadcast queue, by name; auto-acked.
     Broadcasts(String),
-    /// One of this communicator's reply queues (one per exchange), by name; auto-acked.
+    /// One of this communicator's reply queues (one per exchange), by name; acked by the
+    /// consumer once the reply is handed over.
     Replies(Exchange, String),
 }
 

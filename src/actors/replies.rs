@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use crate::Codec;
 use crate::codec::envelope::{Reply, ReplyEnvelope};
 use crate::error::{Error, ErrorKind, Result};
-use crate::transport::Delivery;
+use crate::transport::{Delivery, Outcome};
 
 /// Correlation id → the channel of the future awaiting its replies. `None` once closed.
 #[derive(Debug, Default)]
@@ -56,19 +56,29 @@ impl Replies {
     }
 
     /// Hands a reply to the future awaiting it.
+    /// Acknowledged once handed over (or found unwanted), so a reply in flight when the
+    /// connection drops is delivered again rather than lost.
     pub(crate) fn deliver(&self, delivery: Delivery) {
-        let Some(correlation_id) = delivery.correlation_id else {
-            tracing::warn!("a reply without a correlation id was dropped");
-            return;
-        };
-        let pending = self.lock();
-        match pending.as_ref().and_then(|map| map.get(&correlation_id)) {
-            Some(tx) => {
-                tracing::debug!(%correlation_id, "reply received");
-                let _ = tx.unbounded_send(delivery.body);
+        let Delivery {
+            body,
+            correlation_id,
+            acker,
+            ..
+        } = delivery;
+        match correlation_id {
+            None => tracing::warn!("a reply without a correlation id was dropped"),
+            Some(correlation_id) => {
+                let pending = self.lock();
+                match pending.as_ref().and_then(|map| map.get(&correlation_id)) {
+                    Some(tx) => {
+                        tracing::debug!(%correlation_id, "reply received");
+                        let _ = tx.unbounded_send(body);
+                    }
+                    None => tracing::debug!(%correlation_id, "reply for a request nobody awaits"),
+                }
             }
-            None => tracing::debug!(%correlation_id, "reply for a request nobody awaits"),
         }
+        acker.settle(Outcome::Ack);
     }
 
     /// Reads a reply consumer until it ends.

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use kiwimq::{Broadcast, HandlerError, Rpc, Settings, Task};
 
+pub mod proxy;
+
 /// Where a behaviour test runs.
 #[derive(Debug, Clone, Copy)]
 pub enum Backend {
@@ -26,15 +28,21 @@ pub fn amqp_url() -> String {
 /// queues under a random prefix in testing mode (so nothing outlives the test). Clones
 /// share the broker and names, as two processes of one fleet would.
 pub fn settings(backend: Backend) -> Settings {
-    let id = uuid::Uuid::new_v4().simple().to_string();
     match backend {
-        Backend::Mem => Settings::new(format!("mem://{id}")),
-        Backend::Amqp => Settings::new(amqp_url())
-            .with_testing_mode(true)
-            .with_message_exchange(format!("kiwimq-test-{id}.messages"))
-            .with_task_exchange(format!("kiwimq-test-{id}.tasks"))
-            .with_task_queue(format!("kiwimq-test-{id}.tasks")),
+        Backend::Mem => Settings::new(format!("mem://{}", uuid::Uuid::new_v4().simple())),
+        Backend::Amqp => amqp_settings(&amqp_url()),
     }
+}
+
+/// Settings for the broker at `url` (a proxy or a private node), with names private to
+/// one test, in testing mode.
+pub fn amqp_settings(url: &str) -> Settings {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    Settings::new(url)
+        .with_testing_mode(true)
+        .with_message_exchange(format!("kiwimq-test-{id}.messages"))
+        .with_task_exchange(format!("kiwimq-test-{id}.tasks"))
+        .with_task_queue(format!("kiwimq-test-{id}.tasks"))
 }
 
 /// A queue name private to one test.

@@ -1,0 +1,154 @@
+//! Faults on a real broker: connections cut under load, a broker node restarted, worker
+//! processes killed. Each test prints its figures (sent, completed, lost, duplicated).
+//!
+//! The shared broker is never stopped: connections are cut by a TCP proxy inside the test,
+//! and restarts happen on a private broker node.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::future::join_all;
+use kiwimq::{Communicator, ConnectionEvent, Settings, Task};
+
+use common::proxy::{Proxy, split_address};
+use common::{amqp_settings, amqp_url};
+
+/// The shared broker's `host:port`.
+fn upstream() -> String {
+    let url = amqp_url();
+    let address = split_address(&url).1;
+    if address.contains(':') {
+        address.to_owned()
+    } else {
+        format!("{address}:5672")
+    }
+}
+
+/// How many times each task was handled, by task number.
+type Handled = Arc<Mutex<HashMap<u32, u32>>>;
+
+/// A worker that records every task it handles and answers with its number.
+async fn worker(settings: Settings, handled: Handled) -> Communicator {
+    let comm = settings.connect().await.expect("worker connects");
+    comm.add_task_subscriber(move |task: Task<u32>| {
+        *handled.lock().unwrap().entry(task.body).or_default() += 1;
+        async move { Ok(task.body) }
+    })
+    .await
+    .expect("worker subscribes");
+    comm
+}
+
+/// The figures a fault test prints, and what it asserts on.
+#[derive(Debug, Default)]
+struct Figures {
+    sent: usize,
+    completed: usize,
+    lost: usize,
+    duplicated: usize,
+    results: usize,
+}
+
+impl Figures {
+    fn of(sent: usize, handled: &Handled, results: usize) -> Self {
+        let handled = handled.lock().unwrap();
+        Figures {
+            sent,
+            completed: handled.len(),
+            lost: (0..sent as u32)
+                .filter(|n| !handled.contains_key(n))
+                .count(),
+            duplicated: handled.values().map(|&n| n as usize - 1).sum(),
+            results,
+        }
+    }
+
+    fn print(&self, test: &str, extra: &str) {
+        println!(
+            "[fault figures] {test}: sent {}, completed {}, lost {}, duplicated {}, results {}{extra}",
+            self.sent, self.completed, self.lost, self.duplicated, self.results
+        );
+    }
+}
+
+/// Sends tasks `range` with at most `window` awaiting their result at once; returns how
+/// many results came back right.
+async fn send_tasks(comm: &Communicator, range: std::ops::Range<u32>, window: usize) -> usize {
+    let numbers: Vec<u32> = range.collect();
+    let mut results = 0;
+    for chunk in numbers.chunks(window) {
+        let sends = chunk.iter().map(|&n| async move {
+            let reply = comm
+                .task_send::<_, u32>(&n)
+                .await
+                .unwrap_or_else(|e| panic!("task {n} was not sent: {e}"));
+            let result = reply
+                .await
+                .unwrap_or_else(|e| panic!("task {n} has no result: {e}"));
+            assert_eq!(result, n);
+        });
+        results += join_all(sends).await.len();
+    }
+    results
+}
+
+#[actix_rt::test]
+async fn tasks_survive_a_connection_cut_every_second() {
+    const TASKS: u32 = 10_000;
+    let proxy = Proxy::start(&upstream()).await;
+    let settings = amqp_settings(&proxy.url(&amqp_url()))
+        .with_reconnect_delay(Duration::from_millis(20), Duration::from_millis(500))
+        .with_task_prefetch(50);
+    let handled = Handled::default();
+    let workers = [
+        worker(settings.clone(), handled.clone()).await,
+        worker(settings.clone(), handled.clone()).await,
+    ];
+    let client = settings.connect().await.unwrap();
+    let mut events = client.connection_events();
+
+    let cutting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let cutter = {
+        let cutting = cutting.clone();
+        actix_rt::spawn(async move {
+            let mut cuts = 0;
+            while cutting.load(std::sync::atomic::Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                proxy.cut();
+                cuts += 1;
+            }
+            (cuts, proxy)
+        })
+    };
+    let started = Instant::now();
+    let results = send_tasks(&client, 0..TASKS, 100).await;
+    cutting.store(false, std::sync::atomic::Ordering::Release);
+    let (cuts, _proxy) = cutter.await.unwrap();
+
+    let figures = Figures::of(TASKS as usize, &handled, results);
+    let mut losses = 0;
+    while let Some(Some(event)) = events.next().now_or_never() {
+        losses += matches!(event, ConnectionEvent::Lost(_)) as usize;
+    }
+    figures.print(
+        "connection cut every second",
+        &format!(
+            ", cuts {cuts}, client saw {losses} losses, {:?}",
+            started.elapsed()
+        ),
+    );
+    assert_eq!(figures.lost, 0, "{figures:?}");
+    assert_eq!(figures.results, TASKS as usize);
+    assert!(cuts >= 2, "the run was too short to cut anything");
+    assert!(losses >= 1, "the client never saw its connection lost");
+    for comm in workers {
+        comm.close().await.unwrap();
+    }
+    client.close().await.unwrap();
+}
+
+use futures::FutureExt;
