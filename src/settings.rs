@@ -63,6 +63,13 @@ impl Settings {
         }
     }
 
+    /// The same settings for another broker: `mem://`, `mem://NAME` or `amqp://…`.
+    #[must_use]
+    pub fn with_uri(mut self, uri: impl Into<String>) -> Self {
+        self.uri = uri.into();
+        self
+    }
+
     /// The codec of bodies and envelopes (default MessagePack).
     #[must_use]
     pub fn with_codec(mut self, codec: Codec) -> Self {

@@ -10,12 +10,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use futures::future::join_all;
-use kiwimq::{Communicator, ConnectionEvent, Settings, Task};
+use kiwimq::{
+    Broadcast, BroadcastFilter, BroadcastOptions, Communicator, ConnectionEvent, ErrorKind, Rpc,
+    Settings, Task,
+};
 
 use common::proxy::{Proxy, split_address};
-use common::{amqp_settings, amqp_url};
+use common::{SOON, amqp_settings, amqp_url, eventually, seen};
 
 /// The shared broker's `host:port`.
 fn upstream() -> String {
@@ -151,4 +154,115 @@ async fn tasks_survive_a_connection_cut_every_second() {
     client.close().await.unwrap();
 }
 
-use futures::FutureExt;
+
+/// Waits for the next event that `wanted` accepts, failing after `within`.
+async fn next_event(
+    events: &mut futures::stream::BoxStream<'static, ConnectionEvent>,
+    within: Duration,
+    wanted: impl Fn(&ConnectionEvent) -> bool,
+) -> ConnectionEvent {
+    let waiting = async {
+        loop {
+            match events.next().await {
+                Some(event) if wanted(&event) => return event,
+                Some(_) => {}
+                None => panic!("the connection events ended"),
+            }
+        }
+    };
+    tokio::time::timeout(within, waiting)
+        .await
+        .expect("timed out waiting for a connection event")
+}
+
+#[actix_rt::test]
+async fn rpc_and_broadcasts_work_again_after_an_outage() {
+    let proxy = Proxy::start(&upstream()).await;
+    let direct = amqp_settings(&amqp_url());
+    // The same names through the proxy: one fleet, one of its processes behind a bad link.
+    let proxied = direct
+        .clone()
+        .with_uri(proxy.url(&amqp_url()))
+        .with_reconnect_delay(Duration::from_millis(20), Duration::from_millis(200))
+        .with_send_timeout(Duration::from_secs(1));
+    let server = proxied.clone().connect().await.unwrap();
+    let patient = proxied
+        .with_send_timeout(Duration::from_secs(20))
+        .connect()
+        .await
+        .unwrap();
+    let client = direct.connect().await.unwrap();
+    let identifier = format!("echo-{}", uuid::Uuid::new_v4().simple());
+    server
+        .add_rpc_subscriber(Some(&identifier), |rpc: Rpc<String>| async move {
+            Ok(format!("echo {}", rpc.body))
+        })
+        .await
+        .unwrap();
+    client
+        .add_rpc_subscriber(Some(&format!("{identifier}-client")), |rpc: Rpc<u32>| async move {
+            Ok(rpc.body + 1)
+        })
+        .await
+        .unwrap();
+    let heard = seen::<String>();
+    let record = heard.clone();
+    server
+        .add_broadcast_subscriber(BroadcastFilter::new(), move |b: Broadcast<String>| {
+            record.lock().unwrap().push(b.body);
+            async { Ok(()) }
+        })
+        .await
+        .unwrap();
+    let call = |body: &str| {
+        let client = client.clone();
+        let identifier = identifier.clone();
+        let body = body.to_owned();
+        async move { client.rpc_send::<_, String>(&identifier, &body).await?.await }
+    };
+    assert_eq!(call("before").await.unwrap(), "echo before");
+
+    let mut events = server.connection_events();
+    proxy.pause();
+    next_event(&mut events, SOON, |e| matches!(e, ConnectionEvent::Lost(_))).await;
+    assert!(!server.is_connected());
+
+    // During the outage every call ends, one way or the other, in bounded time.
+    let started = Instant::now();
+    let unroutable = call("during").await.unwrap_err();
+    assert!(matches!(unroutable.kind(), ErrorKind::Unroutable(_)), "{unroutable}");
+    let timed_out = server
+        .broadcast_send(&"lost".to_owned(), BroadcastOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(timed_out.kind(), ErrorKind::Timeout), "{timed_out}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // A send that starts in the outage and sees it end completes.
+    let waiting = {
+        let target = format!("{identifier}-client");
+        let patient = patient.clone();
+        actix_rt::spawn(async move { patient.rpc_send::<_, u32>(&target, &41).await?.await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.resume();
+    next_event(&mut events, SOON, |e| matches!(e, ConnectionEvent::Restored(_))).await;
+    assert!(server.is_connected());
+    let answer = tokio::time::timeout(SOON, waiting).await.expect("the waiting RPC ended");
+    assert_eq!(answer.unwrap().unwrap(), 42);
+
+    assert_eq!(call("after").await.unwrap(), "echo after");
+    client
+        .broadcast_send(&"after".to_owned(), BroadcastOptions::default())
+        .await
+        .unwrap();
+    eventually(SOON, "the broadcast after the outage", || {
+        heard.lock().unwrap().contains(&"after".to_owned())
+    })
+    .await;
+    println!(
+        "[fault figures] rpc and broadcasts across an outage: rpc during it {unroutable}; broadcast during it {timed_out}; both work again after"
+    );
+    server.close().await.unwrap();
+    patient.close().await.unwrap();
+    client.close().await.unwrap();
+}

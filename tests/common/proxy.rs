@@ -1,6 +1,7 @@
 //! A TCP proxy in front of the shared broker whose connections a test can cut, to lose
 //! the connection without touching the broker every other test uses.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
@@ -10,6 +11,7 @@ use tokio::task::AbortHandle;
 pub struct Proxy {
     pub port: u16,
     links: Arc<Mutex<Vec<AbortHandle>>>,
+    refusing: Arc<AtomicBool>,
     listener: AbortHandle,
 }
 
@@ -23,8 +25,13 @@ impl Proxy {
         let links: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
         let upstream = upstream.to_owned();
         let accepted = links.clone();
+        let refusing: Arc<AtomicBool> = Arc::default();
+        let refuse = refusing.clone();
         let listener = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
+                if refuse.load(Ordering::Acquire) {
+                    continue;
+                }
                 let upstream = upstream.clone();
                 let link = tokio::spawn(async move {
                     if let Ok(mut server) = TcpStream::connect(&upstream).await {
@@ -40,6 +47,7 @@ impl Proxy {
         Proxy {
             port,
             links,
+            refusing,
             listener,
         }
     }
@@ -52,6 +60,17 @@ impl Proxy {
             link.abort();
         }
         links.len()
+    }
+
+    /// An outage: cuts every connection and refuses new ones until [`resume`](Proxy::resume).
+    pub fn pause(&self) {
+        self.refusing.store(true, Ordering::Release);
+        self.cut();
+    }
+
+    /// Ends an outage.
+    pub fn resume(&self) {
+        self.refusing.store(false, Ordering::Release);
     }
 
     /// `url` (an AMQP URI) with its host and port replaced by this proxy's.
