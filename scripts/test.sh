@@ -21,4 +21,7 @@ if [ -z "${KIWIMQ_AMQP_URL:-}" ] && ! broker_up; then
   command -v rabbitmqctl >/dev/null && rabbitmqctl await_startup >/dev/null 2>&1 || true
 fi
 
+# Passing tests' output is shown: the fault tests print their figures (sent, completed,
+# lost, duplicated).
+[ $# -gt 0 ] || set -- -- --show-output
 cargo test --all-features "$@"

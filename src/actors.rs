@@ -28,7 +28,8 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// Sends an encoded reply map to `reply_to` on `exchange`.
+    /// Sends an encoded reply map to `reply_to` on `exchange`. A task's result is
+    /// persistent, as the task was: it survives a broker restart in its reply queue.
     pub(crate) fn reply(
         &self,
         exchange: Exchange,
@@ -40,6 +41,7 @@ impl Link {
         let message = Outgoing {
             body,
             correlation_id,
+            persistent: exchange == Exchange::Tasks,
             ..Outgoing::default()
         };
         self.transport

@@ -400,7 +400,10 @@ impl Shared {
                 topology.exchange(Exchange::Messages),
                 BROADCAST_TOPIC.to_owned(),
             ),
-            Route::Reply(exchange, queue) => (topology.exchange(*exchange), queue.clone()),
+            // Straight to the queue through the default exchange, which always exists and
+            // needs no binding: a reply reaches a reply queue that survived a broker restart
+            // before its owner reconnected and bound it again.
+            Route::Reply(_, queue) => ("", queue.clone()),
         };
         let mut properties = BasicProperties::default();
         if let Some(correlation_id) = message.correlation_id {

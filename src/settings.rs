@@ -188,6 +188,21 @@ impl Settings {
         }
     }
 
+    /// The exchange of RPC and broadcasts.
+    pub fn message_exchange(&self) -> &str {
+        &self.message_exchange
+    }
+
+    /// The exchange of tasks.
+    pub fn task_exchange(&self) -> &str {
+        &self.task_exchange
+    }
+
+    /// The default task queue.
+    pub fn task_queue(&self) -> &str {
+        &self.task_queue
+    }
+
     /// The codec these settings use.
     pub fn codec(&self) -> Codec {
         self.codec

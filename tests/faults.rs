@@ -10,13 +10,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
 use futures::future::join_all;
+use futures::{FutureExt, StreamExt};
 use kiwimq::{
     Broadcast, BroadcastFilter, BroadcastOptions, Communicator, ConnectionEvent, ErrorKind, Rpc,
     Settings, Task,
 };
 
+use common::node::Node;
 use common::proxy::{Proxy, split_address};
 use common::{SOON, amqp_settings, amqp_url, eventually, seen};
 
@@ -154,7 +155,6 @@ async fn tasks_survive_a_connection_cut_every_second() {
     client.close().await.unwrap();
 }
 
-
 /// Waits for the next event that `wanted` accepts, failing after `within`.
 async fn next_event(
     events: &mut futures::stream::BoxStream<'static, ConnectionEvent>,
@@ -200,9 +200,10 @@ async fn rpc_and_broadcasts_work_again_after_an_outage() {
         .await
         .unwrap();
     client
-        .add_rpc_subscriber(Some(&format!("{identifier}-client")), |rpc: Rpc<u32>| async move {
-            Ok(rpc.body + 1)
-        })
+        .add_rpc_subscriber(
+            Some(&format!("{identifier}-client")),
+            |rpc: Rpc<u32>| async move { Ok(rpc.body + 1) },
+        )
         .await
         .unwrap();
     let heard = seen::<String>();
@@ -218,7 +219,12 @@ async fn rpc_and_broadcasts_work_again_after_an_outage() {
         let client = client.clone();
         let identifier = identifier.clone();
         let body = body.to_owned();
-        async move { client.rpc_send::<_, String>(&identifier, &body).await?.await }
+        async move {
+            client
+                .rpc_send::<_, String>(&identifier, &body)
+                .await?
+                .await
+        }
     };
     assert_eq!(call("before").await.unwrap(), "echo before");
 
@@ -230,12 +236,18 @@ async fn rpc_and_broadcasts_work_again_after_an_outage() {
     // During the outage every call ends, one way or the other, in bounded time.
     let started = Instant::now();
     let unroutable = call("during").await.unwrap_err();
-    assert!(matches!(unroutable.kind(), ErrorKind::Unroutable(_)), "{unroutable}");
+    assert!(
+        matches!(unroutable.kind(), ErrorKind::Unroutable(_)),
+        "{unroutable}"
+    );
     let timed_out = server
         .broadcast_send(&"lost".to_owned(), BroadcastOptions::default())
         .await
         .unwrap_err();
-    assert!(matches!(timed_out.kind(), ErrorKind::Timeout), "{timed_out}");
+    assert!(
+        matches!(timed_out.kind(), ErrorKind::Timeout),
+        "{timed_out}"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
     // A send that starts in the outage and sees it end completes.
     let waiting = {
@@ -245,9 +257,14 @@ async fn rpc_and_broadcasts_work_again_after_an_outage() {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.resume();
-    next_event(&mut events, SOON, |e| matches!(e, ConnectionEvent::Restored(_))).await;
+    next_event(&mut events, SOON, |e| {
+        matches!(e, ConnectionEvent::Restored(_))
+    })
+    .await;
     assert!(server.is_connected());
-    let answer = tokio::time::timeout(SOON, waiting).await.expect("the waiting RPC ended");
+    let answer = tokio::time::timeout(SOON, waiting)
+        .await
+        .expect("the waiting RPC ended");
     assert_eq!(answer.unwrap().unwrap(), 42);
 
     assert_eq!(call("after").await.unwrap(), "echo after");
@@ -264,5 +281,168 @@ async fn rpc_and_broadcasts_work_again_after_an_outage() {
     );
     server.close().await.unwrap();
     patient.close().await.unwrap();
+    client.close().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn queued_and_running_tasks_survive_a_broker_restart() {
+    const TASKS: u32 = 500;
+    let node = Node::start().await;
+    // Durable queues and persistent messages, as in production: not testing mode.
+    let settings = amqp_settings(&node.url())
+        .with_testing_mode(false)
+        .with_reconnect_delay(Duration::from_millis(50), Duration::from_secs(1))
+        .with_task_prefetch(10);
+    let client = settings.clone().connect().await.unwrap();
+    let mut replies = Vec::new();
+    for n in 0..TASKS {
+        replies.push(client.task_send::<_, u32>(&n).await.unwrap());
+    }
+    let handled = Handled::default();
+    let record = handled.clone();
+    let worker = settings.connect().await.unwrap();
+    worker
+        .add_task_subscriber(move |task: Task<u32>| {
+            *record.lock().unwrap().entry(task.body).or_default() += 1;
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(task.body)
+            }
+        })
+        .await
+        .unwrap();
+    eventually(SOON, "the worker to be busy", || {
+        handled.lock().unwrap().len() >= 50
+    })
+    .await;
+
+    let started = Instant::now();
+    node.stop_app().await;
+    eventually(SOON, "both to notice", || {
+        !client.is_connected() && !worker.is_connected()
+    })
+    .await;
+    let done_before = handled.lock().unwrap().len();
+    node.start_app().await;
+    let outage = started.elapsed();
+
+    let results = tokio::time::timeout(Duration::from_secs(60), join_all(replies))
+        .await
+        .expect("every result arrives after the restart");
+    let right = results
+        .iter()
+        .enumerate()
+        .filter(|(n, r)| r.as_ref().ok() == Some(&(*n as u32)))
+        .count();
+    let figures = Figures::of(TASKS as usize, &handled, right);
+    figures.print(
+        "broker restarted",
+        &format!(", {done_before} handled before the stop, outage {outage:?}"),
+    );
+    assert_eq!(figures.lost, 0, "{figures:?}");
+    assert_eq!(right, TASKS as usize, "{results:?}");
+    worker.close().await.unwrap();
+    client.close().await.unwrap();
+}
+
+/// Set in a worker process this test binary starts: the settings it works with.
+const CHILD_SETTINGS: &str = "KIWIMQ_FAULT_CHILD";
+
+/// The worker process of `a_killed_worker_process_task_runs_elsewhere`: takes a task,
+/// says so, and never finishes it. Only that test runs it.
+#[actix_rt::test]
+#[ignore = "a worker process started by a_killed_worker_process_task_runs_elsewhere"]
+async fn worker_process() {
+    let Ok(names) = std::env::var(CHILD_SETTINGS) else {
+        panic!("run by a_killed_worker_process_task_runs_elsewhere, with {CHILD_SETTINGS} set");
+    };
+    let [uri, messages, tasks, queue]: [&str; 4] =
+        names.split(' ').collect::<Vec<_>>().try_into().unwrap();
+    let comm = Settings::new(uri)
+        .with_testing_mode(true)
+        .with_message_exchange(messages)
+        .with_task_exchange(tasks)
+        .with_task_queue(queue)
+        .connect()
+        .await
+        .unwrap();
+    comm.add_task_subscriber(|task: Task<u32>| async move {
+        println!("kiwimq-child: started {}", task.body);
+        futures::future::pending::<()>().await;
+        Ok(task.body)
+    })
+    .await
+    .unwrap();
+    println!("kiwimq-child: ready");
+    futures::future::pending::<()>().await;
+}
+
+#[actix_rt::test]
+async fn a_killed_worker_process_task_runs_elsewhere() {
+    use tokio::io::AsyncBufReadExt;
+
+    let settings = amqp_settings(&amqp_url());
+    let names = [
+        settings.uri(),
+        settings.message_exchange(),
+        settings.task_exchange(),
+        settings.task_queue(),
+    ]
+    .join(" ");
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "worker_process",
+            "--include-ignored",
+            "--nocapture",
+        ])
+        .env(CHILD_SETTINGS, names)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut expect = async |wanted: &str| {
+        let waiting = async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if line.starts_with(wanted) {
+                    return;
+                }
+            }
+            panic!("the worker process ended before saying '{wanted}'");
+        };
+        tokio::time::timeout(SOON, waiting).await.expect(wanted);
+    };
+    expect("kiwimq-child: ready").await;
+
+    let client = settings.clone().connect().await.unwrap();
+    let result = client.task_send::<_, u32>(&7).await.unwrap();
+    expect("kiwimq-child: started 7").await;
+    child.start_kill().unwrap(); // SIGKILL: no goodbye to the broker
+    let status = child.wait().await.unwrap();
+
+    let redelivered = seen::<bool>();
+    let record = redelivered.clone();
+    let worker = settings.connect().await.unwrap();
+    worker
+        .add_task_subscriber(move |task: Task<u32>| {
+            record.lock().unwrap().push(task.redelivered);
+            async move { Ok(task.body * 6) }
+        })
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(SOON, result)
+        .await
+        .expect("the task ran elsewhere");
+    assert_eq!(answer.unwrap(), 42);
+    assert_eq!(
+        *redelivered.lock().unwrap(),
+        [true],
+        "seen as a redelivery, once"
+    );
+    println!(
+        "[fault figures] worker process killed mid-task ({status}): sent 1, completed 1, lost 0, duplicated 0 (redelivered to another worker)"
+    );
+    worker.close().await.unwrap();
     client.close().await.unwrap();
 }

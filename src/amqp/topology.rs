@@ -131,17 +131,21 @@ impl Topology {
         .await
     }
 
-    /// A reply queue: not exclusive, so that it outlives a lost connection and keeps the
-    /// replies sent meanwhile; expiring 60 s after its last consumer went. Bound to its
-    /// exchange with its own name. (kiwiPy's is exclusive, which loses those replies; the
-    /// queue is private to this communicator, so its arguments are ours to choose.)
+    /// A reply queue: durable and not exclusive, so that it outlives a lost connection and
+    /// a broker restart and keeps the replies sent meanwhile (task replies are persistent);
+    /// expiring 60 s after its last consumer went. Bound to its exchange with its own name.
+    /// (kiwiPy's is exclusive, which loses those replies; the queue is private to this
+    /// communicator, so its arguments are ours to choose.)
     pub(crate) async fn declare_reply_queue(
         &self,
         channel: &Channel,
         exchange: Exchange,
         queue: &str,
     ) -> lapin::Result<()> {
-        let options = QueueDeclareOptions::default();
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
         let arguments = table(&[("x-expires", millis(self.queue_expires))]);
         declare_bound(
             channel,
