@@ -16,7 +16,7 @@ use crate::actors::Link;
 use crate::actors::broadcast_hub::{self, BroadcastHub, broadcast_fn};
 use crate::actors::replies::{Replies, ReplyFuture};
 use crate::actors::rpc_endpoint::{RpcEndpoint, rpc_fn};
-use crate::actors::task_queue::TaskQueue as TaskQueueActor;
+use crate::actors::task_queue::{Drain, TaskQueue as TaskQueueActor};
 use crate::codec::envelope::BroadcastEnvelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::ConnectionEvent;
@@ -437,14 +437,24 @@ impl Communicator {
 
     // ---- lifetime ----------------------------------------------------------------------
 
-    /// Closes the communicator: subscribers stop, results still awaited fail with `Closed`,
-    /// the connection closes, and every later call fails with `Closed`. Idempotent.
+    /// Closes the communicator gracefully: it stops taking tasks, lets the task handlers
+    /// already running finish within the shutdown grace
+    /// ([`Settings::with_shutdown_grace`], default 10 s), then closes the connection, which
+    /// returns unfinished tasks to their queues. Results still awaited fail with `Closed`,
+    /// and every later call fails with `Closed`. Idempotent.
+    ///
+    /// Dropping the last clone closes too, but without the grace: running tasks go back
+    /// to their queues at once.
     pub async fn close(&self) -> Result<()> {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.inner.replies.close();
-        let close = bounded_close(self.inner.link.transport.close());
+        let inner = self.inner.clone();
+        let close = async move {
+            inner.drain().await;
+            inner.replies.close();
+            bounded_close(inner.link.transport.close()).await
+        };
         let result = self.inner.runtime.run(close).await.and_then(|r| r);
         self.inner.runtime.stop();
         result
@@ -497,6 +507,31 @@ impl Inner {
     /// The actor consuming `queue`, if this communicator ever subscribed to it.
     pub(crate) fn existing_task_queue_actor(&self, queue: &str) -> Option<Addr<TaskQueueActor>> {
         lock(&self.task_queues).get(queue).cloned()
+    }
+
+    /// Stops every task queue taking tasks and lets running handlers finish, within the
+    /// shutdown grace. What is still running then goes back to its queue when the
+    /// connection closes.
+    async fn drain(&self) {
+        let queues: Vec<Addr<TaskQueueActor>> = lock(&self.task_queues).values().cloned().collect();
+        let grace = self.settings.shutdown_grace;
+        let drains = queues.into_iter().map(|queue| async move {
+            let Ok(mut running) = queue.send(Drain).await else {
+                return 0;
+            };
+            let finished = tokio::time::timeout(grace, running.wait_for(|n| *n == 0))
+                .await
+                .is_ok();
+            if finished { 0 } else { *running.borrow() }
+        });
+        let unfinished: usize = futures::future::join_all(drains).await.into_iter().sum();
+        if unfinished > 0 {
+            tracing::warn!(
+                unfinished,
+                ?grace,
+                "closing with tasks still running: they go back to their queues"
+            );
+        }
     }
 
     fn broadcast_hub(&self) -> Addr<BroadcastHub> {

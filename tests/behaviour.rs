@@ -918,6 +918,78 @@ async fn a_removed_broadcast_subscriber_hears_nothing_more(backend: Backend) {
 
 // ---- the suite, per backend -----------------------------------------------------------
 
+async fn close_lets_a_running_task_finish_and_takes_no_more(backend: Backend) {
+    let settings = settings(backend).with_shutdown_grace(SOON);
+    let worker = connect(&settings).await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let counter = started.clone();
+    worker
+        .add_task_subscriber(move |task: Task<i64>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                // Work that takes a while.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok(task.body + 1)
+            }
+        })
+        .await
+        .unwrap();
+    let client = connect(&settings).await;
+    let result = client.task_send::<_, i64>(&1i64).await.unwrap();
+    eventually(SOON, "the task to start", || {
+        started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    worker.close().await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(SOON, result).await.unwrap().unwrap(),
+        2,
+        "the running task finished before close returned"
+    );
+    client.task_send_no_reply(&5i64).await.unwrap();
+    let next = client.next_task::<i64>(SOON).await.unwrap();
+    assert_eq!(*next.body(), 5, "the closed worker took no new task");
+    assert_eq!(started.load(Ordering::SeqCst), 1);
+    next.process(Ok(0i64)).await.unwrap();
+    client.close().await.unwrap();
+}
+
+async fn close_requeues_a_task_that_outlives_the_grace(backend: Backend) {
+    let settings = settings(backend).with_shutdown_grace(Duration::from_millis(100));
+    let stuck = connect(&settings).await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let counter = started.clone();
+    stuck
+        .add_task_subscriber(move |_: Task<i64>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            futures::future::pending::<Result<i64, HandlerError>>()
+        })
+        .await
+        .unwrap();
+    let client = connect(&settings).await;
+    let result = client.task_send::<_, i64>(&4i64).await.unwrap();
+    eventually(SOON, "the task to start", || {
+        started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    tokio::time::timeout(SOON, stuck.close())
+        .await
+        .expect("close is bounded by the grace")
+        .unwrap();
+    let next = client.next_task::<i64>(SOON).await.unwrap();
+    assert_eq!(*next.body(), 4);
+    assert!(
+        next.redelivered(),
+        "the unfinished task came back as a redelivery"
+    );
+    next.process(Ok(40i64)).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(SOON, result).await.unwrap().unwrap(),
+        40
+    );
+    client.close().await.unwrap();
+}
+
 macro_rules! suite {
     ($backend:ident: $($name:ident),* $(,)?) => {
         $(
@@ -935,6 +1007,8 @@ macro_rules! behaviours {
             mod $module {
                 use super::common;
                 suite!($backend:
+                    close_lets_a_running_task_finish_and_takes_no_more,
+                    close_requeues_a_task_that_outlives_the_grace,
                     close_makes_every_call_fail,
                     closing_fails_pending_results,
                     scoped_use_closes,

@@ -9,6 +9,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 
 use super::{Link, encode_reply, exception_reply};
 use crate::Codec;
@@ -88,6 +89,10 @@ pub(crate) struct TaskQueue {
     subscribers: Arc<Vec<(String, TaskFn)>>,
     /// The running consumer's tag; none while there are no subscribers.
     consumer: Option<String>,
+    /// How many tasks are being handled now.
+    running: Arc<watch::Sender<usize>>,
+    /// Closing: no new consumer starts.
+    draining: bool,
 }
 
 impl TaskQueue {
@@ -98,6 +103,8 @@ impl TaskQueue {
             prefetch,
             subscribers: Arc::default(),
             consumer: None,
+            running: Arc::new(watch::Sender::new(0)),
+            draining: false,
         }
     }
 }
@@ -130,6 +137,9 @@ impl Handler<AddSubscriber> for TaskQueue {
         if self.subscribers.iter().any(|(id, _)| *id == message.id) {
             let error = Error::new(ErrorKind::DuplicateSubscriber(message.id));
             return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
+        }
+        if self.draining {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(Error::closed()))));
         }
         Arc::make_mut(&mut self.subscribers).push((message.id, message.handler));
         if self.consumer.is_some() {
@@ -175,13 +185,66 @@ impl Handler<RemoveSubscriber> for TaskQueue {
     }
 }
 
+/// Stops taking tasks (the consumer is cancelled; tasks already delivered stay ours) and
+/// answers with a watch of how many are still being handled.
+#[derive(Message)]
+#[rtype(result = "watch::Receiver<usize>")]
+pub(crate) struct Drain;
+
+impl Handler<Drain> for TaskQueue {
+    type Result = AtomicResponse<Self, watch::Receiver<usize>>;
+
+    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
+        self.draining = true;
+        let running = self.running.subscribe();
+        let Some(tag) = self.consumer.take() else {
+            return AtomicResponse::new(Box::pin(fut::ready(running)));
+        };
+        let cancel = self.link.transport.cancel(&tag);
+        let queue = self.queue.clone();
+        AtomicResponse::new(Box::pin(cancel.into_actor(self).map(
+            move |result, _, _| {
+                if let Err(error) = result {
+                    tracing::debug!(%queue, %error, "cancelling the consumer while closing failed");
+                }
+                running
+            },
+        )))
+    }
+}
+
+/// Counts a task as running while it lives.
+struct Running(Arc<watch::Sender<usize>>);
+
+impl Running {
+    fn start(counter: &Arc<watch::Sender<usize>>) -> Self {
+        counter.send_modify(|n| *n += 1);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
 impl StreamHandler<Delivery> for TaskQueue {
     fn handle(&mut self, delivery: Delivery, ctx: &mut Context<Self>) {
+        if self.draining {
+            // Delivered just before the consumer was cancelled: back to the queue.
+            delivery.acker.settle(Outcome::Requeue);
+            return;
+        }
         let subscribers = self.subscribers.clone();
         let link = self.link.clone();
         let queue = self.queue.clone();
         let me = ctx.address();
-        actix::spawn(dispatch(delivery, subscribers, link, queue, me));
+        let running = Running::start(&self.running);
+        actix::spawn(async move {
+            dispatch(delivery, subscribers, link, queue, me).await;
+            drop(running);
+        });
     }
 
     /// A cancelled consumer's stream ends; the actor lives on for the next one.
