@@ -29,6 +29,10 @@ pub enum Codec {
     Bincode,
 }
 
+/// The most a bincode message may claim to hold: RabbitMQ's default largest message.
+#[cfg(feature = "bincode")]
+const BINCODE_LIMIT: usize = 128 << 20;
+
 impl Codec {
     /// Every codec compiled into this build.
     pub const ALL: &'static [Codec] = &[
@@ -67,9 +71,11 @@ impl Codec {
             Self::Json => serde_json::from_slice(bytes).map_err(Error::codec),
             #[cfg(feature = "bincode")]
             Self::Bincode => {
+                // The limit makes a bogus length prefix an error instead of an allocation
+                // of that size (which aborts the process).
+                let config = bincode::config::standard().with_limit::<BINCODE_LIMIT>();
                 let (value, used) =
-                    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-                        .map_err(Error::codec)?;
+                    bincode::serde::decode_from_slice(bytes, config).map_err(Error::codec)?;
                 if used != bytes.len() {
                     return Err(Error::codec(format!(
                         "{} trailing bytes after the value",

@@ -446,3 +446,32 @@ async fn a_killed_worker_process_task_runs_elsewhere() {
     worker.close().await.unwrap();
     client.close().await.unwrap();
 }
+
+#[actix_rt::test]
+async fn a_handler_blocking_past_the_heartbeat_keeps_the_connection() {
+    // The broker drops a connection that misses two heartbeats: here 2 s.
+    let url = format!("{}?heartbeat=1", amqp_url());
+    let settings = amqp_settings(&url);
+    let worker = settings.clone().connect().await.unwrap();
+    let mut events = worker.connection_events();
+    // A closure handler runs on the communicator's own runtime thread, and this one blocks
+    // it for three heartbeat periods.
+    worker
+        .add_task_subscriber(|task: Task<u32>| {
+            std::thread::sleep(Duration::from_secs(3));
+            async move { Ok(task.body) }
+        })
+        .await
+        .unwrap();
+    let client = settings.connect().await.unwrap();
+    let result = client.task_send::<_, u32>(&9).await.unwrap();
+    assert_eq!(tokio::time::timeout(SOON, result).await.unwrap().unwrap(), 9);
+    assert!(worker.is_connected());
+    assert!(
+        events.next().now_or_never().is_none(),
+        "the connection was never lost"
+    );
+    println!("[fault figures] handler blocked 3 s with a 1 s heartbeat: connection kept");
+    worker.close().await.unwrap();
+    client.close().await.unwrap();
+}

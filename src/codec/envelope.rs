@@ -260,3 +260,114 @@ mod tests {
         }
     }
 }
+
+/// Arbitrary bytes, and valid messages with bytes changed, through every decode path a
+/// received message takes: an error or a value, never a panic (nor an allocation as large
+/// as a bogus length prefix claims).
+#[cfg(test)]
+mod fuzz {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+    use crate::Codec;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct Job {
+        name: String,
+        steps: Vec<u32>,
+        options: BTreeMap<String, f64>,
+    }
+
+    /// Every envelope a subscriber or a reply future decodes, with several body types.
+    fn decode_everything(codec: Codec, bytes: &[u8]) {
+        let _ = codec.decode::<TaskEnvelope<i64>>(bytes);
+        let _ = codec.decode::<TaskEnvelope<String>>(bytes);
+        let _ = codec.decode::<TaskEnvelope<Job>>(bytes);
+        let _ = codec.decode::<TaskEnvelope<Vec<Vec<u8>>>>(bytes);
+        let _ = codec.decode::<ReplyEnvelope<Job>>(bytes);
+        let _ = codec.decode::<ReplyEnvelope<Vec<String>>>(bytes);
+        let _ = codec.decode::<ReplyEnvelope<serde::de::IgnoredAny>>(bytes);
+        let _ = codec.decode::<BroadcastEnvelope<Job>>(bytes);
+        let _ = codec.decode::<BroadcastEnvelope<serde::de::IgnoredAny>>(bytes);
+        let _ = codec.decode::<Job>(bytes);
+        let _ = codec.decode::<BTreeMap<String, Vec<i64>>>(bytes);
+    }
+
+    fn valid(codec: Codec, job: &Job) -> Vec<Vec<u8>> {
+        let task: TaskEnvelope<&Job> = (job, false);
+        let reply = ReplyEnvelope {
+            reply: Reply::Result(job),
+            host: Some(Host::this_process()),
+        };
+        let broadcast = BroadcastEnvelope {
+            body: job,
+            sender: Some("sender".to_owned()),
+            subject: Some("subject".to_owned()),
+            correlation_id: None,
+        };
+        vec![
+            codec.encode(&task).unwrap(),
+            codec.encode(&reply).unwrap(),
+            codec.encode(&broadcast).unwrap(),
+        ]
+    }
+
+    fn job() -> impl Strategy<Value = Job> {
+        (
+            ".{0,12}",
+            prop::collection::vec(any::<u32>(), 0..6),
+            prop::collection::btree_map(".{0,6}", any::<f64>(), 0..4),
+        )
+            .prop_map(|(name, steps, options)| Job {
+                name,
+                steps,
+                options,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            for codec in Codec::ALL {
+                decode_everything(*codec, &bytes);
+            }
+        }
+
+        #[test]
+        fn damaged_messages_never_panic(
+            job in job(),
+            damage in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            for codec in Codec::ALL {
+                for mut bytes in valid(*codec, &job) {
+                    for (at, byte) in &damage {
+                        let at = at.index(bytes.len());
+                        bytes[at] = *byte;
+                    }
+                    decode_everything(*codec, &bytes);
+                    decode_everything(*codec, &bytes[..cut.index(bytes.len() + 1)]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_huge_length_prefix_is_an_error_not_an_allocation() {
+        // An array of 2^32-1 elements, then nothing.
+        let msgpack = [0xdd, 0xff, 0xff, 0xff, 0xff];
+        assert!(Codec::MessagePack.decode::<Vec<u64>>(&msgpack).is_err());
+        assert!(Codec::MessagePack.decode::<TaskEnvelope<Vec<u64>>>(&msgpack).is_err());
+        #[cfg(feature = "bincode")]
+        {
+            // A sequence length of u64::MAX as a varint.
+            let bincode = [0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+            assert!(Codec::Bincode.decode::<Vec<u64>>(&bincode).is_err());
+        }
+    }
+}
