@@ -110,7 +110,9 @@ impl Communicator {
     pub(crate) async fn connect_with(settings: Settings) -> Result<Self> {
         let runtime = Runtime::start()?;
         let transport: Arc<dyn Transport> = match settings.uri.split_once("://") {
-            Some(("mem", name)) => Arc::new(mem::MemTransport::connect(name)),
+            Some(("mem", name)) => {
+                Arc::new(mem::MemTransport::connect(name, settings.delivery_limit))
+            }
             Some(("amqp" | "amqps", _)) => crate::amqp::connect(&settings).await?,
             _ => {
                 return Err(Error::config(format!(

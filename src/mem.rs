@@ -24,13 +24,15 @@ pub(crate) struct MemTransport {
     broker: Arc<Broker>,
     /// Identifies this connection's exclusive queues and unsettled deliveries.
     connection: u64,
+    /// Task queues this connection creates dead-letter tasks returned more often.
+    delivery_limit: Option<u32>,
     closed: AtomicBool,
     events: tokio::sync::broadcast::Sender<ConnectionEvent>,
 }
 
 impl MemTransport {
     /// Connects to the broker named by a `mem://NAME` URI, or a private one for `mem://`.
-    pub(crate) fn connect(name: &str) -> Self {
+    pub(crate) fn connect(name: &str, delivery_limit: Option<u32>) -> Self {
         let broker = if name.is_empty() {
             Arc::new(Broker::default())
         } else {
@@ -49,6 +51,7 @@ impl MemTransport {
         Self {
             broker,
             connection,
+            delivery_limit,
             closed: AtomicBool::new(false),
             events: events::channel(),
         }
@@ -68,7 +71,9 @@ fn rpc_queue(identifier: &str) -> String {
 
 impl Transport for MemTransport {
     fn declare_task_queue(&self, queue: &str) -> BoxFuture<'static, Result<()>> {
-        let result = self.check_open().map(|()| self.broker.declare(queue));
+        let result = self
+            .check_open()
+            .map(|()| self.broker.declare(queue, self.delivery_limit));
         future::ready(result).boxed()
     }
 
@@ -92,7 +97,7 @@ impl Transport for MemTransport {
     fn consume(&self, source: Source, prefetch: u16) -> BoxFuture<'static, Result<Consumer>> {
         let exclusive = |unique, broadcast| QueueMode::Exclusive { unique, broadcast };
         let (queue, mode) = match source {
-            Source::Tasks(queue) => (queue, QueueMode::Shared),
+            Source::Tasks(queue) => (queue, QueueMode::Shared(self.delivery_limit)),
             Source::Rpc(identifier) => (rpc_queue(&identifier), exclusive(true, false)),
             Source::Broadcasts(queue) => (queue, exclusive(true, true)),
             Source::Replies(_, queue) => (queue, exclusive(true, false)),

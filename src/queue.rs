@@ -41,6 +41,17 @@ impl TaskQueue {
         &self.name
     }
 
+    /// The queue's dead-letter queue, `<name>.dlq`: where tasks go that came back more
+    /// often than [`Settings::with_delivery_limit`](crate::Settings::with_delivery_limit)
+    /// allows, or that no subscriber could decode. Read it like any task queue (it has no
+    /// delivery limit of its own); it exists only with a delivery limit.
+    pub fn dead_letters(&self) -> TaskQueue {
+        TaskQueue::new(
+            self.inner.clone(),
+            crate::transport::dead_letter_queue(&self.name),
+        )
+    }
+
     /// How many tasks this communicator's subscribers to this queue hold at once (0 = no
     /// limit). Applies when the queue's first subscriber is added; the default is the
     /// communicator's setting.

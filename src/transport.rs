@@ -43,6 +43,15 @@ pub(crate) enum Source {
     Replies(Exchange, String),
 }
 
+/// Where a task queue with a delivery limit puts the tasks it gives up on: poison tasks,
+/// and tasks no subscriber could decode.
+pub(crate) fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}{DEAD_LETTER_SUFFIX}")
+}
+
+/// The suffix of a dead-letter queue's name.
+pub(crate) const DEAD_LETTER_SUFFIX: &str = ".dlq";
+
 /// A message to publish.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Outgoing {

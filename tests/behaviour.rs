@@ -650,6 +650,82 @@ async fn a_task_of_the_wrong_type_gets_an_error_reply_and_is_not_redelivered(bac
     comm.close().await.unwrap();
 }
 
+// ---- poison tasks ----------------------------------------------------------------------
+
+async fn a_task_returned_past_the_delivery_limit_is_dead_lettered(backend: Backend) {
+    let settings = settings(backend).with_delivery_limit(2);
+    let comm = connect(&settings).await;
+    comm.task_send_no_reply(&13i64).await.unwrap();
+    // Delivered once, then returned twice: as often as the limit allows.
+    for delivery in 0..3 {
+        let task = comm.next_task::<i64>(SOON).await.unwrap();
+        assert_eq!(task.redelivered(), delivery > 0);
+        task.requeue();
+    }
+    assert_eq!(
+        kind(comm.next_task::<i64>(Duration::from_millis(300)).await),
+        ErrorKind::QueueEmpty,
+        "given up on"
+    );
+    let dead = comm.default_task_queue().dead_letters();
+    let task = dead.next_task::<i64>(SOON).await.unwrap();
+    assert_eq!(*task.body(), 13, "kept in the dead-letter queue");
+    task.process(Ok(0i64)).await.unwrap();
+    comm.close().await.unwrap();
+}
+
+async fn a_task_every_subscriber_rejects_ends_in_the_dead_letter_queue(backend: Backend) {
+    let settings = settings(backend).with_delivery_limit(3);
+    let comm = connect(&settings).await;
+    let offered = Arc::new(AtomicUsize::new(0));
+    let counter = offered.clone();
+    comm.add_task_subscriber(move |_: Task<i64>| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { Err::<i64, _>(HandlerError::Rejected) }
+    })
+    .await
+    .unwrap();
+    comm.task_send_no_reply(&7i64).await.unwrap();
+    let dead = comm.default_task_queue().dead_letters();
+    let task = dead.next_task::<i64>(SOON).await.unwrap();
+    assert_eq!(*task.body(), 7);
+    assert_eq!(
+        offered.load(Ordering::SeqCst),
+        4,
+        "offered once, then after each return"
+    );
+    task.process(Ok(0i64)).await.unwrap();
+    comm.close().await.unwrap();
+}
+
+async fn an_undecodable_task_goes_to_the_dead_letter_queue(backend: Backend) {
+    let settings = settings(backend).with_delivery_limit(5);
+    let comm = connect(&settings).await;
+    comm.add_task_subscriber(
+        Multiplier {
+            factor: 1,
+            seen: seen(),
+        }
+        .start(),
+    )
+    .await
+    .unwrap();
+    let error = kind(comm.task_send::<_, i64>("seven").await.unwrap().await);
+    assert!(
+        matches!(&error, ErrorKind::Remote(text) if text.contains("decode")),
+        "{error:?}"
+    );
+    let dead = comm.default_task_queue().dead_letters();
+    let task = dead.next_task::<String>(SOON).await.unwrap();
+    assert_eq!(
+        task.body(),
+        "seven",
+        "rejected once, kept for a person to look at"
+    );
+    task.process(Ok(0i64)).await.unwrap();
+    comm.close().await.unwrap();
+}
+
 // ---- named queues and pull mode -------------------------------------------------------
 
 async fn named_task_queue(backend: Backend) {
@@ -1008,6 +1084,9 @@ macro_rules! behaviours {
             mod $module {
                 use super::common;
                 suite!($backend:
+                    a_task_returned_past_the_delivery_limit_is_dead_lettered,
+                    a_task_every_subscriber_rejects_ends_in_the_dead_letter_queue,
+                    an_undecodable_task_goes_to_the_dead_letter_queue,
                     close_lets_a_running_task_finish_and_takes_no_more,
                     close_requeues_a_task_that_outlives_the_grace,
                     close_makes_every_call_fail,

@@ -465,7 +465,10 @@ async fn a_handler_blocking_past_the_heartbeat_keeps_the_connection() {
         .unwrap();
     let client = settings.connect().await.unwrap();
     let result = client.task_send::<_, u32>(&9).await.unwrap();
-    assert_eq!(tokio::time::timeout(SOON, result).await.unwrap().unwrap(), 9);
+    assert_eq!(
+        tokio::time::timeout(SOON, result).await.unwrap().unwrap(),
+        9
+    );
     assert!(worker.is_connected());
     assert!(
         events.next().now_or_never().is_none(),

@@ -9,7 +9,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
 use crate::settings::Settings;
-use crate::transport::Exchange;
+use crate::transport::{DEAD_LETTER_SUFFIX, Exchange, dead_letter_queue};
 
 /// The RPC routing-key prefix.
 pub(crate) const RPC_TOPIC: &str = "[rpc]";
@@ -26,6 +26,7 @@ pub(crate) struct Topology {
     message_ttl: Duration,
     queue_expires: Duration,
     testing_queue_expires: Duration,
+    delivery_limit: Option<u32>,
 }
 
 fn millis(duration: Duration) -> AMQPValue {
@@ -76,6 +77,7 @@ impl Topology {
             message_ttl: settings.message_ttl,
             queue_expires: settings.queue_expires,
             testing_queue_expires: settings.testing_queue_expires,
+            delivery_limit: settings.delivery_limit,
         }
     }
 
@@ -107,6 +109,10 @@ impl Topology {
 
     /// A task queue: durable with a 7-day message TTL; in testing mode non-durable and
     /// expiring after 10 s unused. Bound with its own name as routing key.
+    ///
+    /// With a delivery limit it is a quorum queue instead (always durable) that
+    /// dead-letters a message returned too often, or rejected, to `<queue>.dlq`, which is
+    /// declared with it.
     pub(crate) async fn declare_task_queue(
         &self,
         channel: &Channel,
@@ -116,8 +122,51 @@ impl Topology {
         if self.testing_mode {
             arguments.push(("x-expires", millis(self.testing_queue_expires)));
         }
-        let options = QueueDeclareOptions {
+        let dead_letters = dead_letter_queue(queue);
+        let classic = QueueDeclareOptions {
             durable: !self.testing_mode,
+            ..Default::default()
+        };
+        if let Some(limit) = self.delivery_limit {
+            // A dead-letter queue, read as a task queue, keeps its own shape.
+            let is_dead_letters = queue.ends_with(DEAD_LETTER_SUFFIX);
+            declare_bound(
+                channel,
+                if is_dead_letters {
+                    queue
+                } else {
+                    &dead_letters
+                },
+                classic,
+                table(&arguments[1..]),
+                &self.task_exchange,
+                if is_dead_letters {
+                    queue
+                } else {
+                    &dead_letters
+                },
+            )
+            .await?;
+            if is_dead_letters {
+                return Ok(());
+            }
+            let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+            arguments.extend([
+                ("x-queue-type", AMQPValue::LongString("quorum".into())),
+                ("x-delivery-limit", AMQPValue::LongInt(limit)),
+                (
+                    "x-dead-letter-exchange",
+                    AMQPValue::LongString(self.task_exchange.as_str().into()),
+                ),
+                (
+                    "x-dead-letter-routing-key",
+                    AMQPValue::LongString(dead_letters.as_str().into()),
+                ),
+            ]);
+        }
+        let options = QueueDeclareOptions {
+            // Quorum queues are always durable.
+            durable: classic.durable || self.delivery_limit.is_some(),
             ..Default::default()
         };
         declare_bound(

@@ -362,7 +362,11 @@ mod fuzz {
         // An array of 2^32-1 elements, then nothing.
         let msgpack = [0xdd, 0xff, 0xff, 0xff, 0xff];
         assert!(Codec::MessagePack.decode::<Vec<u64>>(&msgpack).is_err());
-        assert!(Codec::MessagePack.decode::<TaskEnvelope<Vec<u64>>>(&msgpack).is_err());
+        assert!(
+            Codec::MessagePack
+                .decode::<TaskEnvelope<Vec<u64>>>(&msgpack)
+                .is_err()
+        );
         #[cfg(feature = "bincode")]
         {
             // A sequence length of u64::MAX as a varint.

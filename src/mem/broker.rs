@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use futures::channel::mpsc;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::transport::{Acker, Delivery, Outcome, Outgoing, Settle};
+use crate::transport::{
+    Acker, DEAD_LETTER_SUFFIX, Delivery, Outcome, Outgoing, Settle, dead_letter_queue,
+};
 
 /// A message at rest in a queue.
 #[derive(Debug, Clone)]
@@ -20,6 +22,8 @@ struct Stored {
     correlation_id: Option<String>,
     reply_to: Option<String>,
     redelivered: bool,
+    /// How often it came back unfinished.
+    returns: u32,
 }
 
 struct Slot {
@@ -55,6 +59,35 @@ struct Queue {
     auto_ack: bool,
     /// The connection an exclusive queue belongs to; the queue goes when it closes.
     owner: Option<u64>,
+    /// Returns after which a message is dead-lettered (as a quorum queue's
+    /// `x-delivery-limit`); a discarded message is dead-lettered too.
+    delivery_limit: Option<u32>,
+}
+
+impl Queue {
+    fn new(name: &str, delivery_limit: Option<u32>) -> Self {
+        Queue {
+            delivery_limit: delivery_limit.filter(|_| !name.ends_with(DEAD_LETTER_SUFFIX)),
+            ..Queue::default()
+        }
+    }
+
+    /// Puts back a message that was not finished, or gives it up: returns it for the
+    /// dead-letter queue when it came back too often.
+    fn put_back(&mut self, message: Stored) -> Option<Stored> {
+        let message = Stored {
+            redelivered: true,
+            returns: message.returns + 1,
+            ..message
+        };
+        match self.delivery_limit {
+            Some(limit) if message.returns > limit => Some(message),
+            _ => {
+                self.messages.push_front(message);
+                None
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -75,8 +108,8 @@ pub(crate) struct Broker {
 /// How a queue is created when a consumer asks for it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum QueueMode {
-    /// Durable, shared, acked by consumers.
-    Shared,
+    /// Durable, shared, acked by consumers; with a delivery limit when created.
+    Shared(Option<u32>),
     /// Exclusive to one connection and auto-acked; with `unique` a second consumer is an
     /// error (an RPC identifier), with `broadcast` it receives every broadcast.
     Exclusive { unique: bool, broadcast: bool },
@@ -97,8 +130,31 @@ impl Broker {
         state.next_id
     }
 
-    pub(crate) fn declare(&self, queue: &str) {
-        self.lock().queues.entry(queue.to_owned()).or_default();
+    pub(crate) fn declare(&self, queue: &str, delivery_limit: Option<u32>) {
+        self.lock()
+            .queues
+            .entry(queue.to_owned())
+            .or_insert_with(|| Queue::new(queue, delivery_limit));
+    }
+
+    /// Moves given-up messages of `queue_name` to its dead-letter queue.
+    fn dead_letter(self: &Arc<Self>, state: &mut State, queue_name: &str, dead: Vec<Stored>) {
+        if dead.is_empty() {
+            return;
+        }
+        let name = dead_letter_queue(queue_name);
+        let queue = state
+            .queues
+            .entry(name.clone())
+            .or_insert_with(|| Queue::new(&name, None));
+        for message in dead {
+            tracing::warn!(queue = %queue_name, returns = message.returns, "task dead-lettered to {name}");
+            queue.messages.push_back(Stored {
+                redelivered: false,
+                ..message
+            });
+        }
+        self.pump(&name, queue);
     }
 
     /// Routes a message to the named queues; `Unroutable` if none exists and it is mandatory.
@@ -114,6 +170,7 @@ impl Broker {
             correlation_id: message.correlation_id,
             reply_to: message.reply_to,
             redelivered: false,
+            returns: 0,
         };
         let mut routed = false;
         for name in queues {
@@ -144,8 +201,11 @@ impl Broker {
         state.next_id += 1;
         let tag = format!("mem-consumer-{}", state.next_id);
         match mode {
-            QueueMode::Shared => {
-                state.queues.entry(queue_name.to_owned()).or_default();
+            QueueMode::Shared(delivery_limit) => {
+                state
+                    .queues
+                    .entry(queue_name.to_owned())
+                    .or_insert_with(|| Queue::new(queue_name, delivery_limit));
             }
             QueueMode::Exclusive { unique, broadcast } => {
                 if let Some(queue) = state.queues.get(queue_name) {
@@ -220,6 +280,7 @@ impl Broker {
             state.queues.remove(name);
         }
         state.broadcast_queues.retain(|name| !owned.contains(name));
+        let mut dead = Vec::new();
         let State {
             queues, consumers, ..
         } = &mut *state;
@@ -230,17 +291,21 @@ impl Broker {
                 .filter(|(_, u)| u.connection == connection)
                 .map(|(id, _)| *id)
                 .collect();
+            let mut given_up = Vec::new();
             for id in held {
                 if let Some(unacked) = queue.unacked.remove(&id) {
-                    queue.messages.push_front(Stored {
-                        redelivered: true,
-                        ..unacked.message
-                    });
+                    given_up.extend(queue.put_back(unacked.message));
                 }
+            }
+            if !given_up.is_empty() {
+                dead.push((name.clone(), given_up));
             }
             self.pump(name, queue);
         }
         consumers.retain(|_, queue| queues.contains_key(queue));
+        for (name, given_up) in dead {
+            self.dead_letter(&mut state, &name, given_up);
+        }
     }
 
     fn settle(self: &Arc<Self>, queue_name: &str, id: u64, outcome: Outcome) {
@@ -258,13 +323,15 @@ impl Broker {
         {
             slot.in_flight = slot.in_flight.saturating_sub(1);
         }
-        if outcome == Outcome::Requeue {
-            queue.messages.push_front(Stored {
-                redelivered: true,
-                ..unacked.message
-            });
-        }
+        let given_up = match outcome {
+            Outcome::Ack => None,
+            Outcome::Requeue => queue.put_back(unacked.message),
+            Outcome::Discard => queue.delivery_limit.map(|_| unacked.message),
+        };
         self.pump(queue_name, queue);
+        if let Some(message) = given_up {
+            self.dead_letter(&mut state, queue_name, vec![message]);
+        }
     }
 
     /// Delivers queued messages to consumers with credit, round robin.
@@ -306,6 +373,7 @@ impl Broker {
                         correlation_id: delivery.correlation_id,
                         reply_to: delivery.reply_to,
                         redelivered: false,
+                        returns: 0,
                     }),
                 }
             }
