@@ -478,3 +478,79 @@ async fn a_handler_blocking_past_the_heartbeat_keeps_the_connection() {
     worker.close().await.unwrap();
     client.close().await.unwrap();
 }
+
+/// Log lines of this test binary, for the tests that check what an operator is told.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only log subscriber");
+        logs
+    })
+    .clone()
+}
+
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[actix_rt::test]
+async fn a_task_outliving_consumer_timeout_is_logged_and_runs_again() {
+    let logs = captured_logs();
+    // A broker that gives a consumer 1 s per task, and checks every 100 ms.
+    let node = Node::start_with(
+        "consumer_timeout = 1000",
+        Some("[{rabbit, [{channel_tick_interval, 100}]}]."),
+    )
+    .await;
+    let settings = amqp_settings(&node.url());
+    let worker = settings.clone().connect().await.unwrap();
+    let runs = seen::<bool>();
+    let record = runs.clone();
+    worker
+        .add_task_subscriber(move |task: Task<u32>| {
+            record.lock().unwrap().push(task.redelivered);
+            async move {
+                if !task.redelivered {
+                    // Longer than the broker allows.
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                Ok(task.body)
+            }
+        })
+        .await
+        .unwrap();
+    let client = settings.connect().await.unwrap();
+    let result = client.task_send::<_, u32>(&3).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(30), result)
+        .await
+        .expect("the task ran again")
+        .unwrap();
+    assert_eq!(answer, 3);
+    assert_eq!(runs.lock().unwrap()[..2], [false, true]);
+    eventually(SOON, "an error naming consumer_timeout", || {
+        String::from_utf8_lossy(&logs.lock().unwrap()).contains("consumer_timeout")
+    })
+    .await;
+    println!(
+        "[fault figures] task beyond consumer_timeout: sent 1, completed 1, lost 0, ran {} times; the error named consumer_timeout",
+        runs.lock().unwrap().len()
+    );
+    worker.close().await.unwrap();
+    client.close().await.unwrap();
+}

@@ -26,6 +26,11 @@ fn answers(port: u16) -> bool {
 impl Node {
     /// Starts a node and waits until it accepts AMQP connections.
     pub async fn start() -> Node {
+        Node::start_with("", None).await
+    }
+
+    /// Starts a node with more `rabbitmq.conf` lines and, optionally, an `advanced.config`.
+    pub async fn start_with(conf: &str, advanced: Option<&str>) -> Node {
         let id = &uuid::Uuid::new_v4().simple().to_string()[..12];
         let name = format!("kiwimq-{id}@localhost");
         let (port, dist) = (free_port(), free_port());
@@ -36,9 +41,10 @@ impl Node {
         std::fs::write(dir.join("enabled_plugins"), "[].").unwrap();
         std::fs::write(
             dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n{conf}\n"),
         )
         .unwrap();
+        std::fs::write(dir.join("advanced.config"), advanced.unwrap_or("[].")).unwrap();
         let owned = Command::new("chown")
             .args(["-R", "rabbitmq:rabbitmq"])
             .arg(&dir)
@@ -54,6 +60,7 @@ impl Node {
             .env("RABBITMQ_NODE_PORT", port.to_string())
             .env("RABBITMQ_DIST_PORT", dist.to_string())
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
