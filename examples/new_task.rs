@@ -1,6 +1,7 @@
 //! Sends the words of its arguments as one task to the default queue and waits a little
 //! for its result (the task stays queued for a worker if none answers in time).
-//! `cargo run --example new_task -- [--uri URI] [--codec NAME] Hello world...`
+//! With `--count N` it sends N numbered tasks and counts the results, for chaos runs.
+//! `cargo run --example new_task -- [--uri URI] [--codec NAME] [--count N] Hello world...`
 
 #[path = "common/cli.rs"]
 mod cli;
@@ -8,14 +9,18 @@ mod cli;
 use std::time::Duration;
 
 use clap::Parser;
+use futures::StreamExt;
 
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
     connection: cli::Connection,
-    /// How many seconds to wait for the result.
+    /// How many seconds to wait for the results.
     #[arg(long, default_value_t = 10)]
     wait: u64,
+    /// How many tasks to send (numbered `#1`, `#2`, … after the words when more than one).
+    #[arg(long, default_value_t = 1)]
+    count: usize,
     /// The task's words.
     words: Vec<String>,
 }
@@ -29,6 +34,9 @@ async fn main() -> kiwimq::Result<()> {
         cli.words.join(" ")
     };
     let comm = cli.connection.connect().await?;
+    if cli.count > 1 {
+        return send_many(&comm, &message, cli.count, Duration::from_secs(cli.wait)).await;
+    }
     let result = comm.task_send::<_, serde_json::Value>(&message).await?;
     println!(" [x] Sent {message:?}");
     match tokio::time::timeout(Duration::from_secs(cli.wait), result).await {
@@ -39,5 +47,40 @@ async fn main() -> kiwimq::Result<()> {
             cli.wait
         ),
     }
+    comm.close().await
+}
+
+/// Sends `count` numbered tasks, then counts their results as they come, within `wait`.
+async fn send_many(
+    comm: &kiwimq::Communicator,
+    message: &str,
+    count: usize,
+    wait: Duration,
+) -> kiwimq::Result<()> {
+    let mut results = futures::stream::FuturesUnordered::new();
+    for n in 1..=count {
+        let result = comm
+            .task_send::<_, serde_json::Value>(&format!("{message} #{n}"))
+            .await?;
+        results.push(result);
+    }
+    println!(" [x] Sent {count} tasks");
+    let (mut ok, mut failed) = (0, 0);
+    let collect = async {
+        while let Some(result) = results.next().await {
+            match result {
+                Ok(_) => ok += 1,
+                Err(error) => {
+                    failed += 1;
+                    println!(" [!] A task failed: {error}");
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(wait, collect).await;
+    println!(
+        " [x] sent {count}, results {ok}, failed {failed}, missing {}",
+        count - ok - failed
+    );
     comm.close().await
 }
