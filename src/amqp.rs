@@ -260,13 +260,10 @@ impl Shared {
                 ErrorKind::Connection(format!("cannot connect to {}: {error}", self.redacted)),
                 error,
             )),
-            Err(_) => Err(Error::with_source(
-                ErrorKind::Timeout,
-                Error::connection(format!(
-                    "no answer from {} within {:?}",
-                    self.redacted, self.connect_timeout
-                )),
-            )),
+            Err(_) => Err(Error::timeout(format!(
+                "no answer from {} within {:?}",
+                self.redacted, self.connect_timeout
+            ))),
         }
     }
 
@@ -304,13 +301,10 @@ impl Shared {
                     State::Down(reason) => reason.to_string(),
                     _ => "the connection changed while waiting".to_owned(),
                 };
-                return Err(Error::with_source(
-                    ErrorKind::Timeout,
-                    Error::connection(format!(
-                        "no connection to {} within the send timeout ({:?}); last error: {reason}",
-                        self.redacted, self.send_timeout
-                    )),
-                ));
+                return Err(Error::timeout(format!(
+                    "no connection to {} within the send timeout ({:?}); last error: {reason}",
+                    self.redacted, self.send_timeout
+                )));
             }
         };
         match state {
@@ -366,13 +360,10 @@ impl Shared {
                 Ok(Err(Attempt::Final(error))) => return Err(error),
                 Ok(Err(Attempt::Again(error))) => error,
                 Err(_) => {
-                    return Err(Error::with_source(
-                        ErrorKind::Timeout,
-                        Error::connection(format!(
-                            "{what}: no confirmation from the broker within the send timeout ({:?})",
-                            self.send_timeout
-                        )),
-                    ));
+                    return Err(Error::timeout(format!(
+                        "{what}: no confirmation from the broker within the send timeout ({:?})",
+                        self.send_timeout
+                    )));
                 }
             };
             self.check_open()?;

@@ -138,6 +138,7 @@ impl Communicator {
                 .await?;
             runtime.spawn(replies.clone().run(consumer.deliveries));
         }
+        runtime.spawn(Replies::reap(Arc::downgrade(&replies)));
         let broadcast_queue = format!("broadcast-{}", new_id());
         let inner = Inner {
             settings,
@@ -274,9 +275,11 @@ impl Communicator {
         let body = inner.link.codec.encode(body)?;
         let correlation_id = new_id();
         tracing::debug!(%identifier, %correlation_id, "sending RPC");
-        let reply = inner
-            .replies
-            .expect(correlation_id.clone(), inner.link.codec)?;
+        let reply = inner.replies.expect(
+            correlation_id.clone(),
+            inner.link.codec,
+            inner.settings.rpc_timeout,
+        )?;
         let message = Outgoing {
             body,
             correlation_id: Some(correlation_id),

@@ -106,6 +106,11 @@ impl Error {
         Self::new(ErrorKind::Connection(reason.to_string()))
     }
 
+    /// A `Timeout` that says what did not happen in time.
+    pub(crate) fn timeout(what: impl fmt::Display) -> Self {
+        Self::with_source(ErrorKind::Timeout, Reason(what.to_string()))
+    }
+
     pub(crate) fn config(reason: impl fmt::Display) -> Self {
         Self::new(ErrorKind::Config(reason.to_string()))
     }
@@ -144,3 +149,15 @@ impl From<ErrorKind> for Error {
         Self::new(kind)
     }
 }
+
+/// A cause that is only words.
+#[derive(Debug)]
+struct Reason(String);
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Reason {}

@@ -70,10 +70,10 @@ impl TaskQueue {
         R: DeserializeOwned,
     {
         let correlation_id = uuid::Uuid::new_v4().to_string();
-        let reply = self
-            .inner
-            .replies
-            .expect(correlation_id.clone(), self.inner.link.codec)?;
+        let reply =
+            self.inner
+                .replies
+                .expect(correlation_id.clone(), self.inner.link.codec, None)?;
         self.publish(body, false, correlation_id).await?;
         Ok(reply)
     }

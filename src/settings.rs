@@ -38,6 +38,7 @@ pub struct Settings {
     pub(crate) reconnect_delay: (Duration, Duration),
     pub(crate) shutdown_grace: Duration,
     pub(crate) delivery_limit: Option<u32>,
+    pub(crate) rpc_timeout: Option<Duration>,
 }
 
 impl Settings {
@@ -60,6 +61,7 @@ impl Settings {
             reconnect_delay: (Duration::from_millis(100), Duration::from_secs(5)),
             shutdown_grace: Duration::from_secs(10),
             delivery_limit: None,
+            rpc_timeout: Some(Duration::from_secs(300)),
         }
     }
 
@@ -145,6 +147,17 @@ impl Settings {
     #[must_use]
     pub fn with_reconnect_delay(mut self, min: Duration, max: Duration) -> Self {
         self.reconnect_delay = (min, max.max(min));
+        self
+    }
+
+    /// How long an RPC result is awaited before its future fails with `Timeout` (default
+    /// 5 minutes; `None` waits as long as the communicator is open). RPC is at-most-once:
+    /// a request or reply lost with a connection or a broker is never answered, and this
+    /// bound keeps the caller from waiting forever. Task results have no default bound
+    /// (tasks may run for days); see [`ReplyFuture::with_timeout`](crate::ReplyFuture::with_timeout).
+    #[must_use]
+    pub fn with_rpc_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.rpc_timeout = timeout;
         self
     }
 

@@ -650,6 +650,39 @@ async fn a_task_of_the_wrong_type_gets_an_error_reply_and_is_not_redelivered(bac
     comm.close().await.unwrap();
 }
 
+async fn an_rpc_that_is_never_answered_times_out(backend: Backend) {
+    let settings = settings(backend).with_rpc_timeout(Some(Duration::from_millis(200)));
+    let comm = connect(&settings).await;
+    comm.add_rpc_subscriber(Some("silent"), |_: Rpc<i64>| {
+        futures::future::pending::<Result<i64, HandlerError>>()
+    })
+    .await
+    .unwrap();
+    let reply = comm.rpc_send::<_, i64>("silent", &1i64).await.unwrap();
+    let error = tokio::time::timeout(SOON, reply)
+        .await
+        .expect("bounded")
+        .unwrap_err();
+    assert_eq!(*error.kind(), ErrorKind::Timeout, "{error}");
+    assert_eq!(comm.pending_replies(), 0, "forgotten once timed out");
+    comm.close().await.unwrap();
+}
+
+async fn a_task_result_can_be_awaited_with_a_timeout(backend: Backend) {
+    let settings = settings(backend);
+    let comm = connect(&settings).await;
+    let reply = comm.task_send::<_, i64>(&8i64).await.unwrap();
+    let error = tokio::time::timeout(SOON, reply.with_timeout(Some(Duration::from_millis(200))))
+        .await
+        .expect("bounded")
+        .unwrap_err();
+    assert_eq!(*error.kind(), ErrorKind::Timeout, "{error}");
+    let task = comm.next_task::<i64>(SOON).await.unwrap();
+    assert_eq!(*task.body(), 8, "the task itself still waits for a worker");
+    task.process(Ok(0i64)).await.unwrap();
+    comm.close().await.unwrap();
+}
+
 // ---- poison tasks ----------------------------------------------------------------------
 
 async fn a_task_returned_past_the_delivery_limit_is_dead_lettered(backend: Backend) {
@@ -1084,6 +1117,8 @@ macro_rules! behaviours {
             mod $module {
                 use super::common;
                 suite!($backend:
+                    an_rpc_that_is_never_answered_times_out,
+                    a_task_result_can_be_awaited_with_a_timeout,
                     a_task_returned_past_the_delivery_limit_is_dead_lettered,
                     a_task_every_subscriber_rejects_ends_in_the_dead_letter_queue,
                     an_undecodable_task_goes_to_the_dead_letter_queue,

@@ -91,6 +91,7 @@ async fn send_tasks(comm: &Communicator, range: std::ops::Range<u32>, window: us
                 .await
                 .unwrap_or_else(|e| panic!("task {n} was not sent: {e}"));
             let result = reply
+                .with_timeout(Some(Duration::from_secs(120)))
                 .await
                 .unwrap_or_else(|e| panic!("task {n} has no result: {e}"));
             assert_eq!(result, n);
@@ -178,7 +179,7 @@ async fn next_event(
 #[actix_rt::test]
 async fn rpc_and_broadcasts_work_again_after_an_outage() {
     let proxy = Proxy::start(&upstream()).await;
-    let direct = amqp_settings(&amqp_url());
+    let direct = amqp_settings(&amqp_url()).with_rpc_timeout(Some(Duration::from_secs(2)));
     // The same names through the proxy: one fleet, one of its processes behind a bad link.
     let proxied = direct
         .clone()
@@ -235,9 +236,14 @@ async fn rpc_and_broadcasts_work_again_after_an_outage() {
 
     // During the outage every call ends, one way or the other, in bounded time.
     let started = Instant::now();
+    // Refused at once when the broker already dropped the server's queue; when the
+    // request still reached the old queue, it is lost with it and the RPC timeout ends it.
     let unroutable = call("during").await.unwrap_err();
     assert!(
-        matches!(unroutable.kind(), ErrorKind::Unroutable(_)),
+        matches!(
+            unroutable.kind(),
+            ErrorKind::Unroutable(_) | ErrorKind::Timeout
+        ),
         "{unroutable}"
     );
     let timed_out = server
@@ -248,7 +254,7 @@ async fn rpc_and_broadcasts_work_again_after_an_outage() {
         matches!(timed_out.kind(), ErrorKind::Timeout),
         "{timed_out}"
     );
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(8));
     // A send that starts in the outage and sees it end completes.
     let waiting = {
         let target = format!("{identifier}-client");
@@ -267,7 +273,19 @@ async fn rpc_and_broadcasts_work_again_after_an_outage() {
         .expect("the waiting RPC ended");
     assert_eq!(answer.unwrap().unwrap(), 42);
 
-    assert_eq!(call("after").await.unwrap(), "echo after");
+    // RPC is at-most-once: a call racing the restoration may be lost (it times out) or
+    // refused (Unroutable); once the subscriber is back, calls are answered.
+    let deadline = Instant::now() + SOON;
+    let answer = loop {
+        match call("after").await {
+            Ok(answer) => break answer,
+            Err(error) if Instant::now() < deadline => {
+                println!("an RPC right after the restoration: {error}");
+            }
+            Err(error) => panic!("RPC never answered after the outage: {error}"),
+        }
+    };
+    assert_eq!(answer, "echo after");
     client
         .broadcast_send(&"after".to_owned(), BroadcastOptions::default())
         .await

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures::channel::mpsc;
 use futures::{Stream, StreamExt};
@@ -17,10 +18,26 @@ use crate::codec::envelope::{Reply, ReplyEnvelope};
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::{Delivery, Outcome};
 
-/// Correlation id → the channel of the future awaiting its replies. `None` once closed.
+/// A reply, or why none will come.
+type Arrival = Result<bytes::Bytes>;
+
+/// One request awaiting its replies.
+#[derive(Debug)]
+struct Pending {
+    tx: mpsc::UnboundedSender<Arrival>,
+    /// When to give up waiting, if ever.
+    deadline: Option<Instant>,
+}
+
+type PendingMap = HashMap<String, Pending>;
+
+/// How often deadlines are checked: a timeout fires up to this much late.
+const REAP_EVERY: Duration = Duration::from_millis(100);
+
+/// Correlation id → the future awaiting its replies. `None` once closed.
 #[derive(Debug, Default)]
 pub(crate) struct Replies {
-    pending: Mutex<Option<HashMap<String, mpsc::UnboundedSender<bytes::Bytes>>>>,
+    pending: Mutex<Option<PendingMap>>,
 }
 
 impl Replies {
@@ -30,8 +47,34 @@ impl Replies {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Option<HashMap<String, mpsc::UnboundedSender<bytes::Bytes>>>> {
+    fn lock(&self) -> MutexGuard<'_, Option<PendingMap>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fails the futures whose deadline passed with `Timeout`, every [`REAP_EVERY`],
+    /// until the communicator closes.
+    pub(crate) async fn reap(replies: Weak<Self>) {
+        loop {
+            tokio::time::sleep(REAP_EVERY).await;
+            let Some(replies) = replies.upgrade() else {
+                return;
+            };
+            let now = Instant::now();
+            let mut pending = replies.lock();
+            let Some(map) = pending.as_mut() else {
+                return;
+            };
+            map.retain(|correlation_id, waiting| match waiting.deadline {
+                Some(deadline) if deadline <= now => {
+                    let error = Error::timeout(format!(
+                        "no reply to request {correlation_id} in time: the receiver may still be working on it, or the request or its reply was lost"
+                    ));
+                    let _ = waiting.tx.unbounded_send(Err(error));
+                    false
+                }
+                _ => true,
+            });
+        }
     }
 
     /// Registers a request; its replies go to the returned future.
@@ -39,11 +82,13 @@ impl Replies {
         self: &Arc<Self>,
         correlation_id: String,
         codec: Codec,
+        timeout: Option<Duration>,
     ) -> Result<ReplyFuture<R>> {
         let (tx, rx) = mpsc::unbounded();
         let mut pending = self.lock();
         let map = pending.as_mut().ok_or_else(Error::closed)?;
-        map.insert(correlation_id.clone(), tx);
+        let deadline = timeout.map(|timeout| Instant::now() + timeout);
+        map.insert(correlation_id.clone(), Pending { tx, deadline });
         Ok(ReplyFuture {
             replies: rx,
             codec,
@@ -70,9 +115,9 @@ impl Replies {
             Some(correlation_id) => {
                 let pending = self.lock();
                 match pending.as_ref().and_then(|map| map.get(&correlation_id)) {
-                    Some(tx) => {
+                    Some(waiting) => {
                         tracing::debug!(%correlation_id, "reply received");
-                        let _ = tx.unbounded_send(body);
+                        let _ = waiting.tx.unbounded_send(Ok(body));
                     }
                     None => tracing::debug!(%correlation_id, "reply for a request nobody awaits"),
                 }
@@ -121,7 +166,7 @@ impl Drop for Guard {
 #[must_use = "a reply future does nothing unless awaited"]
 #[derive(Debug)]
 pub struct ReplyFuture<R> {
-    replies: mpsc::UnboundedReceiver<bytes::Bytes>,
+    replies: mpsc::UnboundedReceiver<Arrival>,
     codec: Codec,
     guard: Guard,
     result: PhantomData<fn() -> R>,
@@ -131,6 +176,21 @@ impl<R> ReplyFuture<R> {
     /// The correlation id of the request this future awaits.
     pub fn correlation_id(&self) -> &str {
         &self.guard.correlation_id
+    }
+
+    /// Gives up waiting after `timeout` from now, failing with
+    /// [`ErrorKind::Timeout`]; `None` waits as long as the communicator is open. Replaces
+    /// the default ([`Settings::with_rpc_timeout`](crate::Settings::with_rpc_timeout) for
+    /// RPC, none for tasks). Measured on the communicator's clock, so it works whatever
+    /// executor polls the future.
+    pub fn with_timeout(self, timeout: Option<Duration>) -> Self {
+        if let Some(replies) = self.guard.replies.upgrade()
+            && let Some(map) = replies.lock().as_mut()
+            && let Some(waiting) = map.get_mut(&self.guard.correlation_id)
+        {
+            waiting.deadline = timeout.map(|timeout| Instant::now() + timeout);
+        }
+        self
     }
 }
 
@@ -142,7 +202,8 @@ impl<R: DeserializeOwned> Future for ReplyFuture<R> {
             let bytes = match self.replies.poll_next_unpin(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => return Poll::Ready(Err(Error::closed())),
-                Poll::Ready(Some(bytes)) => bytes,
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Err(error)),
+                Poll::Ready(Some(Ok(bytes))) => bytes,
             };
             let envelope: ReplyEnvelope<R> = match self.codec.decode(&bytes) {
                 Ok(envelope) => envelope,
