@@ -2,6 +2,8 @@
 //! kiwiPy message envelopes every backend puts on the wire.
 
 pub(crate) mod envelope;
+#[cfg(feature = "yaml")]
+mod yaml;
 
 use std::fmt;
 use std::str::FromStr;
@@ -27,6 +29,11 @@ pub enum Codec {
     /// Not self-describing: sender and receiver must agree on the exact types.
     #[cfg(feature = "bincode")]
     Bincode,
+    /// YAML, kiwiPy's default encoding (feature `yaml`): reads what PyYAML's `yaml.dump`
+    /// writes, Python tuples (`!!python/tuple`) and bytes (`!!binary`) included, and writes
+    /// plain YAML that `yaml.load(Loader=yaml.FullLoader)` reads. The slowest codec.
+    #[cfg(feature = "yaml")]
+    Yaml,
 }
 
 /// The most a bincode message may claim to hold: RabbitMQ's default largest message.
@@ -40,15 +47,30 @@ impl Codec {
         Codec::Json,
         #[cfg(feature = "bincode")]
         Codec::Bincode,
+        #[cfg(feature = "yaml")]
+        Codec::Yaml,
     ];
 
-    /// The codec's short name, as accepted by [`str::parse`]: `msgpack`, `json`, `bincode`.
+    /// The codec's short name, as accepted by [`str::parse`]: `msgpack`, `json`, `bincode`,
+    /// `yaml`.
     pub fn name(self) -> &'static str {
         match self {
             Self::MessagePack => "msgpack",
             Self::Json => "json",
             #[cfg(feature = "bincode")]
             Self::Bincode => "bincode",
+            #[cfg(feature = "yaml")]
+            Self::Yaml => "yaml",
+        }
+    }
+
+    /// Whether bytes carry their own shape, so that a [`Value`](crate::Value) of unknown
+    /// shape can be decoded: every codec but bincode.
+    pub fn is_self_describing(self) -> bool {
+        match self {
+            #[cfg(feature = "bincode")]
+            Self::Bincode => false,
+            _ => true,
         }
     }
 
@@ -60,6 +82,8 @@ impl Codec {
             #[cfg(feature = "bincode")]
             Self::Bincode => bincode::serde::encode_to_vec(value, bincode::config::standard())
                 .map_err(Error::codec),
+            #[cfg(feature = "yaml")]
+            Self::Yaml => yaml::encode(value),
         }
     }
 
@@ -84,6 +108,8 @@ impl Codec {
                 }
                 Ok(value)
             }
+            #[cfg(feature = "yaml")]
+            Self::Yaml => yaml::decode(bytes),
         }
     }
 }
@@ -103,6 +129,8 @@ impl FromStr for Codec {
             "json" => Ok(Self::Json),
             #[cfg(feature = "bincode")]
             "bincode" => Ok(Self::Bincode),
+            #[cfg(feature = "yaml")]
+            "yaml" => Ok(Self::Yaml),
             other => Err(Error::config(format!(
                 "unknown codec '{other}' (this build knows: {})",
                 Self::ALL
@@ -169,6 +197,40 @@ mod tests {
             let bytes = codec.encode(&("not", "a", "job")).unwrap();
             let err = codec.decode::<Job>(&bytes).unwrap_err();
             assert!(matches!(err.kind(), ErrorKind::Codec(_)), "{codec}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_dynamic_value_round_trips_in_every_self_describing_codec() {
+        use crate::Value;
+        let value = Value::Map(vec![
+            ("name".into(), "relax".into()),
+            ("steps".into(), Value::Array(vec![1.into(), (-2).into()])),
+            ("energy".into(), Value::F64(-1.5)),
+            ("done".into(), false.into()),
+            ("parent".into(), Value::Nil),
+        ]);
+        for codec in Codec::ALL {
+            let bytes = codec.encode(&value).unwrap();
+            match codec.decode::<Value>(&bytes) {
+                Ok(back) => {
+                    assert_eq!(back["name"].as_str(), Some("relax"), "{codec}");
+                    assert_eq!(back["steps"][1].as_i64(), Some(-2), "{codec}");
+                    assert_eq!(back["energy"].as_f64(), Some(-1.5), "{codec}");
+                    assert_eq!(back["done"].as_bool(), Some(false), "{codec}");
+                    assert!(back["parent"].is_nil(), "{codec}");
+                    // A typed struct reads what a dynamic value wrote, and back.
+                    let typed: BTreeMap<String, Value> = codec.decode(&bytes).unwrap();
+                    assert_eq!(typed.len(), 5);
+                }
+                Err(error) => {
+                    assert!(
+                        matches!(error.kind(), ErrorKind::Codec(_)),
+                        "{codec}: {error}"
+                    );
+                    assert!(!codec.is_self_describing(), "{codec}: {error}");
+                }
+            }
         }
     }
 

@@ -76,6 +76,15 @@ pub use filter::BroadcastFilter;
 pub use messages::{Broadcast, HandlerError, Rpc, Task};
 pub use queue::{PulledTask, TaskQueue};
 pub use settings::Settings;
+
+/// A body of any shape — a Python dict of anything, say — for senders and subscribers that
+/// do not know the shape in advance: `Task<Value>`, `rpc_send::<_, Value>(…)`. It is
+/// [rmpv](https://docs.rs/rmpv)'s value type, which keeps what every self-describing codec
+/// carries: maps with keys of any type and in their order, integers, floats, strings,
+/// bytes, arrays, nil. Index it with `value["key"]`, read it with `as_str()`, `as_i64()`,
+/// `as_map()`…, build it with `Value::from(…)`. Bincode, which is not self-describing,
+/// cannot decode it (a `Codec` error).
+pub use rmpv::Value;
 pub use subscriber::IntoSubscriber;
 
 /// The names most programs need: `use kiwimq::prelude::*;`.
