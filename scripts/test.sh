@@ -4,22 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
-
-if [ -z "${KIWIMQ_AMQP_URL:-}" ] && ! broker_up; then
-  if ! command -v rabbitmq-server >/dev/null 2>&1; then
-    echo "test.sh: installing rabbitmq-server from the distribution's packages"
-    sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-    $sudo_cmd apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq rabbitmq-server
-  fi
-  echo "test.sh: starting rabbitmq-server"
-  rabbitmq-server -detached || true
-  for _ in $(seq 1 120); do broker_up && break; sleep 1; done
-  broker_up || { echo "test.sh: RabbitMQ did not come up on 127.0.0.1:5672" >&2; exit 1; }
-  # Wait until the broker accepts AMQP sessions, not just TCP.
-  command -v rabbitmqctl >/dev/null && rabbitmqctl await_startup >/dev/null 2>&1 || true
-fi
+. scripts/broker.sh
 
 # Passing tests' output is shown: the fault tests print their figures (sent, completed,
 # lost, duplicated).

@@ -14,7 +14,7 @@ pub(crate) struct Connection {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub(crate) uri: String,
-    /// The codec: msgpack, json (or bincode with the feature).
+    /// The codec: msgpack, json, yaml (kiwiPy's default), or bincode with its feature.
     #[arg(long, default_value = "msgpack")]
     pub(crate) codec: Codec,
 }
