@@ -125,8 +125,7 @@ async fn drive(comm: &Communicator) -> kiwimq::Result<()> {
         .with_timeout(within)
         .await;
     report("TASK-FAIL", failed.map_err(|e| describe(&e)).err());
-    comm.task_send_no_reply(&map(vec![("n", 3.into())]))
-        .await?;
+    comm.task_send_no_reply(&map(vec![("n", 3.into())])).await?;
     report("TASK-NOREPLY", "sent");
 
     for (body, subject, sender) in [
