@@ -54,6 +54,7 @@
 
 mod actors;
 mod amqp;
+pub mod blocking;
 mod codec;
 mod communicator;
 mod error;

@@ -20,30 +20,42 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Connects with these flags, printing tracing output when `RUST_LOG` is set and
-    /// every change of the connection (lost, restored) on stderr.
-    pub(crate) async fn connect(&self) -> kiwimq::Result<Communicator> {
+    /// The settings these flags make, with tracing output when `RUST_LOG` is set.
+    fn settings(&self) -> Settings {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .try_init();
-        let comm = Settings::new(self.uri.clone())
-            .with_codec(self.codec)
-            .connect()
-            .await?;
+        Settings::new(self.uri.clone()).with_codec(self.codec)
+    }
+
+    /// Connects with these flags, printing every change of the connection (lost,
+    /// restored) on stderr.
+    #[allow(dead_code)] // the blocking examples use `connect_blocking`
+    pub(crate) async fn connect(&self) -> kiwimq::Result<Communicator> {
+        let comm = self.settings().connect().await?;
         let mut events = comm.connection_events();
         actix_rt::spawn(async move {
             while let Some(event) = events.next().await {
-                match event {
-                    ConnectionEvent::Lost(reason) => {
-                        eprintln!(" [!] connection lost ({reason}); reconnecting")
-                    }
-                    ConnectionEvent::Restored(after) => {
-                        eprintln!(" [!] connection restored after {after:.1?}")
-                    }
-                    _ => {}
-                }
+                report(event);
             }
         });
         Ok(comm)
+    }
+
+    /// Connects a blocking communicator with these flags, reporting as `connect` does.
+    #[allow(dead_code)] // the async examples use `connect`
+    pub(crate) fn connect_blocking(&self) -> kiwimq::Result<kiwimq::blocking::Communicator> {
+        let comm = kiwimq::blocking::Communicator::connect_with(self.settings())?;
+        let events = comm.connection_events();
+        std::thread::spawn(move || events.for_each(report));
+        Ok(comm)
+    }
+}
+
+fn report(event: ConnectionEvent) {
+    match event {
+        ConnectionEvent::Lost(reason) => eprintln!(" [!] connection lost ({reason}); reconnecting"),
+        ConnectionEvent::Restored(after) => eprintln!(" [!] connection restored after {after:.1?}"),
+        _ => {}
     }
 }
