@@ -2,9 +2,9 @@
 //! CLIs, simulation codes and plain `fn main` — kiwiPy's thread communicator.
 //!
 //! It wraps the async [`crate::Communicator`], whose own thread keeps the connection and its
-//! heartbeats alive. Subscribers are plain closures; each call runs on a pool of worker
-//! threads, so a closure may block for as long as it likes without stalling the connection
-//! or the other subscribers. Results come back as [`Reply`] handles to
+//! heartbeats alive. Subscribers are plain closures; each call runs on a worker thread of its
+//! own (as many at once as messages are delivered: for tasks, the prefetch), so a closure may
+//! block for as long as it likes without stalling the connection or the other subscribers. Results come back as [`Reply`] handles to
 //! [`wait`](Reply::wait) on.
 //!
 //! ```
@@ -86,18 +86,41 @@ fn run<F: Future>(future: F) -> F::Output {
     run_until(&mut future, None).expect("without a deadline the future ran to its end")
 }
 
-/// Runs a blocking closure on the worker pool of the communicator's runtime; a panic in it
-/// becomes a handler failure (an error reply), never the end of the subscriber.
+/// Runs a blocking closure on a thread of its own; a panic in it becomes a handler failure
+/// (an error reply), never the end of the subscriber. Not tokio's blocking pool: a runtime
+/// waits for its blocking tasks when it stops, so a handler running for hours would hold up
+/// `close` and `drop` that long. A handler still running at close goes on alone; its task
+/// returns to the queue, and its result, when it comes, finds the communicator closed.
 async fn on_pool<T, F>(f: F) -> std::result::Result<T, HandlerError>
 where
     F: FnOnce() -> std::result::Result<T, HandlerError> + Send + 'static,
     T: Send + 'static,
 {
-    match actix_rt::task::spawn_blocking(f).await {
-        Ok(outcome) => outcome,
-        Err(error) => Err(HandlerError::failed(format!(
-            "the subscriber panicked: {error}"
-        ))),
+    let (tx, rx) = futures::channel::oneshot::channel();
+    let spawned = thread::Builder::new()
+        .name("kiwimq-handler".into())
+        .spawn(move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let _ = tx.send(outcome);
+        });
+    if let Err(error) = spawned {
+        return Err(HandlerError::failed(format!(
+            "no thread for the subscriber: {error}"
+        )));
+    }
+    match rx.await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(panic)) => {
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".to_owned());
+            Err(HandlerError::failed(format!(
+                "the subscriber panicked: {text}"
+            )))
+        }
+        Err(_) => Err(HandlerError::failed("the subscriber's thread vanished")),
     }
 }
 

@@ -352,3 +352,26 @@ fn dropping_ends_its_threads() {
         communicator_threads() < before + 10
     });
 }
+
+#[test]
+fn close_does_not_wait_for_a_handler_past_the_grace() {
+    let settings = settings(Backend::Mem).with_shutdown_grace(Duration::from_millis(100));
+    let comm = connect(&settings);
+    let (started, running) = mpsc::channel();
+    comm.add_task_subscriber(move |task: Task<u32>| {
+        started.send(()).unwrap();
+        std::thread::sleep(Duration::from_secs(60));
+        Ok(task.body)
+    })
+    .unwrap();
+    comm.task_send_no_reply(&1u32).unwrap();
+    running.recv_timeout(SOON).expect("the handler started");
+    let (closed, done) = mpsc::channel();
+    std::thread::spawn(move || {
+        comm.close().unwrap();
+        drop(comm);
+        closed.send(()).unwrap();
+    });
+    done.recv_timeout(SOON)
+        .expect("close and drop returned without waiting a minute for the handler");
+}
