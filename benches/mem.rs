@@ -10,58 +10,12 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kiwimq::{Broadcast, BroadcastFilter, BroadcastOptions, Rpc, Settings, Task};
-use serde::{Deserialize, Serialize};
 
-/// A 1 KiB body.
-#[derive(Clone, Serialize, Deserialize)]
-struct Body {
-    #[serde(with = "serde_bytes_compat")]
-    data: Vec<u8>,
-}
+mod common;
 
-/// Bytes as a MessagePack/JSON sequence would be 1 KiB of small integers; keep them bytes.
-mod serde_bytes_compat {
-    use serde::{Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Vec<u8>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
-                Ok(v.to_vec())
-            }
-            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
-                Ok(v)
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Vec<u8>, A::Error> {
-                let mut out = Vec::new();
-                while let Some(b) = seq.next_element()? {
-                    out.push(b);
-                }
-                Ok(out)
-            }
-        }
-        d.deserialize_bytes(V)
-    }
-}
+use common::{Body, body};
 
 const IN_FLIGHT: usize = 256;
-
-fn body() -> Body {
-    Body {
-        data: vec![7u8; 1024],
-    }
-}
 
 /// Runs `n` round trips, `IN_FLIGHT` at a time, and returns how many completed per second.
 async fn rate_of<F, Fut>(n: usize, round_trip: F) -> f64
@@ -164,10 +118,7 @@ async fn broadcast_deliveries(n: usize) -> f64 {
 
 #[actix::main]
 async fn main() {
-    let n: usize = std::env::var("KIWIMQ_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+    let n = common::size("N", 100_000);
     // Warm up allocators and threads.
     task_round_trips(n / 20).await;
     let figures = [
@@ -175,18 +126,19 @@ async fn main() {
         ("rpc_roundtrip_msgs_per_s", rpc_round_trips(n).await),
         ("broadcast_msgs_per_s", broadcast_deliveries(n).await),
     ];
-    println!("kiwimq mem:// backend, {n} messages of 1 KiB per figure, {IN_FLIGHT} in flight");
-    println!("{:<28} {:>12}", "figure", "kiwimq");
-    for (name, value) in &figures {
-        println!("{name:<28} {value:>12.0}");
-    }
+    println!("kiwimq mem:// backend, {n} messages of 1 KiB per figure, {IN_FLIGHT} in flight\n");
+    let rows: Vec<(String, Vec<String>)> = figures
+        .iter()
+        .map(|(name, value)| (name.to_string(), vec![format!("{value:.0}")]))
+        .collect();
+    common::print_table(&["kiwimq"], &rows);
     let json: serde_json::Map<String, serde_json::Value> = figures
         .iter()
         .map(|(k, v)| (k.to_string(), serde_json::json!(v.round())))
         .collect();
-    let report = serde_json::json!({ "kiwimq": json, "messages": n, "body_bytes": 1024, "in_flight": IN_FLIGHT });
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/kiwimq-bench-mem.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
-    println!("written to {}", path.display());
+    let report = serde_json::json!({
+        "kiwimq": json,
+        "sizes": { "messages": n, "body_bytes": common::BODY_BYTES, "in_flight": IN_FLIGHT },
+    });
+    common::write_report("kiwimq-bench-mem.json", &report);
 }
