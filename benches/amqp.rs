@@ -112,12 +112,14 @@ impl Names {
             .await
             .unwrap();
         let channel = connection.create_channel().await.unwrap();
-        for queue in self.queues.lock().unwrap().iter() {
+        let queues = self.queues.lock().unwrap().clone();
+        let exchanges = self.exchanges.lock().unwrap().clone();
+        for queue in &queues {
             let _ = channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        for exchange in self.exchanges.lock().unwrap().iter() {
+        for exchange in &exchanges {
             let _ = channel
                 .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
                 .await;
