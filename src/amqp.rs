@@ -1,15 +1,17 @@
 //! The `amqp://` backend: RabbitMQ through lapin, speaking kiwiPy 0.9's wire protocol.
 //!
 //! Everything here runs on a small tokio runtime of its own ([`IoRuntime`]): lapin's
-//! heartbeats and internal tasks, publishes, consumer pumps and the
+//! heartbeats and internal tasks, publishes, and the
 //! [supervisor](supervisor::supervise), so nothing a user's handler does on the
 //! communicator's runtime can stall the connection.
 //!
 //! The transport survives connection loss. Publishes wait for the connection (within the
-//! send timeout) and are sent again until the broker confirms them. Each consumer's
-//! delivery stream is fed by a pump; when its channel or the connection dies the pump stops,
-//! and the supervisor starts a new one, under the same consumer tag and queue, that feeds
-//! the same stream, so the actors above never notice.
+//! send timeout) and are sent again until the broker confirms them. Each consumer hands the
+//! actors above one stream of deliveries made of the lapin consumers it had in turn: when
+//! its channel or the connection dies, the current lapin consumer ends, and the supervisor
+//! consumes again under the same consumer tag and queue and appends the new lapin consumer,
+//! so the actors never notice. The actors poll lapin's consumers themselves: a delivery
+//! crosses no thread between lapin's I/O thread and its subscriber's.
 
 mod supervisor;
 mod topology;
@@ -21,6 +23,7 @@ use std::time::Duration;
 
 use futures::channel::mpsc;
 use futures::future::{BoxFuture, FutureExt};
+use futures::stream::BoxStream;
 use futures::{Future, StreamExt};
 use lapin::Confirmation;
 use lapin::options::{
@@ -179,7 +182,8 @@ impl Drop for ConsumerChannel {
 struct Entry {
     source: Source,
     prefetch: u16,
-    sender: mpsc::UnboundedSender<Delivery>,
+    /// Where the lapin consumers go, one after another, as deliveries.
+    sender: mpsc::UnboundedSender<BoxStream<'static, Delivery>>,
     /// The channel consuming now; none while it waits to be restored.
     active: Option<Arc<ConsumerChannel>>,
     /// Failed restorations in a row, and when to try again.
@@ -528,8 +532,9 @@ impl Shared {
         Ok((channel, consumer, no_ack))
     }
 
-    /// Makes `channel` the active one of consumer `tag` and starts pumping its deliveries,
-    /// unless the consumer was cancelled meanwhile (then the channel just closes).
+    /// Makes `channel` the active one of consumer `tag` and appends its deliveries to the
+    /// consumer's stream, unless the consumer was cancelled meanwhile (then the channel just
+    /// closes).
     fn activate(
         self: &Arc<Self>,
         tag: &str,
@@ -541,25 +546,15 @@ impl Shared {
             channel,
             io: self.io.handle.clone(),
         });
-        let sender = {
-            let mut consumers = lock(&self.consumers);
-            let Some(entry) = consumers.get_mut(tag) else {
-                return false;
-            };
-            entry.active = Some(guard.clone());
-            entry.failures = 0;
-            entry.retry_at = None;
-            entry.sender.clone()
+        let mut consumers = lock(&self.consumers);
+        let Some(entry) = consumers.get_mut(tag) else {
+            return false;
         };
-        let pump = Pump {
-            shared: Arc::downgrade(self),
-            tag: tag.to_owned(),
-            guard,
-            sender,
-            no_ack,
-        };
-        self.io.handle.spawn(pump.run(consumer));
-        true
+        entry.active = Some(guard.clone());
+        entry.failures = 0;
+        entry.retry_at = None;
+        let deliveries = deliveries(Arc::downgrade(self), tag.to_owned(), consumer, guard, no_ack);
+        entry.sender.unbounded_send(deliveries).is_ok()
     }
 
     async fn consume(self: Arc<Self>, source: Source, prefetch: u16) -> Result<Consumer> {
@@ -592,7 +587,7 @@ impl Shared {
         self.activate(&tag, channel, consumer, no_ack);
         Ok(Consumer {
             tag,
-            deliveries: receiver.boxed(),
+            deliveries: receiver.flatten().boxed(),
         })
     }
 
@@ -768,61 +763,63 @@ fn amqp_error_refused(error: lapin::Error) -> Error {
     }
 }
 
-/// Moves one consumer's deliveries from its lapin consumer to the stream the actors read.
-struct Pump {
+/// One lapin consumer's deliveries, ready for the actors, then — when it ends because its
+/// channel or connection died — a word to the supervisor to consume again.
+fn deliveries(
     shared: Weak<Shared>,
     tag: String,
+    consumer: lapin::Consumer,
     guard: Arc<ConsumerChannel>,
-    sender: mpsc::UnboundedSender<Delivery>,
     no_ack: bool,
-}
-
-impl Pump {
-    async fn run(self, mut consumer: lapin::Consumer) {
-        while let Some(item) = consumer.next().await {
-            match item {
-                Ok(delivery) => {
-                    let acker = (!self.no_ack).then(|| AmqpAck {
-                        acker: delivery.acker.clone(),
-                        io: self.guard.io.clone(),
-                        _channel: Some(self.guard.clone()),
-                    });
-                    if self
-                        .sender
-                        .unbounded_send(convert(delivery, acker))
-                        .is_err()
-                    {
-                        // Nobody reads any more; the dropped delivery went back to the queue.
-                        return;
-                    }
-                }
-                Err(error) => {
-                    let text = error.to_string();
-                    match explain(&text) {
-                        Some(advice) => {
-                            tracing::error!(tag = %self.tag, error = %text, "{advice}")
-                        }
-                        None => tracing::debug!(tag = %self.tag, error = %text, "consumer stopped"),
-                    }
-                    break;
+) -> BoxStream<'static, Delivery> {
+    let logged_tag = tag.clone();
+    let delivered = consumer
+        .take_while(move |item| {
+            if let Err(error) = item {
+                let text = error.to_string();
+                match explain(&text) {
+                    Some(advice) => tracing::error!(tag = %logged_tag, error = %text, "{advice}"),
+                    None => tracing::debug!(tag = %logged_tag, error = %text, "consumer stopped"),
                 }
             }
-        }
-        let Some(shared) = self.shared.upgrade() else {
-            return;
-        };
-        let mut consumers = lock(&shared.consumers);
-        if let Some(entry) = consumers.get_mut(&self.tag)
-            && entry
-                .active
-                .as_ref()
-                .is_some_and(|active| Arc::ptr_eq(active, &self.guard))
-        {
-            entry.active = None;
-            drop(consumers);
-            tracing::info!(tag = %self.tag, "consumer interrupted; restoring it");
-            shared.wake.notify_one();
-        }
+            futures::future::ready(item.is_ok())
+        })
+        .filter_map({
+            let guard = guard.clone();
+            move |item| {
+                let delivery = item.ok().map(|delivery| {
+                    let acker = (!no_ack).then(|| AmqpAck {
+                        acker: delivery.acker.clone(),
+                        io: guard.io.clone(),
+                        _channel: Some(guard.clone()),
+                    });
+                    convert(delivery, acker)
+                });
+                futures::future::ready(delivery)
+            }
+        });
+    let ended = futures::stream::once(async move { consumer_ended(&shared, &tag, &guard) })
+        .filter_map(|()| futures::future::ready(None));
+    delivered.chain(ended).boxed()
+}
+
+/// A lapin consumer ended. Unless it was cancelled or already replaced, the consumer waits
+/// to be restored, and the supervisor is told at once.
+fn consumer_ended(shared: &Weak<Shared>, tag: &str, guard: &Arc<ConsumerChannel>) {
+    let Some(shared) = shared.upgrade() else {
+        return;
+    };
+    let mut consumers = lock(&shared.consumers);
+    if let Some(entry) = consumers.get_mut(tag)
+        && entry
+            .active
+            .as_ref()
+            .is_some_and(|active| Arc::ptr_eq(active, guard))
+    {
+        entry.active = None;
+        drop(consumers);
+        tracing::info!(%tag, "consumer interrupted; restoring it");
+        shared.wake.notify_one();
     }
 }
 
