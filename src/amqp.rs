@@ -24,6 +24,9 @@ use std::time::Duration;
 use futures::channel::mpsc;
 use futures::future::{BoxFuture, FutureExt};
 use futures::stream::BoxStream;
+use std::pin::pin;
+
+use futures::future::Either;
 use futures::{Future, StreamExt};
 use lapin::Confirmation;
 use lapin::options::{
@@ -64,6 +67,7 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Arc<dyn Transport>> {
         .io
         .handle
         .spawn(supervisor::supervise(shared.clone(), connection));
+    shared.io.handle.spawn(tick(Arc::downgrade(&shared)));
     Ok(Arc::new(AmqpTransport(shared)))
 }
 
@@ -211,6 +215,24 @@ struct Shared {
     closed: AtomicBool,
     /// Asks the supervisor to look now: something failed.
     wake: Notify,
+    /// Ticks every [`TICK`]: deadlines awaited outside the I/O runtime, where tokio's
+    /// timers may not exist.
+    clock: watch::Sender<u64>,
+}
+
+/// The resolution of [`Shared::expiry`].
+const TICK: Duration = Duration::from_millis(250);
+
+/// Advances the clock until the transport is gone.
+async fn tick(shared: Weak<Shared>) {
+    let mut interval = tokio::time::interval(TICK);
+    loop {
+        interval.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.clock.send_modify(|now| *now += 1);
+    }
 }
 
 impl Shared {
@@ -231,6 +253,7 @@ impl Shared {
             task_queues: Mutex::default(),
             closed: AtomicBool::new(false),
             wake: Notify::new(),
+            clock: watch::Sender::new(0),
         })
     }
 
@@ -363,12 +386,7 @@ impl Shared {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(Attempt::Final(error))) => return Err(error),
                 Ok(Err(Attempt::Again(error))) => error,
-                Err(_) => {
-                    return Err(Error::timeout(format!(
-                        "{what}: no confirmation from the broker within the send timeout ({:?})",
-                        self.send_timeout
-                    )));
-                }
+                Err(_) => return Err(self.unconfirmed(what)),
             };
             self.check_open()?;
             tracing::debug!(%error, "{what} failed; trying again");
@@ -381,11 +399,10 @@ impl Shared {
         }
     }
 
-    async fn publish(self: Arc<Self>, route: Route, message: Outgoing) -> Result<()> {
-        self.check_open()?;
-        let deadline = Instant::now() + self.send_timeout;
+    /// Where a route goes: exchange and routing key.
+    fn address(&self, route: &Route) -> (&str, String) {
         let topology = &self.topology;
-        let (exchange, routing_key) = match &route {
+        match route {
             Route::Task(queue) => (topology.exchange(Exchange::Tasks), queue.clone()),
             Route::Rpc(identifier) => (
                 topology.exchange(Exchange::Messages),
@@ -399,21 +416,91 @@ impl Shared {
             // needs no binding: a reply reaches a reply queue that survived a broker restart
             // before its owner reconnected and bound it again.
             Route::Reply(_, queue) => ("", queue.clone()),
+        }
+    }
+
+    /// The publisher's channel when it is ready now, without waiting or opening anything.
+    fn ready_publisher(&self) -> Option<Channel> {
+        let epoch = match &*self.state.borrow() {
+            State::Up(_, epoch) => *epoch,
+            _ => return None,
         };
-        let mut properties = BasicProperties::default();
-        if let Some(correlation_id) = message.correlation_id {
-            properties = properties.with_correlation_id(correlation_id.into());
+        let slot = self.publisher.0.try_lock().ok()?;
+        match slot.as_ref() {
+            Some((opened_in, channel)) if *opened_in == epoch && channel.status().connected() => {
+                Some(channel.clone())
+            }
+            _ => None,
         }
-        if let Some(reply_to) = message.reply_to {
-            properties = properties.with_reply_to(reply_to.into());
+    }
+
+    /// Resolves `after` from now, give or take a [`TICK`], on any executor.
+    fn expiry(&self, after: Duration) -> impl Future<Output = ()> + use<> {
+        let mut clock = self.clock.subscribe();
+        let ticks = after.as_millis().div_ceil(TICK.as_millis());
+        let target = *clock.borrow() + u64::try_from(ticks).unwrap_or(u64::MAX / 2) + 1;
+        async move {
+            let _ = clock.wait_for(|now| *now >= target).await;
         }
-        if message.persistent {
-            properties = properties.with_delivery_mode(2);
+    }
+
+    /// Publishes from the caller's task when the publisher channel is ready (no hop to
+    /// the I/O runtime, the common case), else — or when that fails — on the I/O runtime
+    /// with waiting and retries. Bounded by the send timeout either way.
+    async fn send(self: Arc<Self>, route: Route, message: Outgoing) -> Result<()> {
+        self.check_open()?;
+        let started = std::time::Instant::now();
+        if let Some(channel) = self.ready_publisher() {
+            let (exchange, routing_key) = self.address(&route);
+            let attempt = async {
+                let confirm = channel
+                    .basic_publish(
+                        exchange.into(),
+                        routing_key.as_str().into(),
+                        publish_options(&message),
+                        &message.body,
+                        properties(&message),
+                    )
+                    .await?;
+                confirm.await
+            };
+            let expiry = self.expiry(self.send_timeout);
+            let outcome = match futures::future::select(pin!(attempt), pin!(expiry)).await {
+                Either::Left((outcome, _)) => Some(outcome),
+                Either::Right(_) => None,
+            };
+            match outcome {
+                Some(Ok(confirmation)) => {
+                    return confirmed(confirmation, exchange, routing_key);
+                }
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "publish failed; trying again on the I/O runtime");
+                    self.wake.notify_one();
+                }
+                None => return Err(self.unconfirmed("publish")),
+            }
         }
-        let options = BasicPublishOptions {
-            mandatory: message.mandatory,
-            ..Default::default()
-        };
+        let left = self.send_timeout.saturating_sub(started.elapsed());
+        let shared = self.clone();
+        self.io
+            .run(shared.publish(route, message, left))
+            .await
+            .and_then(|result| result)
+    }
+
+    fn unconfirmed(&self, what: &str) -> Error {
+        Error::timeout(format!(
+            "{what}: no confirmation from the broker within the send timeout ({:?})",
+            self.send_timeout
+        ))
+    }
+
+    /// Publishes, waiting for the connection and retrying until confirmed, within `within`.
+    async fn publish(self: Arc<Self>, route: Route, message: Outgoing, within: Duration) -> Result<()> {
+        self.check_open()?;
+        let deadline = Instant::now() + within;
+        let (exchange, routing_key) = self.address(&route);
+        let (options, properties) = (publish_options(&message), properties(&message));
         let body = &message.body;
         let confirmation = self
             .retrying(deadline, "publish", || async {
@@ -445,14 +532,7 @@ impl Shared {
                 }
             })
             .await?;
-        match confirmation {
-            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Ack(Some(returned)) => {
-                tracing::debug!(%exchange, %routing_key, code = returned.reply_code, "message returned unroutable");
-                Err(Error::new(ErrorKind::Unroutable(routing_key)))
-            }
-            Confirmation::Nack(_) => Err(Error::new(ErrorKind::Nacked)),
-        }
+        confirmed(confirmation, exchange, routing_key)
     }
 
     fn queue_of(&self, source: &Source) -> String {
@@ -734,6 +814,39 @@ impl Shared {
     }
 }
 
+fn properties(message: &Outgoing) -> BasicProperties {
+    let mut properties = BasicProperties::default();
+    if let Some(correlation_id) = &message.correlation_id {
+        properties = properties.with_correlation_id(correlation_id.as_str().into());
+    }
+    if let Some(reply_to) = &message.reply_to {
+        properties = properties.with_reply_to(reply_to.as_str().into());
+    }
+    if message.persistent {
+        properties = properties.with_delivery_mode(2);
+    }
+    properties
+}
+
+fn publish_options(message: &Outgoing) -> BasicPublishOptions {
+    BasicPublishOptions {
+        mandatory: message.mandatory,
+        ..Default::default()
+    }
+}
+
+/// What a publisher confirm means for the sender.
+fn confirmed(confirmation: Confirmation, exchange: &str, routing_key: String) -> Result<()> {
+    match confirmation {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(returned)) => {
+            tracing::debug!(%exchange, %routing_key, code = returned.reply_code, "message returned unroutable");
+            Err(Error::new(ErrorKind::Unroutable(routing_key)))
+        }
+        Confirmation::Nack(_) => Err(Error::new(ErrorKind::Nacked)),
+    }
+}
+
 /// Why an attempt failed: worth another try, or not.
 enum Attempt {
     Again(Error),
@@ -882,8 +995,7 @@ impl Transport for AmqpTransport {
     }
 
     fn publish(&self, route: Route, message: Outgoing) -> BoxFuture<'static, Result<()>> {
-        let task = self.0.io.run(self.0.clone().publish(route, message));
-        task.map(flatten).boxed()
+        self.0.clone().send(route, message).boxed()
     }
 
     fn consume(&self, source: Source, prefetch: u16) -> BoxFuture<'static, Result<Consumer>> {
