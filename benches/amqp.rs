@@ -458,6 +458,43 @@ async fn try_publish_confirmed(
     }
 }
 
+/// Declares `queue` and binds it to `exchange` with `key`.
+async fn declare_bound(
+    channel: &Channel,
+    queue: &str,
+    options: QueueDeclareOptions,
+    arguments: FieldTable,
+    exchange: &str,
+    key: &str,
+) {
+    channel
+        .queue_declare(queue.into(), options, arguments)
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Consumes `queue` under `tag` (empty: the broker names it).
+async fn consume(channel: &Channel, queue: &str, tag: &str, no_ack: bool) -> lapin::Consumer {
+    let options = BasicConsumeOptions {
+        no_ack,
+        ..Default::default()
+    };
+    channel
+        .basic_consume(queue.into(), tag.into(), options, FieldTable::default())
+        .await
+        .unwrap()
+}
+
 /// Correlation id → who waits for that reply.
 type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
 
@@ -469,33 +506,9 @@ async fn reply_queue(link: &Link, exchange: &str, names: &Names) -> (String, Wai
         durable: true,
         ..Default::default()
     };
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            options,
-            table(&[("x-expires", millis(60_000))]),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            exchange.into(),
-            queue.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let arguments = table(&[("x-expires", millis(60_000))]);
+    declare_bound(&channel, &queue, options, arguments, exchange, &queue).await;
+    let mut consumer = consume(&channel, &queue, "", false).await;
     let waiting: Waiting = Arc::default();
     let routes = waiting.clone();
     tokio::spawn(async move {
@@ -550,20 +563,7 @@ impl Lapin {
             ..Default::default()
         };
         let arguments = table(&[("x-message-ttl", millis(604_800_000))]);
-        channel
-            .queue_declare(queue.into(), options, arguments)
-            .await
-            .unwrap();
-        channel
-            .queue_bind(
-                queue.into(),
-                self.tasks.as_str().into(),
-                queue.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        declare_bound(channel, queue, options, arguments, &self.tasks, queue).await;
     }
 
     async fn publish(&self, queue: &str, n: usize) -> Duration {
@@ -609,15 +609,7 @@ impl Lapin {
             .await
             .unwrap();
         self.declare_task_queue(&channel, queue).await;
-        let mut consumer = channel
-            .basic_consume(
-                queue.into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let mut consumer = consume(&channel, queue, "", false).await;
         let mut acks = Vec::with_capacity(n);
         for _ in 0..n {
             let delivery = consumer.next().await.unwrap().unwrap();
@@ -668,15 +660,7 @@ impl Lapin {
             .await
             .unwrap();
         self.declare_task_queue(&channel, queue).await;
-        let mut consumer = channel
-            .basic_consume(
-                queue.into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let mut consumer = consume(&channel, queue, "", false).await;
         let publisher = link.publisher.clone();
         let host = self.host.clone();
         tokio::spawn(async move {
@@ -782,32 +766,9 @@ impl Lapin {
             ("x-message-ttl", millis(66_000)),
             ("x-expires", millis(60_000)),
         ]);
-        channel
-            .queue_declare(queue.as_str().into(), options, arguments)
-            .await
-            .unwrap();
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                self.messages.as_str().into(),
-                format!("[rpc].{identifier}").as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let mut requests = channel
-            .basic_consume(
-                queue.as_str().into(),
-                identifier.as_str().into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let key = format!("[rpc].{identifier}");
+        declare_bound(&channel, &queue, options, arguments, &self.messages, &key).await;
+        let mut requests = consume(&channel, &queue, &identifier, true).await;
         let publisher = server.publisher.clone();
         tokio::spawn(async move {
             while let Some(Ok(request)) = requests.next().await {
@@ -878,36 +839,18 @@ impl Lapin {
                 auto_delete: true,
                 ..Default::default()
             };
-            channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    options,
-                    table(&[("x-message-ttl", millis(66_000))]),
-                )
-                .await
-                .unwrap();
-            channel
-                .queue_bind(
-                    queue.as_str().into(),
-                    self.messages.as_str().into(),
-                    "[broadcast]".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
-            let mut consumer = channel
-                .basic_consume(
-                    queue.as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions {
-                        no_ack: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
+            let arguments = table(&[("x-message-ttl", millis(66_000))]);
+            let messages = &self.messages;
+            declare_bound(
+                &channel,
+                &queue,
+                options,
+                arguments,
+                messages,
+                "[broadcast]",
+            )
+            .await;
+            let mut consumer = consume(&channel, &queue, "", true).await;
             let (counter, finished) = (received.clone(), done.clone());
             tokio::spawn(async move {
                 while let Some(Ok(delivery)) = consumer.next().await {

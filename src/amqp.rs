@@ -496,7 +496,12 @@ impl Shared {
     }
 
     /// Publishes, waiting for the connection and retrying until confirmed, within `within`.
-    async fn publish(self: Arc<Self>, route: Route, message: Outgoing, within: Duration) -> Result<()> {
+    async fn publish(
+        self: Arc<Self>,
+        route: Route,
+        message: Outgoing,
+        within: Duration,
+    ) -> Result<()> {
         self.check_open()?;
         let deadline = Instant::now() + within;
         let (exchange, routing_key) = self.address(&route);
@@ -633,7 +638,13 @@ impl Shared {
         entry.active = Some(guard.clone());
         entry.failures = 0;
         entry.retry_at = None;
-        let deliveries = deliveries(Arc::downgrade(self), tag.to_owned(), consumer, guard, no_ack);
+        let deliveries = deliveries(
+            Arc::downgrade(self),
+            tag.to_owned(),
+            consumer,
+            guard,
+            no_ack,
+        );
         entry.sender.unbounded_send(deliveries).is_ok()
     }
 
@@ -800,12 +811,32 @@ impl Shared {
         self.emit(ConnectionEvent::Closed);
         self.wake.notify_one();
         let entries: Vec<Entry> = lock(&self.consumers).drain().map(|(_, e)| e).collect();
+        let reply_queues: Vec<String> = entries
+            .iter()
+            .filter_map(|entry| match &entry.source {
+                Source::Replies(_, queue) => Some(queue.clone()),
+                _ => None,
+            })
+            .collect();
         drop(entries);
-        if let State::Up(connection, _) = previous
-            && connection.status().connected()
-            && let Err(error) = connection
-                .close(200, "kiwimq communicator closed".into())
-                .await
+        let State::Up(connection, _) = previous else {
+            return Ok(());
+        };
+        if !connection.status().connected() {
+            return Ok(());
+        }
+        // Nobody waits for replies any more: the reply queues go now rather than when they
+        // expire.
+        if let Ok(channel) = connection.create_channel().await {
+            for queue in reply_queues {
+                let _ = channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+        if let Err(error) = connection
+            .close(200, "kiwimq communicator closed".into())
+            .await
         {
             // Whatever went wrong, the connection is gone, as closing wants.
             tracing::debug!(%error, "the connection failed while closing");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use kiwimq::blocking::Communicator;
 use kiwimq::{Broadcast, BroadcastFilter, BroadcastOptions, ErrorKind, HandlerError, Rpc, Task};
 
-use common::{Backend, SOON, settings};
+use common::{Backend, SOON, communicator_threads, settings};
 
 fn connect(settings: &kiwimq::Settings) -> Communicator {
     Communicator::connect_with(settings.clone()).expect("connects")
@@ -322,18 +322,6 @@ async fn works_inside_an_async_runtime() {
         );
         drop(comm);
     }
-}
-
-/// Threads of this process named like a communicator's.
-fn communicator_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .map(|tasks| {
-            tasks
-                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .filter(|name| name.starts_with("kiwimq-"))
-                .count()
-        })
-        .unwrap_or(0)
 }
 
 #[test]

@@ -46,21 +46,9 @@ async fn an_unknown_vhost_is_a_connection_error() {
     assert!(matches!(error.kind(), ErrorKind::Connection(_)), "{error}");
 }
 
-/// Threads of this process named like a communicator's runtimes (actix and AMQP I/O).
-fn runtime_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .map(|tasks| {
-            tasks
-                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .filter(|name| name.starts_with("kiwimq-"))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 #[actix_rt::test]
 async fn a_failed_connect_leaves_no_thread_behind() {
-    let before = runtime_threads();
+    let before = common::communicator_threads();
     for _ in 0..20 {
         kiwimq::connect("ftp://127.0.0.1").await.unwrap_err();
         let _ = Settings::new("amqp://guest:guest@127.0.0.1:1/%2f")
@@ -71,12 +59,12 @@ async fn a_failed_connect_leaves_no_thread_behind() {
     // Other tests of this file may hold a runtime or two at the same moment; a leak would
     // leave forty. Stopped runtimes take a moment to end their threads.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while runtime_threads() >= before + 8 && std::time::Instant::now() < deadline {
+    while common::communicator_threads() >= before + 8 && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(
-        runtime_threads() < before + 8,
+        common::communicator_threads() < before + 8,
         "runtime threads leaked: {before} -> {}",
-        runtime_threads()
+        common::communicator_threads()
     );
 }

@@ -135,3 +135,16 @@ impl Handler<Broadcast<String>> for Listener {
         Ok(())
     }
 }
+
+/// Threads of this process named like a communicator's (its runtime, the AMQP I/O
+/// runtime, blocking handlers).
+pub fn communicator_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|name| name.starts_with("kiwimq-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
