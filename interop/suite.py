@@ -233,7 +233,7 @@ def rust_calls_python(codec):
             values = {}
             for line in peer.lines:
                 key, _, rest = line.partition(" ")
-                if rest:
+                if rest and key.isupper():
                     values[key] = json.loads(rest)
             check(f"{codec}: RPC Rust -> Python", values.get("RPC-ECHO") == {"echo": {"n": 1}}, values)
             fail_reply = values.get("RPC-FAIL") or {}

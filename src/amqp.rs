@@ -818,12 +818,20 @@ impl Shared {
                 _ => None,
             })
             .collect();
-        drop(entries);
         let State::Up(connection, _) = previous else {
             return Ok(());
         };
         if !connection.status().connected() {
             return Ok(());
+        }
+        // Each consumer's channel closes before the connection does: a channel closing
+        // while the connection goes makes lapin report a connection error.
+        for entry in entries {
+            if let Some(guard) = entry.active
+                && guard.channel.status().connected()
+            {
+                let _ = guard.channel.close(200, "closing".into()).await;
+            }
         }
         // Nobody waits for replies any more: the reply queues go now rather than when they
         // expire.
@@ -833,6 +841,7 @@ impl Shared {
                     .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                     .await;
             }
+            let _ = channel.close(200, "reply queues deleted".into()).await;
         }
         if let Err(error) = connection
             .close(200, "kiwimq communicator closed".into())

@@ -24,6 +24,7 @@ impl Connection {
     fn settings(&self) -> Settings {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
             .try_init();
         Settings::new(self.uri.clone()).with_codec(self.codec)
     }
