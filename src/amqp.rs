@@ -618,8 +618,8 @@ impl Shared {
     }
 
     /// Makes `channel` the active one of consumer `tag` and appends its deliveries to the
-    /// consumer's stream, unless the consumer was cancelled meanwhile (then the channel just
-    /// closes).
+    /// consumer's stream, unless the consumer was cancelled or activated meanwhile (then
+    /// the channel just closes).
     fn activate(
         self: &Arc<Self>,
         tag: &str,
@@ -635,6 +635,11 @@ impl Shared {
         let Some(entry) = consumers.get_mut(tag) else {
             return false;
         };
+        if entry.active.is_some() {
+            // Another activation (the caller's first one, or the supervisor's restoring)
+            // won: one lapin consumer per tag, this channel just closes.
+            return false;
+        }
         entry.active = Some(guard.clone());
         entry.failures = 0;
         entry.retry_at = None;
