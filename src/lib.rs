@@ -46,9 +46,12 @@
 //!   `RpcEndpoint`, `BroadcastHub`, and the reply router.
 //! - `transport` — the seam to a backend: an AMQP-shaped interface over bytes.
 //! - `mem/` — the in-process broker (`mem://`), the embedded default.
-//! - `amqp/` — the RabbitMQ backend (`amqp://`): a supervisor actor owning the lapin
-//!   connection.
-//! - `codec/` — [`Codec`] (MessagePack, JSON, bincode) and the kiwiPy envelopes.
+//! - `amqp/` — the RabbitMQ backend (`amqp://`): lapin on an I/O runtime of its own, and the
+//!   supervisor that restores the connection, its topology and its consumers after a loss.
+//! - [`blocking`] — the same communicator for code without async: every call blocks.
+//! - `events` — [`ConnectionEvent`]: lost, restored, closed.
+//! - `codec/` — [`Codec`] (MessagePack, JSON, YAML, bincode), the kiwiPy envelopes, and
+//!   [`Value`] for bodies of any shape.
 //! - `filter` — [`BroadcastFilter`]. `settings` — [`Settings`]. `error` — [`Error`].
 //! - `runtime` — the communicator's own thread running an actix System.
 
