@@ -162,7 +162,19 @@ enum State {
 
 /// A channel for one purpose, reopened when it dies or belongs to an older connection.
 #[derive(Default)]
-struct Slot(tokio::sync::Mutex<Option<(u64, Channel)>>);
+/// Shared behind an `Arc`: cloning a lapin `Channel` clones a dozen `Arc`s, and the
+/// publisher's is taken for every publish.
+struct Slot(tokio::sync::Mutex<Option<(u64, Arc<Channel>)>>);
+
+/// The channel held, if it belongs to connection `epoch` and is still open.
+fn usable(held: &Option<(u64, Arc<Channel>)>, epoch: u64) -> Option<Arc<Channel>> {
+    match held {
+        Some((opened_in, channel)) if *opened_in == epoch && channel.status().connected() => {
+            Some(channel.clone())
+        }
+        _ => None,
+    }
+}
 
 /// A consumer's channel, closed once it is no longer consumed from and every delivery it
 /// handed out is settled (closing earlier would requeue tasks still being worked on).
@@ -348,14 +360,11 @@ impl Shared {
         slot: &Slot,
         confirm: bool,
         deadline: Instant,
-    ) -> std::result::Result<Channel, Attempt> {
+    ) -> std::result::Result<Arc<Channel>, Attempt> {
         let (connection, epoch) = self.connection(deadline).await.map_err(Attempt::Final)?;
         let mut slot = slot.0.lock().await;
-        if let Some((opened_in, channel)) = slot.as_ref()
-            && *opened_in == epoch
-            && channel.status().connected()
-        {
-            return Ok(channel.clone());
+        if let Some(channel) = usable(&slot, epoch) {
+            return Ok(channel);
         }
         let open = async {
             let channel = connection.create_channel().await?;
@@ -366,7 +375,7 @@ impl Shared {
             }
             Ok(channel)
         };
-        let channel = open.await.map_err(|e| Attempt::Again(amqp_error(e)))?;
+        let channel = Arc::new(open.await.map_err(|e| Attempt::Again(amqp_error(e)))?);
         *slot = Some((epoch, channel.clone()));
         Ok(channel)
     }
@@ -420,18 +429,12 @@ impl Shared {
     }
 
     /// The publisher's channel when it is ready now, without waiting or opening anything.
-    fn ready_publisher(&self) -> Option<Channel> {
+    fn ready_publisher(&self) -> Option<Arc<Channel>> {
         let epoch = match &*self.state.borrow() {
             State::Up(_, epoch) => *epoch,
             _ => return None,
         };
-        let slot = self.publisher.0.try_lock().ok()?;
-        match slot.as_ref() {
-            Some((opened_in, channel)) if *opened_in == epoch && channel.status().connected() => {
-                Some(channel.clone())
-            }
-            _ => None,
-        }
+        usable(&*self.publisher.0.try_lock().ok()?, epoch)
     }
 
     /// Resolves `after` from now, give or take a [`TICK`], on any executor.
