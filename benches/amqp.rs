@@ -128,6 +128,63 @@ impl Names {
     }
 }
 
+/// One implementation of the benchmark's work: kiwimq, or raw lapin. `names` records what
+/// to delete at the end.
+trait Side {
+    /// Publishes `n` tasks, many in flight, until all are confirmed.
+    async fn publish(&self, queue: &str, n: usize) -> Duration;
+    /// Consumes `n` queued tasks with a subscriber, acked after its handler.
+    async fn consume(&self, queue: &str, n: usize) -> Duration;
+    /// Takes `n` queued tasks one by one, acking each.
+    async fn pull(&self, queue: &str, n: usize) -> Duration;
+    /// `n` task round trips, one at a time.
+    async fn roundtrips(&self, queue: &str, n: usize, names: &Names) -> Vec<Duration>;
+    /// `n` task round trips by `senders` senders at once.
+    async fn concurrent(&self, queue: &str, n: usize, senders: usize, names: &Names) -> Duration;
+    /// `n` RPC round trips, one at a time.
+    async fn rpc(&self, n: usize, names: &Names) -> Vec<Duration>;
+    /// `n` broadcasts, many in flight, until each of `subscribers` got them all.
+    async fn broadcast(&self, n: usize, subscribers: usize) -> Duration;
+}
+
+/// Every figure, in the order [`measure`] returns them, and whether it is a rate (higher is
+/// better) rather than a latency.
+const FIGURES: [(&str, bool); 10] = [
+    ("publish_msgs_per_s", true),
+    ("consume_msgs_per_s", true),
+    ("pull_msgs_per_s", true),
+    ("task_roundtrip_p50_us", false),
+    ("task_roundtrip_p99_us", false),
+    ("task_roundtrip_concurrent_msgs_per_s", true),
+    ("rpc_p50_us", false),
+    ("rpc_p99_us", false),
+    ("broadcast_msgs_per_s", true),
+    ("broadcast10_msgs_per_s", true),
+];
+
+/// One round of every figure for `side`, in the order of [`FIGURES`].
+async fn measure(side: &impl Side, tag: &str, names: &Names, s: Sizes) -> Vec<f64> {
+    let queue = |what: &str| names.queue(&format!("{tag}-{what}"));
+    let mut roundtrips = side.roundtrips(&queue("rt"), s.roundtrips, names).await;
+    let mut rpc = side.rpc(s.rpc, names).await;
+    vec![
+        rate(s.publish, side.publish(&queue("pub"), s.publish).await),
+        rate(s.consume, side.consume(&queue("con"), s.consume).await),
+        rate(s.pull, side.pull(&queue("pull"), s.pull).await),
+        percentile_us(&mut roundtrips, 50),
+        percentile_us(&mut roundtrips, 99),
+        rate(
+            s.concurrent,
+            side.concurrent(&queue("conc"), s.concurrent, s.senders, names)
+                .await,
+        ),
+        percentile_us(&mut rpc, 50),
+        percentile_us(&mut rpc, 99),
+        rate(s.broadcasts, side.broadcast(s.broadcasts, 1).await),
+        rate(s.broadcasts10, side.broadcast(s.broadcasts10, 10).await),
+    ]
+}
+
 // ---- kiwimq ----------------------------------------------------------------------------
 
 struct Kiwimq {
@@ -148,6 +205,37 @@ impl Kiwimq {
         self.settings.clone().connect().await.unwrap()
     }
 
+    async fn worker(&self, queue: &str) -> Communicator {
+        let worker = self.connect().await;
+        worker
+            .task_queue(queue)
+            .add_task_subscriber(|task: Task<Body>| async move { Ok(task.body) })
+            .await
+            .unwrap();
+        worker
+    }
+
+    /// RSS with `n` task results pending (sent, unanswered), in MiB.
+    async fn rss_with_pending(&self, queue: &str, n: usize) -> (f64, f64) {
+        let comm = self.connect().await;
+        let queue = comm.task_queue(queue);
+        let before = common::rss_mib();
+        let small = 0u32;
+        let replies: Vec<kiwimq::ReplyFuture<u32>> = futures::stream::iter(0..n)
+            .map(|_| queue.task_send::<_, u32>(&small))
+            .buffer_unordered(WINDOW)
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        let after = common::rss_mib();
+        assert_eq!(comm.pending_replies(), n);
+        drop(replies);
+        comm.close().await.unwrap();
+        (after, after - before)
+    }
+}
+
+impl Side for Kiwimq {
     async fn publish(&self, queue: &str, n: usize) -> Duration {
         let comm = self.connect().await;
         let queue = comm.task_queue(queue);
@@ -204,17 +292,7 @@ impl Kiwimq {
         elapsed
     }
 
-    async fn worker(&self, queue: &str) -> Communicator {
-        let worker = self.connect().await;
-        worker
-            .task_queue(queue)
-            .add_task_subscriber(|task: Task<Body>| async move { Ok(task.body) })
-            .await
-            .unwrap();
-        worker
-    }
-
-    async fn roundtrips(&self, queue: &str, n: usize) -> Vec<Duration> {
+    async fn roundtrips(&self, queue: &str, n: usize, _: &Names) -> Vec<Duration> {
         let worker = self.worker(queue).await;
         let client = self.connect().await;
         let queue = client.task_queue(queue);
@@ -231,7 +309,7 @@ impl Kiwimq {
         samples
     }
 
-    async fn concurrent(&self, queue: &str, n: usize, senders: usize) -> Duration {
+    async fn concurrent(&self, queue: &str, n: usize, senders: usize, _: &Names) -> Duration {
         let worker = self.worker(queue).await;
         let client = self.connect().await;
         let queue = client.task_queue(queue);
@@ -253,7 +331,7 @@ impl Kiwimq {
         elapsed
     }
 
-    async fn rpc(&self, n: usize) -> Vec<Duration> {
+    async fn rpc(&self, n: usize, _: &Names) -> Vec<Duration> {
         let server = self.connect().await;
         let identifier = format!("echo-{}", uuid::Uuid::new_v4().simple());
         server
@@ -313,25 +391,6 @@ impl Kiwimq {
         }
         sender.close().await.unwrap();
         elapsed
-    }
-
-    /// RSS with `n` task results pending (sent, unanswered), in MiB.
-    async fn rss_with_pending(&self, queue: &str, n: usize) -> (f64, f64) {
-        let comm = self.connect().await;
-        let queue = comm.task_queue(queue);
-        let before = common::rss_mib();
-        let small = 0u32;
-        let replies: Vec<kiwimq::ReplyFuture<u32>> = futures::stream::iter(0..n)
-            .map(|_| queue.task_send::<_, u32>(&small))
-            .buffer_unordered(WINDOW)
-            .map(Result::unwrap)
-            .collect()
-            .await;
-        let after = common::rss_mib();
-        assert_eq!(comm.pending_replies(), n);
-        drop(replies);
-        comm.close().await.unwrap();
-        (after, after - before)
     }
 }
 
@@ -566,6 +625,75 @@ impl Lapin {
         declare_bound(channel, queue, options, arguments, &self.tasks, queue).await;
     }
 
+    /// A worker like kiwimq's: decode, answer with the body (persistent reply, confirmed),
+    /// then ack.
+    async fn worker(&self, queue: &str) -> Link {
+        let link = Link::open().await;
+        let channel = link.connection.create_channel().await.unwrap();
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await
+            .unwrap();
+        self.declare_task_queue(&channel, queue).await;
+        let mut consumer = consume(&channel, queue, "", false).await;
+        let publisher = link.publisher.clone();
+        let host = self.host.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let publisher = publisher.clone();
+                let host = host.clone();
+                tokio::spawn(async move {
+                    let (body, _): (Body, bool) = rmp_serde::from_slice(&delivery.data).unwrap();
+                    let properties = &delivery.properties;
+                    let reply_to = properties.reply_to().as_ref().unwrap().to_string();
+                    let correlation_id = properties.correlation_id().as_ref().unwrap().to_string();
+                    let reply = encode(&ReplyMap {
+                        result: body,
+                        host: Some(host),
+                    });
+                    let reply_properties = BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_correlation_id(correlation_id.as_str().into());
+                    let replied = try_publish_confirmed(
+                        &publisher,
+                        "",
+                        &reply_to,
+                        false,
+                        &reply,
+                        reply_properties,
+                    )
+                    .await;
+                    if replied.is_ok() {
+                        let _ = delivery.ack(BasicAckOptions::default()).await;
+                    }
+                });
+            }
+        });
+        link
+    }
+
+    /// Sends one task and waits for its result.
+    async fn roundtrip(&self, link: &Link, queue: &str, reply_to: &str, waiting: &Waiting) {
+        let correlation_id = uuid::Uuid::new_v4().to_string();
+        let (tx, rx) = oneshot::channel();
+        waiting.lock().unwrap().insert(correlation_id.clone(), tx);
+        let payload = encode(&(&body(), false));
+        publish_confirmed(
+            &link.publisher,
+            &self.tasks,
+            queue,
+            true,
+            &payload,
+            task_properties(&correlation_id, Some(reply_to)),
+        )
+        .await;
+        let reply = rx.await.unwrap();
+        let reply: ReplyMap<Body> = rmp_serde::from_slice(&reply).unwrap();
+        assert_eq!(reply.result.data.len(), common::BODY_BYTES);
+    }
+}
+
+impl Side for Lapin {
     async fn publish(&self, queue: &str, n: usize) -> Duration {
         let link = Link::open().await;
         self.declare_task_queue(&link.publisher, queue).await;
@@ -648,73 +776,6 @@ impl Lapin {
         let elapsed = started.elapsed();
         link.close().await;
         elapsed
-    }
-
-    /// A worker like kiwimq's: decode, answer with the body (persistent reply, confirmed),
-    /// then ack.
-    async fn worker(&self, queue: &str) -> Link {
-        let link = Link::open().await;
-        let channel = link.connection.create_channel().await.unwrap();
-        channel
-            .basic_qos(PREFETCH, BasicQosOptions::default())
-            .await
-            .unwrap();
-        self.declare_task_queue(&channel, queue).await;
-        let mut consumer = consume(&channel, queue, "", false).await;
-        let publisher = link.publisher.clone();
-        let host = self.host.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(delivery)) = consumer.next().await {
-                let publisher = publisher.clone();
-                let host = host.clone();
-                tokio::spawn(async move {
-                    let (body, _): (Body, bool) = rmp_serde::from_slice(&delivery.data).unwrap();
-                    let properties = &delivery.properties;
-                    let reply_to = properties.reply_to().as_ref().unwrap().to_string();
-                    let correlation_id = properties.correlation_id().as_ref().unwrap().to_string();
-                    let reply = encode(&ReplyMap {
-                        result: body,
-                        host: Some(host),
-                    });
-                    let reply_properties = BasicProperties::default()
-                        .with_delivery_mode(2)
-                        .with_correlation_id(correlation_id.as_str().into());
-                    let replied = try_publish_confirmed(
-                        &publisher,
-                        "",
-                        &reply_to,
-                        false,
-                        &reply,
-                        reply_properties,
-                    )
-                    .await;
-                    if replied.is_ok() {
-                        let _ = delivery.ack(BasicAckOptions::default()).await;
-                    }
-                });
-            }
-        });
-        link
-    }
-
-    /// Sends one task and waits for its result.
-    async fn roundtrip(&self, link: &Link, queue: &str, reply_to: &str, waiting: &Waiting) {
-        let correlation_id = uuid::Uuid::new_v4().to_string();
-        let (tx, rx) = oneshot::channel();
-        waiting.lock().unwrap().insert(correlation_id.clone(), tx);
-        let payload = encode(&(&body(), false));
-        publish_confirmed(
-            &link.publisher,
-            &self.tasks,
-            queue,
-            true,
-            &payload,
-            task_properties(&correlation_id, Some(reply_to)),
-        )
-        .await;
-        let reply = rx.await.unwrap();
-        let reply: ReplyMap<Body> = rmp_serde::from_slice(&reply).unwrap();
-        assert_eq!(reply.result.data.len(), common::BODY_BYTES);
     }
 
     async fn roundtrips(&self, queue: &str, n: usize, names: &Names) -> Vec<Duration> {
@@ -934,91 +995,30 @@ async fn main() {
     let names = Names::new();
     let kiwimq = Kiwimq::new(&names);
     let lapin = Lapin::new(&names).await;
-    let mut figures: Vec<Figure> = [
-        ("publish_msgs_per_s", true),
-        ("consume_msgs_per_s", true),
-        ("pull_msgs_per_s", true),
-        ("task_roundtrip_p50_us", false),
-        ("task_roundtrip_p99_us", false),
-        ("task_roundtrip_concurrent_msgs_per_s", true),
-        ("rpc_p50_us", false),
-        ("rpc_p99_us", false),
-        ("broadcast_msgs_per_s", true),
-        ("broadcast10_msgs_per_s", true),
-    ]
-    .into_iter()
-    .map(|(name, rate)| Figure {
-        name,
-        kiwimq: Vec::new(),
-        lapin: Vec::new(),
-        rate,
-    })
-    .collect();
+    let mut figures: Vec<Figure> = FIGURES
+        .into_iter()
+        .map(|(name, rate)| Figure {
+            name,
+            kiwimq: Vec::new(),
+            lapin: Vec::new(),
+            rate,
+        })
+        .collect();
     let s = sizes;
     let started = Instant::now();
     for round in 0..s.rounds {
-        for kiwimq_first in [round % 2 == 0, round % 2 != 0] {
-            let run_kiwimq = kiwimq_first;
+        // kiwimq first in even rounds, lapin first in odd ones.
+        for run_kiwimq in [round % 2 == 0, round % 2 != 0] {
             eprintln!(
                 "round {}/{}: {}",
                 round + 1,
                 s.rounds,
                 if run_kiwimq { "kiwimq" } else { "lapin" }
             );
-            let values: Vec<f64> = if run_kiwimq {
-                let mut roundtrips = kiwimq.roundtrips(&names.queue("k-rt"), s.roundtrips).await;
-                let mut rpc = kiwimq.rpc(s.rpc).await;
-                vec![
-                    rate(
-                        s.publish,
-                        kiwimq.publish(&names.queue("k-pub"), s.publish).await,
-                    ),
-                    rate(
-                        s.consume,
-                        kiwimq.consume(&names.queue("k-con"), s.consume).await,
-                    ),
-                    rate(s.pull, kiwimq.pull(&names.queue("k-pull"), s.pull).await),
-                    percentile_us(&mut roundtrips, 50),
-                    percentile_us(&mut roundtrips, 99),
-                    rate(
-                        s.concurrent,
-                        kiwimq
-                            .concurrent(&names.queue("k-conc"), s.concurrent, s.senders)
-                            .await,
-                    ),
-                    percentile_us(&mut rpc, 50),
-                    percentile_us(&mut rpc, 99),
-                    rate(s.broadcasts, kiwimq.broadcast(s.broadcasts, 1).await),
-                    rate(s.broadcasts10, kiwimq.broadcast(s.broadcasts10, 10).await),
-                ]
+            let values = if run_kiwimq {
+                measure(&kiwimq, "k", &names, s).await
             } else {
-                let mut roundtrips = lapin
-                    .roundtrips(&names.queue("l-rt"), s.roundtrips, &names)
-                    .await;
-                let mut rpc = lapin.rpc(s.rpc, &names).await;
-                vec![
-                    rate(
-                        s.publish,
-                        lapin.publish(&names.queue("l-pub"), s.publish).await,
-                    ),
-                    rate(
-                        s.consume,
-                        lapin.consume(&names.queue("l-con"), s.consume).await,
-                    ),
-                    rate(s.pull, lapin.pull(&names.queue("l-pull"), s.pull).await),
-                    percentile_us(&mut roundtrips, 50),
-                    percentile_us(&mut roundtrips, 99),
-                    rate(
-                        s.concurrent,
-                        lapin
-                            .concurrent(&names.queue("l-conc"), s.concurrent, s.senders, &names)
-                            .await,
-                    ),
-                    percentile_us(&mut rpc, 50),
-                    percentile_us(&mut rpc, 99),
-                    rate(s.broadcasts, lapin.broadcast(s.broadcasts, 1).await),
-                    rate(s.broadcasts10, lapin.broadcast(s.broadcasts10, 10).await),
-                ]
+                measure(&lapin, "l", &names, s).await
             };
             for (figure, value) in figures.iter_mut().zip(values) {
                 if run_kiwimq {
