@@ -554,6 +554,30 @@ async fn consume(channel: &Channel, queue: &str, tag: &str, no_ack: bool) -> lap
         .unwrap()
 }
 
+/// Answers `request` (at its `reply_to`, with its correlation id) through the default
+/// exchange, as kiwimq does; confirmed.
+async fn answer(
+    publisher: &Channel,
+    request: &lapin::message::Delivery,
+    reply: &[u8],
+    persistent: bool,
+) -> Result<(), String> {
+    let request = &request.properties;
+    let reply_to = request
+        .reply_to()
+        .as_ref()
+        .ok_or("no reply_to")?
+        .to_string();
+    let mut properties = BasicProperties::default();
+    if let Some(correlation_id) = request.correlation_id() {
+        properties = properties.with_correlation_id(correlation_id.clone());
+    }
+    if persistent {
+        properties = properties.with_delivery_mode(2);
+    }
+    try_publish_confirmed(publisher, "", &reply_to, false, reply, properties).await
+}
+
 /// Correlation id → who waits for that reply.
 type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
 
@@ -644,25 +668,11 @@ impl Lapin {
                 let host = host.clone();
                 tokio::spawn(async move {
                     let (body, _): (Body, bool) = rmp_serde::from_slice(&delivery.data).unwrap();
-                    let properties = &delivery.properties;
-                    let reply_to = properties.reply_to().as_ref().unwrap().to_string();
-                    let correlation_id = properties.correlation_id().as_ref().unwrap().to_string();
                     let reply = encode(&ReplyMap {
                         result: body,
                         host: Some(host),
                     });
-                    let reply_properties = BasicProperties::default()
-                        .with_delivery_mode(2)
-                        .with_correlation_id(correlation_id.as_str().into());
-                    let replied = try_publish_confirmed(
-                        &publisher,
-                        "",
-                        &reply_to,
-                        false,
-                        &reply,
-                        reply_properties,
-                    )
-                    .await;
+                    let replied = answer(&publisher, &delivery, &reply, true).await;
                     if replied.is_ok() {
                         let _ = delivery.ack(BasicAckOptions::default()).await;
                     }
@@ -836,24 +846,11 @@ impl Side for Lapin {
                 let publisher = publisher.clone();
                 tokio::spawn(async move {
                     let body: Body = rmp_serde::from_slice(&request.data).unwrap();
-                    let properties = &request.properties;
-                    let reply_to = properties.reply_to().as_ref().unwrap().to_string();
-                    let correlation_id = properties.correlation_id().as_ref().unwrap().to_string();
                     let reply = encode(&ReplyMap {
                         result: body,
                         host: None,
                     });
-                    let reply_properties = BasicProperties::default()
-                        .with_correlation_id(correlation_id.as_str().into());
-                    let _ = try_publish_confirmed(
-                        &publisher,
-                        "",
-                        &reply_to,
-                        false,
-                        &reply,
-                        reply_properties,
-                    )
-                    .await;
+                    let _ = answer(&publisher, &request, &reply, false).await;
                 });
             }
         });
