@@ -1,7 +1,7 @@
 //! Routes replies to the futures waiting for them, by correlation id. A reply future
 //! registers before its request is published and unregisters when dropped.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
@@ -29,7 +29,38 @@ struct Pending {
     deadline: Option<Instant>,
 }
 
-type PendingMap = HashMap<String, Pending>;
+/// The requests awaiting replies, and the deadlines among them in order, so that finding
+/// the expired ones looks at those only (most results, a task's, have no deadline).
+#[derive(Debug, Default)]
+struct Table {
+    pending: HashMap<String, Pending>,
+    deadlines: BTreeSet<(Instant, String)>,
+}
+
+impl Table {
+    /// Sets (or clears) the deadline of a pending request.
+    fn set_deadline(&mut self, correlation_id: &str, deadline: Option<Instant>) {
+        let Some(waiting) = self.pending.get_mut(correlation_id) else {
+            return;
+        };
+        if let Some(old) = waiting.deadline.take() {
+            self.deadlines.remove(&(old, correlation_id.to_owned()));
+        }
+        if let Some(new) = deadline {
+            waiting.deadline = Some(new);
+            self.deadlines.insert((new, correlation_id.to_owned()));
+        }
+    }
+
+    fn remove(&mut self, correlation_id: &str) -> Option<Pending> {
+        let waiting = self.pending.remove(correlation_id)?;
+        if let Some(deadline) = waiting.deadline {
+            self.deadlines
+                .remove(&(deadline, correlation_id.to_owned()));
+        }
+        Some(waiting)
+    }
+}
 
 /// How often deadlines are checked: a timeout fires up to this much late.
 const REAP_EVERY: Duration = Duration::from_millis(100);
@@ -37,17 +68,17 @@ const REAP_EVERY: Duration = Duration::from_millis(100);
 /// Correlation id → the future awaiting its replies. `None` once closed.
 #[derive(Debug, Default)]
 pub(crate) struct Replies {
-    pending: Mutex<Option<PendingMap>>,
+    pending: Mutex<Option<Table>>,
 }
 
 impl Replies {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
-            pending: Mutex::new(Some(HashMap::new())),
+            pending: Mutex::new(Some(Table::default())),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Option<PendingMap>> {
+    fn lock(&self) -> MutexGuard<'_, Option<Table>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -60,20 +91,21 @@ impl Replies {
                 return;
             };
             let now = Instant::now();
-            let mut pending = replies.lock();
-            let Some(map) = pending.as_mut() else {
+            let mut table = replies.lock();
+            let Some(table) = table.as_mut() else {
                 return;
             };
-            map.retain(|correlation_id, waiting| match waiting.deadline {
-                Some(deadline) if deadline <= now => {
+            while let Some((deadline, correlation_id)) = table.deadlines.first()
+                && *deadline <= now
+            {
+                let correlation_id = correlation_id.clone();
+                if let Some(waiting) = table.remove(&correlation_id) {
                     let error = Error::timeout(format!(
                         "no reply to request {correlation_id} in time: the receiver may still be working on it, or the request or its reply was lost"
                     ));
                     let _ = waiting.tx.unbounded_send(Err(error));
-                    false
                 }
-                _ => true,
-            });
+            }
         }
     }
 
@@ -85,10 +117,11 @@ impl Replies {
         timeout: Option<Duration>,
     ) -> Result<ReplyFuture<R>> {
         let (tx, rx) = mpsc::unbounded();
-        let mut pending = self.lock();
-        let map = pending.as_mut().ok_or_else(Error::closed)?;
-        let deadline = timeout.map(|timeout| Instant::now() + timeout);
-        map.insert(correlation_id.clone(), Pending { tx, deadline });
+        let mut table = self.lock();
+        let table = table.as_mut().ok_or_else(Error::closed)?;
+        let waiting = Pending { tx, deadline: None };
+        table.pending.insert(correlation_id.clone(), waiting);
+        table.set_deadline(&correlation_id, timeout.map(|t| Instant::now() + t));
         Ok(ReplyFuture {
             replies: rx,
             codec,
@@ -113,8 +146,8 @@ impl Replies {
         match correlation_id {
             None => tracing::warn!("a reply without a correlation id was dropped"),
             Some(correlation_id) => {
-                let pending = self.lock();
-                match pending.as_ref().and_then(|map| map.get(&correlation_id)) {
+                let table = self.lock();
+                match table.as_ref().and_then(|t| t.pending.get(&correlation_id)) {
                     Some(waiting) => {
                         tracing::debug!(%correlation_id, "reply received");
                         let _ = waiting.tx.unbounded_send(Ok(body));
@@ -140,7 +173,7 @@ impl Replies {
 
     /// How many requests await a reply.
     pub(crate) fn len(&self) -> usize {
-        self.lock().as_ref().map_or(0, HashMap::len)
+        self.lock().as_ref().map_or(0, |table| table.pending.len())
     }
 }
 
@@ -153,9 +186,9 @@ struct Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         if let Some(replies) = self.replies.upgrade()
-            && let Some(map) = replies.lock().as_mut()
+            && let Some(table) = replies.lock().as_mut()
         {
-            map.remove(&self.correlation_id);
+            table.remove(&self.correlation_id);
         }
     }
 }
@@ -185,10 +218,10 @@ impl<R> ReplyFuture<R> {
     /// executor polls the future.
     pub fn with_timeout(self, timeout: Option<Duration>) -> Self {
         if let Some(replies) = self.guard.replies.upgrade()
-            && let Some(map) = replies.lock().as_mut()
-            && let Some(waiting) = map.get_mut(&self.guard.correlation_id)
+            && let Some(table) = replies.lock().as_mut()
         {
-            waiting.deadline = timeout.map(|timeout| Instant::now() + timeout);
+            let deadline = timeout.map(|timeout| Instant::now() + timeout);
+            table.set_deadline(&self.guard.correlation_id, deadline);
         }
         self
     }
@@ -216,5 +249,32 @@ impl<R: DeserializeOwned> Future for ReplyFuture<R> {
                 Reply::Pending => continue,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_expired_deadlines_fail_and_a_lifted_one_never_does() {
+        let replies = Replies::new();
+        tokio::spawn(Replies::reap(Arc::downgrade(&replies)));
+        let short = Some(Duration::from_millis(20));
+        let expires: ReplyFuture<i64> = replies.expect("a".into(), Codec::Json, short).unwrap();
+        let lifted: ReplyFuture<i64> = replies
+            .expect("b".into(), Codec::Json, short)
+            .unwrap()
+            .with_timeout(None);
+        let _task: ReplyFuture<i64> = replies.expect("c".into(), Codec::Json, None).unwrap();
+        let error = expires.await.unwrap_err();
+        assert_eq!(*error.kind(), ErrorKind::Timeout);
+        tokio::time::sleep(REAP_EVERY * 3).await;
+        assert_eq!(replies.len(), 2, "the lifted and the deadline-free ones wait on");
+        let table = replies.lock();
+        assert!(table.as_ref().unwrap().deadlines.is_empty());
+        drop(table);
+        drop(lifted);
+        assert_eq!(replies.len(), 1);
     }
 }
