@@ -91,7 +91,7 @@ fn run<F: Future>(future: F) -> F::Output {
 /// waits for its blocking tasks when it stops, so a handler running for hours would hold up
 /// `close` and `drop` that long. A handler still running at close goes on alone; its task
 /// returns to the queue, and its result, when it comes, finds the communicator closed.
-async fn on_pool<T, F>(f: F) -> std::result::Result<T, HandlerError>
+async fn on_own_thread<T, F>(f: F) -> std::result::Result<T, HandlerError>
 where
     F: FnOnce() -> std::result::Result<T, HandlerError> + Send + 'static,
     T: Send + 'static,
@@ -313,7 +313,7 @@ impl Communicator {
             .inner
             .add_rpc_subscriber(identifier, move |rpc: Rpc<T, R>| {
                 let handler = handler.clone();
-                on_pool(move || handler(rpc))
+                on_own_thread(move || handler(rpc))
             }))
     }
 
@@ -348,7 +348,7 @@ impl Communicator {
             .inner
             .add_broadcast_subscriber(filter, move |broadcast: Broadcast<T>| {
                 let handler = handler.clone();
-                on_pool(move || {
+                on_own_thread(move || {
                     handler(broadcast);
                     Ok(())
                 })
@@ -423,7 +423,7 @@ impl TaskQueue {
         let handler = Arc::new(handler);
         run(self.inner.add_task_subscriber(move |task: Task<T, R>| {
             let handler = handler.clone();
-            on_pool(move || handler(task))
+            on_own_thread(move || handler(task))
         }))
     }
 
