@@ -572,3 +572,42 @@ async fn a_task_outliving_consumer_timeout_is_logged_and_runs_again() {
     worker.close().await.unwrap();
     client.close().await.unwrap();
 }
+
+#[actix_rt::test]
+async fn a_broker_that_stops_confirming_fails_sends_in_bounded_time() {
+    let node = Node::start().await;
+    let comm = amqp_settings(&node.url())
+        .with_send_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .unwrap();
+    comm.task_send_no_reply(&0u32).await.unwrap();
+    // A memory alarm: the broker blocks every publishing connection and confirms nothing.
+    node.ctl_args(&["set_vm_memory_high_watermark", "0.000001"]);
+    let deadline = Instant::now() + SOON;
+    let error = loop {
+        let started = Instant::now();
+        let sent = comm.task_send_no_reply(&1u32).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "bounded by the send timeout"
+        );
+        match sent {
+            Err(error) => break error,
+            Ok(()) => assert!(
+                Instant::now() < deadline,
+                "the alarm never blocked publishes"
+            ),
+        }
+    };
+    assert_eq!(*error.kind(), kiwimq::ErrorKind::Timeout, "{error}");
+    node.ctl_args(&["set_vm_memory_high_watermark", "0.4"]);
+    eventually(SOON, "publishes confirmed again", || {
+        futures::executor::block_on(comm.task_send_no_reply(&2u32)).is_ok()
+    })
+    .await;
+    println!(
+        "[fault figures] broker blocked by a memory alarm: a send failed with {error}; sends work again after"
+    );
+    comm.close().await.unwrap();
+}

@@ -270,7 +270,11 @@ mod tests {
         let error = expires.await.unwrap_err();
         assert_eq!(*error.kind(), ErrorKind::Timeout);
         tokio::time::sleep(REAP_EVERY * 3).await;
-        assert_eq!(replies.len(), 2, "the lifted and the deadline-free ones wait on");
+        assert_eq!(
+            replies.len(),
+            2,
+            "the lifted and the deadline-free ones wait on"
+        );
         let table = replies.lock();
         assert!(table.as_ref().unwrap().deadlines.is_empty());
         drop(table);

@@ -84,9 +84,17 @@ impl Node {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
-    fn ctl(&self, action: &str) {
+    /// Runs `rabbitmqctl` on this node, failing the test if it fails.
+    pub fn ctl(&self, action: &str) {
+        self.ctl_args(&[action]);
+    }
+
+    /// Runs `rabbitmqctl ARGS…` on this node, failing the test if it fails.
+    pub fn ctl_args(&self, args: &[&str]) {
+        let action = args.join(" ");
         let status = Command::new("rabbitmqctl")
-            .args(["-q", "-n", &self.name, action])
+            .args(["-q", "-n", &self.name])
+            .args(args)
             .stdout(Stdio::null())
             .status()
             .expect("rabbitmqctl runs");
