@@ -28,8 +28,9 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    /// Sends an encoded reply map to `reply_to` on `exchange`. A task's result is
-    /// persistent, as the task was: it survives a broker restart in its reply queue.
+    /// Sends an encoded reply map to `reply_to`, answering a request that came through
+    /// `exchange`. A task's result is persistent, as the task was: it survives a broker
+    /// restart in its reply queue.
     pub(crate) fn reply(
         &self,
         exchange: Exchange,
@@ -44,8 +45,7 @@ impl Link {
             persistent: exchange == Exchange::Tasks,
             ..Outgoing::default()
         };
-        self.transport
-            .publish(Route::Reply(exchange, reply_to), message)
+        self.transport.publish(Route::Reply(reply_to), message)
     }
 }
 

@@ -424,7 +424,7 @@ impl Shared {
             // Straight to the queue through the default exchange, which always exists and
             // needs no binding: a reply reaches a reply queue that survived a broker restart
             // before its owner reconnected and bound it again.
-            Route::Reply(_, queue) => ("", queue.clone()),
+            Route::Reply(queue) => ("", queue.clone()),
         }
     }
 

@@ -89,7 +89,7 @@ impl Transport for MemTransport {
                 let names: Vec<&str> = queues.iter().map(String::as_str).collect();
                 self.broker.publish(&names, "[broadcast]", message)
             }
-            Route::Reply(_, queue) => self.broker.publish(&[queue], queue, message),
+            Route::Reply(queue) => self.broker.publish(&[queue], queue, message),
         });
         future::ready(result).boxed()
     }

@@ -25,8 +25,9 @@ pub(crate) enum Route {
     Rpc(String),
     /// Every broadcast queue (on the message exchange).
     Broadcast,
-    /// A reply queue, by the name a request carried in `reply_to`, via its exchange.
-    Reply(Exchange, String),
+    /// A reply queue, by the name a request carried in `reply_to`: straight to that queue,
+    /// whichever exchange it is bound to.
+    Reply(String),
 }
 
 /// What a consumer reads.
