@@ -557,7 +557,11 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 async fn bounded_close(close: impl Future<Output = Result<()>>) -> Result<()> {
     tokio::time::timeout(CLOSE_TIMEOUT, close)
         .await
-        .unwrap_or_else(|_| Err(Error::new(ErrorKind::Timeout)))
+        .unwrap_or_else(|_| {
+            Err(Error::timeout(format!(
+                "the connection did not close within {CLOSE_TIMEOUT:?}"
+            )))
+        })
 }
 
 impl Drop for Inner {

@@ -22,27 +22,25 @@ pub(super) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
 
 pub(super) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     let value: Value = yaml_serde::from_slice(bytes).map_err(Error::codec)?;
-    yaml_serde::from_value(untag(value)?).map_err(Error::codec)
+    yaml_serde::from_value(untag(value)).map_err(Error::codec)
 }
 
 /// The value with every tag dropped (`!custom` tags survive parsing as `Tagged`).
-fn untag(value: Value) -> Result<Value> {
-    Ok(match value {
+fn untag(value: Value) -> Value {
+    match value {
         Value::Tagged(tagged) => {
             let TaggedValue { value, .. } = *tagged;
-            untag(value)?
+            untag(value)
         }
-        Value::Sequence(items) => {
-            Value::Sequence(items.into_iter().map(untag).collect::<Result<_>>()?)
-        }
+        Value::Sequence(items) => Value::Sequence(items.into_iter().map(untag).collect()),
         Value::Mapping(entries) => Value::Mapping(
             entries
                 .into_iter()
-                .map(|(key, value)| Ok((untag(key)?, untag(value)?)))
-                .collect::<Result<Mapping>>()?,
+                .map(|(key, value)| (untag(key), untag(value)))
+                .collect::<Mapping>(),
         ),
         scalar => scalar,
-    })
+    }
 }
 
 #[cfg(test)]
