@@ -707,6 +707,30 @@ async fn a_task_returned_past_the_delivery_limit_is_dead_lettered(backend: Backe
     comm.close().await.unwrap();
 }
 
+async fn a_task_whose_workers_keep_dying_is_dead_lettered(backend: Backend) {
+    let settings = settings(backend).with_delivery_limit(1);
+    let sender = connect(&settings).await;
+    sender.task_send_no_reply(&21i64).await.unwrap();
+    // Two workers take it and go away without an outcome, as crashing ones would.
+    for _ in 0..2 {
+        let worker = connect(&settings).await;
+        let held = worker.next_task::<i64>(SOON).await.unwrap();
+        assert_eq!(*held.body(), 21);
+        worker.close().await.unwrap();
+        drop(held);
+    }
+    assert_eq!(
+        kind(sender.next_task::<i64>(Duration::from_millis(300)).await),
+        ErrorKind::QueueEmpty,
+        "not handed to a third worker"
+    );
+    let dead = sender.default_task_queue().dead_letters();
+    let task = dead.next_task::<i64>(SOON).await.unwrap();
+    assert_eq!(*task.body(), 21);
+    task.process(Ok(0i64)).await.unwrap();
+    sender.close().await.unwrap();
+}
+
 async fn a_task_every_subscriber_rejects_ends_in_the_dead_letter_queue(backend: Backend) {
     let settings = settings(backend).with_delivery_limit(3);
     let comm = connect(&settings).await;
@@ -1120,6 +1144,7 @@ macro_rules! behaviours {
                     an_rpc_that_is_never_answered_times_out,
                     a_task_result_can_be_awaited_with_a_timeout,
                     a_task_returned_past_the_delivery_limit_is_dead_lettered,
+                    a_task_whose_workers_keep_dying_is_dead_lettered,
                     a_task_every_subscriber_rejects_ends_in_the_dead_letter_queue,
                     an_undecodable_task_goes_to_the_dead_letter_queue,
                     close_lets_a_running_task_finish_and_takes_no_more,
