@@ -804,7 +804,6 @@ impl Shared {
             // The puller channel is shared and stays open: no guard.
             let acker = AmqpAck {
                 acker: m.delivery.acker.clone(),
-                io: self.io.handle.clone(),
                 _channel: None,
             };
             convert(m.delivery, Some(acker))
@@ -951,7 +950,6 @@ fn deliveries(
                 let delivery = item.ok().map(|delivery| {
                     let acker = (!no_ack).then(|| AmqpAck {
                         acker: delivery.acker.clone(),
-                        io: guard.io.clone(),
                         _channel: Some(guard.clone()),
                     });
                     convert(delivery, acker)
@@ -995,34 +993,44 @@ fn convert(delivery: lapin::message::Delivery, acker: Option<AmqpAck>) -> Delive
     }
 }
 
-/// Settles one delivery on its channel, from the I/O runtime.
+/// Settles one delivery on its channel.
 struct AmqpAck {
     acker: lapin::Acker,
-    io: Handle,
     /// Keeps the consumer's channel open until this delivery is settled.
     _channel: Option<Arc<ConsumerChannel>>,
 }
 
 impl Settle for AmqpAck {
+    /// Hands the ack, nack or reject to lapin right here: the first poll of lapin's future
+    /// queues the command, so nothing is spawned per delivery. Only a refusal known at once
+    /// (the delivery's channel is gone) is reported; what happens to the frame later is the
+    /// connection's story, and an unsettled delivery comes again anyway.
     fn settle(self: Box<Self>, outcome: Outcome) {
-        let AmqpAck {
-            acker,
-            io,
-            _channel,
-        } = *self;
-        io.spawn(async move {
-            let result = match outcome {
+        let AmqpAck { acker, _channel } = *self;
+        let settling = async move {
+            match outcome {
                 Outcome::Ack => acker.ack(BasicAckOptions::default()).await,
-                Outcome::Requeue => acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await,
+                Outcome::Requeue => {
+                    let options = BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    };
+                    acker.nack(options).await
+                }
                 Outcome::Discard => acker.reject(BasicRejectOptions { requeue: false }).await,
-            };
-            match result {
-                Ok(true) => {}
-                Ok(false) => tracing::warn!(?outcome, "delivery not settled: its channel is gone, the broker will redeliver it"),
-                Err(error) => tracing::warn!(?outcome, %error, "settling a delivery failed; the broker will redeliver it"),
             }
-            drop(_channel);
-        });
+        };
+        let mut context = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        match pin!(settling).poll(&mut context) {
+            std::task::Poll::Ready(Ok(false)) => tracing::warn!(
+                ?outcome,
+                "delivery not settled: its channel is gone, the broker will redeliver it"
+            ),
+            std::task::Poll::Ready(Err(error)) => {
+                tracing::warn!(?outcome, %error, "settling a delivery failed; the broker will redeliver it")
+            }
+            _ => {}
+        }
     }
 }
 
