@@ -25,20 +25,36 @@ use crate::transport::{Exchange, Outgoing, Route, Transport};
 pub(crate) struct Link {
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) codec: Codec,
+    /// The largest body a publish may carry ([`Settings::with_max_message_size`]).
+    ///
+    /// [`Settings::with_max_message_size`]: crate::Settings::with_max_message_size
+    pub(crate) max_message_size: usize,
 }
 
 impl Link {
     /// Sends an encoded reply map to `reply_to`, answering a request that came through
     /// `exchange`. A task's result is persistent, as the task was: it survives a broker
-    /// restart in its reply queue.
+    /// restart in its reply queue. A result too large to send becomes an exception reply
+    /// saying so: the sender learns why instead of waiting, and the task is not retried
+    /// for a refusal that would repeat.
     pub(crate) fn reply(
         &self,
         exchange: Exchange,
         reply_to: String,
         correlation_id: Option<String>,
-        body: Vec<u8>,
+        mut body: Vec<u8>,
     ) -> BoxFuture<'static, Result<()>> {
         tracing::debug!(?correlation_id, %reply_to, "sending reply");
+        if body.len() > self.max_message_size {
+            let text = format!(
+                "the result ({} bytes) is larger than the message size limit of {} bytes",
+                body.len(),
+                self.max_message_size
+            );
+            tracing::warn!(?correlation_id, "{text}");
+            let host = (exchange == Exchange::Tasks).then(task_queue::host);
+            body = exception_reply(self.codec, &text, host);
+        }
         let message = Outgoing {
             body,
             correlation_id,

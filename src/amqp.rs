@@ -213,6 +213,8 @@ struct Shared {
     connect_timeout: Duration,
     send_timeout: Duration,
     reconnect_delay: (Duration, Duration),
+    /// The largest body a publish may carry; larger ones are refused before sending.
+    max_message_size: usize,
     topology: Topology,
     io: IoRuntime,
     state: watch::Sender<State>,
@@ -255,6 +257,7 @@ impl Shared {
             connect_timeout: settings.connect_timeout,
             send_timeout: settings.send_timeout,
             reconnect_delay: settings.reconnect_delay,
+            max_message_size: settings.max_message_size,
             topology: Topology::new(settings),
             io: IoRuntime::start()?,
             state: watch::Sender::new(State::Down("not connected yet".into())),
@@ -452,6 +455,7 @@ impl Shared {
     /// with waiting and retries. Bounded by the send timeout either way.
     async fn send(self: Arc<Self>, route: Route, message: Outgoing) -> Result<()> {
         self.check_open()?;
+        message.check_size(self.max_message_size)?;
         let started = std::time::Instant::now();
         if let Some(channel) = self.ready_publisher() {
             let (exchange, routing_key) = self.address(&route);
@@ -477,6 +481,9 @@ impl Shared {
                     return confirmed(confirmation, exchange, routing_key);
                 }
                 Some(Err(error)) => {
+                    if let Some(refused) = self.refusal(&error, exchange, message.body.len()) {
+                        return Err(refused);
+                    }
                     tracing::debug!(%error, "publish failed; trying again on the I/O runtime");
                     self.wake.notify_one();
                 }
@@ -489,6 +496,38 @@ impl Shared {
             .run(shared.publish(route, message, left))
             .await
             .and_then(|result| result)
+    }
+
+    /// The broker's refusal of a publish when it is this message's own — the broker names
+    /// its size or its exchange — and no retry can change it (too large, no such exchange,
+    /// access refused, a failed precondition). Every publish pending on the channel the
+    /// broker closed fails with the same error; the others are sent again. A missing
+    /// exchange of our own is declared again, so the next send finds it.
+    fn refusal(
+        self: &Arc<Self>,
+        error: &lapin::Error,
+        exchange: &str,
+        size: usize,
+    ) -> Option<Error> {
+        soft_error(error)?;
+        let text = error.to_string();
+        let ours = text.contains(&format!("message size {size} "))
+            || (!exchange.is_empty() && text.contains(&format!("'{exchange}'")));
+        if !ours {
+            return None;
+        }
+        if soft_error(error) == Some(AMQPSoftError::NOTFOUND) && self.topology.owns(exchange) {
+            let shared = self.clone();
+            self.io.handle.spawn(async move {
+                let State::Up(connection, _) = shared.state.borrow().clone() else {
+                    return;
+                };
+                if let Err(error) = shared.declare_topology(&connection).await {
+                    tracing::warn!(%error, "declaring the exchanges again failed");
+                }
+            });
+        }
+        Some(refused(error))
     }
 
     fn unconfirmed(&self, what: &str) -> Error {
@@ -510,6 +549,8 @@ impl Shared {
         let (exchange, routing_key) = self.address(&route);
         let (options, properties) = (publish_options(&message), properties(&message));
         let body = &message.body;
+        let refusals = std::sync::atomic::AtomicU32::new(0);
+        let refusals = &refusals;
         let confirmation = self
             .retrying(deadline, "publish", || async {
                 let channel = self.channel(&self.publisher, true, deadline).await?;
@@ -528,15 +569,18 @@ impl Shared {
                 };
                 match confirmed {
                     Ok(confirmation) => Ok(confirmation),
-                    Err(error) => {
-                        if soft_error(&error) == Some(AMQPSoftError::NOTFOUND) {
-                            // Someone deleted our exchange: declare it again, then resend.
-                            if let Ok((connection, _)) = self.connection(deadline).await {
-                                let _ = self.declare_topology(&connection).await;
-                            }
+                    Err(error) => match self.refusal(&error, exchange, body.len()) {
+                        Some(refused) => Err(Attempt::Final(refused)),
+                        // A refusal that names nothing of this message may be another
+                        // publish's on the shared channel: once more on a fresh channel,
+                        // then it is this message's.
+                        None if soft_error(&error).is_some()
+                            && refusals.fetch_add(1, Ordering::Relaxed) > 0 =>
+                        {
+                            Err(Attempt::Final(refused(&error)))
                         }
-                        Err(Attempt::Again(amqp_error(error)))
-                    }
+                        None => Err(Attempt::Again(amqp_error(error))),
+                    },
                 }
             })
             .await?;
@@ -892,6 +936,13 @@ fn confirmed(confirmation: Confirmation, exchange: &str, routing_key: String) ->
         }
         Confirmation::Nack(_) => Err(Error::new(ErrorKind::Nacked)),
     }
+}
+
+/// A publish the broker refused, in the broker's words.
+fn refused(error: &lapin::Error) -> Error {
+    let reason = format!("the broker refused the message: {error}");
+    tracing::warn!(%reason, "publish refused");
+    Error::with_source(ErrorKind::Refused(reason), error.clone())
 }
 
 /// Why an attempt failed: worth another try, or not.

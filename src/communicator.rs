@@ -110,9 +110,7 @@ impl Communicator {
     pub(crate) async fn connect_with(settings: Settings) -> Result<Self> {
         let runtime = Runtime::start()?;
         let transport: Arc<dyn Transport> = match settings.uri.split_once("://") {
-            Some(("mem", name)) => {
-                Arc::new(mem::MemTransport::connect(name, settings.delivery_limit))
-            }
+            Some(("mem", name)) => Arc::new(mem::MemTransport::connect(name, &settings)),
             Some(("amqp" | "amqps", _)) => crate::amqp::connect(&settings).await?,
             _ => {
                 return Err(Error::config(format!(
@@ -124,6 +122,7 @@ impl Communicator {
         let link = Link {
             transport,
             codec: settings.codec,
+            max_message_size: settings.max_message_size,
         };
         let replies = Replies::new();
         let task_reply_queue = format!("{}-reply-{}", settings.task_exchange, new_id());

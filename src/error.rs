@@ -41,6 +41,13 @@ pub enum ErrorKind {
     /// The broker refused a publish (a negative publisher confirm).
     #[error("the broker refused the message (nack)")]
     Nacked,
+    /// The message was refused for a reason no retry can change: it is larger than the
+    /// message size limit (checked before anything is sent), its exchange does not exist,
+    /// access to it is refused, or another precondition failed. Carries the reason, in the
+    /// broker's words when the broker refused it. The communicator neither reconnects nor
+    /// resends for it; other sends go on.
+    #[error("refused: {0}")]
+    Refused(String),
     /// The connection to the broker failed or was lost; carries the reason.
     #[error("connection error: {0}")]
     Connection(String),
@@ -109,6 +116,10 @@ impl Error {
     /// A `Timeout` that says what did not happen in time.
     pub(crate) fn timeout(what: impl fmt::Display) -> Self {
         Self::with_source(ErrorKind::Timeout, Reason(what.to_string()))
+    }
+
+    pub(crate) fn refused(reason: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::Refused(reason.to_string()))
     }
 
     pub(crate) fn config(reason: impl fmt::Display) -> Self {

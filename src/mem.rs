@@ -13,6 +13,7 @@ use futures::future::{self, BoxFuture, FutureExt};
 
 use crate::error::{Error, Result};
 use crate::events::{self, ConnectionEvent};
+use crate::settings::Settings;
 use crate::transport::{Consumer, Delivery, Outgoing, Route, Source, Transport};
 use broker::{Broker, QueueMode};
 
@@ -26,13 +27,15 @@ pub(crate) struct MemTransport {
     connection: u64,
     /// Task queues this connection creates dead-letter tasks returned more often.
     delivery_limit: Option<u32>,
+    /// The largest body a publish may carry.
+    max_message_size: usize,
     closed: AtomicBool,
     events: tokio::sync::broadcast::Sender<ConnectionEvent>,
 }
 
 impl MemTransport {
     /// Connects to the broker named by a `mem://NAME` URI, or a private one for `mem://`.
-    pub(crate) fn connect(name: &str, delivery_limit: Option<u32>) -> Self {
+    pub(crate) fn connect(name: &str, settings: &Settings) -> Self {
         let broker = if name.is_empty() {
             Arc::new(Broker::default())
         } else {
@@ -51,7 +54,8 @@ impl MemTransport {
         Self {
             broker,
             connection,
-            delivery_limit,
+            delivery_limit: settings.delivery_limit,
+            max_message_size: settings.max_message_size,
             closed: AtomicBool::new(false),
             events: events::channel(),
         }
@@ -78,7 +82,9 @@ impl Transport for MemTransport {
     }
 
     fn publish(&self, route: Route, message: Outgoing) -> BoxFuture<'static, Result<()>> {
-        let result = self.check_open().and_then(|()| match &route {
+        let result = self.check_open();
+        let result = result.and_then(|()| message.check_size(self.max_message_size));
+        let result = result.and_then(|()| match &route {
             Route::Task(queue) => self.broker.publish(&[queue], queue, message),
             Route::Rpc(identifier) => {
                 let queue = rpc_queue(identifier);

@@ -39,7 +39,11 @@ pub struct Settings {
     pub(crate) shutdown_grace: Duration,
     pub(crate) delivery_limit: Option<u32>,
     pub(crate) rpc_timeout: Option<Duration>,
+    pub(crate) max_message_size: usize,
 }
+
+/// RabbitMQ's default `max_message_size` (128 MiB), kiwimq's default limit on both backends.
+pub(crate) const DEFAULT_MAX_MESSAGE_SIZE: usize = 128 * 1024 * 1024;
 
 impl Settings {
     /// Settings for the broker at `uri`: `mem://`, `mem://NAME`, or `amqp://…`.
@@ -62,6 +66,7 @@ impl Settings {
             shutdown_grace: Duration::from_secs(10),
             delivery_limit: None,
             rpc_timeout: Some(Duration::from_secs(300)),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
 
@@ -182,6 +187,18 @@ impl Settings {
         self
     }
 
+    /// The largest message body a send may carry, in bytes (default 128 MiB, RabbitMQ's
+    /// default `max_message_size`). A larger body fails with
+    /// [`ErrorKind::Refused`](crate::ErrorKind::Refused) before anything is sent, on every
+    /// backend, so `mem://` refuses what RabbitMQ would. A handler's result over the limit
+    /// reaches its sender as a `Remote` error. Set it to the broker's `max_message_size` when
+    /// that was changed; a broker with a lower limit still refuses at once.
+    #[must_use]
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
     /// The URI these settings connect to.
     pub fn uri(&self) -> &str {
         &self.uri
@@ -239,6 +256,7 @@ impl std::fmt::Debug for Settings {
             .field("testing_mode", &self.testing_mode)
             .field("send_timeout", &self.send_timeout)
             .field("delivery_limit", &self.delivery_limit)
+            .field("max_message_size", &self.max_message_size)
             .finish_non_exhaustive()
     }
 }

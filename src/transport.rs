@@ -5,7 +5,7 @@
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::events::ConnectionEvent;
 
 /// The two exchanges of kiwiPy's model: tasks and their replies go on one, RPC, broadcasts
@@ -63,6 +63,21 @@ pub(crate) struct Outgoing {
     pub(crate) persistent: bool,
     /// Fails with `Unroutable` when no queue takes it.
     pub(crate) mandatory: bool,
+}
+
+impl Outgoing {
+    /// Refuses a body over `limit` bytes before it costs any traffic: the same rule on every
+    /// backend, RabbitMQ's `max_message_size`.
+    pub(crate) fn check_size(&self, limit: usize) -> Result<()> {
+        let size = self.body.len();
+        if size > limit {
+            return Err(Error::refused(format!(
+                "message size {size} is larger than the limit of {limit} bytes \
+                 (Settings::with_max_message_size; RabbitMQ's max_message_size)"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// A message received from a queue.

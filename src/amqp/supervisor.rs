@@ -52,6 +52,11 @@ async fn watch(shared: &Arc<Shared>, connection: &Connection) -> Option<String> 
             _ = shared.wake.notified() => {}
             _ = tokio::time::sleep(POLL) => {}
             event = events.next() => match event {
+                // The broker closed one channel (refused a publish, a consumer's ack timed
+                // out): that channel's users deal with it; the connection is fine.
+                Some(Event::Error(error)) if super::soft_error(&error).is_some() => {
+                    tracing::debug!(%error, "the broker closed a channel");
+                }
                 Some(Event::Error(error)) => return Some(error.to_string()),
                 Some(Event::ConnectionBlocked(reason)) => {
                     tracing::warn!(%reason, "the broker blocked the connection (it is short of memory or disk); publishes wait");

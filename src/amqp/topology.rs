@@ -81,6 +81,11 @@ impl Topology {
         }
     }
 
+    /// Whether `name` is one of the two exchanges this topology declares.
+    pub(crate) fn owns(&self, name: &str) -> bool {
+        name == self.exchange(Exchange::Tasks) || name == self.exchange(Exchange::Messages)
+    }
+
     pub(crate) fn exchange(&self, exchange: Exchange) -> &str {
         match exchange {
             Exchange::Tasks => &self.task_exchange,
