@@ -7,7 +7,7 @@
 //! alternating the two implementations (kiwimq first in even rounds, lapin first in odd
 //! ones) to cancel drift; the median is reported.
 //!
-//! `cargo bench --bench amqp`. Broker: `KIWIMQ_AMQP_URL` or the local RabbitMQ. Sizes:
+//! `cargo bench --bench amqp`. Broker: `KIWIMQ_URL` (an `amqp://` URI) or the local RabbitMQ. Sizes:
 //! `KIWIMQ_BENCH_PUBLISH`, `_CONSUME`, `_PULL`, `_ROUNDTRIPS`, `_CONCURRENT`, `_SENDERS`,
 //! `_RPC`, `_BROADCASTS`, `_BROADCASTS10`, `_PENDING`, `_ROUNDS`. Prints a table and writes
 //! `target/kiwimq-bench.json`.
@@ -39,8 +39,10 @@ const WINDOW: usize = 512;
 const PREFETCH: u16 = 100;
 
 fn url() -> String {
-    std::env::var("KIWIMQ_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("KIWIMQ_URL")
+        .ok()
+        .filter(|url| url.starts_with("amqp"))
+        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 #[derive(Clone, Copy)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+/// Asks the `fib` RPC subscriber for a Fibonacci number with the blocking communicator, waiting with a timeout.
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
@@ -21,7 +22,7 @@ struct Cli {
     timeout: u64,
 }
 
-fn main() -> kiwimq::Result<()> {
+fn main() -> cli::Outcome {
     let cli = Cli::parse();
     let comm = cli.connection.connect_blocking()?;
     println!(" [x] Requesting fib({})", cli.n);
@@ -30,5 +31,5 @@ fn main() -> kiwimq::Result<()> {
         Ok(value) => println!("{value}"),
         Err(error) => println!(" [!] {error}"),
     }
-    comm.close()
+    Ok(comm.close()?)
 }

@@ -1,5 +1,5 @@
 //! The `worker` example without async: consumes the default task queue, one second per `.`
-//! in each task, in a plain `fn main`; the handler simply sleeps. Stops on Enter.
+//! in each task, in a plain `fn main`; the handler simply sleeps. Stops on Ctrl-C or SIGTERM.
 //! `cargo run --example blocking_worker -- [--uri URI] [--codec NAME]`
 
 #[path = "common/cli.rs"]
@@ -10,13 +10,14 @@ use std::time::Duration;
 use clap::Parser;
 use kiwimq::Task;
 
+/// Consumes the default task queue in plain `fn main` (blocking handlers); a task takes one second per `.`. Stops on Ctrl-C or SIGTERM.
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
     connection: cli::Connection,
 }
 
-fn main() -> kiwimq::Result<()> {
+fn main() -> cli::Outcome {
     let cli = Cli::parse();
     let comm = cli.connection.connect_blocking()?;
     comm.add_task_subscriber(|task: Task<serde_json::Value, bool>| {
@@ -32,7 +33,7 @@ fn main() -> kiwimq::Result<()> {
         println!(" [x] Done");
         Ok(true)
     })?;
-    println!(" [*] Waiting for tasks on the default queue (Enter to stop)");
-    let _ = std::io::stdin().read_line(&mut String::new());
-    comm.close()
+    println!(" [*] Waiting for tasks on the default queue (Ctrl-C to stop)");
+    cli::wait_for_shutdown_signal();
+    Ok(comm.close()?)
 }

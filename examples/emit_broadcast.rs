@@ -7,6 +7,7 @@ mod cli;
 use clap::Parser;
 use kiwimq::BroadcastOptions;
 
+/// Sends one broadcast with a subject, a body and an optional sender.
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
@@ -21,7 +22,7 @@ struct Cli {
 }
 
 #[actix::main]
-async fn main() -> kiwimq::Result<()> {
+async fn main() -> cli::Outcome {
     let cli = Cli::parse();
     let comm = cli.connection.connect().await?;
     let body = cli.body.join(" ");
@@ -29,5 +30,5 @@ async fn main() -> kiwimq::Result<()> {
     options.sender = cli.sender;
     comm.broadcast_send(&body, options).await?;
     println!(" [x] Sent {:?}: {body:?}", cli.subject);
-    comm.close().await
+    Ok(comm.close().await?)
 }

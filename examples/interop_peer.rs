@@ -23,6 +23,7 @@ use kiwimq::{
     Broadcast, BroadcastFilter, BroadcastOptions, Communicator, HandlerError, Rpc, Task, Value,
 };
 
+/// The Rust side of the cross-language suite against kiwiPy.
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
@@ -141,7 +142,7 @@ async fn drive(comm: &Communicator) -> kiwimq::Result<()> {
 }
 
 #[actix::main]
-async fn main() -> kiwimq::Result<()> {
+async fn main() -> cli::Outcome {
     let cli = Cli::parse();
     let comm = cli.connection.connect().await?;
     let outcome = match cli.role {
@@ -157,5 +158,5 @@ async fn main() -> kiwimq::Result<()> {
     }
     comm.close().await?;
     println!("DONE");
-    outcome
+    Ok(outcome?)
 }

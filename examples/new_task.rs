@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use futures::StreamExt;
 
+/// Sends the words of its arguments as one task and prints the result.
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
@@ -26,7 +27,7 @@ struct Cli {
 }
 
 #[actix::main]
-async fn main() -> kiwimq::Result<()> {
+async fn main() -> cli::Outcome {
     let cli = Cli::parse();
     let message = if cli.words.is_empty() {
         "Hello World!".to_string()
@@ -35,7 +36,7 @@ async fn main() -> kiwimq::Result<()> {
     };
     let comm = cli.connection.connect().await?;
     if cli.count > 1 {
-        return send_many(&comm, &message, cli.count, Duration::from_secs(cli.wait)).await;
+        return Ok(send_many(&comm, &message, cli.count, Duration::from_secs(cli.wait)).await?);
     }
     let result = comm.task_send::<_, serde_json::Value>(&message).await?;
     println!(" [x] Sent {message:?}");
@@ -47,7 +48,7 @@ async fn main() -> kiwimq::Result<()> {
             cli.wait
         ),
     }
-    comm.close().await
+    Ok(comm.close().await?)
 }
 
 /// Sends `count` numbered tasks, then counts their results as they come, within `wait`.

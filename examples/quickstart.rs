@@ -1,6 +1,9 @@
 //! The three message types on the embedded in-process broker (`mem://`): no RabbitMQ
 //! needed. Run with `cargo run --example quickstart`.
 
+#[path = "common/cli.rs"]
+mod cli;
+
 use actix::prelude::*;
 use kiwimq::prelude::*;
 
@@ -58,7 +61,8 @@ impl Handler<Broadcast<String>> for Announcer {
 }
 
 #[actix::main]
-async fn main() -> kiwimq::Result<()> {
+async fn main() -> cli::Outcome {
+    cli::init_logging();
     // Two communicators on one named in-process broker, as a client and a worker process
     // would share one RabbitMQ.
     let worker = kiwimq::connect("mem://quickstart").await?;

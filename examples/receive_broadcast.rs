@@ -8,6 +8,7 @@ mod cli;
 use clap::Parser;
 use kiwimq::{Broadcast, BroadcastFilter};
 
+/// Prints the sender, subject and body of every broadcast that passes the filters, until Ctrl-C or SIGTERM.
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
@@ -18,7 +19,7 @@ struct Cli {
 }
 
 #[actix::main]
-async fn main() -> kiwimq::Result<()> {
+async fn main() -> cli::Outcome {
     let cli = Cli::parse();
     let comm = cli.connection.connect().await?;
     let filter = match &cli.subject {
@@ -34,6 +35,6 @@ async fn main() -> kiwimq::Result<()> {
     })
     .await?;
     println!(" [*] Waiting for broadcasts (Ctrl-C to stop)");
-    let _ = actix_rt::signal::ctrl_c().await;
-    comm.close().await
+    cli::shutdown_signal().await;
+    Ok(comm.close().await?)
 }

@@ -6,6 +6,7 @@ mod cli;
 
 use clap::Parser;
 
+/// Asks the `fib` RPC subscriber for a Fibonacci number and prints it.
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
@@ -16,10 +17,10 @@ struct Cli {
 }
 
 #[actix::main]
-async fn main() -> kiwimq::Result<()> {
+async fn main() -> cli::Outcome {
     let cli = Cli::parse();
     let comm = cli.connection.connect().await?;
     let result: u64 = comm.rpc_send("fib", &cli.n).await?.await?;
     println!("{result}");
-    comm.close().await
+    Ok(comm.close().await?)
 }

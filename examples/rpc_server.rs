@@ -8,6 +8,7 @@ use actix::prelude::*;
 use clap::Parser;
 use kiwimq::{HandlerError, Rpc};
 
+/// Serves `fib(n)` under the RPC identifier `fib` until Ctrl-C or SIGTERM.
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
@@ -39,11 +40,11 @@ impl Handler<Rpc<u64>> for Fib {
 }
 
 #[actix::main]
-async fn main() -> kiwimq::Result<()> {
+async fn main() -> cli::Outcome {
     let cli = Cli::parse();
     let comm = cli.connection.connect().await?;
     comm.add_rpc_subscriber(Some("fib"), Fib.start()).await?;
     println!(" [x] Awaiting RPC requests (Ctrl-C to stop)");
-    let _ = actix_rt::signal::ctrl_c().await;
-    comm.close().await
+    cli::shutdown_signal().await;
+    Ok(comm.close().await?)
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 use kiwimq::Task;
 
+/// Consumes the default task queue, printing each task; a task takes one second per `.`. Stops on Ctrl-C or SIGTERM.
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
@@ -17,7 +18,7 @@ struct Cli {
 }
 
 #[actix::main]
-async fn main() -> kiwimq::Result<()> {
+async fn main() -> cli::Outcome {
     let cli = Cli::parse();
     let comm = cli.connection.connect().await?;
     comm.add_task_subscriber(|task: Task<serde_json::Value, bool>| async move {
@@ -37,6 +38,6 @@ async fn main() -> kiwimq::Result<()> {
     })
     .await?;
     println!(" [*] Waiting for tasks on the default queue (Ctrl-C to stop)");
-    let _ = actix_rt::signal::ctrl_c().await;
-    comm.close().await
+    cli::shutdown_signal().await;
+    Ok(comm.close().await?)
 }

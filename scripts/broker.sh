@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Makes sure a RabbitMQ answers on 127.0.0.1:5672: starts it, installing it from the
-# distribution's packages when absent. Does nothing when KIWIMQ_AMQP_URL names another
-# broker. Sourced by test.sh and interop.sh.
+# distribution's packages when absent. Does nothing when KIWIMQ_URL names another AMQP
+# broker (the variable the examples, tests and benchmarks read). Sourced by test.sh and
+# interop.sh.
 
 broker_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 
-if [ -z "${KIWIMQ_AMQP_URL:-}" ] && ! broker_up; then
+case "${KIWIMQ_URL:-}" in amqp*) own_broker=0 ;; *) own_broker=1 ;; esac
+if [ "$own_broker" = 1 ] && ! broker_up; then
   if ! command -v rabbitmq-server >/dev/null 2>&1; then
     echo "broker.sh: installing rabbitmq-server from the distribution's packages"
     sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"

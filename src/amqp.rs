@@ -15,6 +15,7 @@
 
 mod supervisor;
 mod topology;
+mod uri;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -208,7 +209,7 @@ struct Entry {
 }
 
 struct Shared {
-    uri: String,
+    uri: lapin::uri::AMQPUri,
     redacted: String,
     connect_timeout: Duration,
     send_timeout: Duration,
@@ -252,7 +253,7 @@ async fn tick(shared: Weak<Shared>) {
 impl Shared {
     fn new(settings: &Settings) -> Result<Self> {
         Ok(Self {
-            uri: settings.uri.clone(),
+            uri: uri::parse(&settings.uri, &settings.redacted_uri())?,
             redacted: settings.redacted_uri(),
             connect_timeout: settings.connect_timeout,
             send_timeout: settings.send_timeout,
@@ -293,7 +294,7 @@ impl Shared {
         let properties = ConnectionProperties::default();
         match tokio::time::timeout(
             self.connect_timeout,
-            Connection::connect(&self.uri, properties),
+            Connection::connect_uri(self.uri.clone(), properties),
         )
         .await
         {

@@ -91,7 +91,14 @@ impl Codec {
     /// [`ErrorKind::Codec`](crate::ErrorKind::Codec) error, never a panic.
     pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T> {
         match self {
-            Self::MessagePack => rmp_serde::from_slice(bytes).map_err(Error::codec),
+            Self::MessagePack => {
+                let mut deserializer = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
+                let value = T::deserialize(&mut deserializer).map_err(Error::codec)?;
+                let used = usize::try_from(deserializer.position()).unwrap_or(usize::MAX);
+                no_trailing_bytes(bytes.len(), used)?;
+                Ok(value)
+            }
+            // serde_json refuses anything but whitespace after the value.
             Self::Json => serde_json::from_slice(bytes).map_err(Error::codec),
             #[cfg(feature = "bincode")]
             Self::Bincode => {
@@ -100,18 +107,26 @@ impl Codec {
                 let config = bincode::config::standard().with_limit::<BINCODE_LIMIT>();
                 let (value, used) =
                     bincode::serde::decode_from_slice(bytes, config).map_err(Error::codec)?;
-                if used != bytes.len() {
-                    return Err(Error::codec(format!(
-                        "{} trailing bytes after the value",
-                        bytes.len() - used
-                    )));
-                }
+                no_trailing_bytes(bytes.len(), used)?;
                 Ok(value)
             }
+            // A YAML stream with a second document is refused by the parser.
             #[cfg(feature = "yaml")]
             Self::Yaml => yaml::decode(bytes),
         }
     }
+}
+
+/// Bytes left after the value mean the sender used another codec (JSON's `30` read as
+/// MessagePack is the integer 51 followed by `0`): an error, never a wrong value.
+fn no_trailing_bytes(len: usize, used: usize) -> Result<()> {
+    if used < len {
+        return Err(Error::codec(format!(
+            "{} trailing bytes after the value (was it sent with another codec?)",
+            len - used
+        )));
+    }
+    Ok(())
 }
 
 impl fmt::Display for Codec {
@@ -232,6 +247,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Bytes of one codec read by another self-describing one are an error or the very
+    /// same value — never another value (a wrong answer computed in silence). Bincode
+    /// reads any bytes as its type, and a one-byte body (a one-digit JSON number is a valid
+    /// MessagePack integer) cannot be told apart by any codec: those are not claimed.
+    #[test]
+    fn bytes_of_another_codec_never_decode_to_another_value() {
+        fn check<T>(value: &T)
+        where
+            T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+        {
+            for writer in Codec::ALL {
+                let bytes = writer.encode(value).unwrap();
+                if bytes.len() < 2 {
+                    continue;
+                }
+                let readers = Codec::ALL
+                    .iter()
+                    .filter(|r| *r != writer && r.is_self_describing());
+                for reader in readers {
+                    if let Ok(read) = reader.decode::<T>(&bytes) {
+                        assert_eq!(&read, value, "{writer} read as {reader}");
+                    }
+                }
+            }
+        }
+        for n in [10i64, 30, 51, 1000, -12, 123_456_789] {
+            check(&n);
+            check(&(n, false)); // a task envelope
+        }
+        check(&"hello".to_owned());
+        check(&("task".to_owned(), true));
+        check(&sample());
+        check(&vec![1u32, 2, 3]);
+        check(
+            &[("intent".to_owned(), "pause".to_owned())]
+                .into_iter()
+                .collect::<BTreeMap<_, _>>(),
+        );
+    }
+
+    #[test]
+    fn json_thirty_read_as_messagepack_is_an_error_not_fifty_one() {
+        let error = Codec::MessagePack.decode::<i64>(b"30").unwrap_err();
+        assert!(error.to_string().contains("trailing bytes"), "{error}");
     }
 
     #[test]

@@ -140,9 +140,12 @@ impl fmt::Debug for Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = self.kind.to_string();
+        f.write_str(&kind)?;
+        // Most kinds already carry their cause's words; it is said once.
         match &self.source {
-            Some(source) => write!(f, "{}: {source}", self.kind),
-            None => self.kind.fmt(f),
+            Some(source) if !kind.contains(&source.to_string()) => write!(f, ": {source}"),
+            _ => Ok(()),
         }
     }
 }

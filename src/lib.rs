@@ -91,6 +91,29 @@ pub use settings::Settings;
 pub use rmpv::Value;
 pub use subscriber::IntoSubscriber;
 
+// Every Rust snippet of the README and the guides is a doctest, so none can rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeSnippets;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/concepts.md")]
+struct ConceptsSnippets;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/coming-from-kiwipy.md")]
+struct KiwipyGuideSnippets;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/coming-from-lapin.md")]
+struct LapinGuideSnippets;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/interop.md")]
+struct InteropSnippets;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/reliability.md")]
+struct ReliabilitySnippets;
+#[cfg(doctest)]
+#[doc = include_str!("../docs/performance.md")]
+struct PerformanceSnippets;
+
 /// The names most programs need: `use kiwimq::prelude::*;`.
 pub mod prelude {
     pub use crate::{

@@ -174,9 +174,11 @@ impl Settings {
         self
     }
 
-    /// Poison-task protection, off by default: a task delivered `limit` times without being
-    /// acknowledged (its worker crashed, or every subscriber rejected it) is moved to the
-    /// dead-letter queue `<queue>.dlq` instead of being delivered again.
+    /// Poison-task protection, off by default: a task may come back to its queue without
+    /// being acknowledged (its worker crashed, or every subscriber rejected it) `limit`
+    /// times, so it is delivered at most `limit + 1` times; the next time it would come
+    /// back, it moves to the dead-letter queue `<queue>.dlq` instead (RabbitMQ's
+    /// `x-delivery-limit`, which counts returns).
     ///
     /// On RabbitMQ this declares task queues as quorum queues with `x-delivery-limit`, so
     /// they differ from kiwiPy's classic queues: every process sharing a queue must use the

@@ -190,3 +190,52 @@ async fn garbage_broadcast_is_skipped() {
     raw.close().await;
     comm.close().await.unwrap();
 }
+
+/// A client on another codec than the server's gets an error, never a wrong answer: JSON's
+/// `30` read as MessagePack would be the integer 51 followed by a stray byte.
+#[actix_rt::test]
+async fn a_codec_mismatch_is_an_error_not_a_wrong_answer() {
+    let broker = format!("mem://{}", uuid::Uuid::new_v4().simple());
+    for (server_codec, client_codec) in [
+        (kiwimq::Codec::MessagePack, kiwimq::Codec::Json),
+        (kiwimq::Codec::Json, kiwimq::Codec::MessagePack),
+        (kiwimq::Codec::Yaml, kiwimq::Codec::MessagePack),
+        (kiwimq::Codec::MessagePack, kiwimq::Codec::Yaml),
+    ] {
+        let server = kiwimq::Settings::new(&broker)
+            .with_codec(server_codec)
+            .connect()
+            .await
+            .unwrap();
+        let asked = seen::<u64>();
+        let record = asked.clone();
+        server
+            .add_rpc_subscriber(Some("fib"), move |rpc: Rpc<u64>| {
+                record.lock().unwrap().push(rpc.body);
+                async move { Ok::<_, kiwimq::HandlerError>(rpc.body) }
+            })
+            .await
+            .unwrap();
+        let client = kiwimq::Settings::new(&broker)
+            .with_codec(client_codec)
+            .connect()
+            .await
+            .unwrap();
+        let reply = client
+            .rpc_send::<_, u64>("fib", &30u64)
+            .await
+            .unwrap()
+            .await;
+        assert!(
+            reply.is_err(),
+            "{server_codec} server, {client_codec} client: {reply:?}"
+        );
+        assert!(
+            asked.lock().unwrap().is_empty(),
+            "the server computed {:?}",
+            asked.lock().unwrap()
+        );
+        client.close().await.unwrap();
+        server.close().await.unwrap();
+    }
+}

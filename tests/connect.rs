@@ -68,3 +68,29 @@ async fn a_failed_connect_leaves_no_thread_behind() {
         common::communicator_threads()
     );
 }
+
+/// kiwiPy's URI forms mean the default vhost: `…:5672/` and `amqp://host/` (its own
+/// examples), as `%2f` does.
+#[actix_rt::test]
+async fn kiwipys_uri_forms_connect_to_the_default_vhost() {
+    let url = common::amqp_url();
+    let Some(base) = url.strip_suffix("/%2f") else {
+        return; // KIWIMQ_URL names another vhost: nothing to compare with
+    };
+    let without_port = base
+        .rsplit_once(':')
+        .map_or(base, |(host, _)| host)
+        .to_owned();
+    let mut forms = vec![format!("{base}/"), base.to_owned()];
+    if base.ends_with(":5672") {
+        forms.push(format!("{without_port}/"));
+    }
+    for uri in forms {
+        let comm = common::amqp_settings(&uri)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("{uri}: {e}"));
+        assert!(comm.is_connected(), "{uri}");
+        comm.close().await.unwrap();
+    }
+}

@@ -1,13 +1,19 @@
-//! The connection flags every RabbitMQ example shares: `--uri` and `--codec`.
+//! What every example shares: the `--uri` and `--codec` flags, logging on by default,
+//! errors printed one cause a line, and stopping on Ctrl-C or SIGTERM.
+
+#![allow(dead_code)] // each example uses part of it
+
+use std::fmt;
 
 use clap::Args;
 use futures::StreamExt;
 use kiwimq::{Codec, Communicator, ConnectionEvent, Settings};
 
-/// Where to connect and how to encode.
+// Not a doc comment: clap would show it as every example's description.
 #[derive(Debug, Args)]
 pub(crate) struct Connection {
-    /// The broker URI.
+    /// The broker URI: amqp://user:pass@host[:port][/vhost][?heartbeat=S], or mem:// for the
+    /// embedded broker.
     #[arg(
         long,
         env = "KIWIMQ_URL",
@@ -20,18 +26,14 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// The settings these flags make, with tracing output when `RUST_LOG` is set.
+    /// The settings these flags make; logging starts too.
     fn settings(&self) -> Settings {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .try_init();
+        init_logging();
         Settings::new(self.uri.clone()).with_codec(self.codec)
     }
 
     /// Connects with these flags, printing every change of the connection (lost,
     /// restored) on stderr.
-    #[allow(dead_code)] // the blocking examples use `connect_blocking`
     pub(crate) async fn connect(&self) -> kiwimq::Result<Communicator> {
         let comm = self.settings().connect().await?;
         let mut events = comm.connection_events();
@@ -44,13 +46,24 @@ impl Connection {
     }
 
     /// Connects a blocking communicator with these flags, reporting as `connect` does.
-    #[allow(dead_code)] // the async examples use `connect`
     pub(crate) fn connect_blocking(&self) -> kiwimq::Result<kiwimq::blocking::Communicator> {
         let comm = kiwimq::blocking::Communicator::connect_with(self.settings())?;
         let events = comm.connection_events();
         std::thread::spawn(move || events.for_each(report));
         Ok(comm)
     }
+}
+
+/// Logs to stderr: kiwimq's warnings and errors unless `RUST_LOG` says otherwise
+/// (`RUST_LOG=kiwimq=debug` shows every send and receive). lapin's own lines are left out
+/// by default: kiwimq reports what they mean (a failed connect, a lost connection).
+pub(crate) fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lapin=off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn report(event: ConnectionEvent) {
@@ -60,3 +73,60 @@ fn report(event: ConnectionEvent) {
         _ => {}
     }
 }
+
+/// Waits for Ctrl-C or SIGTERM, the ways a terminal and a process manager ask to stop.
+pub(crate) async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Blocks the calling thread until Ctrl-C or SIGTERM, for examples without async.
+pub(crate) fn wait_for_shutdown_signal() {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(shutdown_signal()),
+        Err(error) => eprintln!("cannot wait for signals ({error}); stopping"),
+    }
+}
+
+/// An example's failure: returned from `main`, it prints the error and each cause on a
+/// line of its own (`main` shows an error with `Debug`, which would print the structure).
+pub(crate) struct Failure(kiwimq::Error);
+
+impl From<kiwimq::Error> for Failure {
+    fn from(error: kiwimq::Error) -> Self {
+        Self(error)
+    }
+}
+
+impl fmt::Debug for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut shown = self.0.to_string();
+        f.write_str(&shown)?;
+        let mut cause = std::error::Error::source(&self.0);
+        while let Some(error) = cause {
+            let text = error.to_string();
+            if !shown.contains(&text) {
+                write!(f, "\n  caused by: {text}")?;
+                shown.push_str(&text);
+            }
+            cause = error.source();
+        }
+        Ok(())
+    }
+}
+
+/// What an example's `main` returns.
+pub(crate) type Outcome = Result<(), Failure>;

@@ -19,10 +19,13 @@ pub enum Backend {
     Amqp,
 }
 
-/// The broker URI for AMQP tests: `KIWIMQ_AMQP_URL`, else the local RabbitMQ.
+/// The broker URI for AMQP tests: `KIWIMQ_URL` when it is an `amqp://` URI (the variable
+/// the examples read too), else the local RabbitMQ.
 pub fn amqp_url() -> String {
-    std::env::var("KIWIMQ_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("KIWIMQ_URL")
+        .ok()
+        .filter(|url| url.starts_with("amqp"))
+        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// Settings private to one test: a fresh in-process broker, or on RabbitMQ exchanges and
