@@ -29,6 +29,9 @@ pub(crate) struct Link {
     ///
     /// [`Settings::with_max_message_size`]: crate::Settings::with_max_message_size
     pub(crate) max_message_size: usize,
+    /// Task queues have a delivery limit and a dead-letter queue
+    /// ([`Settings::with_delivery_limit`](crate::Settings::with_delivery_limit)).
+    pub(crate) dead_lettering: bool,
 }
 
 impl Link {

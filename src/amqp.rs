@@ -1133,8 +1133,8 @@ impl Transport for AmqpTransport {
         .boxed()
     }
 
-    fn events(&self) -> broadcast::Receiver<ConnectionEvent> {
-        self.0.events.subscribe()
+    fn events(&self) -> broadcast::Sender<ConnectionEvent> {
+        self.0.events.clone()
     }
 
     fn is_connected(&self) -> bool {

@@ -2,10 +2,11 @@
 //! CLIs, simulation codes and plain `fn main` — kiwiPy's thread communicator.
 //!
 //! It wraps the async [`crate::Communicator`], whose own thread keeps the connection and its
-//! heartbeats alive. Subscribers are plain closures; each call runs on a worker thread of its
-//! own (as many at once as messages are delivered: for tasks, the prefetch), so a closure may
-//! block for as long as it likes without stalling the connection or the other subscribers. Results come back as [`Reply`] handles to
-//! [`wait`](Reply::wait) on.
+//! heartbeats alive. Subscribers are plain closures run on a bounded pool of handler
+//! threads ([`Settings::with_blocking_threads`], 16 by default; a burst beyond that waits its
+//! turn), so a closure may block for as long as it likes without stalling the connection.
+//! A panic in a closure is its message's answer: an error naming the panic. Results come
+//! back as [`Reply`] handles to [`wait`](Reply::wait) on.
 //!
 //! ```
 //! use kiwimq::blocking::Communicator;
@@ -26,6 +27,8 @@
 //! Every call may be made from any thread, an async runtime's included (it then blocks that
 //! thread, as any blocking call does).
 
+mod pool;
+
 use std::fmt;
 use std::future::Future;
 use std::pin::pin;
@@ -43,6 +46,7 @@ use crate::{
     Broadcast, BroadcastFilter, BroadcastOptions, Codec, ConnectionEvent, HandlerError,
     ReplyFuture, Rpc, Settings, Task,
 };
+use pool::HandlerPool;
 
 /// Wakes a thread parked on a future.
 struct Unpark(Thread);
@@ -84,44 +88,6 @@ fn run_until<F: Future + Unpin>(future: &mut F, deadline: Option<Instant>) -> Op
 fn run<F: Future>(future: F) -> F::Output {
     let mut future = pin!(future);
     run_until(&mut future, None).expect("without a deadline the future ran to its end")
-}
-
-/// Runs a blocking closure on a thread of its own; a panic in it becomes a handler failure
-/// (an error reply), never the end of the subscriber. Not tokio's blocking pool: a runtime
-/// waits for its blocking tasks when it stops, so a handler running for hours would hold up
-/// `close` and `drop` that long. A handler still running at close goes on alone; its task
-/// returns to the queue, and its result, when it comes, finds the communicator closed.
-async fn on_own_thread<T, F>(f: F) -> std::result::Result<T, HandlerError>
-where
-    F: FnOnce() -> std::result::Result<T, HandlerError> + Send + 'static,
-    T: Send + 'static,
-{
-    let (tx, rx) = futures::channel::oneshot::channel();
-    let spawned = thread::Builder::new()
-        .name("kiwimq-handler".into())
-        .spawn(move || {
-            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-            let _ = tx.send(outcome);
-        });
-    if let Err(error) = spawned {
-        return Err(HandlerError::failed(format!(
-            "no thread for the subscriber: {error}"
-        )));
-    }
-    match rx.await {
-        Ok(Ok(outcome)) => outcome,
-        Ok(Err(panic)) => {
-            let text = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".to_owned());
-            Err(HandlerError::failed(format!(
-                "the subscriber panicked: {text}"
-            )))
-        }
-        Err(_) => Err(HandlerError::failed("the subscriber's thread vanished")),
-    }
 }
 
 /// A result to come: of a task or an RPC. [`wait`](Reply::wait) for it, or
@@ -187,6 +153,8 @@ impl<R> fmt::Debug for Reply<R> {
 #[derive(Clone, Debug)]
 pub struct Communicator {
     inner: crate::Communicator,
+    /// Where the blocking subscribers run ([`Settings::with_blocking_threads`]).
+    pool: Arc<HandlerPool>,
 }
 
 impl Communicator {
@@ -198,7 +166,8 @@ impl Communicator {
     /// Connects with `settings`.
     pub fn connect_with(settings: Settings) -> Result<Self> {
         let inner = run(settings.connect())?;
-        Ok(Self { inner })
+        let pool = Arc::new(HandlerPool::new(inner.settings().blocking_threads));
+        Ok(Self { inner, pool })
     }
 
     /// The async communicator underneath, for code that mixes both.
@@ -238,6 +207,7 @@ impl Communicator {
     pub fn task_queue(&self, name: impl Into<String>) -> TaskQueue {
         TaskQueue {
             inner: self.inner.task_queue(name),
+            pool: self.pool.clone(),
         }
     }
 
@@ -245,6 +215,7 @@ impl Communicator {
     pub fn default_task_queue(&self) -> TaskQueue {
         TaskQueue {
             inner: self.inner.default_task_queue(),
+            pool: self.pool.clone(),
         }
     }
 
@@ -309,11 +280,13 @@ impl Communicator {
         F: Fn(Rpc<T, R>) -> std::result::Result<R, HandlerError> + Send + Sync + 'static,
     {
         let handler = Arc::new(handler);
+        let pool = self.pool.clone();
         run(self
             .inner
             .add_rpc_subscriber(identifier, move |rpc: Rpc<T, R>| {
                 let handler = handler.clone();
-                on_own_thread(move || handler(rpc))
+                let pool = pool.clone();
+                async move { pool.run(move || handler(rpc)).await }
             }))
     }
 
@@ -344,14 +317,19 @@ impl Communicator {
         F: Fn(Broadcast<T>) + Send + Sync + 'static,
     {
         let handler = Arc::new(handler);
+        let pool = self.pool.clone();
         run(self
             .inner
             .add_broadcast_subscriber(filter, move |broadcast: Broadcast<T>| {
                 let handler = handler.clone();
-                on_own_thread(move || {
-                    handler(broadcast);
-                    Ok(())
-                })
+                let pool = pool.clone();
+                async move {
+                    pool.run(move || {
+                        handler(broadcast);
+                        Ok(())
+                    })
+                    .await
+                }
             }))
     }
 
@@ -373,6 +351,7 @@ impl Communicator {
 #[derive(Clone, Debug)]
 pub struct TaskQueue {
     inner: crate::TaskQueue,
+    pool: Arc<HandlerPool>,
 }
 
 impl TaskQueue {
@@ -387,6 +366,7 @@ impl TaskQueue {
     pub fn with_prefetch(self, count: u16) -> Self {
         Self {
             inner: self.inner.with_prefetch(count),
+            pool: self.pool,
         }
     }
 
@@ -394,6 +374,7 @@ impl TaskQueue {
     pub fn dead_letters(&self) -> TaskQueue {
         TaskQueue {
             inner: self.inner.dead_letters(),
+            pool: self.pool.clone(),
         }
     }
 
@@ -421,9 +402,11 @@ impl TaskQueue {
         F: Fn(Task<T, R>) -> std::result::Result<R, HandlerError> + Send + Sync + 'static,
     {
         let handler = Arc::new(handler);
+        let pool = self.pool.clone();
         run(self.inner.add_task_subscriber(move |task: Task<T, R>| {
             let handler = handler.clone();
-            on_own_thread(move || handler(task))
+            let pool = pool.clone();
+            async move { pool.run(move || handler(task)).await }
         }))
     }
 

@@ -25,7 +25,7 @@ use crate::messages::{Broadcast, Rpc, Task};
 use crate::queue::{PulledTask, TaskQueue};
 use crate::runtime::Runtime;
 use crate::settings::Settings;
-use crate::subscriber::IntoSubscriber;
+use crate::subscriber::{IntoSubscriber, Scope};
 use crate::transport::{Exchange, Outgoing, Route, Source, Transport};
 use crate::{Codec, mem};
 
@@ -108,6 +108,7 @@ fn new_id() -> String {
 
 impl Communicator {
     pub(crate) async fn connect_with(settings: Settings) -> Result<Self> {
+        crate::panics::install_hook();
         let runtime = Runtime::start()?;
         let transport: Arc<dyn Transport> = match settings.uri.split_once("://") {
             Some(("mem", name)) => Arc::new(mem::MemTransport::connect(name, &settings)),
@@ -123,6 +124,7 @@ impl Communicator {
             transport,
             codec: settings.codec,
             max_message_size: settings.max_message_size,
+            dead_lettering: settings.delivery_limit.is_some(),
         };
         let replies = Replies::new();
         let task_reply_queue = format!("{}-reply-{}", settings.task_exchange, new_id());
@@ -197,7 +199,7 @@ impl Communicator {
     /// # }
     /// ```
     pub fn connection_events(&self) -> futures::stream::BoxStream<'static, ConnectionEvent> {
-        crate::events::stream(self.inner.link.transport.events())
+        crate::events::stream(self.inner.link.transport.events().subscribe())
     }
 
     /// How many task and RPC results this communicator still awaits.
@@ -313,8 +315,10 @@ impl Communicator {
         if lock(&inner.rpc).contains_key(&identifier) {
             return Err(Error::new(ErrorKind::DuplicateSubscriber(identifier)));
         }
-        let recipient = subscriber.into_recipient(inner.runtime.arbiter());
-        let handler = rpc_fn(recipient, inner.link.codec);
+        let handler = rpc_fn(
+            subscriber.into_subscriber(&inner.scope(&identifier)),
+            inner.link.codec,
+        );
         let consumer = inner
             .link
             .transport
@@ -404,12 +408,12 @@ impl Communicator {
     {
         let inner = &self.inner;
         inner.check_open()?;
+        let id = new_id();
         let handler = broadcast_fn(
-            subscriber.into_recipient(inner.runtime.arbiter()),
+            subscriber.into_subscriber(&inner.scope(&id)),
             filter,
             inner.link.codec,
         );
-        let id = new_id();
         let hub = inner.broadcast_hub();
         hub.send(broadcast_hub::AddSubscriber {
             id: id.clone(),
@@ -479,6 +483,15 @@ impl Communicator {
 }
 
 impl Inner {
+    /// Where a subscriber with this identifier starts and reports.
+    pub(crate) fn scope(&self, identifier: &str) -> Scope {
+        Scope {
+            arbiter: self.runtime.arbiter().clone(),
+            identifier: identifier.to_owned(),
+            events: self.link.transport.events(),
+        }
+    }
+
     pub(crate) fn check_open(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::closed());

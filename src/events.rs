@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::stream::{BoxStream, StreamExt};
 use tokio::sync::broadcast;
 
-/// A change in a communicator's connection. Watch them with
+/// A change in a communicator's connection, or in its subscribers' lives. Watch them with
 /// [`Communicator::connection_events`](crate::Communicator::connection_events).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -19,6 +19,23 @@ pub enum ConnectionEvent {
     Restored(Duration),
     /// The communicator was closed; nothing follows.
     Closed,
+    /// A [`supervised`](crate::supervised) subscriber's actor panicked or stopped and is
+    /// being started afresh.
+    SubscriberRestarted {
+        /// The subscriber's identifier (as its `add_*_subscriber` returned it).
+        identifier: String,
+        /// What ended the actor.
+        reason: String,
+    },
+    /// A subscriber is gone for good: an actor the user started died (it panicked or
+    /// stopped), or a supervised one passed its restart limit. It receives nothing more;
+    /// what it would have received goes to other subscribers, or back to its queue.
+    SubscriberLost {
+        /// The subscriber's identifier.
+        identifier: String,
+        /// What ended it.
+        reason: String,
+    },
 }
 
 /// How far an observer may fall behind before it misses events (it then skips to the

@@ -65,10 +65,12 @@ mod events;
 mod filter;
 mod mem;
 mod messages;
+mod panics;
 mod queue;
 mod runtime;
 mod settings;
 mod subscriber;
+mod supervised;
 mod transport;
 
 pub use actors::replies::ReplyFuture;
@@ -90,6 +92,9 @@ pub use settings::Settings;
 /// cannot decode it (a `Codec` error).
 pub use rmpv::Value;
 pub use subscriber::IntoSubscriber;
+#[doc(hidden)]
+pub use subscriber::{Scope, Subscriber};
+pub use supervised::{Supervised, supervised};
 
 // Every Rust snippet of the README and the guides is a doctest, so none can rot.
 #[cfg(doctest)]

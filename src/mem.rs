@@ -140,8 +140,8 @@ impl Transport for MemTransport {
         future::ready(Ok(())).boxed()
     }
 
-    fn events(&self) -> tokio::sync::broadcast::Receiver<ConnectionEvent> {
-        self.events.subscribe()
+    fn events(&self) -> tokio::sync::broadcast::Sender<ConnectionEvent> {
+        self.events.clone()
     }
 
     /// An in-process broker cannot be lost: connected until closed.

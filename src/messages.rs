@@ -6,6 +6,8 @@ use std::marker::PhantomData;
 
 use actix::Message;
 
+use crate::panics::PanicWatch;
+
 /// A task delivered to a task subscriber. The handler's `Ok` value is the task's result,
 /// sent back to the sender; `Err` is either a failure (the sender gets
 /// [`ErrorKind::Remote`](crate::ErrorKind::Remote)) or a rejection ([`HandlerError::reject`]:
@@ -22,6 +24,9 @@ pub struct Task<T, R = T> {
     /// The sender's correlation id, when it expects a reply.
     pub correlation_id: Option<String>,
     pub(crate) result: PhantomData<fn() -> R>,
+    /// Tells the dispatcher whether this task was dropped by its handler's panic (it
+    /// works by being dropped: never read).
+    pub(crate) _watch: PanicWatch,
 }
 
 impl<T: 'static, R: 'static> Message for Task<T, R> {
@@ -47,6 +52,9 @@ pub struct Rpc<T, R = T> {
     /// The caller's correlation id.
     pub correlation_id: Option<String>,
     pub(crate) result: PhantomData<fn() -> R>,
+    /// Tells the endpoint whether this request was dropped by its handler's panic (it
+    /// works by being dropped: never read).
+    pub(crate) _watch: PanicWatch,
 }
 
 impl<T: 'static, R: 'static> Message for Rpc<T, R> {
@@ -90,6 +98,11 @@ pub enum HandlerError {
     /// A task subscriber declines the task: it is offered to the next subscriber, else
     /// returned to the queue for another worker. (For RPC it is reported as a failure.)
     Rejected,
+    /// The handler panicked; carries the panic's text. kiwimq answers with it: the sender
+    /// gets a remote error naming the panic, and the task is settled as handled (or
+    /// dead-lettered, with a delivery limit) so that it cannot take down worker after
+    /// worker.
+    Panicked(String),
 }
 
 impl HandlerError {
@@ -109,7 +122,15 @@ impl fmt::Display for HandlerError {
         match self {
             Self::Failed(message) => f.write_str(message),
             Self::Rejected => f.write_str("the subscriber rejected the task"),
+            Self::Panicked(text) => write!(f, "the handler panicked: {text}"),
         }
+    }
+}
+
+impl HandlerError {
+    /// The failure reported for a handler that panicked.
+    pub(crate) fn panicked(text: &str) -> Self {
+        Self::Panicked(text.to_owned())
     }
 }
 

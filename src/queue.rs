@@ -119,11 +119,11 @@ impl TaskQueue {
     {
         let inner = &self.inner;
         inner.check_open()?;
+        let id = uuid::Uuid::new_v4().to_string();
         let handler = task_fn(
-            subscriber.into_recipient(inner.runtime.arbiter()),
+            subscriber.into_subscriber(&inner.scope(&id)),
             inner.link.codec,
         );
-        let id = uuid::Uuid::new_v4().to_string();
         let prefetch = self.prefetch.unwrap_or(inner.settings.task_prefetch);
         let actor = inner.task_queue_actor(&self.name, prefetch);
         actor

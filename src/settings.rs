@@ -40,6 +40,7 @@ pub struct Settings {
     pub(crate) delivery_limit: Option<u32>,
     pub(crate) rpc_timeout: Option<Duration>,
     pub(crate) max_message_size: usize,
+    pub(crate) blocking_threads: usize,
 }
 
 /// RabbitMQ's default `max_message_size` (128 MiB), kiwimq's default limit on both backends.
@@ -67,6 +68,7 @@ impl Settings {
             delivery_limit: None,
             rpc_timeout: Some(Duration::from_secs(300)),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            blocking_threads: 16,
         }
     }
 
@@ -198,6 +200,16 @@ impl Settings {
     #[must_use]
     pub fn with_max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
+        self
+    }
+
+    /// How many threads the [blocking communicator](crate::blocking)'s subscribers run on
+    /// at most (default 16). A burst of calls beyond that waits its turn in a queue instead
+    /// of growing the process by a thread per call; handlers that block for long need as
+    /// many threads as they should run at once.
+    #[must_use]
+    pub fn with_blocking_threads(mut self, threads: usize) -> Self {
+        self.blocking_threads = threads.max(1);
         self
     }
 

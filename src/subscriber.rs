@@ -1,21 +1,186 @@
-//! What can subscribe: an actor's `Addr` or `Recipient`, or a plain closure returning a
-//! future (wrapped in a small actor on the communicator's runtime).
+//! What can subscribe — an actor's `Addr` or `Recipient`, a plain closure returning a future
+//! (wrapped in a small actor on the communicator's runtime), or a
+//! [`supervised`](crate::supervised) actor kiwimq restarts — and how a message reaches it:
+//! a [`Subscriber`] delivers one message and says what became of it, a panic included.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use actix::dev::ToEnvelope;
 use actix::{Actor, Addr, Context, Handler, Message, Recipient, ResponseFuture};
 use actix_rt::ArbiterHandle;
+use futures::FutureExt;
+use futures::channel::oneshot;
+use tokio::sync::{broadcast, watch};
+
+use crate::events::ConnectionEvent;
+use crate::messages::HandlerError;
+use crate::panics::{PanicNotice, payload_text};
 
 /// Anything that can receive a subscription's messages of type `M`: an actor's [`Addr`], a
-/// [`Recipient`], or a closure `FnMut(M) -> impl Future<Output = M::Result>`.
+/// [`Recipient`], a closure `FnMut(M) -> impl Future<Output = M::Result>`, or
+/// [`supervised(factory)`](crate::supervised).
 pub trait IntoSubscriber<M: Message + Send>: Send
 where
     M::Result: Send,
 {
-    /// The recipient the communicator delivers to; closures are started as a small actor on
-    /// `arbiter`.
-    fn into_recipient(self, arbiter: &ArbiterHandle) -> Recipient<M>;
+    /// Makes the subscriber within `scope`; closures and supervised actors start there.
+    #[doc(hidden)]
+    fn into_subscriber(self, scope: &Scope) -> Subscriber<M>;
+}
+
+/// Where a subscriber starts and whom it tells when it dies: given by kiwimq.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub(crate) arbiter: ArbiterHandle,
+    pub(crate) identifier: String,
+    pub(crate) events: broadcast::Sender<ConnectionEvent>,
+}
+
+impl Scope {
+    /// Reports a subscriber gone for good: an error in the log and an event to watch.
+    pub(crate) fn report_lost(&self, reason: &str) {
+        tracing::error!(subscriber = %self.identifier, %reason, "subscriber lost for good");
+        let _ = self.events.send(ConnectionEvent::SubscriberLost {
+            identifier: self.identifier.clone(),
+            reason: reason.to_owned(),
+        });
+    }
+}
+
+/// A subscriber ready to be registered, made by [`IntoSubscriber`].
+#[doc(hidden)]
+pub struct Subscriber<M: Message + Send>
+where
+    M::Result: Send,
+{
+    target: Target<M>,
+    scope: Scope,
+    /// Reported lost already: said once.
+    lost: AtomicBool,
+}
+
+impl<M: Message + Send> std::fmt::Debug for Subscriber<M>
+where
+    M::Result: Send,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("identifier", &self.scope.identifier)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Target<M: Message + Send>
+where
+    M::Result: Send,
+{
+    /// An actor the user started: when it dies, it is gone.
+    Fixed(Recipient<M>),
+    /// An actor kiwimq restarts; the subscription ends its supervision when dropped.
+    Supervised {
+        life: watch::Receiver<Life<M>>,
+        _stop: oneshot::Sender<()>,
+    },
+}
+
+/// A supervised actor's state, as its supervision publishes it.
+pub(crate) enum Life<M: Message + Send>
+where
+    M::Result: Send,
+{
+    Running(Recipient<M>),
+    Restarting,
+    /// Restarted too often: given up (reported by the supervision).
+    Lost,
+}
+
+/// What became of a message handed to a subscriber.
+pub(crate) enum Delivered<R> {
+    /// The handler answered.
+    Answer(R),
+    /// Its handler panicked while handling it; carries the panic's text.
+    Panicked(String),
+    /// Not handled, through no fault of its own: the actor died handling another message
+    /// (it was queued behind), or a supervised actor is restarting. Offer it elsewhere.
+    Interrupted,
+    /// The subscriber is gone for good.
+    Lost,
+}
+
+impl<M: Message + Send + 'static> Subscriber<M>
+where
+    M::Result: Send,
+{
+    fn fixed(recipient: Recipient<M>, scope: &Scope) -> Self {
+        Self {
+            target: Target::Fixed(recipient),
+            scope: scope.clone(),
+            lost: AtomicBool::new(false),
+        }
+    }
+
+    /// The subscriber's identifier.
+    pub(crate) fn identifier(&self) -> &str {
+        &self.scope.identifier
+    }
+
+    /// Hands `message` over and waits for its answer. `notice` is the message's panic
+    /// watch (tasks and RPC requests carry one).
+    pub(crate) async fn deliver(
+        &self,
+        message: M,
+        notice: Option<&PanicNotice>,
+    ) -> Delivered<M::Result> {
+        let recipient = match &self.target {
+            Target::Fixed(recipient) => recipient.clone(),
+            Target::Supervised { life, .. } => {
+                let mut life = life.clone();
+                let running = life
+                    .wait_for(|life| match life {
+                        Life::Running(recipient) => recipient.connected(),
+                        Life::Restarting => false,
+                        Life::Lost => true,
+                    })
+                    .await;
+                match running.as_deref() {
+                    Ok(Life::Running(recipient)) => recipient.clone(),
+                    _ => return Delivered::Lost,
+                }
+            }
+        };
+        match recipient.send(message).await {
+            Ok(answer) => Delivered::Answer(answer),
+            Err(_) => {
+                if let Some(text) = notice.and_then(PanicNotice::panic) {
+                    self.died(&format!("it panicked: {text}"));
+                    return Delivered::Panicked(text.to_owned());
+                }
+                if recipient.connected() {
+                    // The actor lives, but the future of this message's answer was dropped:
+                    // it panicked on its own task.
+                    return Delivered::Panicked(
+                        "the handler's future ended without an answer (it panicked)".to_owned(),
+                    );
+                }
+                self.died("its actor stopped");
+                match self.target {
+                    Target::Fixed(_) => Delivered::Lost,
+                    Target::Supervised { .. } => Delivered::Interrupted,
+                }
+            }
+        }
+    }
+
+    /// The actor is gone: a user's actor for good (reported once); a supervised one is
+    /// restarted by its supervision, which reports.
+    fn died(&self, reason: &str) {
+        if matches!(self.target, Target::Fixed(_)) && !self.lost.swap(true, Ordering::AcqRel) {
+            self.scope.report_lost(reason);
+        }
+    }
 }
 
 impl<M> IntoSubscriber<M> for Recipient<M>
@@ -23,8 +188,8 @@ where
     M: Message + Send + 'static,
     M::Result: Send,
 {
-    fn into_recipient(self, _: &ArbiterHandle) -> Recipient<M> {
-        self
+    fn into_subscriber(self, scope: &Scope) -> Subscriber<M> {
+        Subscriber::fixed(self, scope)
     }
 }
 
@@ -35,50 +200,89 @@ where
     A: Actor + Handler<M>,
     A::Context: ToEnvelope<A, M>,
 {
-    fn into_recipient(self, _: &ArbiterHandle) -> Recipient<M> {
-        self.recipient()
+    fn into_subscriber(self, scope: &Scope) -> Subscriber<M> {
+        Subscriber::fixed(self.recipient(), scope)
     }
 }
 
-impl<M, F, Fut> IntoSubscriber<M> for F
+impl<M, R, F, Fut> IntoSubscriber<M> for F
 where
-    M: Message + Send + 'static,
-    M::Result: Send,
+    M: Message<Result = Result<R, HandlerError>> + Send + 'static,
+    R: Send + 'static,
     F: FnMut(M) -> Fut + Send + 'static,
     Fut: Future<Output = M::Result> + 'static,
 {
-    fn into_recipient(self, arbiter: &ArbiterHandle) -> Recipient<M> {
-        FnActor { f: Box::new(self) }
-            .start_in_arbiter_handle(arbiter)
-            .recipient()
+    fn into_subscriber(self, scope: &Scope) -> Subscriber<M> {
+        let actor = FnActor { f: Box::new(self) };
+        let addr = Actor::start_in_arbiter(&scope.arbiter, move |_| actor);
+        Subscriber::fixed(addr.recipient(), scope)
     }
 }
 
-/// The actor that runs a closure subscriber: each message's future runs concurrently.
+/// The actor that runs a closure subscriber: each message's future runs concurrently. A
+/// panic in the closure or its future is the message's answer (a failure naming it); the
+/// actor lives on.
 struct FnActor<F> {
     /// Boxed so the actor is `Unpin` whatever the closure captures.
     f: Box<F>,
-}
-
-impl<F: Send + 'static> FnActor<F> {
-    fn start_in_arbiter_handle(self, arbiter: &ArbiterHandle) -> Addr<Self> {
-        Actor::start_in_arbiter(arbiter, move |_| self)
-    }
 }
 
 impl<F: 'static> Actor for FnActor<F> {
     type Context = Context<Self>;
 }
 
-impl<M, F, Fut> Handler<M> for FnActor<F>
+impl<M, R, F, Fut> Handler<M> for FnActor<F>
 where
-    M: Message + 'static,
+    M: Message<Result = Result<R, HandlerError>> + 'static,
+    R: 'static,
     F: FnMut(M) -> Fut + 'static,
     Fut: Future<Output = M::Result> + 'static,
 {
     type Result = ResponseFuture<M::Result>;
 
     fn handle(&mut self, message: M, _: &mut Context<Self>) -> Self::Result {
-        Box::pin((self.f)(message))
+        let f = &mut self.f;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| f(message))) {
+            Ok(future) => Box::pin(AssertUnwindSafe(future).catch_unwind().map(|outcome| {
+                outcome.unwrap_or_else(|panic| Err(HandlerError::panicked(&payload_text(&*panic))))
+            })),
+            Err(panic) => {
+                let text = payload_text(&*panic);
+                Box::pin(async move { Err(HandlerError::panicked(&text)) })
+            }
+        }
+    }
+}
+
+/// Starts the supervision of an actor made by `factory` (see [`crate::supervised`]).
+pub(crate) fn supervise<M, A, F>(
+    policy: crate::supervised::Policy,
+    factory: F,
+    scope: &Scope,
+) -> Subscriber<M>
+where
+    M: Message + Send + 'static,
+    M::Result: Send,
+    A: Actor<Context = Context<A>> + Handler<M>,
+    F: Fn() -> A + Send + 'static,
+{
+    let (life, watched) = watch::channel(Life::Restarting);
+    let (stop, stopped) = oneshot::channel();
+    let run_scope = scope.clone();
+    let spawned = scope.arbiter.spawn_fn(move || {
+        actix_rt::spawn(crate::supervised::run(
+            policy, factory, life, stopped, run_scope,
+        ));
+    });
+    if !spawned {
+        tracing::warn!(subscriber = %scope.identifier, "the runtime is stopping: the supervised subscriber does not start");
+    }
+    Subscriber {
+        target: Target::Supervised {
+            life: watched,
+            _stop: stop,
+        },
+        scope: scope.clone(),
+        lost: AtomicBool::new(false),
     }
 }

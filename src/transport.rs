@@ -173,8 +173,9 @@ pub(crate) trait Transport: Send + Sync + 'static {
     /// Closes the connection; later operations fail with `Closed`.
     fn close(&self) -> BoxFuture<'static, Result<()>>;
 
-    /// Connection changes from now on.
-    fn events(&self) -> tokio::sync::broadcast::Receiver<ConnectionEvent>;
+    /// Where this connection's events go: changes of the connection, and what the layers
+    /// above report beside them (subscribers lost or restarted).
+    fn events(&self) -> tokio::sync::broadcast::Sender<ConnectionEvent>;
 
     /// Whether the connection is up now.
     fn is_connected(&self) -> bool;

@@ -582,48 +582,6 @@ async fn prefetch_limits_how_many_tasks_a_worker_holds(backend: Backend) {
     other.close().await.unwrap();
 }
 
-/// A worker whose handler panics on its first task.
-struct Fragile;
-
-impl Actor for Fragile {
-    type Context = Context<Self>;
-}
-
-impl Handler<Task<i64>> for Fragile {
-    type Result = Result<i64, HandlerError>;
-
-    fn handle(&mut self, task: Task<i64>, _: &mut Context<Self>) -> Self::Result {
-        panic!("the fragile worker breaks on task {}", task.body);
-    }
-}
-
-async fn a_panicking_task_handler_loses_no_task(backend: Backend) {
-    let settings = settings(backend);
-    let comm = connect(&settings).await;
-    // The fragile actor runs on an arbiter of its own, so its panic takes only it down.
-    let arbiter = Arbiter::new();
-    let fragile = Fragile::start_in_arbiter(&arbiter.handle(), |_| Fragile);
-    comm.add_task_subscriber(fragile).await.unwrap();
-    let result = comm.task_send::<_, i64>(&3i64).await.unwrap();
-    // The task went back to the queue and the dead subscriber was removed: a healthy
-    // worker now completes it.
-    let healthy = connect(&settings).await;
-    healthy
-        .add_task_subscriber(
-            Multiplier {
-                factor: 2,
-                seen: seen(),
-            }
-            .start(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(result.await.unwrap(), 6);
-    comm.close().await.unwrap();
-    healthy.close().await.unwrap();
-    arbiter.stop();
-}
-
 async fn a_task_of_the_wrong_type_gets_an_error_reply_and_is_not_redelivered(backend: Backend) {
     let comm = connect(&settings(backend)).await;
     comm.add_task_subscriber(
@@ -1171,7 +1129,6 @@ macro_rules! behaviours {
                     a_task_every_subscriber_rejects_goes_back_to_the_queue,
                     a_task_is_acked_only_after_its_handler_finished,
                     prefetch_limits_how_many_tasks_a_worker_holds,
-                    a_panicking_task_handler_loses_no_task,
                     a_task_of_the_wrong_type_gets_an_error_reply_and_is_not_redelivered,
                     named_task_queue,
                     next_task_takes_one_task,

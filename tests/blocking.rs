@@ -278,7 +278,34 @@ macro_rules! both {
     };
 }
 
+/// A burst of calls to a blocking subscriber whose handler sleeps runs a bounded number at
+/// once (the pool's size) instead of a thread per call; every call is answered.
+fn a_burst_of_calls_waits_for_the_bounded_pool(backend: Backend) {
+    let comm = connect(&settings(backend).with_blocking_threads(4));
+    let running = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (now, peak) = (running.clone(), most.clone());
+    comm.add_rpc_subscriber(Some("slow"), move |rpc: Rpc<u32>| {
+        let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
+        peak.fetch_max(at_once, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        now.fetch_sub(1, Ordering::SeqCst);
+        Ok(rpc.body)
+    })
+    .unwrap();
+    let replies: Vec<_> = (0..100u32)
+        .map(|n| comm.rpc_send::<_, u32>("slow", &n).unwrap())
+        .collect();
+    for (n, reply) in replies.into_iter().enumerate() {
+        assert_eq!(reply.wait().unwrap() as usize, n);
+    }
+    let most = most.load(Ordering::SeqCst);
+    assert!((1..=4).contains(&most), "{most} handlers ran at once");
+    comm.close().unwrap();
+}
+
 both!(
+    a_burst_of_calls_waits_for_the_bounded_pool,
     each_task_goes_to_one_of_the_workers,
     a_failing_or_panicking_task_handler_is_a_remote_error,
     a_rejected_task_goes_to_the_next_subscriber,

@@ -13,6 +13,7 @@ use crate::codec::envelope::BroadcastEnvelope;
 use crate::error::Result;
 use crate::filter::BroadcastFilter;
 use crate::messages::Broadcast;
+use crate::subscriber::{Delivered, Subscriber};
 use crate::transport::{Delivery, Source, Transport};
 
 /// A broadcast subscriber with its type and filter erased.
@@ -21,13 +22,14 @@ pub(crate) type BroadcastFn = Arc<dyn Fn(bytes::Bytes) -> BoxFuture<'static, ()>
 /// Erases a typed broadcast recipient behind its filter. Errors are logged: broadcasts are
 /// fire and forget.
 pub(crate) fn broadcast_fn<T>(
-    recipient: Recipient<Broadcast<T>>,
+    subscriber: Subscriber<Broadcast<T>>,
     filter: BroadcastFilter,
     codec: Codec,
 ) -> BroadcastFn
 where
     T: DeserializeOwned + Send + 'static,
 {
+    let subscriber = Arc::new(subscriber);
     Arc::new(move |bytes: bytes::Bytes| {
         let envelope: BroadcastEnvelope<T> = match codec.decode(&bytes) {
             Ok(envelope) => envelope,
@@ -50,12 +52,18 @@ where
             subject: envelope.subject,
             correlation_id: envelope.correlation_id,
         };
-        let sent = recipient.send(broadcast);
+        let subscriber = subscriber.clone();
         async move {
-            match sent.await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => tracing::error!(%error, "broadcast subscriber failed"),
-                Err(error) => tracing::error!(%error, "broadcast subscriber is gone"),
+            match subscriber.deliver(broadcast, None).await {
+                Delivered::Answer(Ok(())) => {}
+                Delivered::Answer(Err(error)) => {
+                    tracing::error!(subscriber = %subscriber.identifier(), %error, "broadcast subscriber failed");
+                }
+                Delivered::Panicked(text) => {
+                    tracing::error!(subscriber = %subscriber.identifier(), panic = %text, "broadcast subscriber panicked");
+                }
+                // Reported by the subscriber already; a broadcast is not kept.
+                Delivered::Interrupted | Delivered::Lost => {}
             }
         }
         .boxed()

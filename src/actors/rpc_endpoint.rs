@@ -12,22 +12,25 @@ use serde::de::DeserializeOwned;
 
 use super::{Link, encode_reply, exception_reply};
 use crate::Codec;
-use crate::messages::Rpc;
+use crate::messages::{HandlerError, Rpc};
+use crate::panics::PanicWatch;
+use crate::subscriber::{Delivered, Subscriber};
 use crate::transport::{Delivery, Exchange};
 
 /// An RPC subscriber with its types erased: request bytes in, reply map bytes out.
 pub(crate) type RpcFn =
     Arc<dyn Fn(bytes::Bytes, Option<String>) -> BoxFuture<'static, Vec<u8>> + Send + Sync>;
 
-/// Erases a typed RPC recipient. Every request gets a reply: bad bytes and a dead
-/// subscriber become exception replies naming the problem.
-pub(crate) fn rpc_fn<T, R>(recipient: Recipient<Rpc<T, R>>, codec: Codec) -> RpcFn
+/// Erases a typed RPC subscriber. Every request gets a reply: bad bytes, a panic and a
+/// dead subscriber become exception replies naming the problem.
+pub(crate) fn rpc_fn<T, R>(subscriber: Subscriber<Rpc<T, R>>, codec: Codec) -> RpcFn
 where
     T: DeserializeOwned + Send + 'static,
     R: Serialize + Send + 'static,
 {
+    let subscriber = Arc::new(subscriber);
     Arc::new(move |body: bytes::Bytes, correlation_id: Option<String>| {
-        let recipient = recipient.clone();
+        let subscriber = subscriber.clone();
         async move {
             let body: T = match codec.decode(&body) {
                 Ok(body) => body,
@@ -40,16 +43,24 @@ where
                     );
                 }
             };
+            let (watch, notice) = PanicWatch::new();
             let request = Rpc {
                 body,
                 correlation_id,
                 result: PhantomData,
+                _watch: watch,
             };
-            match recipient.send(request).await {
-                Ok(outcome) => encode_reply(codec, outcome, None),
-                Err(error) => {
-                    exception_reply(codec, &format!("the RPC subscriber is gone: {error}"), None)
+            match subscriber.deliver(request, Some(&notice)).await {
+                Delivered::Answer(outcome) => encode_reply(codec, outcome, None),
+                Delivered::Panicked(text) => {
+                    tracing::error!(identifier = %subscriber.identifier(), "an RPC handler panicked; the caller gets the panic as an error");
+                    encode_reply::<R>(codec, Err(HandlerError::Panicked(text)), None)
                 }
+                Delivered::Interrupted | Delivered::Lost => exception_reply(
+                    codec,
+                    "the RPC subscriber died before it handled the request",
+                    None,
+                ),
             }
         }
         .boxed()

@@ -16,6 +16,8 @@ use crate::Codec;
 use crate::codec::envelope::{Host, TaskEnvelope};
 use crate::error::{Error, ErrorKind, Result};
 use crate::messages::{HandlerError, Task};
+use crate::panics::PanicWatch;
+use crate::subscriber::{Delivered, Subscriber};
 use crate::transport::{Delivery, Exchange, Outcome, Source};
 
 static HOST: LazyLock<Host> = LazyLock::new(Host::this_process);
@@ -35,45 +37,62 @@ pub(crate) struct TaskInput {
 
 /// What one subscriber made of a task.
 pub(crate) enum TaskAnswer {
-    /// Handled: the encoded reply map, unless the sender asked for none.
-    Reply { bytes: Vec<u8>, no_reply: bool },
+    /// Handled: the encoded reply map, unless the sender asked for none. `panicked`: the
+    /// reply names the handler's panic, and a queue with a delivery limit dead-letters the
+    /// task rather than acknowledging it.
+    Reply {
+        bytes: Vec<u8>,
+        no_reply: bool,
+        panicked: bool,
+    },
     /// Declined: offer it to the next subscriber.
     Rejected,
     /// Not a task of this subscriber's type.
     Undecodable(Error),
-    /// The subscriber's actor is gone (it stopped or panicked).
-    Dead(String),
+    /// Not handled through no fault of its own (its actor died handling another task, or
+    /// is restarting): offer it to the next subscriber.
+    Interrupted,
+    /// The subscriber is gone for good (reported already): remove it.
+    Lost,
 }
 
 /// A task subscriber with its types erased.
 pub(crate) type TaskFn = Arc<dyn Fn(TaskInput) -> BoxFuture<'static, TaskAnswer> + Send + Sync>;
 
-/// Erases a typed task recipient.
-pub(crate) fn task_fn<T, R>(recipient: Recipient<Task<T, R>>, codec: Codec) -> TaskFn
+/// Erases a typed task subscriber.
+pub(crate) fn task_fn<T, R>(subscriber: Subscriber<Task<T, R>>, codec: Codec) -> TaskFn
 where
     T: DeserializeOwned + Send + 'static,
     R: Serialize + Send + 'static,
 {
+    let subscriber = Arc::new(subscriber);
     Arc::new(move |input: TaskInput| {
-        let recipient = recipient.clone();
+        let subscriber = subscriber.clone();
         async move {
             let (body, no_reply): TaskEnvelope<T> = match codec.decode(&input.body) {
                 Ok(envelope) => envelope,
                 Err(error) => return TaskAnswer::Undecodable(error),
             };
+            let (watch, notice) = PanicWatch::new();
             let task = Task {
                 body,
                 redelivered: input.redelivered,
                 correlation_id: input.correlation_id,
                 result: PhantomData,
+                _watch: watch,
             };
-            match recipient.send(task).await {
-                Err(error) => TaskAnswer::Dead(error.to_string()),
-                Ok(Err(HandlerError::Rejected)) => TaskAnswer::Rejected,
-                Ok(outcome) => TaskAnswer::Reply {
-                    bytes: encode_reply(codec, outcome, Some(host())),
-                    no_reply,
-                },
+            let outcome = match subscriber.deliver(task, Some(&notice)).await {
+                Delivered::Answer(Err(HandlerError::Rejected)) => return TaskAnswer::Rejected,
+                Delivered::Answer(outcome) => outcome,
+                Delivered::Panicked(text) => Err(HandlerError::Panicked(text)),
+                Delivered::Interrupted => return TaskAnswer::Interrupted,
+                Delivered::Lost => return TaskAnswer::Lost,
+            };
+            let panicked = matches!(outcome, Err(HandlerError::Panicked(_)));
+            TaskAnswer::Reply {
+                bytes: encode_reply(codec, outcome, Some(host())),
+                no_reply,
+                panicked,
             }
         }
         .boxed()
@@ -273,10 +292,14 @@ async fn dispatch(
         correlation_id: correlation_id.clone(),
     };
     let mut undecodable = None;
-    let mut rejected = false;
+    let mut declined = false;
     for (id, handler) in subscribers.iter() {
         match handler(input.clone()).await {
-            TaskAnswer::Reply { bytes, no_reply } => {
+            TaskAnswer::Reply {
+                bytes,
+                no_reply,
+                panicked,
+            } => {
                 let outcome = match (no_reply, reply_to) {
                     (false, Some(reply_to)) => {
                         match link
@@ -292,24 +315,30 @@ async fn dispatch(
                     }
                     _ => Outcome::Ack,
                 };
+                let outcome = match outcome {
+                    // Answered, and kept for a look in the dead-letter queue.
+                    Outcome::Ack if panicked && link.dead_lettering => Outcome::Discard,
+                    outcome => outcome,
+                };
+                if panicked {
+                    tracing::error!(%queue, subscriber = %id, ?correlation_id, "a task handler panicked; the sender gets the panic as an error");
+                }
                 acker.settle(outcome);
                 return;
             }
-            TaskAnswer::Rejected => rejected = true,
+            TaskAnswer::Rejected | TaskAnswer::Interrupted => declined = true,
             TaskAnswer::Undecodable(error) => undecodable = Some(error),
-            TaskAnswer::Dead(reason) => {
-                tracing::error!(%queue, subscriber = %id, %reason, "task subscriber died; task requeued, subscriber removed");
+            TaskAnswer::Lost => {
+                declined = true;
                 me.do_send(RemoveSubscriber {
                     id: id.clone(),
                     dead: true,
                 });
-                acker.settle(Outcome::Requeue);
-                return;
             }
         }
     }
     match undecodable {
-        Some(error) if !rejected => {
+        Some(error) if !declined => {
             tracing::warn!(%queue, ?correlation_id, %error, "undecodable task discarded");
             if let Some(reply_to) = reply_to {
                 let bytes = exception_reply(
@@ -327,7 +356,7 @@ async fn dispatch(
             acker.settle(Outcome::Discard);
         }
         _ => {
-            tracing::debug!(%queue, ?correlation_id, "task rejected by every subscriber; requeued");
+            tracing::debug!(%queue, ?correlation_id, "no subscriber took the task; requeued");
             acker.settle(Outcome::Requeue);
         }
     }
