@@ -13,7 +13,7 @@
 //! so the actors never notice. The actors poll lapin's consumers themselves: a delivery
 //! crosses no thread between lapin's I/O thread and its subscriber's.
 
-mod supervisor;
+mod recovery;
 mod topology;
 mod uri;
 
@@ -50,8 +50,8 @@ use crate::transport::{
 };
 use topology::{BROADCAST_TOPIC, RPC_TOPIC, Topology};
 
-/// Connects to RabbitMQ within the connect timeout, declares both exchanges and starts the
-/// supervisor.
+/// Connects to RabbitMQ within the connect timeout and declares both exchanges; the
+/// [`Supervisor`](crate::supervisor::Supervisor) then runs the transport's recovery.
 pub(crate) async fn connect(settings: &Settings) -> Result<Arc<dyn Transport>> {
     let shared = Arc::new(Shared::new(settings)?);
     let first = shared.clone();
@@ -63,11 +63,7 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Arc<dyn Transport>> {
             Ok::<_, Error>(connection)
         })
         .await??;
-    shared.state.send_replace(State::Up(connection.clone(), 0));
-    shared
-        .io
-        .handle
-        .spawn(supervisor::supervise(shared.clone(), connection));
+    shared.state.send_replace(State::Up(connection, 0));
     shared.io.handle.spawn(tick(Arc::downgrade(&shared)));
     Ok(Arc::new(AmqpTransport(shared)))
 }
@@ -1139,6 +1135,17 @@ impl Transport for AmqpTransport {
 
     fn is_connected(&self) -> bool {
         matches!(&*self.0.state.borrow(), State::Up(..))
+    }
+
+    fn supervise(&self) -> BoxFuture<'static, ()> {
+        let shared = self.0.clone();
+        async move {
+            let State::Up(connection, _) = shared.state.borrow().clone() else {
+                return;
+            };
+            recovery::supervise(shared, connection).await;
+        }
+        .boxed()
     }
 }
 

@@ -1,7 +1,6 @@
 //! [`Communicator`]: the cheap-`Clone` async handle users hold. It encodes and sends from the
 //! caller's task and forwards subscriptions, by address, to the actors on its runtime.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +14,7 @@ use serde::de::DeserializeOwned;
 use crate::actors::Link;
 use crate::actors::broadcast_hub::{self, BroadcastHub, broadcast_fn};
 use crate::actors::replies::{Replies, ReplyFuture};
-use crate::actors::rpc_endpoint::{RpcEndpoint, rpc_fn};
+use crate::actors::rpc_endpoint::{self, rpc_fn};
 use crate::actors::task_queue::{Drain, TaskQueue as TaskQueueActor};
 use crate::codec::envelope::BroadcastEnvelope;
 use crate::error::{Error, ErrorKind, Result};
@@ -26,6 +25,9 @@ use crate::queue::{PulledTask, TaskQueue};
 use crate::runtime::Runtime;
 use crate::settings::Settings;
 use crate::subscriber::{IntoSubscriber, Scope};
+use crate::supervisor::{
+    BroadcastHubChild, ClaimRpc, Inspect, RemoveRpc, StartRpc, Supervisor, Tally, TaskQueueChild,
+};
 use crate::transport::{Exchange, Outgoing, Route, Source, Transport};
 use crate::{Codec, mem};
 
@@ -34,6 +36,13 @@ use crate::{Codec, mem};
 /// `amqp://user:pass@host:port/vhost` for RabbitMQ.
 pub async fn connect(uri: &str) -> Result<Communicator> {
     Settings::new(uri).connect().await
+}
+
+impl Settings {
+    /// Connects a [`Communicator`] with these settings.
+    pub async fn connect(self) -> Result<Communicator> {
+        Communicator::connect_with(self).await
+    }
 }
 
 /// Options of a broadcast beyond its body; every field may be left out.
@@ -83,7 +92,13 @@ pub struct Communicator {
 pub(crate) struct Inner {
     pub(crate) settings: Settings,
     pub(crate) link: Link,
+    /// Where the consumer-side actors and closure subscribers run.
     pub(crate) runtime: Runtime,
+    /// The root of the actor tree, on a thread of its own where no user code runs.
+    pub(crate) supervisor: Addr<Supervisor>,
+    supervision: Runtime,
+    /// Restarts and subscribers lost, for [`Communicator::health`].
+    pub(crate) tally: Tally,
     pub(crate) replies: Arc<Replies>,
     /// Reply queues, one per exchange, as kiwiPy's publishers have.
     pub(crate) task_reply_queue: String,
@@ -91,11 +106,6 @@ pub(crate) struct Inner {
     closed: AtomicBool,
     /// Task queues this communicator has declared (sending declares once).
     declared: Mutex<std::collections::HashSet<String>>,
-    task_queues: Mutex<HashMap<String, Addr<TaskQueueActor>>>,
-    /// RPC identifier → its endpoint and the consumer tag to cancel.
-    rpc: Mutex<HashMap<String, (Addr<RpcEndpoint>, String)>>,
-    broadcast_hub: Mutex<Option<Addr<BroadcastHub>>>,
-    broadcast_queue: String,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -109,7 +119,8 @@ fn new_id() -> String {
 impl Communicator {
     pub(crate) async fn connect_with(settings: Settings) -> Result<Self> {
         crate::panics::install_hook();
-        let runtime = Runtime::start()?;
+        let runtime = Runtime::start("kiwimq-runtime")?;
+        let supervision = Runtime::start("kiwimq-supervisor")?;
         let transport: Arc<dyn Transport> = match settings.uri.split_once("://") {
             Some(("mem", name)) => Arc::new(mem::MemTransport::connect(name, &settings)),
             Some(("amqp" | "amqps", _)) => crate::amqp::connect(&settings).await?,
@@ -141,19 +152,26 @@ impl Communicator {
         }
         runtime.spawn(Replies::reap(Arc::downgrade(&replies)));
         let broadcast_queue = format!("broadcast-{}", new_id());
+        let tally = Tally::default();
+        let supervisor = Supervisor::new(
+            link.clone(),
+            runtime.arbiter().clone(),
+            broadcast_queue,
+            tally.clone(),
+        );
+        let supervisor = Supervisor::start_in_arbiter(supervision.arbiter(), move |_| supervisor);
         let inner = Inner {
             settings,
             link,
             runtime,
+            supervisor,
+            supervision,
+            tally,
             replies,
             task_reply_queue,
             message_reply_queue,
             closed: AtomicBool::new(false),
             declared: Mutex::default(),
-            task_queues: Mutex::default(),
-            rpc: Mutex::default(),
-            broadcast_hub: Mutex::default(),
-            broadcast_queue,
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -312,14 +330,16 @@ impl Communicator {
         let inner = &self.inner;
         inner.check_open()?;
         let identifier = identifier.map_or_else(new_id, str::to_owned);
-        if lock(&inner.rpc).contains_key(&identifier) {
-            return Err(Error::new(ErrorKind::DuplicateSubscriber(identifier)));
-        }
+        let supervisor = &inner.supervisor;
+        supervisor
+            .send(ClaimRpc(identifier.clone()))
+            .await
+            .map_err(|_| Error::closed())??;
         let handler = rpc_fn(
             subscriber.into_subscriber(&inner.scope(&identifier)),
             inner.link.codec,
         );
-        let consumer = inner
+        let consumed = inner
             .link
             .transport
             .consume(Source::Rpc(identifier.clone()), 0)
@@ -329,42 +349,40 @@ impl Communicator {
                     Error::new(ErrorKind::DuplicateSubscriber(identifier.clone()))
                 }
                 _ => e,
-            })?;
-        let link = inner.link.clone();
-        let id = identifier.clone();
-        let deliveries = consumer.deliveries;
-        let endpoint = RpcEndpoint::start_in_arbiter(inner.runtime.arbiter(), move |ctx| {
-            <RpcEndpoint as actix::StreamHandler<_>>::add_stream(deliveries, ctx);
-            RpcEndpoint::new(link, id, handler)
-        });
-        let raced = {
-            let mut rpc = lock(&inner.rpc);
-            let raced = rpc.contains_key(&identifier);
-            if !raced {
-                rpc.insert(identifier.clone(), (endpoint, consumer.tag.clone()));
-            }
-            raced
+            });
+        let (started, outcome) = match consumed {
+            Ok(consumer) => (Some((handler, consumer)), Ok(identifier.clone())),
+            Err(error) => (None, Err(error)),
         };
-        if raced {
-            // Another call won the race for this identifier while we were subscribing.
-            let _ = inner.link.transport.cancel(&consumer.tag).await;
-            return Err(Error::new(ErrorKind::DuplicateSubscriber(identifier)));
-        }
-        Ok(identifier)
+        supervisor
+            .send(StartRpc {
+                identifier,
+                started,
+            })
+            .await
+            .map_err(|_| Error::closed())?;
+        outcome
     }
 
     /// Removes the RPC subscriber `identifier`; `UnknownSubscriber` if there is none.
     pub async fn remove_rpc_subscriber(&self, identifier: &str) -> Result<()> {
         let inner = &self.inner;
         inner.check_open()?;
-        let removed = lock(&inner.rpc).remove(identifier);
-        let Some((_endpoint, tag)) = removed else {
+        let removed = inner
+            .supervisor
+            .send(RemoveRpc(identifier.to_owned()))
+            .await
+            .map_err(|_| Error::closed())?;
+        let Some(endpoint) = removed else {
             return Err(Error::new(ErrorKind::UnknownSubscriber(
                 identifier.to_owned(),
             )));
         };
-        // Cancelling ends the endpoint's stream; the actor stops with the runtime.
-        inner.link.transport.cancel(&tag).await
+        // Its consumer cancelled and forgotten by the supervisor, the endpoint stops.
+        endpoint
+            .send(rpc_endpoint::Unsubscribe)
+            .await
+            .map_err(|_| Error::closed())?
     }
 
     // ---- broadcasts --------------------------------------------------------------------
@@ -414,7 +432,7 @@ impl Communicator {
             filter,
             inner.link.codec,
         );
-        let hub = inner.broadcast_hub();
+        let hub = inner.broadcast_hub().await?;
         hub.send(broadcast_hub::AddSubscriber {
             id: id.clone(),
             handler,
@@ -428,7 +446,7 @@ impl Communicator {
     pub async fn remove_broadcast_subscriber(&self, identifier: &str) -> Result<()> {
         let inner = &self.inner;
         inner.check_open()?;
-        let hub = inner.broadcast_hub();
+        let hub = inner.broadcast_hub().await?;
         let removed = hub
             .send(broadcast_hub::RemoveSubscriber {
                 id: identifier.to_owned(),
@@ -465,6 +483,7 @@ impl Communicator {
         };
         let result = self.inner.runtime.run(close).await.and_then(|r| r);
         self.inner.runtime.stop();
+        self.inner.supervision.stop();
         result
     }
 
@@ -489,6 +508,7 @@ impl Inner {
             arbiter: self.runtime.arbiter().clone(),
             identifier: identifier.to_owned(),
             events: self.link.transport.events(),
+            tally: self.tally.clone(),
         }
     }
 
@@ -509,28 +529,34 @@ impl Inner {
         Ok(())
     }
 
-    /// The actor consuming `queue` for this communicator, started on first use.
-    pub(crate) fn task_queue_actor(&self, queue: &str, prefetch: u16) -> Addr<TaskQueueActor> {
-        let mut actors = lock(&self.task_queues);
-        actors
-            .entry(queue.to_owned())
-            .or_insert_with(|| {
-                let actor = TaskQueueActor::new(self.link.clone(), queue.to_owned(), prefetch);
-                TaskQueueActor::start_in_arbiter(self.runtime.arbiter(), move |_| actor)
+    /// The actor consuming `queue` for this communicator, started on first use; with
+    /// `start: false`, only one that exists.
+    pub(crate) async fn task_queue_actor(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        start: bool,
+    ) -> Result<Option<Addr<TaskQueueActor>>> {
+        self.supervisor
+            .send(TaskQueueChild {
+                queue: queue.to_owned(),
+                prefetch,
+                start,
             })
-            .clone()
-    }
-
-    /// The actor consuming `queue`, if this communicator ever subscribed to it.
-    pub(crate) fn existing_task_queue_actor(&self, queue: &str) -> Option<Addr<TaskQueueActor>> {
-        lock(&self.task_queues).get(queue).cloned()
+            .await
+            .map_err(|_| Error::closed())
     }
 
     /// Stops every task queue taking tasks and lets running handlers finish, within the
     /// shutdown grace. What is still running then goes back to its queue when the
     /// connection closes.
     async fn drain(&self) {
-        let queues: Vec<Addr<TaskQueueActor>> = lock(&self.task_queues).values().cloned().collect();
+        let queues = self
+            .supervisor
+            .send(Inspect)
+            .await
+            .unwrap_or_default()
+            .task_queues;
         let grace = self.settings.shutdown_grace;
         let drains = queues.into_iter().map(|queue| async move {
             let Ok(mut running) = queue.send(Drain).await else {
@@ -551,14 +577,11 @@ impl Inner {
         }
     }
 
-    fn broadcast_hub(&self) -> Addr<BroadcastHub> {
-        let mut hub = lock(&self.broadcast_hub);
-        hub.get_or_insert_with(|| {
-            let actor =
-                BroadcastHub::new(self.link.transport.clone(), self.broadcast_queue.clone());
-            BroadcastHub::start_in_arbiter(self.runtime.arbiter(), |_| actor)
-        })
-        .clone()
+    async fn broadcast_hub(&self) -> Result<Addr<BroadcastHub>> {
+        self.supervisor
+            .send(BroadcastHubChild)
+            .await
+            .map_err(|_| Error::closed())
     }
 }
 

@@ -145,6 +145,11 @@ impl Transport for MemTransport {
     }
 
     /// An in-process broker cannot be lost: connected until closed.
+    /// An in-process broker cannot be lost: nothing to watch.
+    fn supervise(&self) -> BoxFuture<'static, ()> {
+        future::pending().boxed()
+    }
+
     fn is_connected(&self) -> bool {
         !self.closed.load(Ordering::Acquire)
     }

@@ -125,7 +125,10 @@ impl TaskQueue {
             inner.link.codec,
         );
         let prefetch = self.prefetch.unwrap_or(inner.settings.task_prefetch);
-        let actor = inner.task_queue_actor(&self.name, prefetch);
+        let actor = inner
+            .task_queue_actor(&self.name, prefetch, true)
+            .await?
+            .ok_or_else(Error::closed)?;
         actor
             .send(task_queue::AddSubscriber {
                 id: id.clone(),
@@ -141,7 +144,7 @@ impl TaskQueue {
     pub async fn remove_task_subscriber(&self, identifier: &str) -> Result<()> {
         let inner = &self.inner;
         inner.check_open()?;
-        let Some(actor) = inner.existing_task_queue_actor(&self.name) else {
+        let Some(actor) = inner.task_queue_actor(&self.name, 0, false).await? else {
             return Err(Error::new(ErrorKind::UnknownSubscriber(
                 identifier.to_owned(),
             )));

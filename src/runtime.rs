@@ -21,11 +21,11 @@ pub(crate) struct Runtime {
 }
 
 impl Runtime {
-    /// Starts the thread and waits until its System runs.
-    pub(crate) fn start() -> Result<Self> {
+    /// Starts the thread, named `name`, and waits until its System runs.
+    pub(crate) fn start(name: &str) -> Result<Self> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = thread::Builder::new()
-            .name("kiwimq-runtime".into())
+            .name(name.into())
             .spawn(move || {
                 let runner = System::new();
                 let _ = ready_tx.send((System::current(), System::current().arbiter().clone()));
@@ -34,11 +34,11 @@ impl Runtime {
                 }
             })
             .map_err(|e| {
-                Error::connection(format!("cannot start the kiwimq runtime thread: {e}"))
+                Error::connection(format!("cannot start the kiwimq thread {name}: {e}"))
             })?;
         let (system, arbiter) = ready_rx
             .recv()
-            .map_err(|_| Error::connection("the kiwimq runtime thread died at start"))?;
+            .map_err(|_| Error::connection(format!("the kiwimq thread {name} died at start")))?;
         Ok(Self {
             arbiter,
             system,

@@ -4,8 +4,6 @@
 use std::time::Duration;
 
 use crate::Codec;
-use crate::communicator::Communicator;
-use crate::error::Result;
 
 /// Connection settings: `Settings::new(uri)`, then `with_*` methods, then
 /// [`connect`](Settings::connect).
@@ -250,11 +248,6 @@ impl Settings {
     /// The codec these settings use.
     pub fn codec(&self) -> Codec {
         self.codec
-    }
-
-    /// Connects a [`Communicator`] with these settings.
-    pub async fn connect(self) -> Result<Communicator> {
-        Communicator::connect_with(self).await
     }
 }
 

@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, watch};
 use crate::events::ConnectionEvent;
 use crate::messages::HandlerError;
 use crate::panics::{PanicNotice, payload_text};
+use crate::supervisor::Tally;
 
 /// Anything that can receive a subscription's messages of type `M`: an actor's [`Addr`], a
 /// [`Recipient`], a closure `FnMut(M) -> impl Future<Output = M::Result>`, or
@@ -37,11 +38,13 @@ pub struct Scope {
     pub(crate) arbiter: ArbiterHandle,
     pub(crate) identifier: String,
     pub(crate) events: broadcast::Sender<ConnectionEvent>,
+    pub(crate) tally: Tally,
 }
 
 impl Scope {
     /// Reports a subscriber gone for good: an error in the log and an event to watch.
     pub(crate) fn report_lost(&self, reason: &str) {
+        self.tally.lost();
         tracing::error!(subscriber = %self.identifier, %reason, "subscriber lost for good");
         let _ = self.events.send(ConnectionEvent::SubscriberLost {
             identifier: self.identifier.clone(),

@@ -171,7 +171,8 @@ pub(crate) async fn run<M, A, F>(
             life.send_replace(Life::Lost);
             return;
         }
-        tracing::warn!(subscriber = %scope.identifier, reason = %ended, ?delay, "supervised subscriber ended; restarting it");
+        let total = scope.tally.restarted();
+        tracing::warn!(subscriber = %scope.identifier, reason = %ended, ?delay, restarts = total, "supervised subscriber ended; restarting it");
         let _ = scope.events.send(ConnectionEvent::SubscriberRestarted {
             identifier: scope.identifier.clone(),
             reason: ended,

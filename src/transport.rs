@@ -179,4 +179,9 @@ pub(crate) trait Transport: Send + Sync + 'static {
 
     /// Whether the connection is up now.
     fn is_connected(&self) -> bool;
+
+    /// Watches the connection and restores it after a loss — with its topology and every
+    /// consumer — until the transport closes. The [`Supervisor`](crate::supervisor::Supervisor)
+    /// runs it.
+    fn supervise(&self) -> BoxFuture<'static, ()>;
 }

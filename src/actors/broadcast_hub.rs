@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::filter::BroadcastFilter;
 use crate::messages::Broadcast;
 use crate::subscriber::{Delivered, Subscriber};
+use crate::supervisor::Tally;
 use crate::transport::{Delivery, Source, Transport};
 
 /// A broadcast subscriber with its type and filter erased.
@@ -76,21 +77,63 @@ pub(crate) struct BroadcastHub {
     queue: String,
     subscribers: Vec<(String, BroadcastFn)>,
     consumer: Option<String>,
+    /// Where a restart is counted.
+    restarts: Tally,
 }
 
 impl BroadcastHub {
-    pub(crate) fn new(transport: Arc<dyn Transport>, queue: String) -> Self {
+    pub(crate) fn new(transport: Arc<dyn Transport>, queue: String, restarts: Tally) -> Self {
         Self {
             transport,
             queue,
             subscribers: Vec::new(),
             consumer: None,
+            restarts,
         }
+    }
+
+    /// Starts consuming this communicator's broadcast queue into this actor.
+    fn consume(&mut self) -> impl ActorFuture<Self, Output = Result<()>> + 'static {
+        let consume = self
+            .transport
+            .consume(Source::Broadcasts(self.queue.clone()), 0);
+        consume.into_actor(self).map(|result, hub, ctx| {
+            let consumer = result?;
+            hub.consumer = Some(consumer.tag);
+            ctx.add_stream(consumer.deliveries);
+            Ok(())
+        })
     }
 }
 
 impl Actor for BroadcastHub {
     type Context = Context<Self>;
+
+    /// After a restart, consumes again for the subscribers it kept.
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.subscribers.is_empty() {
+            return;
+        }
+        ctx.wait(self.consume().map(|result, _, _| {
+            if let Err(error) = result {
+                tracing::error!(%error, "consuming broadcasts again after a restart failed");
+            }
+        }));
+    }
+}
+
+impl actix::Supervised for BroadcastHub {
+    /// The old consumer's stream went with the old context: it is cancelled, and `started`
+    /// consumes again.
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.restarts.record("BroadcastHub", &self.queue);
+        if let Some(tag) = self.consumer.take() {
+            let cancel = self.transport.cancel(&tag);
+            actix::spawn(async move {
+                let _ = cancel.await;
+            });
+        }
+    }
 }
 
 /// Adds a subscriber, starting the consumer for the first one.
@@ -116,22 +159,12 @@ impl Handler<AddSubscriber> for BroadcastHub {
         if self.consumer.is_some() {
             return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
         }
-        let consume = self
-            .transport
-            .consume(Source::Broadcasts(self.queue.clone()), 0);
-        AtomicResponse::new(Box::pin(consume.into_actor(self).map(
-            |result, hub, ctx| match result {
-                Ok(consumer) => {
-                    hub.consumer = Some(consumer.tag);
-                    ctx.add_stream(consumer.deliveries);
-                    Ok(())
-                }
-                Err(error) => {
-                    hub.subscribers.pop();
-                    Err(error)
-                }
-            },
-        )))
+        AtomicResponse::new(Box::pin(self.consume().map(|result, hub, _| {
+            if result.is_err() {
+                hub.subscribers.pop();
+            }
+            result
+        })))
     }
 }
 
@@ -153,6 +186,19 @@ impl Handler<RemoveSubscriber> for BroadcastHub {
     }
 }
 
+/// How many broadcast subscribers there are.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub(crate) struct Stats;
+
+impl Handler<Stats> for BroadcastHub {
+    type Result = usize;
+
+    fn handle(&mut self, _: Stats, _: &mut Context<Self>) -> Self::Result {
+        self.subscribers.len()
+    }
+}
+
 impl StreamHandler<Delivery> for BroadcastHub {
     fn handle(&mut self, delivery: Delivery, _: &mut Context<Self>) {
         tracing::debug!(queue = %self.queue, "broadcast received");
@@ -166,4 +212,19 @@ impl StreamHandler<Delivery> for BroadcastHub {
     }
 
     fn finished(&mut self, _: &mut Context<Self>) {}
+}
+
+/// Stops the actor, as a failure would: its supervisor starts it again.
+#[cfg(test)]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Stop;
+
+#[cfg(test)]
+impl Handler<Stop> for BroadcastHub {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
 }

@@ -12,10 +12,12 @@ use serde::de::DeserializeOwned;
 
 use super::{Link, encode_reply, exception_reply};
 use crate::Codec;
+use crate::error::Result;
 use crate::messages::{HandlerError, Rpc};
 use crate::panics::PanicWatch;
 use crate::subscriber::{Delivered, Subscriber};
-use crate::transport::{Delivery, Exchange};
+use crate::supervisor::Tally;
+use crate::transport::{Consumer, Delivery, Exchange, Source};
 
 /// An RPC subscriber with its types erased: request bytes in, reply map bytes out.
 pub(crate) type RpcFn =
@@ -72,20 +74,81 @@ pub(crate) struct RpcEndpoint {
     link: Link,
     identifier: String,
     handler: RpcFn,
+    /// The consumer's tag, to cancel it.
+    tag: String,
+    /// Where a restart is counted.
+    restarts: Tally,
+    /// Restarted: the consumer went with the old context and must be made again.
+    resubscribe: bool,
 }
 
 impl RpcEndpoint {
-    pub(crate) fn new(link: Link, identifier: String, handler: RpcFn) -> Self {
+    /// The endpoint of `identifier`, fed by `consumer`.
+    pub(crate) fn new(
+        link: Link,
+        identifier: String,
+        handler: RpcFn,
+        consumer: Consumer,
+        restarts: Tally,
+        ctx: &mut Context<Self>,
+    ) -> Self {
+        ctx.add_stream(consumer.deliveries);
         Self {
             link,
             identifier,
             handler,
+            tag: consumer.tag,
+            restarts,
+            resubscribe: false,
         }
     }
 }
 
 impl Actor for RpcEndpoint {
     type Context = Context<Self>;
+
+    /// After a restart, serves the identifier again: the old consumer is cancelled (its
+    /// queue goes) and a new one made.
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if !std::mem::take(&mut self.resubscribe) {
+            return;
+        }
+        let transport = self.link.transport.clone();
+        let (identifier, tag) = (self.identifier.clone(), self.tag.clone());
+        let consume = async move {
+            let _ = transport.cancel(&tag).await;
+            transport.consume(Source::Rpc(identifier), 0).await
+        };
+        ctx.wait(consume.into_actor(self).map(|result, endpoint, ctx| match result {
+            Ok(consumer) => {
+                endpoint.tag = consumer.tag;
+                ctx.add_stream(consumer.deliveries);
+            }
+            Err(error) => {
+                tracing::error!(identifier = %endpoint.identifier, %error, "serving the identifier again after a restart failed");
+            }
+        }));
+    }
+}
+
+/// Stops serving: the consumer is cancelled (an RPC queue goes with it).
+#[derive(Message)]
+#[rtype(result = "Result<()>")]
+pub(crate) struct Unsubscribe;
+
+impl Handler<Unsubscribe> for RpcEndpoint {
+    type Result = ResponseFuture<Result<()>>;
+
+    fn handle(&mut self, _: Unsubscribe, _: &mut Context<Self>) -> Self::Result {
+        Box::pin(self.link.transport.cancel(&self.tag))
+    }
+}
+
+impl actix::Supervised for RpcEndpoint {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.restarts.record("RpcEndpoint", &self.identifier);
+        self.resubscribe = true;
+    }
 }
 
 impl StreamHandler<Delivery> for RpcEndpoint {
@@ -113,5 +176,24 @@ impl StreamHandler<Delivery> for RpcEndpoint {
                 tracing::warn!(%identifier, %error, "RPC reply failed");
             }
         });
+    }
+
+    /// A cancelled consumer's stream ends; the endpoint stops once nobody holds its
+    /// address (the supervisor forgot it), without being started again.
+    fn finished(&mut self, _: &mut Context<Self>) {}
+}
+
+/// Stops the actor, as a failure would: its supervisor starts it again.
+#[cfg(test)]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Stop;
+
+#[cfg(test)]
+impl Handler<Stop> for RpcEndpoint {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }

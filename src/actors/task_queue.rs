@@ -18,6 +18,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::messages::{HandlerError, Task};
 use crate::panics::PanicWatch;
 use crate::subscriber::{Delivered, Subscriber};
+use crate::supervisor::Tally;
 use crate::transport::{Delivery, Exchange, Outcome, Source};
 
 static HOST: LazyLock<Host> = LazyLock::new(Host::this_process);
@@ -112,10 +113,12 @@ pub(crate) struct TaskQueue {
     running: Arc<watch::Sender<usize>>,
     /// Closing: no new consumer starts.
     draining: bool,
+    /// Where a restart is counted.
+    restarts: Tally,
 }
 
 impl TaskQueue {
-    pub(crate) fn new(link: Link, queue: String, prefetch: u16) -> Self {
+    pub(crate) fn new(link: Link, queue: String, prefetch: u16, restarts: Tally) -> Self {
         Self {
             link,
             queue,
@@ -124,12 +127,57 @@ impl TaskQueue {
             consumer: None,
             running: Arc::new(watch::Sender::new(0)),
             draining: false,
+            restarts,
         }
+    }
+
+    /// Starts consuming the queue; its deliveries come to this actor as a stream.
+    fn consume(&mut self) -> impl ActorFuture<Self, Output = Result<()>> + 'static {
+        let consume = self
+            .link
+            .transport
+            .consume(Source::Tasks(self.queue.clone()), self.prefetch);
+        consume.into_actor(self).map(|result, actor, ctx| {
+            let consumer = result?;
+            tracing::debug!(queue = %actor.queue, tag = %consumer.tag, "consuming tasks");
+            actor.consumer = Some(consumer.tag);
+            ctx.add_stream(consumer.deliveries);
+            Ok(())
+        })
     }
 }
 
 impl Actor for TaskQueue {
     type Context = Context<Self>;
+
+    /// After a restart (see [`actix::Supervised`]), consumes again for the subscribers it
+    /// kept.
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.subscribers.is_empty() || self.draining {
+            return;
+        }
+        let queue = self.queue.clone();
+        ctx.wait(self.consume().map(move |result, _, _| {
+            if let Err(error) = result {
+                tracing::error!(%queue, %error, "consuming again after a restart failed");
+            }
+        }));
+    }
+}
+
+impl actix::Supervised for TaskQueue {
+    /// The old consumer's stream went with the old context: it is cancelled on the broker
+    /// (what it delivered and nobody settled goes back to the queue), and `started`
+    /// consumes again.
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        self.restarts.record("TaskQueue", &self.queue);
+        if let Some(tag) = self.consumer.take() {
+            let cancel = self.link.transport.cancel(&tag);
+            actix::spawn(async move {
+                let _ = cancel.await;
+            });
+        }
+    }
 }
 
 /// Adds a subscriber, starting the consumer for the first one.
@@ -164,24 +212,12 @@ impl Handler<AddSubscriber> for TaskQueue {
         if self.consumer.is_some() {
             return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
         }
-        let consume = self
-            .link
-            .transport
-            .consume(Source::Tasks(self.queue.clone()), self.prefetch);
-        AtomicResponse::new(Box::pin(consume.into_actor(self).map(
-            |result, actor, ctx| match result {
-                Ok(consumer) => {
-                    tracing::debug!(queue = %actor.queue, tag = %consumer.tag, "consuming tasks");
-                    actor.consumer = Some(consumer.tag);
-                    ctx.add_stream(consumer.deliveries);
-                    Ok(())
-                }
-                Err(error) => {
-                    Arc::make_mut(&mut actor.subscribers).pop();
-                    Err(error)
-                }
-            },
-        )))
+        AtomicResponse::new(Box::pin(self.consume().map(|result, actor, _| {
+            if result.is_err() {
+                Arc::make_mut(&mut actor.subscribers).pop();
+            }
+            result
+        })))
     }
 }
 
@@ -201,6 +237,19 @@ impl Handler<RemoveSubscriber> for TaskQueue {
         };
         self.consumer = None;
         AtomicResponse::new(Box::pin(cancel.into_actor(self)))
+    }
+}
+
+/// How many subscribers the queue has, and how many tasks they are handling.
+#[derive(Message)]
+#[rtype(result = "(usize, usize)")]
+pub(crate) struct Stats;
+
+impl Handler<Stats> for TaskQueue {
+    type Result = MessageResult<Stats>;
+
+    fn handle(&mut self, _: Stats, _: &mut Context<Self>) -> Self::Result {
+        MessageResult((self.subscribers.len(), *self.running.borrow()))
     }
 }
 
@@ -359,5 +408,20 @@ async fn dispatch(
             tracing::debug!(%queue, ?correlation_id, "no subscriber took the task; requeued");
             acker.settle(Outcome::Requeue);
         }
+    }
+}
+
+/// Stops the actor, as a failure would: its supervisor starts it again.
+#[cfg(test)]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Stop;
+
+#[cfg(test)]
+impl Handler<Stop> for TaskQueue {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }

@@ -1,6 +1,9 @@
-//! The supervisor: watches the connection, and after a loss reconnects with exponential,
-//! capped, jittered backoff, declares the topology again, restores every consumer under its
-//! old tag and queue name, and only then lets waiting senders through.
+//! Recovery, as the [`Supervisor`](crate::supervisor::Supervisor) runs it: watch the
+//! connection, and after a loss reconnect with exponential, capped, jittered backoff,
+//! declare the topology again, restore every consumer under its old tag and queue name —
+//! appending the new lapin consumer to the stream its actor polls — and only then let
+//! waiting senders through. It runs on the supervisor's thread; only opening a connection
+//! goes to the I/O runtime, where lapin's own tasks must live.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,7 +74,7 @@ async fn watch(shared: &Arc<Shared>, connection: &Connection) -> Option<String> 
 
 /// Connects again until it works (returns the connection, its topology declared) or the
 /// transport closes (returns nothing).
-async fn reconnect(shared: &Shared) -> Option<Arc<Connection>> {
+async fn reconnect(shared: &Arc<Shared>) -> Option<Arc<Connection>> {
     let (min, max) = shared.reconnect_delay;
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(min)
@@ -87,7 +90,13 @@ async fn reconnect(shared: &Shared) -> Option<Arc<Connection>> {
             return None;
         }
         attempt += 1;
-        let error = match shared.open_connection().await {
+        let opener = shared.clone();
+        let opened = shared
+            .io
+            .run(async move { opener.open_connection().await })
+            .await
+            .and_then(|opened| opened);
+        let error = match opened {
             Ok(connection) => {
                 let connection = Arc::new(connection);
                 match shared.declare_topology(&connection).await {
