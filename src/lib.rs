@@ -34,6 +34,25 @@
 //! # }
 //! ```
 //!
+//! # The actor tree
+//!
+//! ```text
+//! Communicator ──by address──► Supervisor  (own thread; owns the connection and its recovery)
+//!                                ├─ TaskQueue     one per consumed queue  ┐ restarted in place
+//!                                ├─ RpcEndpoint   one per identifier      │ with their
+//!                                └─ BroadcastHub  one per communicator    ┘ subscribers
+//!                                      │ Task<T, R> / Rpc<T, R> / Broadcast<T>
+//!                                      ▼
+//!                        subscribers: your actors, closures, supervised(factory) actors
+//! ```
+//!
+//! The `Supervisor` runs where no user code runs; it restores the connection,
+//! the topology and every consumer after a loss, and starts a child that stops again with
+//! its subscribers. A subscriber that panics answers its message with a `Remote` error; a
+//! [`supervised`] one is started afresh, one the user started is reported lost
+//! ([`ConnectionEvent::SubscriberLost`]). Sends leave from the caller's task and the children
+//! poll their consumers themselves: the hot paths cross no extra actor.
+//!
 //! # Layout
 //!
 //! - [`communicator`](Communicator) — the cheap-`Clone` async handle; `connect`, sending, and
@@ -41,19 +60,25 @@
 //! - `queue` — [`TaskQueue`], a named queue with pull mode, and [`PulledTask`].
 //! - `messages` — the typed messages subscriber actors handle: [`Task`], [`Rpc`],
 //!   [`Broadcast`], and the [`HandlerError`] they answer with.
-//! - `subscriber` — [`IntoSubscriber`]: actors' addresses, recipients, or closures.
+//! - `subscriber` — [`IntoSubscriber`]: actors' addresses, recipients, closures, or
+//!   [`supervised`] actors (`supervised`), and how a message reaches one; `panics` tells a
+//!   panicking handler's message from those queued behind it.
+//! - `supervisor` — the `Supervisor` actor, root of the tree.
+//! - `fleet` — [`Fleet`], a worker process's main loop; `health` — [`Health`].
 //! - `actors/` — the consumer-side actors every backend shares: `TaskQueue`,
 //!   `RpcEndpoint`, `BroadcastHub`, and the reply router.
 //! - `transport` — the seam to a backend: an AMQP-shaped interface over bytes.
 //! - `mem/` — the in-process broker (`mem://`), the embedded default.
-//! - `amqp/` — the RabbitMQ backend (`amqp://`): lapin on an I/O runtime of its own, and the
-//!   supervisor that restores the connection, its topology and its consumers after a loss.
-//! - [`blocking`] — the same communicator for code without async: every call blocks.
+//! - `amqp/` — the RabbitMQ backend (`amqp://`): lapin on an I/O runtime of its own, the
+//!   URI, the topology, and the recovery the supervisor runs after a loss.
+//! - [`blocking`] — the same communicator for code without async: every call blocks;
+//!   closures run on a bounded pool.
 //! - `events` — [`ConnectionEvent`]: lost, restored, closed.
 //! - `codec/` — [`Codec`] (MessagePack, JSON, YAML, bincode), the kiwiPy envelopes, and
 //!   [`Value`] for bodies of any shape.
 //! - `filter` — [`BroadcastFilter`]. `settings` — [`Settings`]. `error` — [`Error`].
-//! - `runtime` — the communicator's own thread running an actix System.
+//! - `runtime` — a thread running an actix System: one for the actors, one for the
+//!   supervisor.
 
 mod actors;
 mod amqp;
@@ -63,6 +88,7 @@ mod communicator;
 mod error;
 mod events;
 mod filter;
+mod fleet;
 mod health;
 mod mem;
 mod messages;
@@ -81,6 +107,7 @@ pub use communicator::{BroadcastOptions, Communicator, connect};
 pub use error::{Error, ErrorKind, Result};
 pub use events::ConnectionEvent;
 pub use filter::BroadcastFilter;
+pub use fleet::{Fleet, RunningFleet, Stop};
 pub use health::Health;
 pub use messages::{Broadcast, HandlerError, Rpc, Task};
 pub use queue::{PulledTask, TaskQueue};

@@ -27,7 +27,7 @@ pub(crate) struct Connection {
 
 impl Connection {
     /// The settings these flags make; logging starts too.
-    fn settings(&self) -> Settings {
+    pub(crate) fn settings(&self) -> Settings {
         init_logging();
         Settings::new(self.uri.clone()).with_codec(self.codec)
     }

@@ -115,6 +115,9 @@ pub(crate) struct TaskQueue {
     draining: bool,
     /// Where a restart is counted.
     restarts: Tally,
+    /// Which subscriber is offered the next task first: they take turns, so that several
+    /// actor subscribers of one queue work at once.
+    turn: usize,
 }
 
 impl TaskQueue {
@@ -128,6 +131,7 @@ impl TaskQueue {
             running: Arc::new(watch::Sender::new(0)),
             draining: false,
             restarts,
+            turn: 0,
         }
     }
 
@@ -309,8 +313,10 @@ impl StreamHandler<Delivery> for TaskQueue {
         let queue = self.queue.clone();
         let me = ctx.address();
         let running = Running::start(&self.running);
+        let first = self.turn;
+        self.turn = self.turn.wrapping_add(1);
         actix::spawn(async move {
-            dispatch(delivery, subscribers, link, queue, me).await;
+            dispatch(delivery, subscribers, first, link, queue, me).await;
             drop(running);
         });
     }
@@ -319,10 +325,11 @@ impl StreamHandler<Delivery> for TaskQueue {
     fn finished(&mut self, _: &mut Context<Self>) {}
 }
 
-/// Offers one task to the subscribers in turn and settles it.
+/// Offers one task to the subscribers in turn, from the `first`th on, and settles it.
 async fn dispatch(
     delivery: Delivery,
     subscribers: Arc<Vec<(String, TaskFn)>>,
+    first: usize,
     link: Link,
     queue: String,
     me: Addr<TaskQueue>,
@@ -342,7 +349,13 @@ async fn dispatch(
     };
     let mut undecodable = None;
     let mut declined = false;
-    for (id, handler) in subscribers.iter() {
+    let count = subscribers.len();
+    let in_turn = subscribers
+        .iter()
+        .cycle()
+        .skip(first % count.max(1))
+        .take(count);
+    for (id, handler) in in_turn {
         match handler(input.clone()).await {
             TaskAnswer::Reply {
                 bytes,
