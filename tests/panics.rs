@@ -123,9 +123,13 @@ async fn tasks_queued_behind_a_panic_are_handled_elsewhere(backend: Backend) {
     let (actor, _) = superstitious();
     let fragile = Superstitious::start_in_arbiter(&arbiter.handle(), |_| actor);
     comm.add_task_subscriber(fragile).await.unwrap();
-    // A second subscriber: whatever the first cannot take comes here.
+    // A second subscriber: whatever the first cannot take comes here; 13 it leaves to the
+    // first.
     comm.add_task_subscriber(|task: Task<i64>| async move {
-        Ok::<_, HandlerError>(task.body * task.body)
+        match task.body {
+            13 => Err(HandlerError::reject()),
+            n => Ok(n * n),
+        }
     })
     .await
     .unwrap();
