@@ -1,0 +1,220 @@
+//! The connection: opening it, waiting for it through an outage, the channels held on it,
+//! retrying what a lost connection interrupted, recording a loss and a restoration, and
+//! closing.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use lapin::options::{ConfirmSelectOptions, QueueDeleteOptions};
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::time::Instant;
+
+use super::{Attempt, Entry, Shared, Slot, State, amqp_error, lock, usable};
+use crate::error::{Error, ErrorKind, Result};
+use crate::events::ConnectionEvent;
+use crate::transport::Source;
+
+impl Shared {
+    /// Opens a connection, within the connect timeout.
+    pub(super) async fn open_connection(&self) -> Result<Connection> {
+        let properties = ConnectionProperties::default();
+        match tokio::time::timeout(
+            self.connect_timeout,
+            Connection::connect_uri(self.uri.clone(), properties),
+        )
+        .await
+        {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(error)) => Err(Error::with_source(
+                ErrorKind::Connection(format!("cannot connect to {}: {error}", self.redacted)),
+                error,
+            )),
+            Err(_) => Err(Error::timeout(format!(
+                "no answer from {} within {:?}",
+                self.redacted, self.connect_timeout
+            ))),
+        }
+    }
+
+    /// Declares the exchanges and every task queue declared so far.
+    pub(super) async fn declare_topology(&self, connection: &Connection) -> Result<()> {
+        let channel = connection.create_channel().await.map_err(amqp_error)?;
+        self.topology
+            .declare_exchanges(&channel)
+            .await
+            .map_err(amqp_error)?;
+        let queues: Vec<String> = lock(&self.task_queues).iter().cloned().collect();
+        for queue in queues {
+            self.topology
+                .declare_task_queue(&channel, &queue)
+                .await
+                .map_err(amqp_error)?;
+        }
+        let _ = channel.close(200, "topology declared".into()).await;
+        Ok(())
+    }
+
+    /// The current connection, waiting for it through an outage until `deadline`.
+    pub(super) async fn connection(&self, deadline: Instant) -> Result<(Arc<Connection>, u64)> {
+        let mut receiver = self.state.subscribe();
+        let waited = tokio::time::timeout_at(
+            deadline,
+            receiver.wait_for(|state| !matches!(state, State::Down(_))),
+        )
+        .await;
+        let state = match waited {
+            Ok(Ok(state)) => state.clone(),
+            Ok(Err(_)) => State::Closed,
+            Err(_) => {
+                let reason = match &*self.state.borrow() {
+                    State::Down(reason) => reason.to_string(),
+                    _ => "the connection changed while waiting".to_owned(),
+                };
+                return Err(Error::timeout(format!(
+                    "no connection to {} within the send timeout ({:?}); last error: {reason}",
+                    self.redacted, self.send_timeout
+                )));
+            }
+        };
+        match state {
+            State::Up(connection, epoch) => Ok((connection, epoch)),
+            State::Down(_) | State::Closed => Err(Error::closed()),
+        }
+    }
+
+    /// The slot's channel on the current connection, opened when needed. Waiting for the
+    /// connection takes `deadline` into account (a final failure); opening may fail because
+    /// the connection just died (worth another try).
+    pub(super) async fn channel(
+        &self,
+        slot: &Slot,
+        confirm: bool,
+        deadline: Instant,
+    ) -> std::result::Result<Arc<Channel>, Attempt> {
+        let (connection, epoch) = self.connection(deadline).await.map_err(Attempt::Final)?;
+        let mut slot = slot.0.lock().await;
+        if let Some(channel) = usable(&slot, epoch) {
+            return Ok(channel);
+        }
+        let open = async {
+            let channel = connection.create_channel().await?;
+            if confirm {
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+            }
+            Ok(channel)
+        };
+        let channel = Arc::new(open.await.map_err(|e| Attempt::Again(amqp_error(e)))?);
+        *slot = Some((epoch, channel.clone()));
+        Ok(channel)
+    }
+
+    /// Runs `attempt` until it succeeds, fails for a reason retrying cannot mend, or
+    /// `deadline` passes. A failed attempt wakes the supervisor, which notices a lost
+    /// connection at once.
+    pub(super) async fn retrying<T, F, Fut>(
+        &self,
+        deadline: Instant,
+        what: &str,
+        mut attempt: F,
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<T, Attempt>>,
+    {
+        let mut pause = Duration::from_millis(25);
+        loop {
+            self.check_open()?;
+            let error = match tokio::time::timeout_at(deadline, attempt()).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(Attempt::Final(error))) => return Err(error),
+                Ok(Err(Attempt::Again(error))) => error,
+                Err(_) => return Err(self.unconfirmed(what)),
+            };
+            self.check_open()?;
+            tracing::debug!(%error, "{what} failed; trying again");
+            self.wake.notify_one();
+            if Instant::now() + pause >= deadline {
+                return Err(error);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Records a lost connection: waiting senders hold, every consumer awaits restoration.
+    pub(super) fn lost(&self, reason: &str) {
+        if self.is_closed() {
+            return;
+        }
+        self.state.send_replace(State::Down(reason.into()));
+        for entry in lock(&self.consumers).values_mut() {
+            entry.active = None;
+            entry.retry_at = None;
+        }
+        tracing::warn!(uri = %self.redacted, %reason, "connection lost; reconnecting");
+        self.emit(ConnectionEvent::Lost(reason.to_owned()));
+    }
+
+    /// Records a restored connection: consumers are back, waiting senders go on.
+    pub(super) fn restored(&self, connection: Arc<Connection>, epoch: u64, down_for: Duration) {
+        if self.is_closed() {
+            return;
+        }
+        self.state.send_replace(State::Up(connection, epoch));
+        tracing::info!(uri = %self.redacted, ?down_for, "connection restored");
+        self.emit(ConnectionEvent::Restored(down_for));
+    }
+
+    pub(super) async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let previous = self.state.send_replace(State::Closed);
+        self.emit(ConnectionEvent::Closed);
+        self.wake.notify_one();
+        let entries: Vec<Entry> = lock(&self.consumers).drain().map(|(_, e)| e).collect();
+        let reply_queues: Vec<String> = entries
+            .iter()
+            .filter_map(|entry| match &entry.source {
+                Source::Replies(_, queue) => Some(queue.clone()),
+                _ => None,
+            })
+            .collect();
+        let State::Up(connection, _) = previous else {
+            return Ok(());
+        };
+        if !connection.status().connected() {
+            return Ok(());
+        }
+        // Each consumer's channel closes before the connection does: a channel closing
+        // while the connection goes makes lapin report a connection error.
+        for entry in entries {
+            if let Some(guard) = entry.active
+                && guard.channel.status().connected()
+            {
+                let _ = guard.channel.close(200, "closing".into()).await;
+            }
+        }
+        // Nobody waits for replies any more: the reply queues go now rather than when they
+        // expire.
+        if let Ok(channel) = connection.create_channel().await {
+            for queue in reply_queues {
+                let _ = channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            let _ = channel.close(200, "reply queues deleted".into()).await;
+        }
+        if let Err(error) = connection
+            .close(200, "kiwimq communicator closed".into())
+            .await
+        {
+            // Whatever went wrong, the connection is gone, as closing wants.
+            tracing::debug!(%error, "the connection failed while closing");
+        }
+        Ok(())
+    }
+}

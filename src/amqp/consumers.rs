@@ -1,0 +1,372 @@
+//! Consuming: each consumer's channel and queue, the stream of deliveries its actor polls
+//! (the lapin consumers it had, one after another), restoring consumers after a loss,
+//! settling deliveries, and pulling one task.
+
+use std::pin::pin;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures::channel::mpsc;
+use futures::stream::BoxStream;
+use futures::{Future, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicQosOptions, BasicRejectOptions, QueueDeleteOptions,
+};
+use lapin::protocol::AMQPSoftError;
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use tokio::time::Instant;
+
+use super::{
+    Attempt, ConsumerChannel, Entry, Shared, amqp_error, amqp_error_refused, explain, lock,
+    soft_error,
+};
+use crate::error::{Error, ErrorKind, Result};
+use crate::transport::{Acker, Consumer, Delivery, Outcome, Settle, Source};
+
+impl Shared {
+    pub(super) fn queue_of(&self, source: &Source) -> String {
+        match source {
+            Source::Tasks(queue) | Source::Broadcasts(queue) | Source::Replies(_, queue) => {
+                queue.clone()
+            }
+            Source::Rpc(identifier) => self.topology.rpc_queue(identifier),
+        }
+    }
+
+    /// Opens a channel on `connection`, declares the source's queue and consumes it under
+    /// `tag`. Returns the channel, the consumer and whether deliveries are auto-acked.
+    pub(super) async fn start(
+        &self,
+        connection: &Connection,
+        tag: &str,
+        source: &Source,
+        prefetch: u16,
+    ) -> Result<(Channel, lapin::Consumer, bool)> {
+        let channel = connection.create_channel().await.map_err(amqp_error)?;
+        let topology = &self.topology;
+        let queue = self.queue_of(source);
+        let no_ack = match source {
+            Source::Tasks(queue) => {
+                channel
+                    .basic_qos(prefetch, BasicQosOptions::default())
+                    .await
+                    .map_err(amqp_error)?;
+                topology
+                    .declare_task_queue(&channel, queue)
+                    .await
+                    .map_err(amqp_error)?;
+                false
+            }
+            Source::Rpc(identifier) => {
+                topology
+                    .declare_rpc_queue(&channel, identifier)
+                    .await
+                    .map_err(|e| match soft_error(&e) {
+                        Some(AMQPSoftError::RESOURCELOCKED) => {
+                            Error::new(ErrorKind::DuplicateSubscriber(identifier.clone()))
+                        }
+                        _ => amqp_error(e),
+                    })?;
+                true
+            }
+            Source::Broadcasts(queue) => {
+                topology
+                    .declare_broadcast_queue(&channel, queue)
+                    .await
+                    .map_err(amqp_error)?;
+                true
+            }
+            Source::Replies(exchange, queue) => {
+                topology
+                    .declare_reply_queue(&channel, *exchange, queue)
+                    .await
+                    .map_err(amqp_error)?;
+                // Acknowledged, so a reply lost in flight with the connection comes again.
+                false
+            }
+        };
+        let options = BasicConsumeOptions {
+            no_ack,
+            ..Default::default()
+        };
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.into(),
+                options,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp_error)?;
+        Ok((channel, consumer, no_ack))
+    }
+
+    /// Makes `channel` the active one of consumer `tag` and appends its deliveries to the
+    /// consumer's stream, unless the consumer was cancelled or activated meanwhile (then
+    /// the channel just closes).
+    pub(super) fn activate(
+        self: &Arc<Self>,
+        tag: &str,
+        channel: Channel,
+        consumer: lapin::Consumer,
+        no_ack: bool,
+    ) -> bool {
+        let guard = Arc::new(ConsumerChannel {
+            channel,
+            io: self.io.handle.clone(),
+        });
+        let mut consumers = lock(&self.consumers);
+        let Some(entry) = consumers.get_mut(tag) else {
+            return false;
+        };
+        if entry.active.is_some() {
+            // Another activation (the caller's first one, or the supervisor's restoring)
+            // won: one lapin consumer per tag, this channel just closes.
+            return false;
+        }
+        entry.active = Some(guard.clone());
+        entry.failures = 0;
+        entry.retry_at = None;
+        let deliveries = deliveries(
+            Arc::downgrade(self),
+            tag.to_owned(),
+            consumer,
+            guard,
+            no_ack,
+        );
+        entry.sender.unbounded_send(deliveries).is_ok()
+    }
+
+    pub(super) async fn consume(
+        self: Arc<Self>,
+        source: Source,
+        prefetch: u16,
+    ) -> Result<Consumer> {
+        self.check_open()?;
+        let deadline = Instant::now() + self.send_timeout;
+        let tag = match &source {
+            Source::Rpc(identifier) => identifier.clone(),
+            _ => format!("kiwimq-{}", uuid::Uuid::new_v4()),
+        };
+        let (channel, consumer, no_ack) = self
+            .retrying(deadline, "consume", || async {
+                let (connection, _) = self.connection(deadline).await.map_err(Attempt::Final)?;
+                self.start(&connection, &tag, &source, prefetch)
+                    .await
+                    .map_err(Attempt::unless_refused)
+            })
+            .await?;
+        let (sender, receiver) = mpsc::unbounded();
+        lock(&self.consumers).insert(
+            tag.clone(),
+            Entry {
+                source,
+                prefetch,
+                sender,
+                active: None,
+                failures: 0,
+                retry_at: None,
+            },
+        );
+        self.activate(&tag, channel, consumer, no_ack);
+        Ok(Consumer {
+            tag,
+            deliveries: receiver.flatten().boxed(),
+        })
+    }
+
+    /// Restores the consumers that lost their channel and are due, on `connection`.
+    pub(super) async fn restore_consumers(self: &Arc<Self>, connection: &Connection) {
+        let now = Instant::now();
+        let due: Vec<(String, Source, u16)> = lock(&self.consumers)
+            .iter()
+            .filter(|(_, entry)| {
+                entry.active.is_none() && entry.retry_at.is_none_or(|at| at <= now)
+            })
+            .map(|(tag, entry)| (tag.clone(), entry.source.clone(), entry.prefetch))
+            .collect();
+        for (tag, source, prefetch) in due {
+            match self.start(connection, &tag, &source, prefetch).await {
+                Ok((channel, consumer, no_ack)) => {
+                    if self.activate(&tag, channel, consumer, no_ack) {
+                        tracing::info!(%tag, queue = %self.queue_of(&source), "consumer restored");
+                    }
+                }
+                Err(error) => {
+                    let mut consumers = lock(&self.consumers);
+                    if let Some(entry) = consumers.get_mut(&tag) {
+                        entry.failures += 1;
+                        let pause = Duration::from_millis(100 << entry.failures.min(6));
+                        entry.retry_at = Some(Instant::now() + pause);
+                        tracing::warn!(%tag, %error, failures = entry.failures, "could not restore a consumer; trying again in {pause:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) async fn cancel(self: Arc<Self>, tag: String) -> Result<()> {
+        self.check_open()?;
+        let Some(entry) = lock(&self.consumers).remove(&tag) else {
+            return Ok(());
+        };
+        // Without an active channel there is nothing to cancel on the broker: the
+        // connection that consumed is gone.
+        let Some(guard) = entry.active else {
+            return Ok(());
+        };
+        let channel = &guard.channel;
+        if !channel.status().connected() {
+            return Ok(());
+        }
+        channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await
+            .map_err(amqp_error)?;
+        if matches!(entry.source, Source::Rpc(_) | Source::Broadcasts(_)) {
+            let queue = self.queue_of(&entry.source);
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(amqp_error)?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn get(self: Arc<Self>, queue: String) -> Result<Option<Delivery>> {
+        self.check_open()?;
+        let deadline = Instant::now() + self.send_timeout;
+        let (channel, message) = self
+            .retrying(deadline, "get", || async {
+                let channel = self.channel(&self.puller, false, deadline).await?;
+                let message = channel
+                    .basic_get(queue.as_str().into(), BasicGetOptions::default())
+                    .await
+                    .map_err(|e| Attempt::unless_refused(amqp_error_refused(e)))?;
+                Ok((channel, message))
+            })
+            .await?;
+        drop(channel);
+        Ok(message.map(|m| {
+            // The puller channel is shared and stays open: no guard.
+            let acker = AmqpAck {
+                acker: m.delivery.acker.clone(),
+                _channel: None,
+            };
+            convert(m.delivery, Some(acker))
+        }))
+    }
+}
+
+/// One lapin consumer's deliveries, ready for the actors, then — when it ends because its
+/// channel or connection died — a word to the supervisor to consume again.
+pub(super) fn deliveries(
+    shared: Weak<Shared>,
+    tag: String,
+    consumer: lapin::Consumer,
+    guard: Arc<ConsumerChannel>,
+    no_ack: bool,
+) -> BoxStream<'static, Delivery> {
+    let logged_tag = tag.clone();
+    let delivered = consumer
+        .take_while(move |item| {
+            if let Err(error) = item {
+                let text = error.to_string();
+                match explain(&text) {
+                    Some(advice) => tracing::error!(tag = %logged_tag, error = %text, "{advice}"),
+                    None => tracing::debug!(tag = %logged_tag, error = %text, "consumer stopped"),
+                }
+            }
+            futures::future::ready(item.is_ok())
+        })
+        .filter_map({
+            let guard = guard.clone();
+            move |item| {
+                let delivery = item.ok().map(|delivery| {
+                    let acker = (!no_ack).then(|| AmqpAck {
+                        acker: delivery.acker.clone(),
+                        _channel: Some(guard.clone()),
+                    });
+                    convert(delivery, acker)
+                });
+                futures::future::ready(delivery)
+            }
+        });
+    let ended = futures::stream::once(async move { consumer_ended(&shared, &tag, &guard) })
+        .filter_map(|()| futures::future::ready(None));
+    delivered.chain(ended).boxed()
+}
+
+/// A lapin consumer ended. Unless it was cancelled or already replaced, the consumer waits
+/// to be restored, and the supervisor is told at once.
+pub(super) fn consumer_ended(shared: &Weak<Shared>, tag: &str, guard: &Arc<ConsumerChannel>) {
+    let Some(shared) = shared.upgrade() else {
+        return;
+    };
+    let mut consumers = lock(&shared.consumers);
+    if let Some(entry) = consumers.get_mut(tag)
+        && entry
+            .active
+            .as_ref()
+            .is_some_and(|active| Arc::ptr_eq(active, guard))
+    {
+        entry.active = None;
+        drop(consumers);
+        tracing::info!(%tag, "consumer interrupted; restoring it");
+        shared.wake.notify_one();
+    }
+}
+
+pub(super) fn convert(delivery: lapin::message::Delivery, acker: Option<AmqpAck>) -> Delivery {
+    let properties = &delivery.properties;
+    Delivery {
+        correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
+        reply_to: properties.reply_to().as_ref().map(|s| s.to_string()),
+        redelivered: delivery.redelivered,
+        body: delivery.data.into(),
+        acker: acker.map_or_else(Acker::auto, Acker::new),
+    }
+}
+
+/// Settles one delivery on its channel.
+pub(super) struct AmqpAck {
+    acker: lapin::Acker,
+    /// Keeps the consumer's channel open until this delivery is settled.
+    _channel: Option<Arc<ConsumerChannel>>,
+}
+
+impl Settle for AmqpAck {
+    /// Hands the ack, nack or reject to lapin right here: the first poll of lapin's future
+    /// queues the command, so nothing is spawned per delivery. Only a refusal known at once
+    /// (the delivery's channel is gone) is reported; what happens to the frame later is the
+    /// connection's story, and an unsettled delivery comes again anyway.
+    fn settle(self: Box<Self>, outcome: Outcome) {
+        let AmqpAck { acker, _channel } = *self;
+        let settling = async move {
+            match outcome {
+                Outcome::Ack => acker.ack(BasicAckOptions::default()).await,
+                Outcome::Requeue => {
+                    let options = BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    };
+                    acker.nack(options).await
+                }
+                Outcome::Discard => acker.reject(BasicRejectOptions { requeue: false }).await,
+            }
+        };
+        let mut context = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        match pin!(settling).poll(&mut context) {
+            std::task::Poll::Ready(Ok(false)) => tracing::warn!(
+                ?outcome,
+                "delivery not settled: its channel is gone, the broker will redeliver it"
+            ),
+            std::task::Poll::Ready(Err(error)) => {
+                tracing::warn!(?outcome, %error, "settling a delivery failed; the broker will redeliver it")
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Publishing: from the caller's task when the publisher channel is ready, else on the I/O
+//! runtime with waiting and retries; publisher confirms, returns (unroutable) and the
+//! broker's refusals.
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::Future;
+use futures::future::Either;
+use lapin::options::BasicPublishOptions;
+use lapin::protocol::AMQPSoftError;
+use lapin::{BasicProperties, Channel, Confirmation};
+use tokio::time::Instant;
+
+use super::topology::{BROADCAST_TOPIC, RPC_TOPIC};
+use super::{
+    Attempt, Shared, State, TICK, amqp_error, amqp_error_refused, lock, soft_error, usable,
+};
+use crate::error::{Error, ErrorKind, Result};
+use crate::transport::{Exchange, Outgoing, Route};
+
+impl Shared {
+    /// Where a route goes: exchange and routing key.
+    pub(super) fn address(&self, route: &Route) -> (&str, String) {
+        let topology = &self.topology;
+        match route {
+            Route::Task(queue) => (topology.exchange(Exchange::Tasks), queue.clone()),
+            Route::Rpc(identifier) => (
+                topology.exchange(Exchange::Messages),
+                format!("{RPC_TOPIC}.{identifier}"),
+            ),
+            Route::Broadcast => (
+                topology.exchange(Exchange::Messages),
+                BROADCAST_TOPIC.to_owned(),
+            ),
+            // Straight to the queue through the default exchange, which always exists and
+            // needs no binding: a reply reaches a reply queue that survived a broker restart
+            // before its owner reconnected and bound it again.
+            Route::Reply(queue) => ("", queue.clone()),
+        }
+    }
+
+    /// The publisher's channel when it is ready now, without waiting or opening anything.
+    pub(super) fn ready_publisher(&self) -> Option<Arc<Channel>> {
+        let epoch = match &*self.state.borrow() {
+            State::Up(_, epoch) => *epoch,
+            _ => return None,
+        };
+        usable(&*self.publisher.0.try_lock().ok()?, epoch)
+    }
+
+    /// Resolves `after` from now, give or take a [`TICK`], on any executor.
+    pub(super) fn expiry(&self, after: Duration) -> impl Future<Output = ()> + use<> {
+        let mut clock = self.clock.subscribe();
+        let ticks = after.as_millis().div_ceil(TICK.as_millis());
+        let target = *clock.borrow() + u64::try_from(ticks).unwrap_or(u64::MAX / 2) + 1;
+        async move {
+            let _ = clock.wait_for(|now| *now >= target).await;
+        }
+    }
+
+    /// Publishes from the caller's task when the publisher channel is ready (no hop to
+    /// the I/O runtime, the common case), else — or when that fails — on the I/O runtime
+    /// with waiting and retries. Bounded by the send timeout either way.
+    pub(super) async fn send(self: Arc<Self>, route: Route, message: Outgoing) -> Result<()> {
+        self.check_open()?;
+        message.check_size(self.max_message_size)?;
+        let started = std::time::Instant::now();
+        if let Some(channel) = self.ready_publisher() {
+            let (exchange, routing_key) = self.address(&route);
+            let attempt = async {
+                let confirm = channel
+                    .basic_publish(
+                        exchange.into(),
+                        routing_key.as_str().into(),
+                        publish_options(&message),
+                        &message.body,
+                        properties(&message),
+                    )
+                    .await?;
+                confirm.await
+            };
+            let expiry = self.expiry(self.send_timeout);
+            let outcome = match futures::future::select(pin!(attempt), pin!(expiry)).await {
+                Either::Left((outcome, _)) => Some(outcome),
+                Either::Right(_) => None,
+            };
+            match outcome {
+                Some(Ok(confirmation)) => {
+                    return confirmed(confirmation, exchange, routing_key);
+                }
+                Some(Err(error)) => {
+                    if let Some(refused) = self.refusal(&error, exchange, message.body.len()) {
+                        return Err(refused);
+                    }
+                    tracing::debug!(%error, "publish failed; trying again on the I/O runtime");
+                    self.wake.notify_one();
+                }
+                None => return Err(self.unconfirmed("publish")),
+            }
+        }
+        let left = self.send_timeout.saturating_sub(started.elapsed());
+        let shared = self.clone();
+        self.io
+            .run(shared.publish(route, message, left))
+            .await
+            .and_then(|result| result)
+    }
+
+    /// The broker's refusal of a publish when it is this message's own — the broker names
+    /// its size or its exchange — and no retry can change it (too large, no such exchange,
+    /// access refused, a failed precondition). Every publish pending on the channel the
+    /// broker closed fails with the same error; the others are sent again. A missing
+    /// exchange of our own is declared again, so the next send finds it.
+    pub(super) fn refusal(
+        self: &Arc<Self>,
+        error: &lapin::Error,
+        exchange: &str,
+        size: usize,
+    ) -> Option<Error> {
+        soft_error(error)?;
+        let text = error.to_string();
+        let ours = text.contains(&format!("message size {size} "))
+            || (!exchange.is_empty() && text.contains(&format!("'{exchange}'")));
+        if !ours {
+            return None;
+        }
+        if soft_error(error) == Some(AMQPSoftError::NOTFOUND) && self.topology.owns(exchange) {
+            let shared = self.clone();
+            self.io.handle.spawn(async move {
+                let State::Up(connection, _) = shared.state.borrow().clone() else {
+                    return;
+                };
+                if let Err(error) = shared.declare_topology(&connection).await {
+                    tracing::warn!(%error, "declaring the exchanges again failed");
+                }
+            });
+        }
+        Some(refused(error))
+    }
+
+    pub(super) fn unconfirmed(&self, what: &str) -> Error {
+        Error::timeout(format!(
+            "{what}: no confirmation from the broker within the send timeout ({:?})",
+            self.send_timeout
+        ))
+    }
+
+    /// Publishes, waiting for the connection and retrying until confirmed, within `within`.
+    pub(super) async fn publish(
+        self: Arc<Self>,
+        route: Route,
+        message: Outgoing,
+        within: Duration,
+    ) -> Result<()> {
+        self.check_open()?;
+        let deadline = Instant::now() + within;
+        let (exchange, routing_key) = self.address(&route);
+        let (options, properties) = (publish_options(&message), properties(&message));
+        let body = &message.body;
+        let refusals = std::sync::atomic::AtomicU32::new(0);
+        let refusals = &refusals;
+        let confirmation = self
+            .retrying(deadline, "publish", || async {
+                let channel = self.channel(&self.publisher, true, deadline).await?;
+                let sent = channel
+                    .basic_publish(
+                        exchange.into(),
+                        routing_key.as_str().into(),
+                        options,
+                        body,
+                        properties.clone(),
+                    )
+                    .await;
+                let confirmed = match sent {
+                    Ok(confirm) => confirm.await,
+                    Err(error) => Err(error),
+                };
+                match confirmed {
+                    Ok(confirmation) => Ok(confirmation),
+                    Err(error) => match self.refusal(&error, exchange, body.len()) {
+                        Some(refused) => Err(Attempt::Final(refused)),
+                        // A refusal that names nothing of this message may be another
+                        // publish's on the shared channel: once more on a fresh channel,
+                        // then it is this message's.
+                        None if soft_error(&error).is_some()
+                            && refusals.fetch_add(1, Ordering::Relaxed) > 0 =>
+                        {
+                            Err(Attempt::Final(refused(&error)))
+                        }
+                        None => Err(Attempt::Again(amqp_error(error))),
+                    },
+                }
+            })
+            .await?;
+        confirmed(confirmation, exchange, routing_key)
+    }
+
+    pub(super) async fn declare_task_queue(self: Arc<Self>, queue: String) -> Result<()> {
+        self.check_open()?;
+        lock(&self.task_queues).insert(queue.clone());
+        let deadline = Instant::now() + self.send_timeout;
+        self.retrying(deadline, "declare queue", || async {
+            let channel = self.channel(&self.publisher, true, deadline).await?;
+            self.topology
+                .declare_task_queue(&channel, &queue)
+                .await
+                .map_err(|e| Attempt::unless_refused(amqp_error_refused(e)))
+        })
+        .await
+    }
+}
+
+pub(super) fn properties(message: &Outgoing) -> BasicProperties {
+    let mut properties = BasicProperties::default();
+    if let Some(correlation_id) = &message.correlation_id {
+        properties = properties.with_correlation_id(correlation_id.as_str().into());
+    }
+    if let Some(reply_to) = &message.reply_to {
+        properties = properties.with_reply_to(reply_to.as_str().into());
+    }
+    if message.persistent {
+        properties = properties.with_delivery_mode(2);
+    }
+    properties
+}
+
+pub(super) fn publish_options(message: &Outgoing) -> BasicPublishOptions {
+    BasicPublishOptions {
+        mandatory: message.mandatory,
+        ..Default::default()
+    }
+}
+
+/// What a publisher confirm means for the sender.
+pub(super) fn confirmed(
+    confirmation: Confirmation,
+    exchange: &str,
+    routing_key: String,
+) -> Result<()> {
+    match confirmation {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(returned)) => {
+            tracing::debug!(%exchange, %routing_key, code = returned.reply_code, "message returned unroutable");
+            Err(Error::new(ErrorKind::Unroutable(routing_key)))
+        }
+        Confirmation::Nack(_) => Err(Error::new(ErrorKind::Nacked)),
+    }
+}
+
+/// A publish the broker refused, in the broker's words.
+pub(super) fn refused(error: &lapin::Error) -> Error {
+    let reason = format!("the broker refused the message: {error}");
+    tracing::warn!(%reason, "publish refused");
+    Error::with_source(ErrorKind::Refused(reason), error.clone())
+}
