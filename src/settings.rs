@@ -166,7 +166,7 @@ impl Settings {
         self
     }
 
-    /// How long [`close`](Communicator::close) lets running task handlers finish before it
+    /// How long [`close`](crate::Communicator::close) lets running task handlers finish before it
     /// closes the connection, which returns their tasks to the queue (default 10 s).
     #[must_use]
     pub fn with_shutdown_grace(mut self, grace: Duration) -> Self {
