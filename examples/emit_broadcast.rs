@@ -12,7 +12,7 @@ use kiwimq::BroadcastOptions;
 struct Cli {
     #[command(flatten)]
     connection: cli::Connection,
-    /// Who sends it.
+    /// Who sends it; a number is sent as an integer, as AiiDA's process pk is.
     #[arg(long)]
     sender: Option<String>,
     /// What it is about.
@@ -27,7 +27,10 @@ async fn main() -> cli::Outcome {
     let comm = cli.connection.connect().await?;
     let body = cli.body.join(" ");
     let mut options = BroadcastOptions::subject(cli.subject.clone());
-    options.sender = cli.sender;
+    options.sender = cli.sender.map(|sender| match sender.parse::<i64>() {
+        Ok(number) => kiwimq::Value::from(number),
+        Err(_) => kiwimq::Value::from(sender),
+    });
     comm.broadcast_send(&body, options).await?;
     println!(" [x] Sent {:?}: {body:?}", cli.subject);
     Ok(comm.close().await?)

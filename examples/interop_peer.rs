@@ -4,11 +4,13 @@
 //!
 //! - `serve`: RPC `rust-echo` (answers `{"echo": body}`) and `rust-fail` (fails), a worker on
 //!   the default task queue (answers `{"done": body}`, fails on `{"fail": true}`), and a
-//!   broadcast subscriber for subject `py.*` from sender `python`. Prints `READY`, runs
-//!   until stdin closes.
+//!   broadcast subscriber for subject `py.*` from sender `python`, one for AiiDA's process
+//!   state changes from the integer pk 47 (filter `"47"`), one for subject `plain.*`. Prints
+//!   `READY`, runs until stdin closes.
 //! - `send-first`: sends the no-reply task `{"n": 0}`, declaring the default queue first.
 //! - `drive`: calls the Python side's RPC `py-echo`, `py-fail` and an unknown identifier,
-//!   sends it tasks (a result, a failure, a no-reply) and broadcasts.
+//!   sends it tasks (a result, a failure, a no-reply) and broadcasts (one with the integer
+//!   sender 47 and correlation id 9).
 //!
 //! `cargo run --example interop_peer -- --uri URI --codec yaml serve`
 
@@ -56,6 +58,17 @@ fn describe(error: &kiwimq::Error) -> serde_json::Value {
     serde_json::json!({"kind": kind, "text": error.to_string()})
 }
 
+/// A broadcast's body and headers, as they came.
+fn headers(b: Broadcast<Value>) -> Value {
+    let or_nil = |v: Option<Value>| v.unwrap_or(Value::Nil);
+    map(vec![
+        ("body", b.body),
+        ("sender", or_nil(b.sender)),
+        ("subject", or_nil(b.subject)),
+        ("correlation_id", or_nil(b.correlation_id)),
+    ])
+}
+
 fn map(entries: Vec<(&str, Value)>) -> Value {
     Value::Map(entries.into_iter().map(|(k, v)| (k.into(), v)).collect())
 }
@@ -82,6 +95,24 @@ async fn serve(comm: &Communicator) -> kiwimq::Result<()> {
         report("BROADCAST", &broadcast.body);
         Ok(())
     })
+    .await?;
+    comm.add_broadcast_subscriber(
+        BroadcastFilter::new()
+            .sender("47")
+            .subject("state_changed.*"),
+        |b: Broadcast<Value>| async move {
+            report("PK-BROADCAST", headers(b));
+            Ok(())
+        },
+    )
+    .await?;
+    comm.add_broadcast_subscriber(
+        BroadcastFilter::new().subject("plain.*"),
+        |b: Broadcast<Value>| async move {
+            report("PLAIN-BROADCAST", headers(b));
+            Ok(())
+        },
+    )
     .await?;
     println!("READY");
     // Until the suite closes our stdin.
@@ -137,6 +168,10 @@ async fn drive(comm: &Communicator) -> kiwimq::Result<()> {
         let options = BroadcastOptions::subject(subject).with_sender(sender);
         comm.broadcast_send(body, options).await?;
     }
+    let pk = BroadcastOptions::subject("pk.state")
+        .with_sender(47)
+        .with_correlation_id(9);
+    comm.broadcast_send("pk", pk).await?;
     report("BROADCASTS", "sent");
     Ok(())
 }

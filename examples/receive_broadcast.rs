@@ -16,20 +16,28 @@ struct Cli {
     /// Only broadcasts whose subject matches this pattern.
     #[arg(long)]
     subject: Option<String>,
+    /// Only broadcasts whose sender matches this pattern (`47` matches AiiDA's integer pk).
+    #[arg(long)]
+    sender: Option<String>,
 }
 
 #[actix::main]
 async fn main() -> cli::Outcome {
     let cli = Cli::parse();
     let comm = cli.connection.connect().await?;
-    let filter = match &cli.subject {
-        Some(pattern) => BroadcastFilter::new().subject(pattern),
-        None => BroadcastFilter::new(),
-    };
+    let mut filter = BroadcastFilter::new();
+    if let Some(pattern) = &cli.subject {
+        filter = filter.subject(pattern);
+    }
+    if let Some(pattern) = &cli.sender {
+        filter = filter.sender(pattern);
+    }
     comm.add_broadcast_subscriber(filter, |b: Broadcast<serde_json::Value>| async move {
         println!(
-            " [x] sender={:?} subject={:?} body={}",
-            b.sender, b.subject, b.body
+            " [x] sender={} subject={} body={}",
+            b.sender_text().unwrap_or_default(),
+            b.subject_text().unwrap_or_default(),
+            b.body
         );
         Ok(())
     })

@@ -179,6 +179,32 @@ def python_calls_rust(codec):
                 heard and peer.values("BROADCAST") == ["hello"],
                 peer.values("BROADCAST"),
             )
+
+            # AiiDA's state change: the sender is the process's pk, an integer.
+            comm.broadcast_send(None, sender=48, subject="state_changed.running.waiting")
+            comm.broadcast_send(None, sender=47, subject="state_changed.running.waiting")
+            heard = peer.wait_for("PK-BROADCAST")
+            check(
+                f"{codec}: broadcast Python -> Rust with an integer sender (AiiDA's pk), filtered by '47'",
+                heard
+                and peer.values("PK-BROADCAST")
+                == [{"body": None, "sender": 47, "subject": "state_changed.running.waiting", "correlation_id": None}],
+                peer.values("PK-BROADCAST"),
+            )
+            comm.broadcast_send("f", sender=1.5, subject="plain.float", correlation_id=9)
+            comm.broadcast_send("b", sender=True, subject="plain.bool", correlation_id=False)
+            heard = peer.wait_for("PLAIN-BROADCAST", count=2)
+            plain = sorted(peer.values("PLAIN-BROADCAST"), key=lambda b: b["body"])
+            check(
+                f"{codec}: broadcast Python -> Rust with float, bool and integer headers",
+                heard
+                and plain
+                == [
+                    {"body": "b", "sender": True, "subject": "plain.bool", "correlation_id": False},
+                    {"body": "f", "sender": 1.5, "subject": "plain.float", "correlation_id": 9},
+                ],
+                plain,
+            )
             code = peer.finish()
             check(f"{codec}: the Rust peer closed cleanly", code == 0, f"exit {code}: {peer.lines}")
         finally:
@@ -212,6 +238,11 @@ def rust_calls_python(codec):
         def listener(_comm, body, sender, subject, correlation_id):
             broadcasts.append(body)
 
+        pk_broadcasts = []
+
+        def pk_listener(_comm, body, sender, subject, correlation_id):
+            pk_broadcasts.append((body, sender, subject, correlation_id))
+
         comm = communicator(url, codec)
         try:
             comm.add_rpc_subscriber(echo, "py-echo")
@@ -220,6 +251,7 @@ def rust_calls_python(codec):
             comm.add_broadcast_subscriber(
                 kiwipy.BroadcastFilter(listener, subject="rust.*", sender="rust")
             )
+            comm.add_broadcast_subscriber(kiwipy.BroadcastFilter(pk_listener, subject="pk.*", sender=47))
             check(
                 f"{codec}: kiwiPy works the queue Rust declared",
                 received.wait(TIMEOUT) and tasks[:1] == [{"n": 0}],
@@ -269,6 +301,14 @@ def rust_calls_python(codec):
                 f"{codec}: broadcast Rust -> Python, filtered by subject and sender",
                 broadcasts == ["hello"],
                 broadcasts,
+            )
+            while not pk_broadcasts and time.monotonic() < deadline:
+                time.sleep(0.02)
+            check(
+                f"{codec}: broadcast Rust -> Python with the integer sender 47 and correlation id 9",
+                pk_broadcasts == [("pk", 47, "pk.state", 9)]
+                and type(pk_broadcasts[0][1]) is int,
+                pk_broadcasts,
             )
         finally:
             comm.close()

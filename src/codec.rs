@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
+use envelope::BroadcastEnvelope;
 
 /// The encoding of message bodies and envelopes, chosen per communicator.
 ///
@@ -113,6 +114,35 @@ impl Codec {
             // A YAML stream with a second document is refused by the parser.
             #[cfg(feature = "yaml")]
             Self::Yaml => yaml::decode(bytes),
+        }
+    }
+}
+
+impl Codec {
+    /// Encodes a broadcast envelope; bincode, which cannot read a value of unknown shape,
+    /// carries its headers as text.
+    pub(crate) fn encode_broadcast<T: Serialize>(
+        self,
+        envelope: BroadcastEnvelope<T>,
+    ) -> Result<Vec<u8>> {
+        match self {
+            #[cfg(feature = "bincode")]
+            Self::Bincode => self.encode(&envelope.with_text_headers()),
+            _ => self.encode(&envelope),
+        }
+    }
+
+    /// Decodes a broadcast envelope (see [`encode_broadcast`](Self::encode_broadcast)).
+    pub(crate) fn decode_broadcast<T: DeserializeOwned>(
+        self,
+        bytes: &[u8],
+    ) -> Result<BroadcastEnvelope<T>> {
+        match self {
+            #[cfg(feature = "bincode")]
+            Self::Bincode => self
+                .decode::<BroadcastEnvelope<T, String>>(bytes)
+                .map(BroadcastEnvelope::with_value_headers),
+            _ => self.decode(bytes),
         }
     }
 }

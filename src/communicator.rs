@@ -29,7 +29,7 @@ use crate::supervisor::{
     BroadcastHubChild, ClaimRpc, Inspect, RemoveRpc, StartRpc, Supervisor, Tally, TaskQueueChild,
 };
 use crate::transport::{Exchange, Outgoing, Route, Source, Transport};
-use crate::{Codec, mem};
+use crate::{Codec, Value, mem};
 
 /// Connects to the broker at `uri` with default [`Settings`]: `mem://` for a private
 /// in-process broker, `mem://NAME` for one shared by name within the process, or
@@ -45,36 +45,38 @@ impl Settings {
     }
 }
 
-/// Options of a broadcast beyond its body; every field may be left out.
+/// Options of a broadcast beyond its body; every field may be left out. Each is any plain
+/// value, as in kiwiPy: text, or an integer (AiiDA's process pk as the sender), a float, a
+/// bool.
 #[derive(Debug, Clone, Default)]
 pub struct BroadcastOptions {
     /// Who sends it.
-    pub sender: Option<String>,
+    pub sender: Option<Value>,
     /// What it is about; subscribers filter on it.
-    pub subject: Option<String>,
+    pub subject: Option<Value>,
     /// A correlation id for the receivers.
-    pub correlation_id: Option<String>,
+    pub correlation_id: Option<Value>,
 }
 
 impl BroadcastOptions {
     /// A broadcast about `subject`.
-    pub fn subject(subject: impl Into<String>) -> Self {
+    pub fn subject(subject: impl Into<Value>) -> Self {
         Self {
             subject: Some(subject.into()),
             ..Self::default()
         }
     }
 
-    /// Names the sender.
+    /// Names the sender: `"worker-1"`, or `47`.
     #[must_use]
-    pub fn with_sender(mut self, sender: impl Into<String>) -> Self {
+    pub fn with_sender(mut self, sender: impl Into<Value>) -> Self {
         self.sender = Some(sender.into());
         self
     }
 
     /// Sets the correlation id.
     #[must_use]
-    pub fn with_correlation_id(mut self, correlation_id: impl Into<String>) -> Self {
+    pub fn with_correlation_id(mut self, correlation_id: impl Into<Value>) -> Self {
         self.correlation_id = Some(correlation_id.into());
         self
     }
@@ -395,14 +397,14 @@ impl Communicator {
     ) -> Result<()> {
         let inner = &self.inner;
         inner.check_open()?;
+        tracing::debug!(subject = ?options.subject, "sending broadcast");
         let envelope = BroadcastEnvelope {
             body,
             sender: options.sender,
             subject: options.subject,
             correlation_id: options.correlation_id,
         };
-        let body = inner.link.codec.encode(&envelope)?;
-        tracing::debug!(subject = ?envelope.subject, "sending broadcast");
+        let body = inner.link.codec.encode_broadcast(envelope)?;
         let message = Outgoing {
             body,
             ..Outgoing::default()

@@ -6,6 +6,10 @@ use std::marker::PhantomData;
 
 use actix::Message;
 
+use std::borrow::Cow;
+
+use crate::Value;
+use crate::codec::envelope::plain_text;
 use crate::panics::PanicWatch;
 
 /// A task delivered to a task subscriber. The handler's `Ok` value is the task's result,
@@ -72,16 +76,37 @@ impl<T: fmt::Debug, R> fmt::Debug for Rpc<T, R> {
 
 /// A broadcast delivered to every subscriber whose filter it passes. Nothing is sent back;
 /// a handler's error is logged.
+///
+/// Its headers are any plain value, as kiwiPy allows: AiiDA sends a process's pk, an
+/// integer, as the sender. Read them as they came (`sender.as_ref().and_then(Value::as_i64)`)
+/// or as text ([`sender_text`](Self::sender_text): `"47"`), which is what filters match.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Broadcast<T> {
     /// The broadcast's body.
     pub body: T,
     /// Who sent it, if the sender said.
-    pub sender: Option<String>,
+    pub sender: Option<Value>,
     /// What it is about, if the sender said.
-    pub subject: Option<String>,
+    pub subject: Option<Value>,
     /// A correlation id, if the sender gave one.
-    pub correlation_id: Option<String>,
+    pub correlation_id: Option<Value>,
+}
+
+impl<T> Broadcast<T> {
+    /// The sender as text (`"worker-1"`, `"47"` for the integer 47, `"True"`), if any.
+    pub fn sender_text(&self) -> Option<Cow<'_, str>> {
+        self.sender.as_ref().and_then(plain_text)
+    }
+
+    /// The subject as text, if any.
+    pub fn subject_text(&self) -> Option<Cow<'_, str>> {
+        self.subject.as_ref().and_then(plain_text)
+    }
+
+    /// The correlation id as text, if any.
+    pub fn correlation_id_text(&self) -> Option<Cow<'_, str>> {
+        self.correlation_id.as_ref().and_then(plain_text)
+    }
 }
 
 impl<T: 'static> Message for Broadcast<T> {

@@ -899,6 +899,67 @@ async fn a_broadcast_reaches_every_subscriber_with_all_four_fields(backend: Back
     receiver.close().await.unwrap();
 }
 
+/// AiiDA announces a process's state change with its pk, an integer, as the sender: it
+/// reaches a filter on the text "47", and arrives as the integer it was. Floats, bools and
+/// integer correlation ids likewise.
+async fn broadcast_headers_of_any_plain_value_arrive_and_filter_as_text(backend: Backend) {
+    use kiwimq::Value;
+    let settings = settings(backend);
+    let sender = connect(&settings).await;
+    let receiver = connect(&settings).await;
+    let (pk47, all) = (seen(), seen());
+    receiver
+        .add_broadcast_subscriber(
+            BroadcastFilter::new()
+                .sender("47")
+                .subject("state_changed.*"),
+            Listener { seen: pk47.clone() }.start(),
+        )
+        .await
+        .unwrap();
+    receiver
+        .add_broadcast_subscriber(
+            BroadcastFilter::new(),
+            Listener { seen: all.clone() }.start(),
+        )
+        .await
+        .unwrap();
+    let cases: [(&str, Value, Value); 4] = [
+        ("pk", Value::from(47), Value::from(9)),
+        ("other pk", Value::from(48), Value::from("c")),
+        ("float", Value::F64(1.5), Value::Nil),
+        ("bool", Value::from(true), Value::from(false)),
+    ];
+    for (body, who, correlation) in cases.clone() {
+        let mut options =
+            BroadcastOptions::subject("state_changed.running.waiting").with_sender(who);
+        options.correlation_id = Some(correlation).filter(|c| !c.is_nil());
+        sender.broadcast_send(body, options).await.unwrap();
+    }
+    eventually(SOON, "every broadcast to arrive", || {
+        count(&all) == cases.len()
+    })
+    .await;
+    let pk47 = pk47.lock().unwrap().clone();
+    assert_eq!(pk47.len(), 1, "{pk47:?}");
+    assert_eq!(pk47[0].sender, Some(Value::from(47)));
+    assert_eq!(pk47[0].sender_text().as_deref(), Some("47"));
+    assert_eq!(pk47[0].correlation_id, Some(Value::from(9)));
+    let all = all.lock().unwrap().clone();
+    let text: Vec<_> = all
+        .iter()
+        .map(|b| (b.body.as_str(), b.sender_text().map(|s| s.into_owned())))
+        .collect();
+    for expected in [("float", "1.5"), ("bool", "True"), ("other pk", "48")] {
+        assert!(
+            text.contains(&(expected.0, Some(expected.1.to_owned()))),
+            "{expected:?} in {text:?}"
+        );
+    }
+    sender.close().await.unwrap();
+    receiver.close().await.unwrap();
+}
+
 /// Sends broadcasts with these (subject, sender) pairs and returns the bodies `filter` let
 /// through, in order. A final unfiltered marker tells when all have arrived.
 async fn filtered(backend: Backend, filter: BroadcastFilter) -> Vec<String> {
@@ -1138,6 +1199,7 @@ macro_rules! behaviours {
                     an_error_while_processing_a_pulled_task_reaches_the_sender,
                     a_broadcast_reaches_every_subscriber_with_all_four_fields,
                     broadcast_filter_by_subject,
+                    broadcast_headers_of_any_plain_value_arrive_and_filter_as_text,
                     broadcast_filter_by_sender,
                     broadcast_filter_by_subject_and_sender,
                     broadcast_filter_by_regex,

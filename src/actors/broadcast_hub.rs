@@ -9,7 +9,7 @@ use futures::future::{self, BoxFuture};
 use serde::de::{DeserializeOwned, IgnoredAny};
 
 use crate::Codec;
-use crate::codec::envelope::BroadcastEnvelope;
+use crate::codec::envelope::{BroadcastEnvelope, plain_text};
 use crate::error::Result;
 use crate::filter::BroadcastFilter;
 use crate::messages::Broadcast;
@@ -32,19 +32,19 @@ where
 {
     let subscriber = Arc::new(subscriber);
     Arc::new(move |bytes: bytes::Bytes| {
-        let envelope: BroadcastEnvelope<T> = match codec.decode(&bytes) {
+        let envelope: BroadcastEnvelope<T> = match codec.decode_broadcast(&bytes) {
             Ok(envelope) => envelope,
             Err(error) => {
                 // Only complain when this subscriber would have wanted the broadcast.
-                let header = codec.decode::<BroadcastEnvelope<IgnoredAny>>(&bytes);
+                let header = codec.decode_broadcast::<IgnoredAny>(&bytes);
                 match header {
-                    Ok(h) if !filter.matches(h.subject.as_deref(), h.sender.as_deref()) => {}
+                    Ok(h) if !passes(&filter, &h) => {}
                     _ => tracing::warn!(%error, "undecodable broadcast skipped by a subscriber"),
                 }
                 return future::ready(()).boxed();
             }
         };
-        if !filter.matches(envelope.subject.as_deref(), envelope.sender.as_deref()) {
+        if !passes(&filter, &envelope) {
             return future::ready(()).boxed();
         }
         let broadcast = Broadcast {
@@ -69,6 +69,14 @@ where
         }
         .boxed()
     })
+}
+
+/// Whether a broadcast passes a filter, which sees its headers as text: a filter on sender
+/// `"47"` matches AiiDA's integer 47.
+fn passes<T>(filter: &BroadcastFilter, envelope: &BroadcastEnvelope<T>) -> bool {
+    let subject = envelope.subject.as_ref().and_then(plain_text);
+    let sender = envelope.sender.as_ref().and_then(plain_text);
+    filter.matches(subject.as_deref(), sender.as_deref())
 }
 
 /// Hands broadcasts to this communicator's broadcast subscribers.

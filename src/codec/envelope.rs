@@ -3,12 +3,15 @@
 //! `cancelled`, `pending` (task replies add `host`), a broadcast is the map
 //! `{body, sender, subject, correlation_id}`.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
+
+use crate::Value;
 
 /// A task on the wire: `[task, no_reply]`.
 pub(crate) type TaskEnvelope<T> = (T, bool);
@@ -122,16 +125,76 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for ReplyVisitor<T> {
     }
 }
 
-/// A broadcast on the wire.
+/// A broadcast on the wire. kiwiPy takes any plain value as a sender, subject or
+/// correlation id — AiiDA sends a process's pk, an integer, as the sender — so the headers
+/// are [`Value`]s; `H` is `String` only for bincode, which cannot read a value of unknown
+/// shape and carries their text.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct BroadcastEnvelope<T> {
+pub(crate) struct BroadcastEnvelope<T, H = Value> {
     pub(crate) body: T,
-    #[serde(default)]
-    pub(crate) sender: Option<String>,
-    #[serde(default)]
-    pub(crate) subject: Option<String>,
-    #[serde(default)]
-    pub(crate) correlation_id: Option<String>,
+    #[serde(default = "none")]
+    pub(crate) sender: Option<H>,
+    #[serde(default = "none")]
+    pub(crate) subject: Option<H>,
+    #[serde(default = "none")]
+    pub(crate) correlation_id: Option<H>,
+}
+
+fn none<H>() -> Option<H> {
+    None
+}
+
+impl<T> BroadcastEnvelope<T> {
+    /// The same broadcast with its headers as text (for bincode).
+    pub(crate) fn with_text_headers(self) -> BroadcastEnvelope<T, String> {
+        let text = |value: Option<Value>| value.and_then(|v| plain_text(&v).map(Cow::into_owned));
+        BroadcastEnvelope {
+            body: self.body,
+            sender: text(self.sender),
+            subject: text(self.subject),
+            correlation_id: text(self.correlation_id),
+        }
+    }
+}
+
+impl<T> BroadcastEnvelope<T, String> {
+    /// Text headers as values.
+    pub(crate) fn with_value_headers(self) -> BroadcastEnvelope<T> {
+        BroadcastEnvelope {
+            body: self.body,
+            sender: self.sender.map(Value::from),
+            subject: self.subject.map(Value::from),
+            correlation_id: self.correlation_id.map(Value::from),
+        }
+    }
+}
+
+/// A header value as text, as a filter sees it and as Python's `str()` writes it: a string
+/// as it is, `47`, `1.5`, `True`; nil is no header at all. Other values (lists, maps, bytes)
+/// in their JSON-like form.
+pub(crate) fn plain_text(value: &Value) -> Option<Cow<'_, str>> {
+    Some(match value {
+        Value::Nil => return None,
+        Value::String(text) => match text.as_str() {
+            Some(text) => Cow::Borrowed(text),
+            None => Cow::Owned(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        },
+        Value::Boolean(true) => Cow::Borrowed("True"),
+        Value::Boolean(false) => Cow::Borrowed("False"),
+        Value::Integer(n) => Cow::Owned(n.to_string()),
+        Value::F32(x) => Cow::Owned(python_float(f64::from(*x))),
+        Value::F64(x) => Cow::Owned(python_float(*x)),
+        other => Cow::Owned(other.to_string()),
+    })
+}
+
+/// `str(x)` of a Python float: `2.0`, not `2`.
+fn python_float(x: f64) -> String {
+    if x.is_finite() && x.fract() == 0.0 && x.abs() < 1e16 {
+        format!("{x:.1}")
+    } else {
+        x.to_string()
+    }
 }
 
 #[cfg(test)]
@@ -255,9 +318,53 @@ mod tests {
             r#"{"body":1,"sender":"s","subject":null,"correlation_id":null}"#
         );
         for codec in Codec::ALL {
-            let back: BroadcastEnvelope<i32> = codec.decode(&codec.encode(&b).unwrap()).unwrap();
+            let bytes = codec.encode_broadcast(b.clone()).unwrap();
+            let back: BroadcastEnvelope<i32> = codec.decode_broadcast(&bytes).unwrap();
             assert_eq!(back, b);
         }
+    }
+
+    /// kiwiPy's headers of any plain value survive every self-describing codec as they
+    /// were; bincode carries their text.
+    #[test]
+    fn broadcast_headers_of_any_plain_value_round_trip() {
+        let headers = [
+            Value::from(47),
+            Value::from(-3),
+            Value::F64(1.5),
+            Value::from(true),
+            Value::from("state_changed.running.waiting"),
+        ];
+        for header in headers {
+            let b = BroadcastEnvelope {
+                body: (),
+                sender: Some(header.clone()),
+                subject: Some(header.clone()),
+                correlation_id: Some(header.clone()),
+            };
+            for codec in Codec::ALL {
+                let bytes = codec.encode_broadcast(b.clone()).unwrap();
+                let back: BroadcastEnvelope<()> = codec.decode_broadcast(&bytes).unwrap();
+                let expected = if codec.is_self_describing() {
+                    header.clone()
+                } else {
+                    Value::from(plain_text(&header).unwrap().into_owned())
+                };
+                assert_eq!(back.sender, Some(expected.clone()), "{codec}: {header}");
+                assert_eq!(back.correlation_id, Some(expected), "{codec}: {header}");
+            }
+        }
+    }
+
+    #[test]
+    fn headers_read_as_python_writes_them() {
+        let text = |v: Value| plain_text(&v).map(Cow::into_owned);
+        assert_eq!(text(Value::from(47)).as_deref(), Some("47"));
+        assert_eq!(text(Value::F64(2.0)).as_deref(), Some("2.0"));
+        assert_eq!(text(Value::F64(1.5)).as_deref(), Some("1.5"));
+        assert_eq!(text(Value::from(true)).as_deref(), Some("True"));
+        assert_eq!(text(Value::from("x")).as_deref(), Some("x"));
+        assert_eq!(text(Value::Nil), None);
     }
 }
 
