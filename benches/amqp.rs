@@ -9,7 +9,7 @@
 //!
 //! `cargo bench --bench amqp`. Broker: `KIWIMQ_URL` (an `amqp://` URI) or the local RabbitMQ. Sizes:
 //! `KIWIMQ_BENCH_PUBLISH`, `_CONSUME`, `_PULL`, `_ROUNDTRIPS`, `_CONCURRENT`, `_SENDERS`,
-//! `_RPC`, `_BROADCASTS`, `_BROADCASTS10`, `_PENDING`, `_ROUNDS`. Prints a table and writes
+//! `_RPC`, `_BROADCASTS`, `_BROADCASTS10`, `_PENDING`, `_MANY`, `_ROUNDS`. Prints a table and writes
 //! `target/kiwimq-bench.json`.
 
 mod common;
@@ -58,6 +58,8 @@ struct Sizes {
     broadcasts10: usize,
     pending: usize,
     rounds: usize,
+    /// RPC subscribers on one communicator, for the scale figures.
+    many: usize,
 }
 
 impl Sizes {
@@ -73,6 +75,7 @@ impl Sizes {
             broadcasts: common::size("BROADCASTS", 20_000),
             broadcasts10: common::size("BROADCASTS10", 5_000),
             pending: common::size("PENDING", 100_000),
+            many: common::size("MANY", 10_000),
             rounds: common::size("ROUNDS", 3).max(1),
         }
     }
@@ -215,6 +218,58 @@ impl Kiwimq {
             .await
             .unwrap();
         worker
+    }
+
+    /// `n` RPC subscribers on one communicator: the seconds to add them (512 at once), the
+    /// RSS each costs in KiB, the RPC p50 in µs with all of them present, and the seconds to
+    /// remove them.
+    async fn many_rpc_subscribers(&self, n: usize) -> (f64, f64, f64, f64) {
+        let worker = self.connect().await;
+        let before = common::rss_mib();
+        let started = Instant::now();
+        let added: Vec<String> = futures::stream::iter(0..n)
+            .map(|i| {
+                let worker = worker.clone();
+                async move {
+                    worker
+                        .add_rpc_subscriber(
+                            Some(&format!("many-{i}")),
+                            |rpc: Rpc<Body>| async move { Ok(rpc.body) },
+                        )
+                        .await
+                        .unwrap()
+                }
+            })
+            .buffer_unordered(WINDOW)
+            .collect()
+            .await;
+        let adding = started.elapsed().as_secs_f64();
+        let per_subscriber = (common::rss_mib() - before) * 1024.0 / n as f64;
+        let client = self.connect().await;
+        let body = body();
+        let mut samples = Vec::with_capacity(1000);
+        for i in 0..1000 {
+            let started = Instant::now();
+            let _: Body = client
+                .rpc_send(&format!("many-{}", i * 7 % n), &body)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            samples.push(started.elapsed());
+        }
+        let p50 = percentile_us(&mut samples, 50);
+        let started = Instant::now();
+        futures::stream::iter(added)
+            .for_each_concurrent(WINDOW, |identifier| {
+                let worker = worker.clone();
+                async move { worker.remove_rpc_subscriber(&identifier).await.unwrap() }
+            })
+            .await;
+        let removing = started.elapsed().as_secs_f64();
+        client.close().await.unwrap();
+        worker.close().await.unwrap();
+        (adding, per_subscriber, p50, removing)
     }
 
     /// RSS with `n` task results pending (sent, unanswered), in MiB.
@@ -1031,6 +1086,7 @@ async fn main() {
     let (rss, rss_growth) = kiwimq
         .rss_with_pending(&names.queue("k-pending"), s.pending)
         .await;
+    let (many_add, many_rss, many_p50, many_remove) = kiwimq.many_rpc_subscribers(s.many).await;
     names.clean_up().await;
 
     let broker = broker_version();
@@ -1065,6 +1121,39 @@ async fn main() {
         format!("rss_mb_with_{}_pending", s.pending),
         vec![format!("{rss:.0}"), "-".into(), "-".into()],
     ));
+    for (name, value) in [
+        (
+            format!("rpc_subscribers_{}_add_s", s.many),
+            format!("{many_add:.1}"),
+        ),
+        (
+            format!("rpc_subscribers_{}_remove_s", s.many),
+            format!("{many_remove:.1}"),
+        ),
+        (
+            "rss_kib_per_rpc_subscriber".to_owned(),
+            format!("{many_rss:.1}"),
+        ),
+        (
+            format!("rpc_p50_us_with_{}_subscribers", s.many),
+            format!("{many_p50:.0}"),
+        ),
+    ] {
+        rows.push((name, vec![value, "-".into(), "-".into()]));
+    }
+    kiwimq_json.insert("rpc_subscribers_add_s".into(), serde_json::json!(many_add));
+    kiwimq_json.insert(
+        "rpc_subscribers_remove_s".into(),
+        serde_json::json!(many_remove),
+    );
+    kiwimq_json.insert(
+        "rss_kib_per_rpc_subscriber".into(),
+        serde_json::json!(many_rss),
+    );
+    kiwimq_json.insert(
+        "rpc_p50_us_with_many_subscribers".into(),
+        serde_json::json!(many_p50),
+    );
     kiwimq_json.insert(
         "rss_mb_with_pending_results".into(),
         serde_json::json!((rss * 10.0).round() / 10.0),
@@ -1091,6 +1180,7 @@ async fn main() {
             "broadcasts": s.broadcasts,
             "broadcasts10": s.broadcasts10,
             "pending": s.pending,
+            "many_rpc_subscribers": s.many,
             "rounds": s.rounds,
             "in_flight": WINDOW,
             "prefetch": PREFETCH,

@@ -55,6 +55,7 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Arc<dyn Transport>> {
         .run(async move {
             let connection = Arc::new(first.open_connection().await?);
             first.declare_topology(&connection).await?;
+            first.reserve_channels(&connection, 0).await;
             Ok::<_, Error>(connection)
         })
         .await??;
@@ -63,8 +64,15 @@ pub(crate) async fn connect(settings: &Settings) -> Result<Arc<dyn Transport>> {
     Ok(Arc::new(AmqpTransport(shared)))
 }
 
-/// A lapin error as a kiwimq error.
+/// A lapin error as a kiwimq error. Running out of channels is a limit no retry lifts: it
+/// is `Refused`, naming the limit.
 fn amqp_error(error: lapin::Error) -> Error {
+    if let lapin::ErrorKind::ChannelsLimitReached = error.kind() {
+        let reason = "the connection has as many channels open as the broker allows \
+                      (channel_max, 2047 by default on RabbitMQ): each task queue consumed \
+                      takes one";
+        return Error::with_source(ErrorKind::Refused(reason.to_owned()), error);
+    }
     let reason = error.to_string();
     Error::with_source(ErrorKind::Connection(reason), error)
 }
@@ -199,6 +207,9 @@ struct Entry {
     retry_at: Option<Instant>,
 }
 
+/// Channels declaring the queues of consumers on shared channels.
+const DECLARERS: usize = 4;
+
 struct Shared {
     uri: lapin::uri::AMQPUri,
     redacted: String,
@@ -213,6 +224,15 @@ struct Shared {
     events: broadcast::Sender<ConnectionEvent>,
     publisher: Slot,
     puller: Slot,
+    /// Declare and delete the queues of consumers on shared channels, whose refusals (an
+    /// identifier taken) must not close a channel others consume on. Several, because the
+    /// broker handles one channel's requests one after another: thousands of RPC
+    /// identifiers are declared in parallel.
+    declarers: [Slot; DECLARERS],
+    /// The channels RPC and broadcast consumers share, as kiwiPy's message subscriber does
+    /// (they need no channel of their own: no acks, no prefetch), each with how many
+    /// consumers it was given: thousands of RPC identifiers stay far below `channel_max`.
+    shared_channels: tokio::sync::Mutex<Vec<(Weak<ConsumerChannel>, usize)>>,
     /// Consumer tag → what it consumes.
     consumers: Mutex<HashMap<String, Entry>>,
     /// Task queues declared so far, declared again after a reconnection (a broker restart
@@ -242,6 +262,15 @@ async fn tick(shared: Weak<Shared>) {
 }
 
 impl Shared {
+    /// The declaring channel's slot for a consumer's queue (always the same one for a
+    /// queue, so its declaration and its deletion are in order).
+    fn declarer(&self, queue: &str) -> &Slot {
+        let hash = queue.bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
+        &self.declarers[hash % DECLARERS]
+    }
+
     fn new(settings: &Settings) -> Result<Self> {
         Ok(Self {
             uri: uri::parse(&settings.uri, &settings.redacted_uri())?,
@@ -256,6 +285,8 @@ impl Shared {
             events: events::channel(),
             publisher: Slot::default(),
             puller: Slot::default(),
+            declarers: Default::default(),
+            shared_channels: tokio::sync::Mutex::default(),
             consumers: Mutex::default(),
             task_queues: Mutex::default(),
             closed: AtomicBool::new(false),
@@ -292,7 +323,9 @@ impl Attempt {
     /// dying under it) is worth another try.
     fn unless_refused(error: Error) -> Self {
         match error.kind() {
-            ErrorKind::DuplicateSubscriber(_) | ErrorKind::Config(_) => Attempt::Final(error),
+            ErrorKind::DuplicateSubscriber(_) | ErrorKind::Config(_) | ErrorKind::Refused(_) => {
+                Attempt::Final(error)
+            }
             _ => Attempt::Again(error),
         }
     }

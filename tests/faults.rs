@@ -18,19 +18,8 @@ use kiwimq::{
 };
 
 use common::node::Node;
-use common::proxy::{Proxy, split_address};
+use common::proxy::{Proxy, upstream};
 use common::{SOON, amqp_settings, amqp_url, eventually, seen};
-
-/// The shared broker's `host:port`.
-fn upstream() -> String {
-    let url = amqp_url();
-    let address = split_address(&url).1;
-    if address.contains(':') {
-        address.to_owned()
-    } else {
-        format!("{address}:5672")
-    }
-}
 
 /// How many times each task was handled, by task number.
 type Handled = Arc<Mutex<HashMap<u32, u32>>>;

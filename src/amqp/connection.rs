@@ -10,10 +10,13 @@ use lapin::options::{ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::time::Instant;
 
-use super::{Attempt, Entry, Shared, Slot, State, amqp_error, lock, usable};
+use super::{Attempt, ConsumerChannel, Entry, Shared, Slot, State, amqp_error, lock, usable};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::ConnectionEvent;
 use crate::transport::Source;
+
+/// How long closing waits for the broker's goodbye, plus a millisecond per consumer.
+const CLOSE_PATIENCE: Duration = Duration::from_secs(5);
 
 impl Shared {
     /// Opens a connection, within the connect timeout.
@@ -93,6 +96,31 @@ impl Shared {
         deadline: Instant,
     ) -> std::result::Result<Arc<Channel>, Attempt> {
         let (connection, epoch) = self.connection(deadline).await.map_err(Attempt::Final)?;
+        self.channel_on(slot, confirm, &connection, epoch)
+            .await
+            .map_err(Attempt::unless_refused)
+    }
+
+    /// Opens the publisher's and the declarer's channels on a new connection before any
+    /// consumer's: however many queues are consumed, sending and subscribing find their
+    /// channels (a connection has `channel_max` of them).
+    pub(super) async fn reserve_channels(&self, connection: &Connection, epoch: u64) {
+        let declarers = self.declarers.iter().map(|slot| (slot, false));
+        for (slot, confirm) in std::iter::once((&self.publisher, true)).chain(declarers) {
+            if let Err(error) = self.channel_on(slot, confirm, connection, epoch).await {
+                tracing::debug!(%error, "opening a channel ahead failed; it opens when needed");
+            }
+        }
+    }
+
+    /// The slot's channel on `connection` (number `epoch`), opened when needed.
+    pub(super) async fn channel_on(
+        &self,
+        slot: &Slot,
+        confirm: bool,
+        connection: &Connection,
+        epoch: u64,
+    ) -> Result<Arc<Channel>> {
         let mut slot = slot.0.lock().await;
         if let Some(channel) = usable(&slot, epoch) {
             return Ok(channel);
@@ -106,7 +134,7 @@ impl Shared {
             }
             Ok(channel)
         };
-        let channel = Arc::new(open.await.map_err(|e| Attempt::Again(amqp_error(e)))?);
+        let channel = Arc::new(open.await.map_err(amqp_error)?);
         *slot = Some((epoch, channel.clone()));
         Ok(channel)
     }
@@ -176,6 +204,7 @@ impl Shared {
         self.emit(ConnectionEvent::Closed);
         self.wake.notify_one();
         let entries: Vec<Entry> = lock(&self.consumers).drain().map(|(_, e)| e).collect();
+        let consumers = entries.len();
         let reply_queues: Vec<String> = entries
             .iter()
             .filter_map(|entry| match &entry.source {
@@ -190,14 +219,19 @@ impl Shared {
             return Ok(());
         }
         // Each consumer's channel closes before the connection does: a channel closing
-        // while the connection goes makes lapin report a connection error.
-        for entry in entries {
-            if let Some(guard) = entry.active
-                && guard.channel.status().connected()
-            {
-                let _ = guard.channel.close(200, "closing".into()).await;
+        // while the connection goes makes lapin report a connection error. Once each (many
+        // consumers share one), all at once.
+        let mut channels: Vec<Arc<ConsumerChannel>> = Vec::new();
+        for guard in entries.into_iter().filter_map(|entry| entry.active) {
+            if !channels.iter().any(|known| Arc::ptr_eq(known, &guard)) {
+                channels.push(guard);
             }
         }
+        let closing = channels
+            .iter()
+            .filter(|guard| guard.channel.status().connected());
+        futures::future::join_all(closing.map(|guard| guard.channel.close(200, "closing".into())))
+            .await;
         // Nobody waits for replies any more: the reply queues go now rather than when they
         // expire.
         if let Ok(channel) = connection.create_channel().await {
@@ -208,12 +242,18 @@ impl Shared {
             }
             let _ = channel.close(200, "reply queues deleted".into()).await;
         }
-        if let Err(error) = connection
-            .close(200, "kiwimq communicator closed".into())
-            .await
-        {
+        // The broker deletes this connection's exclusive queues before it answers: give it
+        // time for each, then leave it be.
+        let patience = CLOSE_PATIENCE + Duration::from_millis(consumers as u64);
+        let closing = connection.close(200, "kiwimq communicator closed".into());
+        match tokio::time::timeout(patience, closing).await {
             // Whatever went wrong, the connection is gone, as closing wants.
-            tracing::debug!(%error, "the connection failed while closing");
+            Ok(Err(error)) => tracing::debug!(%error, "the connection failed while closing"),
+            Err(_) => tracing::debug!(
+                ?patience,
+                "the broker did not acknowledge the close in time; the connection is dropped"
+            ),
+            Ok(Ok(())) => {}
         }
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! (the lapin consumers it had, one after another), restoring consumers after a loss,
 //! settling deliveries, and pulling one task.
 
+use std::collections::HashMap;
 use std::pin::pin;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -9,13 +10,13 @@ use std::time::Duration;
 use futures::channel::mpsc;
 use futures::stream::BoxStream;
 use futures::{Future, StreamExt};
+use lapin::Connection;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
     BasicQosOptions, BasicRejectOptions, QueueDeleteOptions,
 };
 use lapin::protocol::AMQPSoftError;
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
 use tokio::time::Instant;
 
 use super::{
@@ -24,6 +25,12 @@ use super::{
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::{Acker, Consumer, Delivery, Outcome, Settle, Source};
+
+/// Consumers a shared channel is given at most.
+const SHARED_CONSUMERS: usize = 1_000;
+
+/// Consumers restored at once after a loss: their declarations and consumes are pipelined.
+const RESTORING_AT_ONCE: usize = 256;
 
 impl Shared {
     pub(super) fn queue_of(&self, source: &Source) -> String {
@@ -35,63 +42,64 @@ impl Shared {
         }
     }
 
-    /// Opens a channel on `connection`, declares the source's queue and consumes it under
-    /// `tag`. Returns the channel, the consumer and whether deliveries are auto-acked.
+    /// Declares the source's queue on `connection` (number `epoch`) and consumes it under
+    /// `tag`: a task or reply queue on a channel of its own (its prefetch and acks are its
+    /// own), an RPC or broadcast queue on a shared channel. Returns the channel, the
+    /// consumer and whether deliveries are auto-acked.
     pub(super) async fn start(
         &self,
         connection: &Connection,
+        epoch: u64,
         tag: &str,
         source: &Source,
         prefetch: u16,
-    ) -> Result<(Channel, lapin::Consumer, bool)> {
-        let channel = connection.create_channel().await.map_err(amqp_error)?;
+    ) -> Result<(Arc<ConsumerChannel>, lapin::Consumer, bool)> {
         let topology = &self.topology;
         let queue = self.queue_of(source);
-        let no_ack = match source {
+        let (guard, no_ack) = match source {
             Source::Tasks(queue) => {
-                channel
+                let guard = self.own_channel(connection).await?;
+                guard
+                    .channel
                     .basic_qos(prefetch, BasicQosOptions::default())
                     .await
                     .map_err(amqp_error)?;
                 topology
-                    .declare_task_queue(&channel, queue)
+                    .declare_task_queue(&guard.channel, queue)
                     .await
                     .map_err(amqp_error)?;
-                false
-            }
-            Source::Rpc(identifier) => {
-                topology
-                    .declare_rpc_queue(&channel, identifier)
-                    .await
-                    .map_err(|e| match soft_error(&e) {
-                        Some(AMQPSoftError::RESOURCELOCKED) => {
-                            Error::new(ErrorKind::DuplicateSubscriber(identifier.clone()))
-                        }
-                        _ => amqp_error(e),
-                    })?;
-                true
-            }
-            Source::Broadcasts(queue) => {
-                topology
-                    .declare_broadcast_queue(&channel, queue)
-                    .await
-                    .map_err(amqp_error)?;
-                true
+                (guard, false)
             }
             Source::Replies(exchange, queue) => {
+                let guard = self.own_channel(connection).await?;
                 topology
-                    .declare_reply_queue(&channel, *exchange, queue)
+                    .declare_reply_queue(&guard.channel, *exchange, queue)
                     .await
                     .map_err(amqp_error)?;
                 // Acknowledged, so a reply lost in flight with the connection comes again.
-                false
+                (guard, false)
+            }
+            Source::Rpc(_) | Source::Broadcasts(_) => {
+                let declarer = self
+                    .channel_on(self.declarer(&queue), false, connection, epoch)
+                    .await?;
+                let declared = match source {
+                    Source::Rpc(identifier) => topology
+                        .declare_rpc_queue(&declarer, identifier)
+                        .await
+                        .map(drop),
+                    _ => topology.declare_broadcast_queue(&declarer, &queue).await,
+                };
+                declared.map_err(|e| self.declare_error(e, source, &queue))?;
+                (self.shared_channel(connection).await?, true)
             }
         };
         let options = BasicConsumeOptions {
             no_ack,
             ..Default::default()
         };
-        let consumer = channel
+        let consumer = guard
+            .channel
             .basic_consume(
                 queue.as_str().into(),
                 tag.into(),
@@ -100,32 +108,75 @@ impl Shared {
             )
             .await
             .map_err(amqp_error)?;
-        Ok((channel, consumer, no_ack))
+        Ok((guard, consumer, no_ack))
     }
 
-    /// Makes `channel` the active one of consumer `tag` and appends its deliveries to the
-    /// consumer's stream, unless the consumer was cancelled or activated meanwhile (then
-    /// the channel just closes).
-    pub(super) fn activate(
-        self: &Arc<Self>,
-        tag: &str,
-        channel: Channel,
-        consumer: lapin::Consumer,
-        no_ack: bool,
-    ) -> bool {
-        let guard = Arc::new(ConsumerChannel {
+    /// A declaration the broker refused. The declaring channel is shared, and every
+    /// declaration pending on it fails with the refusal of one: it is this one's only when
+    /// the broker names its queue (an identifier taken is `DuplicateSubscriber`); the
+    /// others are tried again.
+    fn declare_error(&self, error: lapin::Error, source: &Source, queue: &str) -> Error {
+        let ours = error.to_string().contains(&format!("'{queue}'"));
+        match (soft_error(&error), source) {
+            (Some(AMQPSoftError::RESOURCELOCKED), Source::Rpc(identifier)) if ours => {
+                Error::new(ErrorKind::DuplicateSubscriber(identifier.clone()))
+            }
+            (Some(_), _) if ours => amqp_error_refused(error),
+            _ => amqp_error(error),
+        }
+    }
+
+    /// A channel for one consumer, closed with its last delivery settled.
+    async fn own_channel(&self, connection: &Connection) -> Result<Arc<ConsumerChannel>> {
+        let channel = connection.create_channel().await.map_err(amqp_error)?;
+        Ok(Arc::new(ConsumerChannel {
             channel,
             io: self.io.handle.clone(),
+        }))
+    }
+
+    /// A shared consumer channel on `connection` with room for one more consumer, opened
+    /// when none has.
+    async fn shared_channel(&self, connection: &Connection) -> Result<Arc<ConsumerChannel>> {
+        let mut shared = self.shared_channels.lock().await;
+        // A channel of a lost connection is closed; one whose consumers all went is gone.
+        shared.retain(|(channel, _)| {
+            channel
+                .upgrade()
+                .is_some_and(|guard| guard.channel.status().connected())
         });
-        let mut consumers = lock(&self.consumers);
+        for (channel, given) in shared.iter_mut() {
+            if *given < SHARED_CONSUMERS
+                && let Some(guard) = channel.upgrade()
+            {
+                *given += 1;
+                return Ok(guard);
+            }
+        }
+        let guard = self.own_channel(connection).await?;
+        shared.push((Arc::downgrade(&guard), 1));
+        Ok(guard)
+    }
+
+    /// Makes `guard`'s channel the active one of consumer `tag` in `consumers` and appends
+    /// the lapin consumer's deliveries to the consumer's stream. `false` when the consumer
+    /// was cancelled meanwhile: its lapin consumer is cancelled too.
+    fn activate(
+        self: &Arc<Self>,
+        consumers: &mut HashMap<String, Entry>,
+        tag: &str,
+        (guard, consumer, no_ack): (Arc<ConsumerChannel>, lapin::Consumer, bool),
+    ) -> bool {
         let Some(entry) = consumers.get_mut(tag) else {
+            let channel = guard.channel.clone();
+            let tag = tag.to_owned();
+            self.io.handle.spawn(async move {
+                let _ = channel
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await;
+            });
             return false;
         };
-        if entry.active.is_some() {
-            // Another activation (the caller's first one, or the supervisor's restoring)
-            // won: one lapin consumer per tag, this channel just closes.
-            return false;
-        }
         entry.active = Some(guard.clone());
         entry.failures = 0;
         entry.retry_at = None;
@@ -150,58 +201,90 @@ impl Shared {
             Source::Rpc(identifier) => identifier.clone(),
             _ => format!("kiwimq-{}", uuid::Uuid::new_v4()),
         };
-        let (channel, consumer, no_ack) = self
+        let started = self
             .retrying(deadline, "consume", || async {
-                let (connection, _) = self.connection(deadline).await.map_err(Attempt::Final)?;
-                self.start(&connection, &tag, &source, prefetch)
+                let (connection, epoch) =
+                    self.connection(deadline).await.map_err(Attempt::Final)?;
+                self.start(&connection, epoch, &tag, &source, prefetch)
                     .await
                     .map_err(Attempt::unless_refused)
             })
             .await?;
         let (sender, receiver) = mpsc::unbounded();
-        lock(&self.consumers).insert(
-            tag.clone(),
-            Entry {
-                source,
-                prefetch,
-                sender,
-                active: None,
-                failures: 0,
-                retry_at: None,
-            },
-        );
-        self.activate(&tag, channel, consumer, no_ack);
+        let entry = Entry {
+            source,
+            prefetch,
+            sender,
+            active: None,
+            failures: 0,
+            retry_at: None,
+        };
+        // Registered and activated at once: restoration never sees it without a consumer
+        // and starts a second one under the same tag.
+        let mut consumers = lock(&self.consumers);
+        consumers.insert(tag.clone(), entry);
+        self.activate(&mut consumers, &tag, started);
+        drop(consumers);
         Ok(Consumer {
             tag,
             deliveries: receiver.flatten().boxed(),
         })
     }
 
-    /// Restores the consumers that lost their channel and are due, on `connection`.
-    pub(super) async fn restore_consumers(self: &Arc<Self>, connection: &Connection) {
+    /// Restores the consumers that lost their channel and are due, on `connection`
+    /// (number `epoch`), many at once; with `replies_only`, the reply queues' alone.
+    pub(super) async fn restore_consumers(
+        self: &Arc<Self>,
+        connection: &Connection,
+        epoch: u64,
+        replies_only: bool,
+    ) {
         let now = Instant::now();
         let due: Vec<(String, Source, u16)> = lock(&self.consumers)
             .iter()
             .filter(|(_, entry)| {
-                entry.active.is_none() && entry.retry_at.is_none_or(|at| at <= now)
+                entry.active.is_none()
+                    && entry.retry_at.is_none_or(|at| at <= now)
+                    && (!replies_only || matches!(entry.source, Source::Replies(..)))
             })
             .map(|(tag, entry)| (tag.clone(), entry.source.clone(), entry.prefetch))
             .collect();
-        for (tag, source, prefetch) in due {
-            match self.start(connection, &tag, &source, prefetch).await {
-                Ok((channel, consumer, no_ack)) => {
-                    if self.activate(&tag, channel, consumer, no_ack) {
-                        tracing::info!(%tag, queue = %self.queue_of(&source), "consumer restored");
-                    }
+        if due.is_empty() {
+            return;
+        }
+        let restoring = due.len();
+        let started = std::time::Instant::now();
+        futures::stream::iter(due)
+            .for_each_concurrent(RESTORING_AT_ONCE, |(tag, source, prefetch)| async move {
+                self.restore(connection, epoch, tag, source, prefetch).await;
+            })
+            .await;
+        tracing::info!(consumers = restoring, took = ?started.elapsed(), "consumers restored");
+    }
+
+    async fn restore(
+        self: &Arc<Self>,
+        connection: &Connection,
+        epoch: u64,
+        tag: String,
+        source: Source,
+        prefetch: u16,
+    ) {
+        match self.start(connection, epoch, &tag, &source, prefetch).await {
+            Ok(started) => {
+                if self.activate(&mut lock(&self.consumers), &tag, started) {
+                    tracing::debug!(%tag, queue = %self.queue_of(&source), "consumer restored");
                 }
-                Err(error) => {
-                    let mut consumers = lock(&self.consumers);
-                    if let Some(entry) = consumers.get_mut(&tag) {
-                        entry.failures += 1;
-                        let pause = Duration::from_millis(100 << entry.failures.min(6));
-                        entry.retry_at = Some(Instant::now() + pause);
-                        tracing::warn!(%tag, %error, failures = entry.failures, "could not restore a consumer; trying again in {pause:?}");
-                    }
+            }
+            Err(error) => {
+                let mut consumers = lock(&self.consumers);
+                if let Some(entry) = consumers.get_mut(&tag) {
+                    entry.failures += 1;
+                    // Soon again, up to a second: the usual refusal is a queue the broker
+                    // still holds for the lost connection, let go within moments.
+                    let pause = Duration::from_millis(100 << entry.failures.min(3));
+                    entry.retry_at = Some(Instant::now() + pause);
+                    tracing::warn!(%tag, %error, failures = entry.failures, "could not restore a consumer; trying again in {pause:?}");
                 }
             }
         }
@@ -226,11 +309,17 @@ impl Shared {
             .await
             .map_err(amqp_error)?;
         if matches!(entry.source, Source::Rpc(_) | Source::Broadcasts(_)) {
+            // On the declaring channel: a refusal must not close the shared one.
+            let deadline = Instant::now() + self.send_timeout;
             let queue = self.queue_of(&entry.source);
-            channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .map_err(amqp_error)?;
+            self.retrying(deadline, "delete queue", || async {
+                let declarer = self.channel(self.declarer(&queue), false, deadline).await?;
+                declarer
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                    .await
+                    .map_err(|e| Attempt::unless_refused(amqp_error_refused(e)))
+            })
+            .await?;
         }
         Ok(())
     }

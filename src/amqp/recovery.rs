@@ -22,7 +22,7 @@ const POLL: Duration = Duration::from_millis(250);
 pub(super) async fn supervise(shared: Arc<Shared>, mut connection: Arc<Connection>) {
     let mut epoch = 0;
     loop {
-        let Some(reason) = watch(&shared, &connection).await else {
+        let Some(reason) = watch(&shared, &connection, epoch).await else {
             return;
         };
         shared.lost(&reason);
@@ -32,16 +32,18 @@ pub(super) async fn supervise(shared: Arc<Shared>, mut connection: Arc<Connectio
         };
         connection = restored;
         epoch += 1;
-        // Consumers first, reply queues among them, so that nothing sent after the gate
-        // opens can miss them.
-        shared.restore_consumers(&connection).await;
+        // The reply queues first, so that no reply to what is sent after the gate opens can
+        // miss them; every other consumer right after (there may be thousands of RPC
+        // identifiers: sends need not wait for them).
+        shared.reserve_channels(&connection, epoch).await;
+        shared.restore_consumers(&connection, epoch, true).await;
         shared.restored(connection.clone(), epoch, lost_at.elapsed());
     }
 }
 
 /// Watches a live connection, restoring interrupted consumers, until it is lost (returns
 /// why) or the transport closes (returns nothing).
-async fn watch(shared: &Arc<Shared>, connection: &Connection) -> Option<String> {
+async fn watch(shared: &Arc<Shared>, connection: &Connection, epoch: u64) -> Option<String> {
     let mut events = connection.events_listener();
     loop {
         if shared.is_closed() {
@@ -50,7 +52,7 @@ async fn watch(shared: &Arc<Shared>, connection: &Connection) -> Option<String> 
         if !connection.status().connected() {
             return Some("the connection closed".to_owned());
         }
-        shared.restore_consumers(connection).await;
+        shared.restore_consumers(connection, epoch, false).await;
         tokio::select! {
             _ = shared.wake.notified() => {}
             _ = tokio::time::sleep(POLL) => {}

@@ -144,6 +144,7 @@ fn none<H>() -> Option<H> {
     None
 }
 
+#[cfg(feature = "bincode")]
 impl<T> BroadcastEnvelope<T> {
     /// The same broadcast with its headers as text (for bincode).
     pub(crate) fn with_text_headers(self) -> BroadcastEnvelope<T, String> {
@@ -157,6 +158,7 @@ impl<T> BroadcastEnvelope<T> {
     }
 }
 
+#[cfg(feature = "bincode")]
 impl<T> BroadcastEnvelope<T, String> {
     /// Text headers as values.
     pub(crate) fn with_value_headers(self) -> BroadcastEnvelope<T> {

@@ -89,6 +89,17 @@ impl Drop for Proxy {
 }
 
 /// Splits an AMQP URI around its `host:port`.
+/// The shared broker's `host:port`.
+pub fn upstream() -> String {
+    let url = super::amqp_url();
+    let address = split_address(&url).1;
+    if address.contains(':') {
+        address.to_owned()
+    } else {
+        format!("{address}:5672")
+    }
+}
+
 pub fn split_address(url: &str) -> (&str, &str, &str) {
     let start = url
         .rfind('@')

@@ -1,0 +1,180 @@
+//! Scale on RabbitMQ: a workflow engine's worker hosts thousands of processes, each an RPC
+//! identifier. 10,000 of them on one communicator, each callable, all removable; running out
+//! of a broker limit is a clear error, never a hang. Prints its figures.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kiwimq::{Communicator, ConnectionEvent, ErrorKind, HandlerError, Rpc, Task};
+
+use common::proxy::{Proxy, upstream};
+use common::{SOON, amqp_settings, amqp_url};
+
+const IDENTIFIERS: usize = 10_000;
+/// Subscriptions and calls in flight at once.
+const AT_ONCE: usize = 512;
+
+/// Serves `process-0` … `process-{n-1}` on `worker`, each answering its number plus the
+/// request; returns the identifiers.
+async fn serve(worker: &Communicator, n: usize) -> Vec<String> {
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let worker = worker.clone();
+            async move {
+                let answer =
+                    move |rpc: Rpc<u64>| async move { Ok::<_, HandlerError>(rpc.body + i as u64) };
+                let identifier = format!("process-{i}");
+                worker
+                    .add_rpc_subscriber(Some(&identifier), answer)
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(AT_ONCE)
+        .collect()
+        .await
+}
+
+/// Calls every identifier `serve` made; returns how many did not answer right.
+async fn call_all(client: &Communicator, n: usize) -> usize {
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let client = client.clone();
+            async move {
+                let identifier = format!("process-{i}");
+                match client.rpc_send::<_, u64>(&identifier, &1u64).await {
+                    Ok(reply) => reply.with_timeout(Some(SOON)).await.ok() != Some(1 + i as u64),
+                    Err(_) => true,
+                }
+            }
+        })
+        .buffer_unordered(AT_ONCE)
+        .filter(|wrong| futures::future::ready(*wrong))
+        .count()
+        .await
+}
+
+#[actix_rt::test]
+async fn ten_thousand_rpc_identifiers_on_one_communicator() {
+    let settings = amqp_settings(&amqp_url());
+    let worker = settings.clone().connect().await.unwrap();
+    let started = Instant::now();
+    let added = serve(&worker, IDENTIFIERS).await;
+    let adding = started.elapsed();
+    assert_eq!(added.len(), IDENTIFIERS);
+    assert_eq!(worker.health().await.rpc_subscribers, IDENTIFIERS);
+
+    let client = settings.connect().await.unwrap();
+    let started = Instant::now();
+    let wrong = call_all(&client, IDENTIFIERS).await;
+    let calling = started.elapsed();
+    assert_eq!(wrong, 0, "every identifier answers");
+
+    let started = Instant::now();
+    futures::stream::iter(added)
+        .for_each_concurrent(AT_ONCE, |identifier| {
+            let worker = worker.clone();
+            async move { worker.remove_rpc_subscriber(&identifier).await.unwrap() }
+        })
+        .await;
+    let removing = started.elapsed();
+    assert_eq!(worker.health().await.rpc_subscribers, 0);
+    let gone = client
+        .rpc_send::<_, u64>("process-7", &1u64)
+        .await
+        .unwrap_err();
+    assert!(matches!(gone.kind(), ErrorKind::Unroutable(_)), "{gone}");
+    println!(
+        "[scale figures] {IDENTIFIERS} RPC identifiers on one communicator: added in {adding:.1?}, each called once in {calling:.1?}, removed in {removing:.1?}"
+    );
+    client.close().await.unwrap();
+    worker.close().await.unwrap();
+}
+
+/// Each consumed task queue takes a channel of its own: past the connection's
+/// `channel_max` a subscription fails at once with `Refused` naming the limit, and what was
+/// subscribed before keeps working.
+#[actix_rt::test]
+async fn running_out_of_channels_is_a_clear_error_not_a_hang() {
+    let url = format!("{}?channel_max=8", amqp_url());
+    let comm = amqp_settings(&url).connect().await.unwrap();
+    let mut subscribed = Vec::new();
+    let refusal = loop {
+        let queue = comm.task_queue(common::unique(&format!("q{}", subscribed.len())));
+        let started = Instant::now();
+        let added = tokio::time::timeout(
+            SOON,
+            queue.add_task_subscriber(
+                |task: Task<u32>| async move { Ok::<_, HandlerError>(task.body) },
+            ),
+        )
+        .await
+        .expect("subscribing never hangs");
+        match added {
+            Ok(_) => subscribed.push(queue),
+            Err(error) => break (error, started.elapsed()),
+        }
+        assert!(subscribed.len() < 8, "the limit was never reached");
+    };
+    let (error, took) = refusal;
+    assert!(
+        matches!(error.kind(), ErrorKind::Refused(reason) if reason.contains("channel_max")),
+        "{error}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "refused at once, not after retries: {took:?}"
+    );
+    let first = &subscribed[0];
+    assert_eq!(
+        first.task_send::<_, u32>(&5).await.unwrap().await.unwrap(),
+        5
+    );
+    comm.close().await.unwrap();
+}
+
+/// A lost connection takes every RPC queue with it (they are exclusive); the communicator
+/// declares and consumes all 10,000 again, many at once, and every identifier answers.
+#[actix_rt::test]
+async fn ten_thousand_rpc_identifiers_are_restored_after_a_connection_loss() {
+    let proxy = Proxy::start(&upstream()).await;
+    let settings = amqp_settings(&proxy.url(&amqp_url()));
+    let worker = settings.clone().connect().await.unwrap();
+    serve(&worker, IDENTIFIERS).await;
+    let client = amqp_settings(&amqp_url())
+        .with_message_exchange(settings.message_exchange())
+        .with_task_exchange(settings.task_exchange())
+        .connect()
+        .await
+        .unwrap();
+    let mut events = worker.connection_events();
+    let cut = Instant::now();
+    proxy.cut();
+    let reopened = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(event) = events.next().await {
+            if let ConnectionEvent::Restored(down_for) = event {
+                return down_for;
+            }
+        }
+        panic!("the events ended without a restoration");
+    })
+    .await
+    .expect("restored within two minutes");
+    // Queues the broker still held for the lost connection are restored once it let them
+    // go: poll until every identifier answers.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut unanswered = call_all(&client, IDENTIFIERS).await;
+    while unanswered > 0 && Instant::now() < deadline {
+        unanswered = call_all(&client, IDENTIFIERS).await;
+    }
+    let all_back = cut.elapsed();
+    println!(
+        "[fault figures] connection cut under {IDENTIFIERS} RPC identifiers: sends resumed after {reopened:.1?}, all {IDENTIFIERS} answering again {all_back:.1?} after the cut, {unanswered} never"
+    );
+    assert_eq!(unanswered, 0);
+    assert_eq!(worker.health().await.rpc_subscribers, IDENTIFIERS);
+    client.close().await.unwrap();
+    worker.close().await.unwrap();
+}
