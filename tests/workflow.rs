@@ -137,7 +137,7 @@ async fn two_thousand_process_actors_are_controlled_and_announce_every_state_cha
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let changes = changes.lock().unwrap();
+    let changes = std::mem::take(&mut *changes.lock().unwrap());
     let mut broadcasts = 0;
     for pid in 1..=PROCESSES {
         let subjects = &changes[&pid];
@@ -171,7 +171,6 @@ async fn two_thousand_process_actors_are_controlled_and_announce_every_state_cha
         with_role("killed").count(),
         started.elapsed()
     );
-    drop(changes);
     let deadline = Instant::now() + Duration::from_secs(30);
     while worker.health().await.rpc_subscribers > 0 {
         assert!(
