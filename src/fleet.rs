@@ -209,8 +209,9 @@ pub enum Stop {
     WorkersLost,
 }
 
-/// SIGTERM (how process managers ask) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
+/// Resolves on SIGTERM (how process managers ask a process to stop) or SIGINT (Ctrl-C): what
+/// a worker process waits for before closing gracefully.
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

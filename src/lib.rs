@@ -107,7 +107,7 @@ pub use communicator::{BroadcastOptions, Communicator, connect};
 pub use error::{Error, ErrorKind, Result};
 pub use events::ConnectionEvent;
 pub use filter::BroadcastFilter;
-pub use fleet::{Fleet, RunningFleet, Stop};
+pub use fleet::{Fleet, RunningFleet, Stop, shutdown_signal};
 pub use health::Health;
 pub use messages::{Broadcast, HandlerError, Rpc, Task};
 pub use queue::{PulledTask, TaskQueue};

@@ -76,18 +76,7 @@ fn report(event: ConnectionEvent) {
 
 /// Waits for Ctrl-C or SIGTERM, the ways a terminal and a process manager ask to stop.
 pub(crate) async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
+    kiwimq::shutdown_signal().await;
 }
 
 /// Blocks the calling thread until Ctrl-C or SIGTERM, for examples without async.
