@@ -125,7 +125,15 @@ impl Communicator {
         let supervision = Runtime::start("kiwimq-supervisor")?;
         let transport: Arc<dyn Transport> = match settings.uri.split_once("://") {
             Some(("mem", name)) => Arc::new(mem::MemTransport::connect(name, &settings)),
-            Some(("amqp" | "amqps", _)) => crate::amqp::connect(&settings).await?,
+            Some(("amqp", _)) => crate::amqp::connect(&settings).await?,
+            // Never plaintext for a URI that asks for TLS.
+            Some(("amqps", _)) => {
+                return Err(Error::config(format!(
+                    "'{}' asks for TLS, which this build of kiwimq cannot do yet: it refuses \
+                     rather than connect in plaintext (use amqp:// on a trusted network)",
+                    settings.redacted_uri()
+                )));
+            }
             _ => {
                 return Err(Error::config(format!(
                     "unsupported URI '{}': expected mem://[NAME] or amqp://…",

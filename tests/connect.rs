@@ -94,3 +94,17 @@ async fn kiwipys_uri_forms_connect_to_the_default_vhost() {
         comm.close().await.unwrap();
     }
 }
+
+/// `amqps://` must never connect in plaintext: without TLS in this build, it is refused
+/// before any byte is sent, even to a plain AMQP port.
+#[actix_rt::test]
+async fn amqps_is_refused_rather_than_sent_in_plaintext() {
+    let url = common::amqp_url().replacen("amqp://", "amqps://", 1);
+    let error = Settings::new(url).connect().await.unwrap_err();
+    assert!(matches!(error.kind(), ErrorKind::Config(_)), "{error}");
+    assert!(error.to_string().contains("TLS"), "{error}");
+    assert!(
+        !error.to_string().contains(":guest@"),
+        "the password is hidden: {error}"
+    );
+}
