@@ -98,7 +98,7 @@ async fn ten_thousand_rpc_identifiers_on_one_communicator() {
 /// subscribed before keeps working.
 #[actix_rt::test]
 async fn running_out_of_channels_is_a_clear_error_not_a_hang() {
-    let url = format!("{}?channel_max=8", amqp_url());
+    let url = format!("{}?channel_max=16", amqp_url());
     let comm = amqp_settings(&url).connect().await.unwrap();
     let mut subscribed = Vec::new();
     let refusal = loop {
@@ -116,7 +116,7 @@ async fn running_out_of_channels_is_a_clear_error_not_a_hang() {
             Ok(_) => subscribed.push(queue),
             Err(error) => break (error, started.elapsed()),
         }
-        assert!(subscribed.len() < 8, "the limit was never reached");
+        assert!(subscribed.len() < 16, "the limit was never reached");
     };
     let (error, took) = refusal;
     assert!(

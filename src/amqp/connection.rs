@@ -106,8 +106,11 @@ impl Shared {
     /// channels (a connection has `channel_max` of them).
     pub(super) async fn reserve_channels(&self, connection: &Connection, epoch: u64) {
         let declarers = self.declarers.iter().map(|slot| (slot, false));
-        for (slot, confirm) in std::iter::once((&self.publisher, true)).chain(declarers) {
-            if let Err(error) = self.channel_on(slot, confirm, connection, epoch).await {
+        let slots = std::iter::once((&self.publisher, true)).chain(declarers);
+        let opening =
+            slots.map(|(slot, confirm)| self.channel_on(slot, confirm, connection, epoch));
+        for opened in futures::future::join_all(opening).await {
+            if let Err(error) = opened {
                 tracing::debug!(%error, "opening a channel ahead failed; it opens when needed");
             }
         }
