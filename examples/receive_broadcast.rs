@@ -43,6 +43,6 @@ async fn main() -> cli::Outcome {
     })
     .await?;
     println!(" [*] Waiting for broadcasts (Ctrl-C to stop)");
-    cli::shutdown_signal().await;
+    kiwimq::shutdown_signal().await;
     Ok(comm.close().await?)
 }

@@ -45,6 +45,6 @@ async fn main() -> cli::Outcome {
     let comm = cli.connection.connect().await?;
     comm.add_rpc_subscriber(Some("fib"), Fib.start()).await?;
     println!(" [x] Awaiting RPC requests (Ctrl-C to stop)");
-    cli::shutdown_signal().await;
+    kiwimq::shutdown_signal().await;
     Ok(comm.close().await?)
 }

@@ -38,6 +38,6 @@ async fn main() -> cli::Outcome {
     })
     .await?;
     println!(" [*] Waiting for tasks on the default queue (Ctrl-C to stop)");
-    cli::shutdown_signal().await;
+    kiwimq::shutdown_signal().await;
     Ok(comm.close().await?)
 }

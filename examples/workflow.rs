@@ -76,7 +76,7 @@ async fn main() -> cli::Outcome {
             };
             comm.add_task_subscriber(launcher.start()).await?;
             println!(" [*] Hosting processes (Ctrl-C to stop)");
-            cli::shutdown_signal().await;
+            kiwimq::shutdown_signal().await;
         }
         Role::Launch { pids } => {
             for pid in pids {
@@ -104,7 +104,7 @@ async fn main() -> cli::Outcome {
                 Ok(())
             })
             .await?;
-            cli::shutdown_signal().await;
+            kiwimq::shutdown_signal().await;
         }
     }
     Ok(comm.close().await?)

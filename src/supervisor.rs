@@ -76,7 +76,8 @@ pub(crate) struct Supervisor {
     rpc: HashMap<String, Option<Addr<RpcEndpoint>>>,
     broadcast_hub: Option<Addr<BroadcastHub>>,
     broadcast_queue: String,
-    restarts: Tally,
+    /// Restarts and losses, shared with the children and the communicator.
+    tally: Tally,
 }
 
 impl Supervisor {
@@ -84,7 +85,7 @@ impl Supervisor {
         link: Link,
         children: ArbiterHandle,
         broadcast_queue: String,
-        restarts: Tally,
+        tally: Tally,
     ) -> Self {
         Self {
             link,
@@ -93,7 +94,7 @@ impl Supervisor {
             rpc: HashMap::new(),
             broadcast_hub: None,
             broadcast_queue,
-            restarts,
+            tally,
         }
     }
 }
@@ -128,10 +129,10 @@ impl Handler<TaskQueueChild> for Supervisor {
         if !message.start {
             return None;
         }
-        let (link, restarts) = (self.link.clone(), self.restarts.clone());
+        let (link, tally) = (self.link.clone(), self.tally.clone());
         let (queue, prefetch) = (message.queue.clone(), message.prefetch);
         let child = actix::Supervisor::start_in_arbiter(&self.children, move |_| {
-            TaskQueue::new(link, queue, prefetch, restarts)
+            TaskQueue::new(link, queue, prefetch, tally)
         });
         self.task_queues.insert(message.queue, child.clone());
         Some(child)
@@ -176,10 +177,10 @@ impl Handler<StartRpc> for Supervisor {
             self.rpc.remove(&identifier);
             return;
         };
-        let (link, restarts) = (self.link.clone(), self.restarts.clone());
+        let (link, tally) = (self.link.clone(), self.tally.clone());
         let id = identifier.clone();
         let endpoint = actix::Supervisor::start_in_arbiter(&self.children, move |ctx| {
-            RpcEndpoint::new(link, id, handler, consumer, restarts, ctx)
+            RpcEndpoint::new(link, id, handler, consumer, tally, ctx)
         });
         self.rpc.insert(identifier, Some(endpoint));
     }
@@ -211,13 +212,13 @@ impl Handler<BroadcastHubChild> for Supervisor {
     type Result = Addr<BroadcastHub>;
 
     fn handle(&mut self, _: BroadcastHubChild, _: &mut Context<Self>) -> Self::Result {
-        let (link, restarts) = (self.link.clone(), self.restarts.clone());
+        let (link, tally) = (self.link.clone(), self.tally.clone());
         let queue = self.broadcast_queue.clone();
         let children = self.children.clone();
         self.broadcast_hub
             .get_or_insert_with(|| {
                 actix::Supervisor::start_in_arbiter(&children, move |_| {
-                    BroadcastHub::new(link.transport, queue, restarts)
+                    BroadcastHub::new(link.transport, queue, tally)
                 })
             })
             .clone()

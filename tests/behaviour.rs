@@ -468,6 +468,31 @@ async fn each_task_goes_to_exactly_one_of_several_workers(backend: Backend) {
     }
 }
 
+/// Several subscribers of one queue take turns: each task is offered to the next one first,
+/// so actor subscribers (one message at a time each) work side by side.
+async fn subscribers_of_one_queue_take_turns(backend: Backend) {
+    let comm = connect(&settings(backend)).await;
+    let counts: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::default()).collect();
+    for count in &counts {
+        let count = count.clone();
+        comm.add_task_subscriber(move |t: Task<i64>| {
+            count.fetch_add(1, Ordering::SeqCst);
+            async move { Ok(t.body) }
+        })
+        .await
+        .unwrap();
+    }
+    for n in 0..10i64 {
+        assert_eq!(
+            comm.task_send::<_, i64>(&n).await.unwrap().await.unwrap(),
+            n
+        );
+    }
+    let handled: Vec<usize> = counts.iter().map(|c| c.load(Ordering::SeqCst)).collect();
+    assert_eq!(handled, [5, 5]);
+    comm.close().await.unwrap();
+}
+
 async fn a_rejected_task_goes_to_the_next_subscriber(backend: Backend) {
     let comm = connect(&settings(backend)).await;
     let rejections = Arc::new(AtomicUsize::new(0));
@@ -1186,6 +1211,7 @@ macro_rules! behaviours {
                     add_and_remove_task_subscriber,
                     tasks_wait_in_the_queue_until_a_worker_comes,
                     each_task_goes_to_exactly_one_of_several_workers,
+                    subscribers_of_one_queue_take_turns,
                     a_rejected_task_goes_to_the_next_subscriber,
                     a_task_every_subscriber_rejects_goes_back_to_the_queue,
                     a_task_is_acked_only_after_its_handler_finished,

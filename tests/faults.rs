@@ -17,6 +17,7 @@ use kiwimq::{
     Settings, Task,
 };
 
+use common::child::{Child, child_settings};
 use common::node::Node;
 use common::proxy::{Proxy, upstream};
 use common::{SOON, amqp_settings, amqp_url, eventually, seen};
@@ -352,27 +353,13 @@ async fn queued_and_running_tasks_survive_a_broker_restart() {
     client.close().await.unwrap();
 }
 
-/// Set in a worker process this test binary starts: the settings it works with.
-const CHILD_SETTINGS: &str = "KIWIMQ_FAULT_CHILD";
-
 /// The worker process of `a_killed_worker_process_task_runs_elsewhere`: takes a task,
 /// says so, and never finishes it. Only that test runs it.
 #[actix_rt::test]
 #[ignore = "a worker process started by a_killed_worker_process_task_runs_elsewhere"]
 async fn worker_process() {
-    let Ok(names) = std::env::var(CHILD_SETTINGS) else {
-        panic!("run by a_killed_worker_process_task_runs_elsewhere, with {CHILD_SETTINGS} set");
-    };
-    let [uri, messages, tasks, queue]: [&str; 4] =
-        names.split(' ').collect::<Vec<_>>().try_into().unwrap();
-    let comm = Settings::new(uri)
-        .with_testing_mode(true)
-        .with_message_exchange(messages)
-        .with_task_exchange(tasks)
-        .with_task_queue(queue)
-        .connect()
-        .await
-        .unwrap();
+    let settings = child_settings().expect("run by a_killed_worker_process_task_runs_elsewhere");
+    let comm = settings.connect().await.unwrap();
     comm.add_task_subscriber(|task: Task<u32>| async move {
         println!("kiwimq-child: started {}", task.body);
         futures::future::pending::<()>().await;
@@ -386,47 +373,15 @@ async fn worker_process() {
 
 #[actix_rt::test]
 async fn a_killed_worker_process_task_runs_elsewhere() {
-    use tokio::io::AsyncBufReadExt;
-
     let settings = amqp_settings(&amqp_url());
-    let names = [
-        settings.uri(),
-        settings.message_exchange(),
-        settings.task_exchange(),
-        settings.task_queue(),
-    ]
-    .join(" ");
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "worker_process",
-            "--include-ignored",
-            "--nocapture",
-        ])
-        .env(CHILD_SETTINGS, names)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut expect = async |wanted: &str| {
-        let waiting = async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if line.starts_with(wanted) {
-                    return;
-                }
-            }
-            panic!("the worker process ended before saying '{wanted}'");
-        };
-        tokio::time::timeout(SOON, waiting).await.expect(wanted);
-    };
-    expect("kiwimq-child: ready").await;
+    let mut child = Child::start("worker_process", &settings);
+    child.expect("kiwimq-child: ready").await;
 
     let client = settings.clone().connect().await.unwrap();
     let result = client.task_send::<_, u32>(&7).await.unwrap();
-    expect("kiwimq-child: started 7").await;
-    child.start_kill().unwrap(); // SIGKILL: no goodbye to the broker
-    let status = child.wait().await.unwrap();
+    child.expect("kiwimq-child: started 7").await;
+    child.process.start_kill().unwrap(); // SIGKILL: no goodbye to the broker
+    let status = child.process.wait().await.unwrap();
 
     let redelivered = seen::<bool>();
     let record = redelivered.clone();

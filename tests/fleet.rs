@@ -7,24 +7,20 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use kiwimq::{ErrorKind, Fleet, HandlerError, Settings, Task, supervised};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdout, Command};
+use kiwimq::{ErrorKind, Fleet, HandlerError, Task, supervised};
 
+use common::child::{Child, child_settings};
 use common::{SOON, amqp_settings, amqp_url};
 
 const TASKS: u32 = 10_000;
 const PROCESSES: usize = 3;
 const WORKERS: u16 = 4;
-/// Set in a worker process this test starts: the names it works with.
-const CHILD: &str = "KIWIMQ_FLEET_CHILD";
 
 fn poisoned(n: u32) -> bool {
     n % 100 == 7
@@ -62,14 +58,8 @@ impl Handler<Task<u32>> for Worker {
 #[actix_rt::test]
 #[ignore = "a worker process started by a_fleet_survives_panics_and_a_killed_process"]
 async fn fleet_worker_process() {
-    let names = std::env::var(CHILD).expect("run by the fleet fault test");
-    let [uri, messages, tasks, queue]: [&str; 4] =
-        names.split(' ').collect::<Vec<_>>().try_into().unwrap();
-    let settings = Settings::new(uri)
-        .with_testing_mode(true)
-        .with_message_exchange(messages)
-        .with_task_exchange(tasks)
-        .with_task_queue(queue);
+    let settings = child_settings().expect("run by the fleet fault test");
+    let queue = settings.task_queue().to_owned();
     let worker = supervised(Worker::default)
         .with_backoff(Duration::from_millis(5), Duration::from_millis(20))
         .with_max_restarts_per_minute(10_000);
@@ -92,53 +82,6 @@ async fn fleet_worker_process() {
     fleet.close().await.unwrap();
 }
 
-struct Process {
-    child: Child,
-    lines: tokio::io::Lines<BufReader<ChildStdout>>,
-}
-
-impl Process {
-    fn start(names: &str) -> Self {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "fleet_worker_process",
-                "--include-ignored",
-                "--nocapture",
-            ])
-            .env(CHILD, names)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        Self { child, lines }
-    }
-
-    /// The rest of the first line the process prints that starts with `wanted`.
-    async fn expect(&mut self, wanted: &str) -> String {
-        let waiting = async {
-            while let Some(line) = self.lines.next_line().await.unwrap() {
-                if let Some(rest) = line.strip_prefix(wanted) {
-                    return rest.to_owned();
-                }
-            }
-            panic!("the worker process ended before saying '{wanted}'");
-        };
-        tokio::time::timeout(SOON, waiting).await.expect(wanted)
-    }
-
-    fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args([signal, &pid])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {signal} {pid}");
-    }
-}
-
 /// `workers 4 restarts 31 lost 0 handled 3301 redelivered 2` as numbers by name.
 fn figures(line: &str) -> HashMap<String, u64> {
     let words: Vec<&str> = line.split_whitespace().collect();
@@ -151,14 +94,9 @@ fn figures(line: &str) -> HashMap<String, u64> {
 #[actix_rt::test]
 async fn a_fleet_survives_panics_and_a_killed_process() {
     let settings = amqp_settings(&amqp_url());
-    let names = [
-        settings.uri(),
-        settings.message_exchange(),
-        settings.task_exchange(),
-        settings.task_queue(),
-    ]
-    .join(" ");
-    let mut processes: Vec<Process> = (0..PROCESSES).map(|_| Process::start(&names)).collect();
+    let mut processes: Vec<Child> = (0..PROCESSES)
+        .map(|_| Child::start("fleet_worker_process", &settings))
+        .collect();
     for process in &mut processes {
         process.expect("kiwimq-fleet: ready").await;
     }
@@ -220,7 +158,7 @@ async fn a_fleet_survives_panics_and_a_killed_process() {
     for process in &mut processes[1..] {
         process.signal("-TERM");
         survivors.push(figures(&process.expect("kiwimq-fleet: ").await));
-        let status = tokio::time::timeout(SOON, process.child.wait())
+        let status = tokio::time::timeout(SOON, process.process.wait())
             .await
             .unwrap()
             .unwrap();

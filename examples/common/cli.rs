@@ -74,18 +74,13 @@ fn report(event: ConnectionEvent) {
     }
 }
 
-/// Waits for Ctrl-C or SIGTERM, the ways a terminal and a process manager ask to stop.
-pub(crate) async fn shutdown_signal() {
-    kiwimq::shutdown_signal().await;
-}
-
 /// Blocks the calling thread until Ctrl-C or SIGTERM, for examples without async.
 pub(crate) fn wait_for_shutdown_signal() {
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(shutdown_signal()),
+        Ok(runtime) => runtime.block_on(kiwimq::shutdown_signal()),
         Err(error) => eprintln!("cannot wait for signals ({error}); stopping"),
     }
 }

@@ -86,17 +86,17 @@ pub(crate) struct BroadcastHub {
     subscribers: Vec<(String, BroadcastFn)>,
     consumer: Option<String>,
     /// Where a restart is counted.
-    restarts: Tally,
+    tally: Tally,
 }
 
 impl BroadcastHub {
-    pub(crate) fn new(transport: Arc<dyn Transport>, queue: String, restarts: Tally) -> Self {
+    pub(crate) fn new(transport: Arc<dyn Transport>, queue: String, tally: Tally) -> Self {
         Self {
             transport,
             queue,
             subscribers: Vec::new(),
             consumer: None,
-            restarts,
+            tally,
         }
     }
 
@@ -134,7 +134,7 @@ impl actix::Supervised for BroadcastHub {
     /// The old consumer's stream went with the old context: it is cancelled, and `started`
     /// consumes again.
     fn restarting(&mut self, _: &mut Context<Self>) {
-        self.restarts.record("BroadcastHub", &self.queue);
+        self.tally.record("BroadcastHub", &self.queue);
         if let Some(tag) = self.consumer.take() {
             let cancel = self.transport.cancel(&tag);
             actix::spawn(async move {

@@ -77,7 +77,7 @@ pub(crate) struct RpcEndpoint {
     /// The consumer's tag, to cancel it.
     tag: String,
     /// Where a restart is counted.
-    restarts: Tally,
+    tally: Tally,
     /// Restarted: the consumer went with the old context and must be made again.
     resubscribe: bool,
 }
@@ -89,7 +89,7 @@ impl RpcEndpoint {
         identifier: String,
         handler: RpcFn,
         consumer: Consumer,
-        restarts: Tally,
+        tally: Tally,
         ctx: &mut Context<Self>,
     ) -> Self {
         ctx.add_stream(consumer.deliveries);
@@ -98,7 +98,7 @@ impl RpcEndpoint {
             identifier,
             handler,
             tag: consumer.tag,
-            restarts,
+            tally,
             resubscribe: false,
         }
     }
@@ -146,7 +146,7 @@ impl Handler<Unsubscribe> for RpcEndpoint {
 
 impl actix::Supervised for RpcEndpoint {
     fn restarting(&mut self, _: &mut Context<Self>) {
-        self.restarts.record("RpcEndpoint", &self.identifier);
+        self.tally.record("RpcEndpoint", &self.identifier);
         self.resubscribe = true;
     }
 }

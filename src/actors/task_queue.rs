@@ -114,14 +114,14 @@ pub(crate) struct TaskQueue {
     /// Closing: no new consumer starts.
     draining: bool,
     /// Where a restart is counted.
-    restarts: Tally,
+    tally: Tally,
     /// Which subscriber is offered the next task first: they take turns, so that several
     /// actor subscribers of one queue work at once.
     turn: usize,
 }
 
 impl TaskQueue {
-    pub(crate) fn new(link: Link, queue: String, prefetch: u16, restarts: Tally) -> Self {
+    pub(crate) fn new(link: Link, queue: String, prefetch: u16, tally: Tally) -> Self {
         Self {
             link,
             queue,
@@ -130,7 +130,7 @@ impl TaskQueue {
             consumer: None,
             running: Arc::new(watch::Sender::new(0)),
             draining: false,
-            restarts,
+            tally,
             turn: 0,
         }
     }
@@ -174,7 +174,7 @@ impl actix::Supervised for TaskQueue {
     /// (what it delivered and nobody settled goes back to the queue), and `started`
     /// consumes again.
     fn restarting(&mut self, _: &mut Context<Self>) {
-        self.restarts.record("TaskQueue", &self.queue);
+        self.tally.record("TaskQueue", &self.queue);
         if let Some(tag) = self.consumer.take() {
             let cancel = self.link.transport.cancel(&tag);
             actix::spawn(async move {
