@@ -1,8 +1,9 @@
 //! The in-process backend's throughput, release build: task round trips, RPC round trips
 //! and broadcast deliveries per second with 1 KiB bodies.
 //!
-//! `cargo bench --bench mem` (`KIWIMQ_BENCH_N` sets the messages per figure; default
-//! 100000). Prints a table and writes `target/kiwimq-bench-mem.json`.
+//! `cargo bench --bench mem` (`KIWIMQ_BENCH_N` sets the messages per figure, default
+//! 100000; `KIWIMQ_BENCH_ROUNDS` how often each runs, default 3, the median reported with
+//! the range). Prints a table and writes `target/kiwimq-bench-mem.json`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -119,26 +120,53 @@ async fn broadcast_deliveries(n: usize) -> f64 {
 #[actix::main]
 async fn main() {
     let n = common::size("N", 100_000);
+    let rounds = common::size("ROUNDS", 3).max(1);
     // Warm up allocators and threads.
     task_round_trips(n / 20).await;
-    let figures = [
-        ("task_roundtrip_msgs_per_s", task_round_trips(n).await),
-        ("rpc_roundtrip_msgs_per_s", rpc_round_trips(n).await),
-        ("broadcast_msgs_per_s", broadcast_deliveries(n).await),
+    let mut samples: [Vec<f64>; 3] = Default::default();
+    for _ in 0..rounds {
+        samples[0].push(task_round_trips(n).await);
+        samples[1].push(rpc_round_trips(n).await);
+        samples[2].push(broadcast_deliveries(n).await);
+    }
+    let names = [
+        "task_roundtrip_msgs_per_s",
+        "rpc_roundtrip_msgs_per_s",
+        "broadcast_msgs_per_s",
     ];
-    println!("kiwimq mem:// backend, {n} messages of 1 KiB per figure, {IN_FLIGHT} in flight\n");
-    let rows: Vec<(String, Vec<String>)> = figures
+    let range = |values: &[f64]| {
+        let low = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = values.iter().copied().fold(0.0, f64::max);
+        format!("{low:.0}–{high:.0}")
+    };
+    println!(
+        "kiwimq mem:// backend, {n} messages of 1 KiB per figure, {IN_FLIGHT} in flight, \
+         median of {rounds} rounds\n"
+    );
+    let rows: Vec<(String, Vec<String>)> = names
         .iter()
-        .map(|(name, value)| (name.to_string(), vec![format!("{value:.0}")]))
+        .zip(&samples)
+        .map(|(name, values)| {
+            let median = common::median(values.clone());
+            (
+                name.to_string(),
+                vec![format!("{median:.0}"), range(values)],
+            )
+        })
         .collect();
-    common::print_table(&["kiwimq"], &rows);
+    common::print_table(&["kiwimq", "range"], &rows);
+    let figures: Vec<(&str, f64)> = names
+        .iter()
+        .zip(&samples)
+        .map(|(name, values)| (*name, common::median(values.clone())))
+        .collect();
     let json: serde_json::Map<String, serde_json::Value> = figures
         .iter()
         .map(|(k, v)| (k.to_string(), serde_json::json!(v.round())))
         .collect();
     let report = serde_json::json!({
         "kiwimq": json,
-        "sizes": { "messages": n, "body_bytes": common::BODY_BYTES, "in_flight": IN_FLIGHT },
+        "sizes": { "messages": n, "body_bytes": common::BODY_BYTES, "in_flight": IN_FLIGHT, "rounds": rounds },
     });
     common::write_report("kiwimq-bench-mem.json", &report);
 }

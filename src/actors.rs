@@ -55,7 +55,7 @@ impl Link {
                 self.max_message_size
             );
             tracing::warn!(?correlation_id, "{text}");
-            let host = (exchange == Exchange::Tasks).then(task_queue::host);
+            let host = (exchange == Exchange::Tasks).then(Host::this_process);
             body = exception_reply(self.codec, &text, host);
         }
         let message = Outgoing {

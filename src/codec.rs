@@ -78,8 +78,10 @@ impl Codec {
     /// Encodes `value` into bytes.
     pub fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<Vec<u8>> {
         match self {
-            Self::MessagePack => rmp_serde::to_vec_named(value).map_err(Error::codec),
-            Self::Json => serde_json::to_vec(value).map_err(Error::codec),
+            Self::MessagePack => with_scratch(|buffer| {
+                value.serialize(&mut rmp_serde::Serializer::new(buffer).with_struct_map())
+            }),
+            Self::Json => with_scratch(|buffer| serde_json::to_writer(buffer, value)),
             #[cfg(feature = "bincode")]
             Self::Bincode => bincode::serde::encode_to_vec(value, bincode::config::standard())
                 .map_err(Error::codec),
@@ -93,11 +95,13 @@ impl Codec {
     pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T> {
         match self {
             Self::MessagePack => {
-                let mut deserializer = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
-                let value = T::deserialize(&mut deserializer).map_err(Error::codec)?;
-                let used = usize::try_from(deserializer.position()).unwrap_or(usize::MAX);
+                // Finding where the value ends borrows (no copy of its strings and binaries),
+                // and reading from a slice does too; a reader would copy each into a buffer.
+                let used = msgpack_value_len(bytes).ok_or_else(|| {
+                    Error::codec("malformed MessagePack: truncated or an unknown marker")
+                })?;
                 no_trailing_bytes(bytes.len(), used)?;
-                Ok(value)
+                rmp_serde::from_slice(bytes).map_err(Error::codec)
             }
             // serde_json refuses anything but whitespace after the value.
             Self::Json => serde_json::from_slice(bytes).map_err(Error::codec),
@@ -145,6 +149,105 @@ impl Codec {
             _ => self.decode(bytes),
         }
     }
+}
+
+/// How many bytes the first MessagePack value in `bytes` takes; `None` if it is cut short
+/// or malformed. Skims markers and lengths without building anything, so nesting costs
+/// neither memory nor stack.
+fn msgpack_value_len(bytes: &[u8]) -> Option<usize> {
+    use rmp::Marker;
+    let mut at = 0usize;
+    // Values still to skip: an array or map adds its elements.
+    let mut pending: u64 = 1;
+    let length = |at: usize, width: usize| -> Option<u64> {
+        let field = bytes.get(at..at.checked_add(width)?)?;
+        Some(field.iter().fold(0u64, |n, b| n << 8 | u64::from(*b)))
+    };
+    while pending > 0 {
+        pending -= 1;
+        let marker = Marker::from_u8(*bytes.get(at)?);
+        at += 1;
+        // (bytes of length field, its value counts bytes to skip / elements to add)
+        let skip: u64 = match marker {
+            Marker::Reserved => return None,
+            Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
+                0
+            }
+            Marker::U8 | Marker::I8 => 1,
+            Marker::U16 | Marker::I16 => 2,
+            Marker::U32 | Marker::I32 | Marker::F32 => 4,
+            Marker::U64 | Marker::I64 | Marker::F64 => 8,
+            Marker::FixExt1 => 2,
+            Marker::FixExt2 => 3,
+            Marker::FixExt4 => 5,
+            Marker::FixExt8 => 9,
+            Marker::FixExt16 => 17,
+            Marker::FixStr(n) => u64::from(n),
+            Marker::Str8 | Marker::Bin8 => 1 + length(at, 1)?,
+            Marker::Str16 | Marker::Bin16 => 2 + length(at, 2)?,
+            Marker::Str32 | Marker::Bin32 => 4 + length(at, 4)?,
+            Marker::Ext8 => 2 + length(at, 1)?,
+            Marker::Ext16 => 3 + length(at, 2)?,
+            Marker::Ext32 => 5 + length(at, 4)?,
+            Marker::FixArray(n) => {
+                pending += u64::from(n);
+                0
+            }
+            Marker::FixMap(n) => {
+                pending += 2 * u64::from(n);
+                0
+            }
+            Marker::Array16 | Marker::Map16 | Marker::Array32 | Marker::Map32 => {
+                let width = if matches!(marker, Marker::Array16 | Marker::Map16) {
+                    2
+                } else {
+                    4
+                };
+                let n = length(at, width)?;
+                let per = if matches!(marker, Marker::Map16 | Marker::Map32) {
+                    2
+                } else {
+                    1
+                };
+                // More elements than bytes left cannot be there.
+                if n > bytes.len() as u64 {
+                    return None;
+                }
+                pending += per * n;
+                width as u64
+            }
+        };
+        at = at.checked_add(usize::try_from(skip).ok()?)?;
+        if at > bytes.len() {
+            return None;
+        }
+    }
+    Some(at)
+}
+
+/// Encodes into this thread's scratch buffer and copies the bytes out: one allocation of
+/// the exact size per message, where growing a fresh vector reallocates as it goes.
+fn with_scratch<E: fmt::Display>(
+    encode: impl FnOnce(&mut Vec<u8>) -> std::result::Result<(), E>,
+) -> Result<Vec<u8>> {
+    /// A buffer that grew past this is not kept (one huge message must not pin its memory).
+    const KEEP: usize = 64 * 1024;
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|scratch| {
+        // A value whose Serialize encodes with kiwimq again finds the buffer borrowed and
+        // takes a fresh one.
+        let mut borrowed = scratch.try_borrow_mut().ok();
+        let mut fresh = Vec::new();
+        let buffer = borrowed.as_deref_mut().unwrap_or(&mut fresh);
+        buffer.clear();
+        let result = encode(buffer).map(|()| buffer.to_vec());
+        if buffer.capacity() > KEEP {
+            *buffer = Vec::new();
+        }
+        result.map_err(Error::codec)
+    })
 }
 
 /// Bytes left after the value mean the sender used another codec (JSON's `30` read as
@@ -334,5 +437,30 @@ mod tests {
             "xml".parse::<Codec>().unwrap_err().kind(),
             ErrorKind::Config(_)
         ));
+    }
+
+    proptest::proptest! {
+        /// The skimmer finds the same end of the first value as a full MessagePack reader,
+        /// and fails exactly where it fails, on any bytes.
+        #[test]
+        fn msgpack_value_len_agrees_with_a_full_reader(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let mut rest = &bytes[..];
+            let expected = rmpv::decode::read_value_ref(&mut rest).ok().map(|_| bytes.len() - rest.len());
+            proptest::prop_assert_eq!(msgpack_value_len(&bytes), expected);
+        }
+    }
+
+    #[test]
+    fn msgpack_value_len_measures_nested_values_and_refuses_bogus_counts() {
+        let bytes = Codec::MessagePack.encode(&sample()).unwrap();
+        assert_eq!(msgpack_value_len(&bytes), Some(bytes.len()));
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(b"\x01\x02");
+        assert_eq!(msgpack_value_len(&longer), Some(bytes.len()));
+        // An array claiming four billion elements in five bytes.
+        assert_eq!(msgpack_value_len(b"\xdd\xff\xff\xff\xff"), None);
+        // Deep nesting costs no stack.
+        let deep = vec![0x91u8; 1_000_000];
+        assert_eq!(msgpack_value_len(&deep), None);
     }
 }

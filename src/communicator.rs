@@ -28,7 +28,7 @@ use crate::subscriber::{IntoSubscriber, Scope};
 use crate::supervisor::{
     BroadcastHubChild, ClaimRpc, Inspect, RemoveRpc, StartRpc, Supervisor, Tally, TaskQueueChild,
 };
-use crate::transport::{Exchange, Outgoing, Route, Source, Transport};
+use crate::transport::{DeliverFn, Exchange, Outgoing, Route, Source, Transport};
 use crate::{Codec, Value, mem};
 
 /// Connects to the broker at `uri` with default [`Settings`]: `mem://` for a private
@@ -154,11 +154,13 @@ impl Communicator {
             (Exchange::Tasks, &task_reply_queue),
             (Exchange::Messages, &message_reply_queue),
         ] {
-            let consumer = link
+            let to = replies.clone();
+            let deliver: DeliverFn = Arc::new(move |delivery| to.deliver(delivery));
+            let reader = link
                 .transport
-                .consume(Source::Replies(exchange, queue.clone()), 0)
+                .consume_replies(exchange, queue.clone(), deliver)
                 .await?;
-            runtime.spawn(replies.clone().run(consumer.deliveries));
+            runtime.spawn(reader);
         }
         runtime.spawn(Replies::reap(Arc::downgrade(&replies)));
         let broadcast_queue = format!("broadcast-{}", new_id());

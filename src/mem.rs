@@ -14,8 +14,10 @@ use futures::future::{self, BoxFuture, FutureExt};
 use crate::error::{Error, Result};
 use crate::events::{self, ConnectionEvent};
 use crate::settings::Settings;
-use crate::transport::{Consumer, Delivery, Outgoing, Route, Source, Transport};
-use broker::{Broker, QueueMode};
+use crate::transport::{
+    Consumer, DeliverFn, Delivery, Exchange, Outgoing, Route, Source, Transport,
+};
+use broker::{Broker, QueueMode, Sink};
 
 /// Named brokers, alive while a communicator uses them.
 static BROKERS: LazyLock<Mutex<HashMap<String, Weak<Broker>>>> = LazyLock::new(Default::default);
@@ -108,14 +110,34 @@ impl Transport for MemTransport {
             Source::Broadcasts(queue) => (queue, exclusive(true, true)),
             Source::Replies(_, queue) => (queue, exclusive(true, false)),
         };
+        let (tx, deliveries) = futures::channel::mpsc::unbounded();
         let result = self.check_open().and_then(|()| {
-            let (tag, deliveries) = self
-                .broker
-                .consume(self.connection, &queue, mode, prefetch)?;
+            let tag =
+                self.broker
+                    .consume(self.connection, &queue, mode, prefetch, Sink::Channel(tx))?;
             Ok(Consumer {
                 tag,
                 deliveries: deliveries.boxed(),
             })
+        });
+        future::ready(result).boxed()
+    }
+
+    /// Replies are handed over as they are published: no reader, no thread hop.
+    fn consume_replies(
+        &self,
+        _: Exchange,
+        queue: String,
+        deliver: DeliverFn,
+    ) -> BoxFuture<'static, Result<BoxFuture<'static, ()>>> {
+        let mode = QueueMode::Exclusive {
+            unique: true,
+            broadcast: false,
+        };
+        let result = self.check_open().and_then(|()| {
+            self.broker
+                .consume(self.connection, &queue, mode, 0, Sink::Direct(deliver))?;
+            Ok(future::ready(()).boxed())
         });
         future::ready(result).boxed()
     }

@@ -10,8 +10,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::actors::replies::ReplyFuture;
-use crate::actors::task_queue::{self, host, task_fn};
+use crate::actors::task_queue::{self, task_fn};
 use crate::actors::{Link, encode_reply, exception_reply};
+use crate::codec::envelope::Host;
 use crate::codec::envelope::TaskEnvelope;
 use crate::communicator::Inner;
 use crate::error::{Error, ErrorKind, Result};
@@ -277,7 +278,7 @@ impl<T: DeserializeOwned> PulledTask<T> {
                 tracing::warn!(?correlation_id, %error, "undecodable pulled task discarded");
                 if let Some(reply_to) = reply_to {
                     let text = format!("the task could not be decoded: {error}");
-                    let bytes = exception_reply(link.codec, &text, Some(host()));
+                    let bytes = exception_reply(link.codec, &text, Some(Host::this_process()));
                     let _ = link
                         .reply(Exchange::Tasks, reply_to, correlation_id, bytes)
                         .await;
@@ -319,7 +320,7 @@ impl<T> PulledTask<T> {
             return Ok(());
         }
         if let (false, Some(reply_to)) = (self.no_reply, self.reply_to.take()) {
-            let bytes = encode_reply(self.link.codec, outcome, Some(host()));
+            let bytes = encode_reply(self.link.codec, outcome, Some(Host::this_process()));
             let correlation_id = self.correlation_id.clone();
             if let Err(error) = self
                 .link

@@ -2,8 +2,10 @@
 //! moves encoded bytes. Everything above it (envelopes, subscribers, replies, filters) is
 //! shared by every backend, so `mem://` and `amqp://` behave the same by construction.
 
-use futures::future::BoxFuture;
-use futures::stream::BoxStream;
+use std::sync::Arc;
+
+use futures::future::{BoxFuture, FutureExt};
+use futures::stream::{BoxStream, StreamExt};
 
 use crate::error::{Error, Result};
 use crate::events::ConnectionEvent;
@@ -153,6 +155,9 @@ pub(crate) struct Consumer {
     pub(crate) deliveries: BoxStream<'static, Delivery>,
 }
 
+/// Where a reply consumer hands its deliveries.
+pub(crate) type DeliverFn = Arc<dyn Fn(Delivery) + Send + Sync>;
+
 /// A backend. Every future is `'static` and `Send` so callers may await it anywhere.
 pub(crate) trait Transport: Send + Sync + 'static {
     /// Declares a task queue (idempotent), so tasks wait in it while nobody consumes.
@@ -163,6 +168,28 @@ pub(crate) trait Transport: Send + Sync + 'static {
 
     /// Starts a consumer holding at most `prefetch` unsettled deliveries (0 = unlimited).
     fn consume(&self, source: Source, prefetch: u16) -> BoxFuture<'static, Result<Consumer>>;
+
+    /// Consumes a reply queue, handing each delivery to `deliver`; resolves with the loop
+    /// that reads the consumer, for the caller to run. A backend may instead call `deliver`
+    /// as the reply is published (the in-process one does, sparing a thread hop per reply),
+    /// so `deliver` must not block.
+    fn consume_replies(
+        &self,
+        exchange: Exchange,
+        queue: String,
+        deliver: DeliverFn,
+    ) -> BoxFuture<'static, Result<BoxFuture<'static, ()>>> {
+        let consume = self.consume(Source::Replies(exchange, queue), 0);
+        async move {
+            let consumer = consume.await?;
+            let reader = consumer.deliveries.for_each(move |delivery| {
+                deliver(delivery);
+                futures::future::ready(())
+            });
+            Ok(reader.boxed())
+        }
+        .boxed()
+    }
 
     /// Stops a consumer; its unsettled deliveries stay valid. An RPC consumer's queue goes.
     fn cancel(&self, tag: &str) -> BoxFuture<'static, Result<()>>;

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use futures::channel::mpsc;
-use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 
 use crate::Codec;
@@ -157,13 +157,6 @@ impl Replies {
             }
         }
         acker.settle(Outcome::Ack);
-    }
-
-    /// Reads a reply consumer until it ends.
-    pub(crate) async fn run(self: Arc<Self>, mut deliveries: impl Stream<Item = Delivery> + Unpin) {
-        while let Some(delivery) = deliveries.next().await {
-            self.deliver(delivery);
-        }
     }
 
     /// Fails every waiting future with `Closed`, and every later request.

@@ -2,7 +2,7 @@
 //! task to them in turn, sends the result back and acks only after the handler finished.
 
 use std::marker::PhantomData;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use actix::prelude::*;
 use futures::FutureExt;
@@ -20,13 +20,6 @@ use crate::panics::PanicWatch;
 use crate::subscriber::{Delivered, Subscriber};
 use crate::supervisor::Tally;
 use crate::transport::{Delivery, Exchange, Outcome, Source};
-
-static HOST: LazyLock<Host> = LazyLock::new(Host::this_process);
-
-/// This process, as named in task replies.
-pub(crate) fn host() -> Host {
-    HOST.clone()
-}
 
 /// A task as the dispatcher sees it, before a subscriber decodes it with its own type.
 #[derive(Clone)]
@@ -91,7 +84,7 @@ where
             };
             let panicked = matches!(outcome, Err(HandlerError::Panicked(_)));
             TaskAnswer::Reply {
-                bytes: encode_reply(codec, outcome, Some(host())),
+                bytes: encode_reply(codec, outcome, Some(Host::this_process())),
                 no_reply,
                 panicked,
             }
@@ -406,7 +399,7 @@ async fn dispatch(
                 let bytes = exception_reply(
                     link.codec,
                     &format!("the task could not be decoded: {error}"),
-                    Some(host()),
+                    Some(Host::this_process()),
                 );
                 if let Err(error) = link
                     .reply(Exchange::Tasks, reply_to, correlation_id, bytes)

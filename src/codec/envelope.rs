@@ -32,14 +32,18 @@ pub(crate) enum Reply<T> {
 /// Where a task reply came from (kiwiPy's `host` key).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Host {
-    pub(crate) hostname: String,
+    /// Borrowed for this process's own name, so that naming it in every reply copies nothing.
+    pub(crate) hostname: std::borrow::Cow<'static, str>,
     pub(crate) pid: u32,
 }
 
 impl Host {
+    /// This process, as named in task replies.
     pub(crate) fn this_process() -> Self {
+        static HOSTNAME: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| gethostname::gethostname().to_string_lossy().into_owned());
         Self {
-            hostname: gethostname::gethostname().to_string_lossy().into_owned(),
+            hostname: std::borrow::Cow::Borrowed(HOSTNAME.as_str()),
             pid: std::process::id(),
         }
     }

@@ -12,7 +12,7 @@ use futures::channel::mpsc;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::{
-    Acker, DEAD_LETTER_SUFFIX, Delivery, Outcome, Outgoing, Settle, dead_letter_queue,
+    Acker, DEAD_LETTER_SUFFIX, DeliverFn, Delivery, Outcome, Outgoing, Settle, dead_letter_queue,
 };
 
 /// A message at rest in a queue.
@@ -26,10 +26,41 @@ struct Stored {
     returns: u32,
 }
 
+/// Where a consumer's deliveries go.
+pub(crate) enum Sink {
+    /// A stream its reader polls on its own thread.
+    Channel(mpsc::UnboundedSender<Delivery>),
+    /// Handed over at once, under the broker's lock: for reply consumers, whose handler
+    /// only passes the reply on to the future awaiting it.
+    Direct(DeliverFn),
+}
+
+impl Sink {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sink::Channel(tx) => tx.is_closed(),
+            Sink::Direct(_) => false,
+        }
+    }
+
+    /// Hands `delivery` over; gives it back if the reader went away.
+    fn send(&self, delivery: Delivery) -> std::result::Result<(), Delivery> {
+        match self {
+            Sink::Channel(tx) => tx.unbounded_send(delivery).map_err(|e| e.into_inner()),
+            Sink::Direct(deliver) => {
+                deliver(delivery);
+                Ok(())
+            }
+        }
+    }
+}
+
 struct Slot {
     tag: String,
+    /// Names the consumer in the queue's unacked deliveries without copying its tag.
+    id: u64,
     connection: u64,
-    tx: mpsc::UnboundedSender<Delivery>,
+    sink: Sink,
     /// 0 = unlimited.
     prefetch: u16,
     in_flight: u32,
@@ -43,12 +74,15 @@ impl Slot {
 
 struct Unacked {
     message: Stored,
-    consumer: Option<String>,
+    /// The [`Slot::id`] it went to; none for a pulled message.
+    consumer: Option<u64>,
     connection: u64,
 }
 
 #[derive(Default)]
 struct Queue {
+    /// Shared with every delivery's acker.
+    name: Arc<str>,
     messages: VecDeque<Stored>,
     consumers: Vec<Slot>,
     /// Round-robin position among consumers.
@@ -67,6 +101,7 @@ struct Queue {
 impl Queue {
     fn new(name: &str, delivery_limit: Option<u32>) -> Self {
         Queue {
+            name: name.into(),
             delivery_limit: delivery_limit.filter(|_| !name.ends_with(DEAD_LETTER_SUFFIX)),
             ..Queue::default()
         }
@@ -154,7 +189,7 @@ impl Broker {
                 ..message
             });
         }
-        self.pump(&name, queue);
+        self.pump(queue);
     }
 
     /// Routes a message to the named queues; `Unroutable` if none exists and it is mandatory.
@@ -173,11 +208,18 @@ impl Broker {
             returns: 0,
         };
         let mut routed = false;
-        for name in queues {
+        let mut stored = Some(stored);
+        for (index, name) in queues.iter().enumerate() {
             if let Some(queue) = state.queues.get_mut(*name) {
-                queue.messages.push_back(stored.clone());
+                // The last queue takes the message itself; only a broadcast copies it.
+                let message = if index + 1 == queues.len() {
+                    stored.take()
+                } else {
+                    stored.clone()
+                };
+                queue.messages.extend(message);
                 routed = true;
-                self.pump(name, queue);
+                self.pump(queue);
             }
         }
         if !routed && message.mandatory {
@@ -196,10 +238,12 @@ impl Broker {
         queue_name: &str,
         mode: QueueMode,
         prefetch: u16,
-    ) -> Result<(String, mpsc::UnboundedReceiver<Delivery>)> {
+        sink: Sink,
+    ) -> Result<String> {
         let mut state = self.lock();
         state.next_id += 1;
-        let tag = format!("mem-consumer-{}", state.next_id);
+        let id = state.next_id;
+        let tag = format!("mem-consumer-{id}");
         match mode {
             QueueMode::Shared(delivery_limit) => {
                 state
@@ -218,7 +262,7 @@ impl Broker {
                     let queue = Queue {
                         auto_ack: true,
                         owner: Some(connection),
-                        ..Queue::default()
+                        ..Queue::new(queue_name, None)
                     };
                     state.queues.insert(queue_name.to_owned(), queue);
                     if broadcast {
@@ -227,18 +271,18 @@ impl Broker {
                 }
             }
         }
-        let (tx, rx) = mpsc::unbounded();
         state.consumers.insert(tag.clone(), queue_name.to_owned());
         let queue = state.queues.get_mut(queue_name).expect("declared above");
         queue.consumers.push(Slot {
             tag: tag.clone(),
+            id,
             connection,
-            tx,
+            sink,
             prefetch,
             in_flight: 0,
         });
-        self.pump(queue_name, queue);
-        Ok((tag, rx))
+        self.pump(queue);
+        Ok(tag)
     }
 
     /// Removes a consumer; an exclusive queue is deleted with its last consumer.
@@ -263,7 +307,7 @@ impl Broker {
         let message = queue.messages.pop_front()?;
         queue.next_delivery += 1;
         let id = queue.next_delivery;
-        Some(self.hand_out(queue_name, queue, id, message, None, connection))
+        Some(self.hand_out(queue, id, message, None, connection))
     }
 
     /// A connection closed: its exclusive queues go, its consumers stop, and every message it
@@ -300,7 +344,7 @@ impl Broker {
             if !given_up.is_empty() {
                 dead.push((name.clone(), given_up));
             }
-            self.pump(name, queue);
+            self.pump(queue);
         }
         consumers.retain(|_, queue| queues.contains_key(queue));
         for (name, given_up) in dead {
@@ -318,8 +362,8 @@ impl Broker {
         let Some(unacked) = queue.unacked.remove(&id) else {
             return;
         };
-        if let Some(tag) = &unacked.consumer
-            && let Some(slot) = queue.consumers.iter_mut().find(|s| s.tag == *tag)
+        if let Some(consumer) = unacked.consumer
+            && let Some(slot) = queue.consumers.iter_mut().find(|s| s.id == consumer)
         {
             slot.in_flight = slot.in_flight.saturating_sub(1);
         }
@@ -328,15 +372,15 @@ impl Broker {
             Outcome::Requeue => queue.put_back(unacked.message),
             Outcome::Discard => queue.delivery_limit.map(|_| unacked.message),
         };
-        self.pump(queue_name, queue);
+        self.pump(queue);
         if let Some(message) = given_up {
             self.dead_letter(&mut state, queue_name, vec![message]);
         }
     }
 
     /// Delivers queued messages to consumers with credit, round robin.
-    fn pump(self: &Arc<Self>, queue_name: &str, queue: &mut Queue) {
-        queue.consumers.retain(|slot| !slot.tx.is_closed());
+    fn pump(self: &Arc<Self>, queue: &mut Queue) {
+        queue.consumers.retain(|slot| !slot.sink.is_closed());
         while !queue.messages.is_empty() && !queue.consumers.is_empty() {
             let count = queue.consumers.len();
             let Some(offset) =
@@ -347,24 +391,23 @@ impl Broker {
             let index = (queue.cursor + offset) % count;
             queue.cursor = index + 1;
             let message = queue.messages.pop_front().expect("checked non-empty");
-            let (tag, connection) = {
+            let (consumer, connection) = {
                 let slot = &queue.consumers[index];
-                (slot.tag.clone(), slot.connection)
+                (slot.id, slot.connection)
             };
             let (delivery, id) = if queue.auto_ack {
-                (Self::delivery(&message, Acker::auto()), None)
+                (Self::delivery(message, Acker::auto()), None)
             } else {
                 queue.next_delivery += 1;
                 let id = queue.next_delivery;
-                let delivery = self.hand_out(queue_name, queue, id, message, Some(tag), connection);
+                let delivery = self.hand_out(queue, id, message, Some(consumer), connection);
                 queue.consumers[index].in_flight += 1;
                 (delivery, Some(id))
             };
-            if let Err(failed) = queue.consumers[index].tx.unbounded_send(delivery) {
+            if let Err(delivery) = queue.consumers[index].sink.send(delivery) {
                 // The reader went away between the check above and now. Its delivery's
                 // acker would take our lock to requeue: settle by hand instead.
                 queue.consumers.remove(index);
-                let delivery = failed.into_inner();
                 std::mem::forget(delivery.acker);
                 match id.and_then(|id| queue.unacked.remove(&id)) {
                     Some(unacked) => queue.messages.push_front(unacked.message),
@@ -380,21 +423,21 @@ impl Broker {
         }
     }
 
+    /// A delivery to be settled: the message stays with the queue as unacked until then.
     fn hand_out(
         self: &Arc<Self>,
-        queue_name: &str,
         queue: &mut Queue,
         id: u64,
         message: Stored,
-        consumer: Option<String>,
+        consumer: Option<u64>,
         connection: u64,
     ) -> Delivery {
         let acker = Acker::new(MemAck {
             broker: Arc::downgrade(self),
-            queue: queue_name.to_owned(),
+            queue: queue.name.clone(),
             id,
         });
-        let delivery = Self::delivery(&message, acker);
+        let delivery = Self::delivery(message.clone(), acker);
         queue.unacked.insert(
             id,
             Unacked {
@@ -406,11 +449,11 @@ impl Broker {
         delivery
     }
 
-    fn delivery(message: &Stored, acker: Acker) -> Delivery {
+    fn delivery(message: Stored, acker: Acker) -> Delivery {
         Delivery {
-            body: message.body.clone(),
-            correlation_id: message.correlation_id.clone(),
-            reply_to: message.reply_to.clone(),
+            body: message.body,
+            correlation_id: message.correlation_id,
+            reply_to: message.reply_to,
             redelivered: message.redelivered,
             acker,
         }
@@ -419,7 +462,7 @@ impl Broker {
 
 struct MemAck {
     broker: Weak<Broker>,
-    queue: String,
+    queue: Arc<str>,
     id: u64,
 }
 
