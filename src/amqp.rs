@@ -19,13 +19,15 @@
 
 mod connection;
 mod consumers;
+mod node;
 mod publisher;
 mod recovery;
+pub(crate) mod tls;
 mod topology;
 mod uri;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -43,6 +45,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::events::{self, ConnectionEvent};
 use crate::settings::Settings;
 use crate::transport::{Consumer, Delivery, Outgoing, Route, Source, Transport};
+use node::Node;
 use topology::Topology;
 
 /// Connects to RabbitMQ within the connect timeout and declares both exchanges; the
@@ -211,7 +214,13 @@ struct Entry {
 const DECLARERS: usize = 8;
 
 struct Shared {
-    uri: lapin::uri::AMQPUri,
+    /// The broker's nodes (one, or a cluster's), connected to one at a time.
+    nodes: Vec<Node>,
+    /// Which node the next connection tries first: the one after the last connected.
+    next_node: AtomicUsize,
+    /// The node of the current (or last) connection.
+    node: Mutex<Option<String>>,
+    /// The broker, as errors name it: its nodes' URIs without passwords.
     redacted: String,
     connect_timeout: Duration,
     send_timeout: Duration,
@@ -273,9 +282,20 @@ impl Shared {
     }
 
     fn new(settings: &Settings) -> Result<Self> {
+        let nodes = settings
+            .uris()
+            .map(|uri| Node::new(uri, &settings.tls))
+            .collect::<Result<Vec<_>>>()?;
+        let redacted = nodes
+            .iter()
+            .map(|node| node.redacted.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         Ok(Self {
-            uri: uri::parse(&settings.uri, &settings.redacted_uri())?,
-            redacted: settings.redacted_uri(),
+            next_node: AtomicUsize::new(node::random_start(nodes.len())),
+            nodes,
+            node: Mutex::default(),
+            redacted,
             connect_timeout: settings.connect_timeout,
             send_timeout: settings.send_timeout,
             reconnect_delay: settings.reconnect_delay,
@@ -337,11 +357,32 @@ impl Attempt {
 fn amqp_error_refused(error: lapin::Error) -> Error {
     match soft_error(&error) {
         Some(soft) if soft != AMQPSoftError::NOTFOUND => {
-            let reason = format!("the broker refused: {error} ({soft:?})");
+            let mut reason = format!("the broker refused: {error} ({soft:?})");
+            if let Some(setting) = inequivalent_setting(&error.to_string()) {
+                reason.push_str(&format!(
+                    "; the queue exists with another {setting} than this communicator's: every \
+                     process sharing it must agree (or delete the queue to declare it anew)"
+                ));
+            }
             Error::with_source(ErrorKind::Config(reason), error)
         }
         _ => amqp_error(error),
     }
+}
+
+/// The setting behind the argument a broker names in "inequivalent arg '…'".
+fn inequivalent_setting(text: &str) -> Option<&'static str> {
+    let (_, rest) = text.split_once("inequivalent arg '")?;
+    let (argument, _) = rest.split_once('\'')?;
+    Some(match argument {
+        "x-queue-type" => "queue type (Settings::with_quorum_queues, or with_delivery_limit)",
+        "x-delivery-limit" | "x-dead-letter-exchange" | "x-dead-letter-routing-key" => {
+            "delivery limit (Settings::with_delivery_limit)"
+        }
+        "x-message-ttl" => "message TTL (Settings::with_task_message_ttl)",
+        "durable" | "x-expires" => "durability (Settings::with_testing_mode)",
+        _ => return None,
+    })
 }
 
 fn flatten<T>(result: Result<Result<T>>) -> Result<T> {
@@ -397,6 +438,10 @@ impl Transport for AmqpTransport {
 
     fn is_connected(&self) -> bool {
         matches!(&*self.0.state.borrow(), State::Up(..))
+    }
+
+    fn node(&self) -> Option<String> {
+        lock(&self.0.node).clone()
     }
 
     fn supervise(&self) -> BoxFuture<'static, ()> {

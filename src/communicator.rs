@@ -125,18 +125,10 @@ impl Communicator {
         let supervision = Runtime::start("kiwimq-supervisor")?;
         let transport: Arc<dyn Transport> = match settings.uri.split_once("://") {
             Some(("mem", name)) => Arc::new(mem::MemTransport::connect(name, &settings)),
-            Some(("amqp", _)) => crate::amqp::connect(&settings).await?,
-            // Never plaintext for a URI that asks for TLS.
-            Some(("amqps", _)) => {
-                return Err(Error::config(format!(
-                    "'{}' asks for TLS, which this build of kiwimq cannot do yet: it refuses \
-                     rather than connect in plaintext (use amqp:// on a trusted network)",
-                    settings.redacted_uri()
-                )));
-            }
+            Some(("amqp" | "amqps", _)) => crate::amqp::connect(&settings).await?,
             _ => {
                 return Err(Error::config(format!(
-                    "unsupported URI '{}': expected mem://[NAME] or amqp://…",
+                    "unsupported URI '{}': expected mem://[NAME], amqp://… or amqps://…",
                     settings.uri
                 )));
             }
@@ -209,6 +201,12 @@ impl Communicator {
     /// loss (sends wait meanwhile) and once closed.
     pub fn is_connected(&self) -> bool {
         !self.is_closed() && self.inner.link.transport.is_connected()
+    }
+
+    /// The RabbitMQ node this communicator is (or was last) connected to, as its URI
+    /// without the password: one of [`Settings::with_nodes`]'s. `None` on `mem://`.
+    pub fn node(&self) -> Option<String> {
+        self.inner.link.transport.node()
     }
 
     /// The changes of this communicator's connection from now on: lost, restored, closed

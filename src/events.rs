@@ -17,6 +17,13 @@ pub enum ConnectionEvent {
     /// The connection is back, with every exchange, queue and subscriber re-created;
     /// carries how long it was down.
     Restored(Duration),
+    /// A connection was opened, to this node (its URI without the password): after a
+    /// loss, on a cluster, the node it failed over to. `Restored` follows once every
+    /// subscriber is back.
+    Connected {
+        /// The node's URI, password hidden.
+        node: String,
+    },
     /// The communicator was closed; nothing follows.
     Closed,
     /// A [`supervised`](crate::supervised) subscriber's actor panicked or stopped and is

@@ -1,9 +1,11 @@
 //! [`Settings`]: how to connect and the names and limits to use. The defaults reproduce
 //! kiwiPy 0.9's exchanges, queues and arguments, so kiwimq and kiwiPy processes interoperate.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::Codec;
+use crate::amqp::tls::TlsOptions;
 
 /// Connection settings: `Settings::new(uri)`, then `with_*` methods, then
 /// [`connect`](Settings::connect).
@@ -21,6 +23,10 @@ use crate::Codec;
 #[derive(Clone)]
 pub struct Settings {
     pub(crate) uri: String,
+    /// The broker's other nodes, tried after `uri`'s (see [`Settings::with_nodes`]).
+    pub(crate) more_uris: Vec<String>,
+    pub(crate) tls: TlsOptions,
+    pub(crate) quorum_queues: bool,
     pub(crate) codec: Codec,
     pub(crate) message_exchange: String,
     pub(crate) task_exchange: String,
@@ -49,6 +55,9 @@ impl Settings {
     pub fn new(uri: impl Into<String>) -> Self {
         Self {
             uri: uri.into(),
+            more_uris: Vec::new(),
+            tls: TlsOptions::default(),
+            quorum_queues: false,
             codec: Codec::default(),
             message_exchange: "kiwipy.messages".into(),
             task_exchange: "kiwipy.tasks".into(),
@@ -211,23 +220,94 @@ impl Settings {
         self
     }
 
-    /// The URI these settings connect to.
+    /// A broker of several nodes (a RabbitMQ cluster): `amqp://` or `amqps://` URIs, one
+    /// per node, replacing the URI given so far. The first connection tries them in turn
+    /// from a random one (so a fleet spreads over the cluster); a reconnection after a loss
+    /// starts at the next node. [`ConnectionEvent::Connected`](crate::ConnectionEvent)
+    /// names the node each connection reached. Pair with
+    /// [`with_quorum_queues`](Self::with_quorum_queues) so that tasks survive a node's loss.
+    ///
+    /// # Panics
+    ///
+    /// Never; an empty list leaves the URI as it was.
+    #[must_use]
+    pub fn with_nodes<I, S>(mut self, uris: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut uris = uris.into_iter().map(Into::into);
+        if let Some(first) = uris.next() {
+            self.uri = first;
+            self.more_uris = uris.collect();
+        }
+        self
+    }
+
+    /// For `amqps://`: trust the CA certificates in this PEM file instead of the system's
+    /// roots (a URI's `cacertfile` query parameter comes first).
+    #[must_use]
+    pub fn with_tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls.ca_file = Some(path.into());
+        self
+    }
+
+    /// For `amqps://`: present this client certificate (PEM chain) with its private key
+    /// (PEM: PKCS#8, PKCS#1 or SEC1) when the broker asks for one (the URI's `certfile` and
+    /// `keyfile` come first).
+    #[must_use]
+    pub fn with_tls_client_cert(
+        mut self,
+        cert_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls.cert_file = Some(cert_file.into());
+        self.tls.key_file = Some(key_file.into());
+        self
+    }
+
+    /// For `amqps://`: the name the broker's certificate must carry, sent as SNI (default:
+    /// the URI's host; the URI's `server_name_indication` comes first). For a broker
+    /// reached by an address its certificate does not name.
+    #[must_use]
+    pub fn with_tls_server_name(mut self, name: impl Into<String>) -> Self {
+        self.tls.server_name = Some(name.into());
+        self
+    }
+
+    /// For `amqps://`: whether the broker's certificate is checked (default `true`).
+    /// `false` (RabbitMQ's `verify=verify_none`) still encrypts, but anyone on the path can
+    /// pose as the broker: for tests only; a warning is logged at each connection.
+    #[must_use]
+    pub fn with_tls_verify(mut self, verify: bool) -> Self {
+        self.tls.verify = Some(verify);
+        self
+    }
+
+    /// Declares task queues (and task reply queues) as quorum queues, replicated over a
+    /// cluster's nodes, so that they and their tasks survive the loss of a node (default
+    /// `false`: kiwiPy's classic queues, so that mixed fleets agree). Every process of a
+    /// fleet must agree: a queue that exists with the other type is refused with an error
+    /// naming this setting.
+    #[must_use]
+    pub fn with_quorum_queues(mut self, on: bool) -> Self {
+        self.quorum_queues = on;
+        self
+    }
+
+    /// The URI these settings connect to (the first node's, with several).
     pub fn uri(&self) -> &str {
         &self.uri
     }
 
+    /// Every node's URI, the first first.
+    pub fn uris(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.uri.as_str()).chain(self.more_uris.iter().map(String::as_str))
+    }
+
     /// The URI with any password replaced by `***`, for logs.
     pub fn redacted_uri(&self) -> String {
-        let Some((scheme, rest)) = self.uri.split_once("://") else {
-            return self.uri.clone();
-        };
-        let Some((credentials, host)) = rest.rsplit_once('@') else {
-            return self.uri.clone();
-        };
-        match credentials.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-            None => self.uri.clone(),
-        }
+        redact(&self.uri)
     }
 
     /// The exchange of RPC and broadcasts.
@@ -251,10 +331,30 @@ impl Settings {
     }
 }
 
+/// `uri` with any password replaced by `***`.
+pub(crate) fn redact(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_owned();
+    };
+    let Some((credentials, host)) = rest.rsplit_once('@') else {
+        return uri.to_owned();
+    };
+    match credentials.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => uri.to_owned(),
+    }
+}
+
 impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
             .field("uri", &self.redacted_uri())
+            .field(
+                "more_uris",
+                &self.more_uris.iter().map(|u| redact(u)).collect::<Vec<_>>(),
+            )
+            .field("tls", &self.tls)
+            .field("quorum_queues", &self.quorum_queues)
             .field("codec", &self.codec)
             .field("message_exchange", &self.message_exchange)
             .field("task_exchange", &self.task_exchange)

@@ -207,6 +207,12 @@ pub(crate) trait Transport: Send + Sync + 'static {
     /// Whether the connection is up now.
     fn is_connected(&self) -> bool;
 
+    /// The broker node of the current (or last) connection, password hidden; none for a
+    /// backend without nodes.
+    fn node(&self) -> Option<String> {
+        None
+    }
+
     /// Watches the connection and restores it after a loss — with its topology and every
     /// consumer — until the transport closes. The [`Supervisor`](crate::supervisor::Supervisor)
     /// runs it.

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lapin::options::{ConfirmSelectOptions, QueueDeleteOptions};
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
 use tokio::time::Instant;
 
 use super::{Attempt, ConsumerChannel, Entry, Shared, Slot, State, amqp_error, lock, usable};
@@ -19,25 +19,49 @@ use crate::transport::Source;
 const CLOSE_PATIENCE: Duration = Duration::from_secs(5);
 
 impl Shared {
-    /// Opens a connection, within the connect timeout.
+    /// Opens a connection to one of the broker's nodes, each tried within the connect
+    /// timeout, in turn from the one after the node of the last connection (a random one at
+    /// first), and notes which node answered.
     pub(super) async fn open_connection(&self) -> Result<Connection> {
-        let properties = ConnectionProperties::default();
-        match tokio::time::timeout(
-            self.connect_timeout,
-            Connection::connect_uri(self.uri.clone(), properties),
-        )
-        .await
-        {
-            Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(error)) => Err(Error::with_source(
-                ErrorKind::Connection(format!("cannot connect to {}: {error}", self.redacted)),
-                error,
-            )),
-            Err(_) => Err(Error::timeout(format!(
-                "no answer from {} within {:?}",
-                self.redacted, self.connect_timeout
-            ))),
+        let count = self.nodes.len();
+        let start = self.next_node.load(Ordering::Acquire);
+        let mut failures = Vec::new();
+        for index in (start..start + count).map(|i| i % count) {
+            let node = &self.nodes[index];
+            match tokio::time::timeout(self.connect_timeout, node.connect()).await {
+                Ok(Ok(connection)) => {
+                    self.next_node.store(index + 1, Ordering::Release);
+                    *lock(&self.node) = Some(node.redacted.clone());
+                    if count > 1 {
+                        tracing::info!(node = %node.redacted, "connected");
+                    }
+                    self.emit(ConnectionEvent::Connected {
+                        node: node.redacted.clone(),
+                    });
+                    return Ok(connection);
+                }
+                Ok(Err(error)) => {
+                    let reason = format!(
+                        "cannot connect to {}: {}",
+                        node.redacted,
+                        node.explain(&error)
+                    );
+                    failures.push(Error::with_source(ErrorKind::Connection(reason), error));
+                }
+                Err(_) => failures.push(Error::timeout(format!(
+                    "no answer from {} within {:?}",
+                    node.redacted, self.connect_timeout
+                ))),
+            }
         }
+        if failures.len() == 1 {
+            return Err(failures.remove(0));
+        }
+        let reasons: Vec<String> = failures.iter().map(ToString::to_string).collect();
+        Err(Error::connection(format!(
+            "no node of the broker answered: {}",
+            reasons.join("; ")
+        )))
     }
 
     /// Declares the exchanges and every task queue declared so far.
@@ -185,7 +209,7 @@ impl Shared {
             entry.active = None;
             entry.retry_at = None;
         }
-        tracing::warn!(uri = %self.redacted, %reason, "connection lost; reconnecting");
+        tracing::warn!(node = ?lock(&self.node), %reason, "connection lost; reconnecting");
         self.emit(ConnectionEvent::Lost(reason.to_owned()));
     }
 
@@ -195,7 +219,7 @@ impl Shared {
             return;
         }
         self.state.send_replace(State::Up(connection, epoch));
-        tracing::info!(uri = %self.redacted, ?down_for, "connection restored");
+        tracing::info!(node = ?lock(&self.node), ?down_for, "connection restored");
         self.emit(ConnectionEvent::Restored(down_for));
     }
 

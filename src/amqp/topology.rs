@@ -27,6 +27,10 @@ pub(crate) struct Topology {
     queue_expires: Duration,
     testing_queue_expires: Duration,
     delivery_limit: Option<u32>,
+    /// Task queues are quorum queues.
+    quorum: bool,
+    /// Reply queues are too: asked for, so that replies survive a node's loss.
+    quorum_replies: bool,
 }
 
 fn millis(duration: Duration) -> AMQPValue {
@@ -78,6 +82,8 @@ impl Topology {
             queue_expires: settings.queue_expires,
             testing_queue_expires: settings.testing_queue_expires,
             delivery_limit: settings.delivery_limit,
+            quorum: settings.quorum_queues || settings.delivery_limit.is_some(),
+            quorum_replies: settings.quorum_queues,
         }
     }
 
@@ -115,9 +121,10 @@ impl Topology {
     /// A task queue: durable with a 7-day message TTL; in testing mode non-durable and
     /// expiring after 10 s unused. Bound with its own name as routing key.
     ///
-    /// With a delivery limit it is a quorum queue instead (always durable) that
-    /// dead-letters a message returned too often, or rejected, to `<queue>.dlq`, which is
-    /// declared with it.
+    /// With [`Settings::with_quorum_queues`](crate::Settings::with_quorum_queues) it is a
+    /// quorum queue (always durable), replicated over a cluster. With a delivery limit it is
+    /// one too, and dead-letters a message returned too often, or rejected, to
+    /// `<queue>.dlq`, which is declared with it.
     pub(crate) async fn declare_task_queue(
         &self,
         channel: &Channel,
@@ -132,6 +139,7 @@ impl Topology {
             durable: !self.testing_mode,
             ..Default::default()
         };
+        let quorum_type = ("x-queue-type", AMQPValue::LongString("quorum".into()));
         if let Some(limit) = self.delivery_limit {
             // A dead-letter queue, read as a task queue, keeps its own shape.
             let is_dead_letters = queue.ends_with(DEAD_LETTER_SUFFIX);
@@ -157,7 +165,6 @@ impl Topology {
             }
             let limit = i32::try_from(limit).unwrap_or(i32::MAX);
             arguments.extend([
-                ("x-queue-type", AMQPValue::LongString("quorum".into())),
                 ("x-delivery-limit", AMQPValue::LongInt(limit)),
                 (
                     "x-dead-letter-exchange",
@@ -169,9 +176,12 @@ impl Topology {
                 ),
             ]);
         }
+        if self.quorum {
+            arguments.push(quorum_type);
+        }
         let options = QueueDeclareOptions {
             // Quorum queues are always durable.
-            durable: classic.durable || self.delivery_limit.is_some(),
+            durable: classic.durable || self.quorum,
             ..Default::default()
         };
         declare_bound(
@@ -200,7 +210,12 @@ impl Topology {
             durable: true,
             ..Default::default()
         };
-        let arguments = table(&[("x-expires", millis(self.queue_expires))]);
+        let mut arguments = vec![("x-expires", millis(self.queue_expires))];
+        if self.quorum_replies {
+            // Replies then survive the loss of the node the queue was declared on.
+            arguments.push(("x-queue-type", AMQPValue::LongString("quorum".into())));
+        }
+        let arguments = table(&arguments);
         declare_bound(
             channel,
             queue,
