@@ -97,9 +97,8 @@ impl Codec {
             Self::MessagePack => {
                 // Finding where the value ends borrows (no copy of its strings and binaries),
                 // and reading from a slice does too; a reader would copy each into a buffer.
-                let used = msgpack_value_len(bytes).ok_or_else(|| {
-                    Error::codec("malformed MessagePack: truncated or an unknown marker")
-                })?;
+                let used = msgpack_value_len(bytes)
+                    .ok_or_else(|| Error::codec("malformed MessagePack: the value is cut short"))?;
                 no_trailing_bytes(bytes.len(), used)?;
                 rmp_serde::from_slice(bytes).map_err(Error::codec)
             }
@@ -151,8 +150,8 @@ impl Codec {
     }
 }
 
-/// How many bytes the first MessagePack value in `bytes` takes; `None` if it is cut short
-/// or malformed. Skims markers and lengths without building anything, so nesting costs
+/// How many bytes the first MessagePack value in `bytes` takes; `None` if it is cut short.
+/// Skims markers and lengths without building anything, so nesting costs
 /// neither memory nor stack.
 fn msgpack_value_len(bytes: &[u8]) -> Option<usize> {
     use rmp::Marker;
@@ -167,12 +166,15 @@ fn msgpack_value_len(bytes: &[u8]) -> Option<usize> {
         pending -= 1;
         let marker = Marker::from_u8(*bytes.get(at)?);
         at += 1;
-        // (bytes of length field, its value counts bytes to skip / elements to add)
+        // The bytes after the marker: a fixed size, or a length field and what it counts.
         let skip: u64 = match marker {
-            Marker::Reserved => return None,
-            Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
-                0
-            }
+            // 0xc1 is never used: a lone byte, as rmpv reads it (the decoder then refuses it).
+            Marker::Reserved
+            | Marker::FixPos(_)
+            | Marker::FixNeg(_)
+            | Marker::Null
+            | Marker::True
+            | Marker::False => 0,
             Marker::U8 | Marker::I8 => 1,
             Marker::U16 | Marker::I16 => 2,
             Marker::U32 | Marker::I32 | Marker::F32 => 4,
