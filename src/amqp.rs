@@ -380,7 +380,11 @@ fn inequivalent_setting(text: &str) -> Option<&'static str> {
             "delivery limit (Settings::with_delivery_limit)"
         }
         "x-message-ttl" => "message TTL (Settings::with_task_message_ttl)",
-        "durable" | "x-expires" => "durability (Settings::with_testing_mode)",
+        "durable" => {
+            "durability (Settings::with_testing_mode; quorum queues, from \
+             Settings::with_quorum_queues or with_delivery_limit, are always durable)"
+        }
+        "x-expires" => "expiry (Settings::with_testing_mode)",
         _ => return None,
     })
 }

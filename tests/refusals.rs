@@ -187,3 +187,47 @@ async fn a_publish_to_a_missing_exchange_fails_at_once() {
     comm.close().await.unwrap();
     raw.close(200, "done".into()).await.unwrap();
 }
+
+/// Quorum queues are an option; a fleet that disagrees on it learns which setting differs,
+/// and both kinds of queue carry tasks.
+#[actix::test]
+async fn a_queue_declared_with_the_other_type_names_the_setting_that_differs() {
+    let classic = amqp_settings(&amqp_url());
+    let quorum = classic.clone().with_quorum_queues(true);
+    let queue = common::unique("quorum");
+    let comm = classic.connect().await.unwrap();
+    comm.task_queue(&queue)
+        .task_send_no_reply(&1u32)
+        .await
+        .unwrap();
+    let other = quorum.clone().connect().await.unwrap();
+    let error = other
+        .task_queue(&queue)
+        .task_send_no_reply(&2u32)
+        .await
+        .unwrap_err();
+    assert!(matches!(error.kind(), ErrorKind::Config(_)), "{error}");
+    assert!(error.to_string().contains("with_quorum_queues"), "{error}");
+    // A quorum task queue works end to end (its replies through a quorum queue too).
+    let fresh = common::unique("quorum-fresh");
+    other
+        .task_queue(&fresh)
+        .add_task_subscriber(|task: Task<u32>| async move { Ok(task.body * 2) })
+        .await
+        .unwrap();
+    let doubled: u32 = other
+        .task_queue(&fresh)
+        .task_send(&21u32)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(doubled, 42);
+    for name in [&queue, &fresh] {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "delete_queue", name])
+            .output();
+    }
+    other.close().await.unwrap();
+    comm.close().await.unwrap();
+}

@@ -12,8 +12,9 @@ use kiwimq::{Codec, Communicator, ConnectionEvent, Settings};
 // Not a doc comment: clap would show it as every example's description.
 #[derive(Debug, Args)]
 pub(crate) struct Connection {
-    /// The broker URI: amqp://user:pass@host[:port][/vhost][?heartbeat=S], or mem:// for the
-    /// embedded broker.
+    /// The broker URI: amqp://user:pass@host[:port][/vhost][?heartbeat=S], amqps://… with TLS
+    /// (?cacertfile=…&certfile=…&keyfile=…&verify=…&server_name_indication=…), a
+    /// comma-separated list of a cluster's nodes, or mem:// for the embedded broker.
     #[arg(
         long,
         env = "KIWIMQ_URL",
@@ -29,7 +30,10 @@ impl Connection {
     /// The settings these flags make; logging starts too.
     pub(crate) fn settings(&self) -> Settings {
         init_logging();
-        Settings::new(self.uri.clone()).with_codec(self.codec)
+        // A comma-separated list is a cluster's nodes.
+        Settings::new(self.uri.clone())
+            .with_nodes(self.uri.split(',').map(str::trim))
+            .with_codec(self.codec)
     }
 
     /// Connects with these flags, printing every change of the connection (lost,
@@ -70,6 +74,7 @@ fn report(event: ConnectionEvent) {
     match event {
         ConnectionEvent::Lost(reason) => eprintln!(" [!] connection lost ({reason}); reconnecting"),
         ConnectionEvent::Restored(after) => eprintln!(" [!] connection restored after {after:.1?}"),
+        ConnectionEvent::Connected { node } => eprintln!(" [!] connected to {node}"),
         _ => {}
     }
 }
