@@ -149,6 +149,10 @@ struct ReliabilitySnippets;
 #[doc = include_str!("../docs/performance.md")]
 struct PerformanceSnippets;
 
+#[cfg(doctest)]
+#[doc = include_str!("../docs/deployment.md")]
+struct DeploymentSnippets;
+
 /// The names most programs need: `use kiwimq::prelude::*;`.
 pub mod prelude {
     pub use crate::{

@@ -95,14 +95,35 @@ async fn kiwipys_uri_forms_connect_to_the_default_vhost() {
     }
 }
 
-/// `amqps://` must never connect in plaintext: without TLS in this build, it is refused
-/// before any byte is sent, even to a plain AMQP port.
+/// `amqps://` must never connect in plaintext: what a listener receives first is a TLS
+/// hello, and a peer that answers with AMQP (a plain port) fails the connect, the password
+/// hidden in the error.
 #[actix_rt::test]
-async fn amqps_is_refused_rather_than_sent_in_plaintext() {
-    let url = common::amqp_url().replacen("amqp://", "amqps://", 1);
-    let error = Settings::new(url).connect().await.unwrap_err();
-    assert!(matches!(error.kind(), ErrorKind::Config(_)), "{error}");
-    assert!(error.to_string().contains("TLS"), "{error}");
+async fn amqps_sends_a_tls_hello_never_plaintext() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let first_bytes = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut bytes = [0u8; 8];
+        let read = socket.read(&mut bytes).await.unwrap();
+        // Answer as a plain AMQP broker would: its protocol header.
+        let _ = socket.write_all(b"AMQP\0\0\x09\x01").await;
+        bytes[..read].to_vec()
+    });
+    let url = format!("amqps://guest:guest@127.0.0.1:{port}/%2f?verify=verify_none");
+    let error = Settings::new(url)
+        .with_connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap_err();
+    let first = first_bytes.await.unwrap();
+    assert_eq!(first.first(), Some(&0x16), "a TLS handshake record, not {first:?}");
+    assert!(!first.starts_with(b"AMQP"), "no plaintext AMQP header");
+    assert!(
+        matches!(error.kind(), ErrorKind::Connection(_) | ErrorKind::Timeout),
+        "{error}"
+    );
     assert!(
         !error.to_string().contains(":guest@"),
         "the password is hidden: {error}"
