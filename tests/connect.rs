@@ -118,7 +118,11 @@ async fn amqps_sends_a_tls_hello_never_plaintext() {
         .await
         .unwrap_err();
     let first = first_bytes.await.unwrap();
-    assert_eq!(first.first(), Some(&0x16), "a TLS handshake record, not {first:?}");
+    assert_eq!(
+        first.first(),
+        Some(&0x16),
+        "a TLS handshake record, not {first:?}"
+    );
     assert!(!first.starts_with(b"AMQP"), "no plaintext AMQP header");
     assert!(
         matches!(error.kind(), ErrorKind::Connection(_) | ErrorKind::Timeout),
