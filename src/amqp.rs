@@ -44,7 +44,7 @@ use tokio::time::Instant;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{self, ConnectionEvent};
 use crate::settings::Settings;
-use crate::transport::{Consumer, Delivery, Outgoing, Route, Source, Transport};
+use crate::transport::{Consumer, Delivery, Outgoing, QueueStats, Route, Source, Transport};
 use node::Node;
 use topology::Topology;
 
@@ -416,6 +416,16 @@ impl Transport for AmqpTransport {
 
     fn cancel(&self, tag: &str) -> BoxFuture<'static, Result<()>> {
         let task = self.0.io.run(self.0.clone().cancel(tag.to_owned()));
+        task.map(flatten).boxed()
+    }
+
+    fn queue_stats(&self, queue: &str) -> BoxFuture<'static, Result<QueueStats>> {
+        let task = self.0.io.run(self.0.clone().queue_stats(queue.to_owned()));
+        task.map(flatten).boxed()
+    }
+
+    fn purge(&self, queue: &str) -> BoxFuture<'static, Result<u32>> {
+        let task = self.0.io.run(self.0.clone().purge(queue.to_owned()));
         task.map(flatten).boxed()
     }
 

@@ -110,7 +110,7 @@ pub use filter::BroadcastFilter;
 pub use fleet::{Fleet, RunningFleet, Stop, shutdown_signal};
 pub use health::Health;
 pub use messages::{Broadcast, HandlerError, Rpc, Task};
-pub use queue::{PulledTask, TaskQueue};
+pub use queue::{PulledTask, QueueStats, TaskQueue};
 pub use settings::Settings;
 
 /// A body of any shape — a Python dict of anything, say — for senders and subscribers that

@@ -11,11 +11,11 @@ use std::sync::{Arc, LazyLock, Mutex, Weak};
 use futures::StreamExt;
 use futures::future::{self, BoxFuture, FutureExt};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::events::{self, ConnectionEvent};
 use crate::settings::Settings;
 use crate::transport::{
-    Consumer, DeliverFn, Delivery, Exchange, Outgoing, Route, Source, Transport,
+    Consumer, DeliverFn, Delivery, Exchange, Outgoing, QueueStats, Route, Source, Transport,
 };
 use broker::{Broker, QueueMode, Sink};
 
@@ -144,6 +144,20 @@ impl Transport for MemTransport {
 
     fn cancel(&self, tag: &str) -> BoxFuture<'static, Result<()>> {
         let result = self.check_open().map(|()| self.broker.cancel(tag));
+        future::ready(result).boxed()
+    }
+
+    fn queue_stats(&self, queue: &str) -> BoxFuture<'static, Result<QueueStats>> {
+        let result = self.check_open().and_then(|()| {
+            self.broker
+                .stats(queue)
+                .ok_or_else(|| Error::new(ErrorKind::Refused(format!("no queue named '{queue}'"))))
+        });
+        future::ready(result).boxed()
+    }
+
+    fn purge(&self, queue: &str) -> BoxFuture<'static, Result<u32>> {
+        let result = self.check_open().map(|()| self.broker.purge(queue));
         future::ready(result).boxed()
     }
 

@@ -53,6 +53,49 @@ impl TaskQueue {
         )
     }
 
+    /// This queue's counts now, without taking a task. `Refused` if the broker has no such
+    /// queue (it is declared by the first send or subscriber).
+    pub async fn stats(&self) -> Result<QueueStats> {
+        self.inner.check_open()?;
+        self.inner.link.transport.queue_stats(&self.name).await
+    }
+
+    /// Deletes every task waiting in this queue (not those being handled now); returns how
+    /// many. Their senders get no result.
+    pub async fn purge(&self) -> Result<u32> {
+        self.inner.check_open()?;
+        self.inner.link.transport.purge(&self.name).await
+    }
+
+    /// Sends every task of this queue's dead-letter queue (see
+    /// [`dead_letters`](Self::dead_letters)) back to this queue, to run again, with its
+    /// correlation id and reply address: a sender still waiting gets the result. Returns
+    /// how many. Each is taken off the dead-letter queue only once the queue has it; with no
+    /// such queue the send fails `Unroutable` and the task stays a dead letter.
+    pub async fn requeue_dead_letters(&self) -> Result<u32> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let dead = crate::transport::dead_letter_queue(&self.name);
+        let transport = &inner.link.transport;
+        let mut moved = 0;
+        while let Some(delivery) = transport.get(&dead).await? {
+            let message = Outgoing {
+                body: delivery.body.to_vec(),
+                correlation_id: delivery.correlation_id.clone(),
+                reply_to: delivery.reply_to.clone(),
+                persistent: true,
+                mandatory: true,
+            };
+            // On failure the delivery is dropped unsettled: back to the dead-letter queue.
+            transport
+                .publish(Route::Task(self.name.clone()), message)
+                .await?;
+            delivery.acker.settle(Outcome::Ack);
+            moved += 1;
+        }
+        Ok(moved)
+    }
+
     /// How many tasks this communicator's subscribers to this queue hold at once (0 = no
     /// limit). Applies when the queue's first subscriber is added; the default is the
     /// communicator's setting.
@@ -237,6 +280,19 @@ async fn wait_for_task(inner: Arc<Inner>, queue: String, timeout: Duration) -> R
 /// Ackers of tasks an iteration handed out and the user dropped: they requeue when the
 /// iteration ends, not at once, or the same task would come straight back.
 type Parking = Arc<Mutex<Vec<Acker>>>;
+
+/// A task queue's counts, as [`TaskQueue::stats`] reads them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// Tasks waiting to be delivered.
+    pub ready: u32,
+    /// Tasks delivered and not yet acknowledged; `None` where the broker does not say
+    /// (RabbitMQ over AMQP: its management API or `rabbitmqctl list_queues` does).
+    pub unacknowledged: Option<u32>,
+    /// Consumers of the queue, over every communicator.
+    pub consumers: u32,
+}
 
 /// A task taken from a queue in pull mode. Decide its fate with [`process`](Self::process)
 /// (result sent back, then acked) or [`requeue`](Self::requeue); dropped undecided, it

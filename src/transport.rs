@@ -155,6 +155,8 @@ pub(crate) struct Consumer {
     pub(crate) deliveries: BoxStream<'static, Delivery>,
 }
 
+pub(crate) use crate::queue::QueueStats;
+
 /// Where a reply consumer hands its deliveries.
 pub(crate) type DeliverFn = Arc<dyn Fn(Delivery) + Send + Sync>;
 
@@ -193,6 +195,12 @@ pub(crate) trait Transport: Send + Sync + 'static {
 
     /// Stops a consumer; its unsettled deliveries stay valid. An RPC consumer's queue goes.
     fn cancel(&self, tag: &str) -> BoxFuture<'static, Result<()>>;
+
+    /// A task queue's counts, without taking a message. `Refused` if there is no such queue.
+    fn queue_stats(&self, queue: &str) -> BoxFuture<'static, Result<QueueStats>>;
+
+    /// Deletes every ready message of a task queue; returns how many.
+    fn purge(&self, queue: &str) -> BoxFuture<'static, Result<u32>>;
 
     /// Takes one message from a task queue, if it holds any.
     fn get(&self, queue: &str) -> BoxFuture<'static, Result<Option<Delivery>>>;

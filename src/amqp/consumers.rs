@@ -24,7 +24,7 @@ use super::{
     soft_error,
 };
 use crate::error::{Error, ErrorKind, Result};
-use crate::transport::{Acker, Consumer, Delivery, Outcome, Settle, Source};
+use crate::transport::{Acker, Consumer, Delivery, Outcome, QueueStats, Settle, Source};
 
 /// Consumers a shared channel is given at most.
 const SHARED_CONSUMERS: usize = 1_000;
@@ -322,6 +322,65 @@ impl Shared {
             .await?;
         }
         Ok(())
+    }
+
+    /// A queue's counts by a passive declaration, on a channel of its own (the broker closes
+    /// it when the queue does not exist). RabbitMQ says nothing of unacknowledged messages
+    /// over AMQP.
+    pub(super) async fn queue_stats(self: Arc<Self>, queue: String) -> Result<QueueStats> {
+        let declared = self
+            .on_own_channel(&queue, async |channel: lapin::Channel| {
+                let options = lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                channel
+                    .queue_declare(queue.as_str().into(), options, FieldTable::default())
+                    .await
+            })
+            .await?;
+        Ok(QueueStats {
+            ready: declared.message_count(),
+            unacknowledged: None,
+            consumers: declared.consumer_count(),
+        })
+    }
+
+    /// Deletes a queue's ready messages, on a channel of its own.
+    pub(super) async fn purge(self: Arc<Self>, queue: String) -> Result<u32> {
+        self.on_own_channel(&queue, async |channel: lapin::Channel| {
+            channel
+                .queue_purge(
+                    queue.as_str().into(),
+                    lapin::options::QueuePurgeOptions::default(),
+                )
+                .await
+        })
+        .await
+    }
+
+    /// Runs one request about `queue` on a fresh channel, closed after; a missing queue is
+    /// `Refused` naming it.
+    async fn on_own_channel<T>(
+        &self,
+        queue: &str,
+        request: impl AsyncFnOnce(lapin::Channel) -> lapin::Result<T>,
+    ) -> Result<T> {
+        self.check_open()?;
+        let deadline = Instant::now() + self.send_timeout;
+        let (connection, _) = self.connection(deadline).await?;
+        let channel = connection.create_channel().await.map_err(amqp_error)?;
+        let result = request(channel.clone()).await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "done".into()).await;
+        }
+        result.map_err(|error| match soft_error(&error) {
+            Some(AMQPSoftError::NOTFOUND) => Error::with_source(
+                ErrorKind::Refused(format!("no queue named '{queue}' on the broker")),
+                error,
+            ),
+            _ => amqp_error_refused(error),
+        })
     }
 
     pub(super) async fn get(self: Arc<Self>, queue: String) -> Result<Option<Delivery>> {

@@ -301,6 +301,28 @@ impl Broker {
         }
     }
 
+    /// A queue's counts; none if it does not exist.
+    pub(crate) fn stats(&self, queue_name: &str) -> Option<crate::transport::QueueStats> {
+        let state = self.lock();
+        let queue = state.queues.get(queue_name)?;
+        Some(crate::transport::QueueStats {
+            ready: u32::try_from(queue.messages.len()).unwrap_or(u32::MAX),
+            unacknowledged: Some(u32::try_from(queue.unacked.len()).unwrap_or(u32::MAX)),
+            consumers: u32::try_from(queue.consumers.len()).unwrap_or(u32::MAX),
+        })
+    }
+
+    /// Drops a queue's ready messages; returns how many.
+    pub(crate) fn purge(&self, queue_name: &str) -> u32 {
+        let mut state = self.lock();
+        let Some(queue) = state.queues.get_mut(queue_name) else {
+            return 0;
+        };
+        let count = queue.messages.len();
+        queue.messages.clear();
+        u32::try_from(count).unwrap_or(u32::MAX)
+    }
+
     pub(crate) fn get(self: &Arc<Self>, connection: u64, queue_name: &str) -> Option<Delivery> {
         let mut state = self.lock();
         let queue = state.queues.get_mut(queue_name)?;

@@ -1,0 +1,295 @@
+//! The `kiwimq` command, built with the `cli` feature, run as a user runs it: against
+//! RabbitMQ, with communicators of this test answering RPCs and tasks and sending and
+//! hearing broadcasts.
+
+mod common;
+
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use kiwimq::{Broadcast, BroadcastFilter, BroadcastOptions, Codec, Rpc, Settings, Task, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use common::{SOON, amqp_settings, amqp_url, eventually, seen};
+
+/// Settings of this test's own exchanges, and the `--prefix` that names them.
+fn private() -> (Settings, String) {
+    let settings = amqp_settings(&amqp_url());
+    let prefix = settings
+        .message_exchange()
+        .strip_suffix(".messages")
+        .expect("the test exchanges end in .messages")
+        .to_owned();
+    (settings, prefix)
+}
+
+fn kiwimq(prefix: &str, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiwimq"));
+    command
+        .args([
+            "--uri",
+            &amqp_url(),
+            "--prefix",
+            prefix,
+            "--testing-mode",
+            "--timeout",
+            "10",
+        ])
+        .args(args)
+        .kill_on_drop(true);
+    command
+}
+
+async fn run(prefix: &str, args: &[&str]) -> Output {
+    kiwimq(prefix, args).output().await.expect("kiwimq runs")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).trim().to_owned()
+}
+
+#[actix::test]
+async fn rpc_call_prints_the_reply_and_fails_with_one_line() {
+    let (settings, prefix) = private();
+    let server = settings.connect().await.unwrap();
+    server
+        .add_rpc_subscriber(Some("echo"), |r: Rpc<Value>| async move { Ok(r.body) })
+        .await
+        .unwrap();
+    server
+        .add_rpc_subscriber(Some("broken"), |_: Rpc<Value>| async move {
+            Err::<Value, _>(kiwimq::HandlerError::failed("no such intent"))
+        })
+        .await
+        .unwrap();
+
+    let output = run(
+        &prefix,
+        &["rpc", "call", "echo", "{intent: status, pid: 47}"],
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let reply: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(reply, serde_json::json!({"intent": "status", "pid": 47}));
+
+    let output = run(&prefix, &["--yaml", "rpc", "call", "echo", "[1, two]"]).await;
+    assert_eq!(stdout(&output), "- 1\n- two");
+
+    for (id, says) in [("nobody", "unroutable"), ("broken", "no such intent")] {
+        let output = run(&prefix, &["rpc", "call", id]).await;
+        assert_eq!(output.status.code(), Some(1));
+        let error = stderr(&output);
+        assert!(
+            error.starts_with("kiwimq: ") && error.contains(says),
+            "{error}"
+        );
+        assert_eq!(error.lines().count(), 1, "one line: {error}");
+    }
+    server.close().await.unwrap();
+}
+
+#[actix::test]
+async fn task_send_prints_the_result_in_aiidas_codec() {
+    let (settings, prefix) = private();
+    let worker = settings.with_codec(Codec::Yaml).connect().await.unwrap();
+    worker
+        .task_queue("work")
+        .add_task_subscriber(|t: Task<Vec<i64>, i64>| async move { Ok(t.body.iter().sum::<i64>()) })
+        .await
+        .unwrap();
+    let queue = worker.task_queue("work").name().to_owned();
+    let output = run(
+        &prefix,
+        &[
+            "--codec",
+            "yaml",
+            "task",
+            "send",
+            "--queue",
+            &queue,
+            "[1, 2, 39]",
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "42");
+
+    // A body of the wrong shape: the worker's error, one line, exit 1.
+    let output = run(
+        &prefix,
+        &[
+            "--codec",
+            "yaml",
+            "task",
+            "send",
+            "--queue",
+            &queue,
+            "not a list",
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    assert!(stderr(&output).contains("remote"), "{}", stderr(&output));
+
+    // Not JSON, not YAML; an unknown command.
+    let output = run(&prefix, &["task", "send", "{unclosed"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("neither JSON nor YAML"),
+        "{}",
+        stderr(&output)
+    );
+    let output = run(&prefix, &["task", "juggle"]).await;
+    assert_eq!(output.status.code(), Some(2));
+    worker.close().await.unwrap();
+}
+
+#[actix::test]
+async fn broadcasts_are_sent_and_heard_one_line_each() {
+    let (settings, prefix) = private();
+    let comm = settings.connect().await.unwrap();
+    let heard = seen::<(Option<String>, Option<String>, Value)>();
+    let log = heard.clone();
+    comm.add_broadcast_subscriber(BroadcastFilter::new(), move |b: Broadcast<Value>| {
+        let entry = (
+            b.subject_text().map(|s| s.into_owned()),
+            b.sender_text().map(|s| s.into_owned()),
+            b.body,
+        );
+        log.lock().unwrap().push(entry);
+        async { Ok(()) }
+    })
+    .await
+    .unwrap();
+
+    let mut listener = kiwimq(
+        &prefix,
+        &[
+            "broadcast",
+            "listen",
+            "--subject",
+            "state_changed.*",
+            "--json",
+            "--count",
+            "2",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut ready = BufReader::new(listener.stderr.take().unwrap()).lines();
+    let line = tokio::time::timeout(SOON, ready.next_line()).await;
+    assert!(
+        matches!(line, Ok(Ok(Some(ref l))) if l == "listening"),
+        "{line:?}"
+    );
+
+    // AiiDA's state changes: an integer sender; one subject the filter leaves out.
+    for subject in [
+        "state_changed.running.waiting",
+        "other",
+        "state_changed.waiting.finished",
+    ] {
+        comm.broadcast_send(
+            &Value::Nil,
+            BroadcastOptions::subject(subject).with_sender(47),
+        )
+        .await
+        .unwrap();
+    }
+    let output = tokio::time::timeout(SOON, listener.wait_with_output())
+        .await
+        .expect("the listener stops after two")
+        .unwrap();
+    let lines: Vec<serde_json::Value> = stdout(&output)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["subject"], "state_changed.running.waiting");
+    assert_eq!(lines[0]["sender"], 47);
+    assert_eq!(lines[1]["subject"], "state_changed.waiting.finished");
+
+    let output = run(
+        &prefix,
+        &["broadcast", "send", "hello", "{n: 1}", "--sender", "7"],
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    eventually(SOON, "the CLI's broadcast heard", || {
+        heard.lock().unwrap().iter().any(|(subject, sender, body)| {
+            subject.as_deref() == Some("hello")
+                && sender.as_deref() == Some("7")
+                && body["n"] == Value::from(1)
+        })
+    })
+    .await;
+    comm.close().await.unwrap();
+}
+
+#[actix::test]
+async fn queue_stats_and_dead_letters_without_taking_a_task() {
+    let (settings, prefix) = private();
+    let comm = settings.connect().await.unwrap();
+    let queue = comm.task_queue("stats");
+    let name = queue.name().to_owned();
+    for n in 0..3u32 {
+        queue.task_send_no_reply(&n).await.unwrap();
+    }
+    let output = run(&prefix, &["queue", "stats", &name, "--json"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stats: serde_json::Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(stats["ready"], 3);
+    assert_eq!(stats["consumers"], 0);
+    let output = run(&prefix, &["queue", "stats", &name]).await;
+    assert_eq!(
+        stdout(&output),
+        format!("{name}: ready 3, unacknowledged unknown, consumers 0")
+    );
+    let output = run(&prefix, &["queue", "stats", "no-such-queue"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("no queue named 'no-such-queue'"));
+
+    // Dead letters: counted, sent back to run again, or dropped.
+    let dead = queue.dead_letters();
+    for n in 10..12u32 {
+        dead.task_send_no_reply(&n).await.unwrap();
+    }
+    let output = run(&prefix, &["queue", "dead-letters", &name]).await;
+    assert_eq!(stdout(&output), format!("{name}.dlq: 2 dead letters"));
+    let output = run(&prefix, &["queue", "dead-letters", &name, "--requeue"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        format!("2 dead letters sent back to {name}")
+    );
+    assert_eq!(queue.stats().await.unwrap().ready, 5);
+    dead.task_send_no_reply(&99u32).await.unwrap();
+    let output = run(&prefix, &["queue", "dead-letters", &name, "--purge"]).await;
+    assert_eq!(stdout(&output), format!("1 dead letters of {name} deleted"));
+    assert_eq!(dead.stats().await.unwrap().ready, 0);
+
+    // What the worker then runs: the three tasks and the two sent back.
+    let done = seen::<u32>();
+    let log = done.clone();
+    queue
+        .add_task_subscriber(move |t: Task<u32, ()>| {
+            log.lock().unwrap().push(t.body);
+            async { Ok(()) }
+        })
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "five tasks run", || {
+        done.lock().unwrap().len() == 5
+    })
+    .await;
+    let mut ran = done.lock().unwrap().clone();
+    ran.sort_unstable();
+    assert_eq!(ran, vec![0, 1, 2, 10, 11]);
+    comm.close().await.unwrap();
+}
