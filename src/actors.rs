@@ -11,6 +11,7 @@ pub(crate) mod task_queue;
 
 use std::sync::Arc;
 
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Serialize;
 
@@ -64,7 +65,15 @@ impl Link {
             persistent: exchange == Exchange::Tasks,
             ..Outgoing::default()
         };
-        self.transport.publish(Route::Reply(reply_to), message)
+        crate::metrics::count(crate::metrics::SENT, "reply");
+        self.transport
+            .publish(Route::Reply(reply_to), message)
+            .inspect(|sent| {
+                if sent.is_ok() {
+                    crate::metrics::count(crate::metrics::CONFIRMED, "reply");
+                }
+            })
+            .boxed()
     }
 }
 

@@ -308,6 +308,7 @@ impl Communicator {
             correlation_id.clone(),
             inner.link.codec,
             inner.settings.rpc_timeout,
+            "rpc",
         )?;
         let message = Outgoing {
             body,
@@ -316,11 +317,13 @@ impl Communicator {
             persistent: false,
             mandatory: true,
         };
-        inner
+        let sent = inner
             .link
             .transport
             .publish(Route::Rpc(identifier.to_owned()), message)
-            .await?;
+            .await;
+        crate::metrics::published("rpc", None, sent.is_ok());
+        sent?;
         Ok(reply)
     }
 
@@ -371,6 +374,9 @@ impl Communicator {
             })
             .await
             .map_err(|_| Error::closed())?;
+        if outcome.is_ok() {
+            crate::metrics::gauge(crate::metrics::SUBSCRIBERS, "rpc", 1.0);
+        }
         outcome
     }
 
@@ -388,6 +394,7 @@ impl Communicator {
                 identifier.to_owned(),
             )));
         };
+        crate::metrics::gauge(crate::metrics::SUBSCRIBERS, "rpc", -1.0);
         // Its consumer cancelled and forgotten by the supervisor, the endpoint stops.
         endpoint
             .send(rpc_endpoint::Unsubscribe)
@@ -417,11 +424,13 @@ impl Communicator {
             body,
             ..Outgoing::default()
         };
-        inner
+        let sent = inner
             .link
             .transport
             .publish(Route::Broadcast, message)
-            .await
+            .await;
+        crate::metrics::published("broadcast", None, sent.is_ok());
+        sent
     }
 
     /// Subscribes to broadcasts that pass `filter`; returns the subscriber's identifier.
@@ -449,6 +458,7 @@ impl Communicator {
         })
         .await
         .map_err(|_| Error::closed())??;
+        crate::metrics::gauge(crate::metrics::SUBSCRIBERS, "broadcast", 1.0);
         Ok(id)
     }
 
@@ -468,6 +478,7 @@ impl Communicator {
                 identifier.to_owned(),
             )));
         }
+        crate::metrics::gauge(crate::metrics::SUBSCRIBERS, "broadcast", -1.0);
         Ok(())
     }
 

@@ -111,6 +111,8 @@ pub use fleet::{Fleet, RunningFleet, Stop, shutdown_signal};
 pub use health::Health;
 pub use messages::{Broadcast, HandlerError, Rpc, Task};
 pub use queue::{PulledTask, QueueStats, TaskQueue};
+
+pub mod metrics;
 pub use settings::Settings;
 
 /// A body of any shape — a Python dict of anything, say — for senders and subscribers that

@@ -114,10 +114,12 @@ impl TaskQueue {
         R: DeserializeOwned,
     {
         let correlation_id = uuid::Uuid::new_v4().to_string();
-        let reply =
-            self.inner
-                .replies
-                .expect(correlation_id.clone(), self.inner.link.codec, None)?;
+        let reply = self.inner.replies.expect(
+            correlation_id.clone(),
+            self.inner.link.codec,
+            None,
+            "task",
+        )?;
         self.publish(body, false, correlation_id).await?;
         Ok(reply)
     }
@@ -146,11 +148,13 @@ impl TaskQueue {
             persistent: true,
             mandatory: true,
         };
-        inner
+        let sent = inner
             .link
             .transport
             .publish(Route::Task(self.name.clone()), message)
-            .await
+            .await;
+        crate::metrics::published("task", Some(&self.name), sent.is_ok());
+        sent
     }
 
     /// Subscribes an actor (or closure) to this queue; returns its identifier. Each task goes

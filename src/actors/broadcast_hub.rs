@@ -39,7 +39,10 @@ where
                 let header = codec.decode_broadcast::<IgnoredAny>(&bytes);
                 match header {
                     Ok(h) if !passes(&filter, &h) => {}
-                    _ => tracing::warn!(%error, "undecodable broadcast skipped by a subscriber"),
+                    _ => {
+                        tracing::warn!(%error, "undecodable broadcast skipped by a subscriber");
+                        crate::metrics::count(crate::metrics::UNDECODABLE, "broadcast");
+                    }
                 }
                 return future::ready(()).boxed();
             }
@@ -55,7 +58,10 @@ where
         };
         let subscriber = subscriber.clone();
         async move {
-            match subscriber.deliver(broadcast, None).await {
+            let started = std::time::Instant::now();
+            let delivered = subscriber.deliver(broadcast, None).await;
+            crate::metrics::elapsed(crate::metrics::HANDLER_SECONDS, "broadcast", started);
+            match delivered {
                 Delivered::Answer(Ok(())) => {}
                 Delivered::Answer(Err(error)) => {
                     tracing::error!(subscriber = %subscriber.identifier(), %error, "broadcast subscriber failed");
@@ -210,6 +216,7 @@ impl Handler<Stats> for BroadcastHub {
 impl StreamHandler<Delivery> for BroadcastHub {
     fn handle(&mut self, delivery: Delivery, _: &mut Context<Self>) {
         tracing::debug!(queue = %self.queue, "broadcast received");
+        crate::metrics::count(crate::metrics::DELIVERED, "broadcast");
         let bytes = delivery.body;
         let handlers: Vec<_> = self
             .subscribers

@@ -115,6 +115,7 @@ impl Replies {
         correlation_id: String,
         codec: Codec,
         timeout: Option<Duration>,
+        kind: &'static str,
     ) -> Result<ReplyFuture<R>> {
         let (tx, rx) = mpsc::unbounded();
         let mut table = self.lock();
@@ -122,12 +123,15 @@ impl Replies {
         let waiting = Pending { tx, deadline: None };
         table.pending.insert(correlation_id.clone(), waiting);
         table.set_deadline(&correlation_id, timeout.map(|t| Instant::now() + t));
+        crate::metrics::gauge(crate::metrics::RESULTS_PENDING, kind, 1.0);
         Ok(ReplyFuture {
             replies: rx,
             codec,
             guard: Guard {
                 replies: Arc::downgrade(self),
                 correlation_id,
+                kind,
+                sent: Instant::now(),
             },
             result: PhantomData,
         })
@@ -174,10 +178,14 @@ impl Replies {
 struct Guard {
     replies: std::sync::Weak<Replies>,
     correlation_id: String,
+    /// For the metrics: a task's or an RPC's, and when it was sent.
+    kind: &'static str,
+    sent: Instant,
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        crate::metrics::gauge(crate::metrics::RESULTS_PENDING, self.kind, -1.0);
         if let Some(replies) = self.replies.upgrade()
             && let Some(table) = replies.lock().as_mut()
         {
@@ -235,6 +243,10 @@ impl<R: DeserializeOwned> Future for ReplyFuture<R> {
                 Ok(envelope) => envelope,
                 Err(error) => return Poll::Ready(Err(error)),
             };
+            let guard = &self.guard;
+            if !matches!(envelope.reply, Reply::Pending) {
+                crate::metrics::elapsed(crate::metrics::ROUND_TRIP_SECONDS, guard.kind, guard.sent);
+            }
             return Poll::Ready(match envelope.reply {
                 Reply::Result(value) => Ok(value),
                 Reply::Exception(text) => Err(Error::new(ErrorKind::Remote(text))),
@@ -254,12 +266,16 @@ mod tests {
         let replies = Replies::new();
         tokio::spawn(Replies::reap(Arc::downgrade(&replies)));
         let short = Some(Duration::from_millis(20));
-        let expires: ReplyFuture<i64> = replies.expect("a".into(), Codec::Json, short).unwrap();
+        let expires: ReplyFuture<i64> = replies
+            .expect("a".into(), Codec::Json, short, "rpc")
+            .unwrap();
         let lifted: ReplyFuture<i64> = replies
-            .expect("b".into(), Codec::Json, short)
+            .expect("b".into(), Codec::Json, short, "rpc")
             .unwrap()
             .with_timeout(None);
-        let _task: ReplyFuture<i64> = replies.expect("c".into(), Codec::Json, None).unwrap();
+        let _task: ReplyFuture<i64> = replies
+            .expect("c".into(), Codec::Json, None, "task")
+            .unwrap();
         let error = expires.await.unwrap_err();
         assert_eq!(*error.kind(), ErrorKind::Timeout);
         tokio::time::sleep(REAP_EVERY * 3).await;

@@ -38,6 +38,7 @@ where
                 Ok(body) => body,
                 Err(error) => {
                     tracing::warn!(?correlation_id, %error, "undecodable RPC request");
+                    crate::metrics::count(crate::metrics::UNDECODABLE, "rpc");
                     return exception_reply(
                         codec,
                         &format!("the request could not be decoded: {error}"),
@@ -52,7 +53,10 @@ where
                 result: PhantomData,
                 _watch: watch,
             };
-            match subscriber.deliver(request, Some(&notice)).await {
+            let started = std::time::Instant::now();
+            let delivered = subscriber.deliver(request, Some(&notice)).await;
+            crate::metrics::elapsed(crate::metrics::HANDLER_SECONDS, "rpc", started);
+            match delivered {
                 Delivered::Answer(outcome) => encode_reply(codec, outcome, None),
                 Delivered::Panicked(text) => {
                     tracing::error!(identifier = %subscriber.identifier(), "an RPC handler panicked; the caller gets the panic as an error");
@@ -160,6 +164,7 @@ impl StreamHandler<Delivery> for RpcEndpoint {
             ..
         } = delivery;
         tracing::debug!(identifier = %self.identifier, ?correlation_id, "RPC received");
+        crate::metrics::count(crate::metrics::DELIVERED, "rpc");
         let answer = (self.handler)(body, correlation_id.clone());
         let link = self.link.clone();
         let identifier = self.identifier.clone();

@@ -68,6 +68,7 @@ where
                 Err(error) => return TaskAnswer::Undecodable(error),
             };
             let (watch, notice) = PanicWatch::new();
+            let started = std::time::Instant::now();
             let task = Task {
                 body,
                 redelivered: input.redelivered,
@@ -75,7 +76,9 @@ where
                 result: PhantomData,
                 _watch: watch,
             };
-            let outcome = match subscriber.deliver(task, Some(&notice)).await {
+            let delivered = subscriber.deliver(task, Some(&notice)).await;
+            crate::metrics::elapsed(crate::metrics::HANDLER_SECONDS, "task", started);
+            let outcome = match delivered {
                 Delivered::Answer(Err(HandlerError::Rejected)) => return TaskAnswer::Rejected,
                 Delivered::Answer(outcome) => outcome,
                 Delivered::Panicked(text) => Err(HandlerError::Panicked(text)),
@@ -206,12 +209,14 @@ impl Handler<AddSubscriber> for TaskQueue {
             return AtomicResponse::new(Box::pin(fut::ready(Err(Error::closed()))));
         }
         Arc::make_mut(&mut self.subscribers).push((message.id, message.handler));
+        crate::metrics::gauge(crate::metrics::SUBSCRIBERS, "task", 1.0);
         if self.consumer.is_some() {
             return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
         }
         AtomicResponse::new(Box::pin(self.consume().map(|result, actor, _| {
             if result.is_err() {
                 Arc::make_mut(&mut actor.subscribers).pop();
+                crate::metrics::gauge(crate::metrics::SUBSCRIBERS, "task", -1.0);
             }
             result
         })))
@@ -224,6 +229,9 @@ impl Handler<RemoveSubscriber> for TaskQueue {
     fn handle(&mut self, message: RemoveSubscriber, _: &mut Context<Self>) -> Self::Result {
         let before = self.subscribers.len();
         Arc::make_mut(&mut self.subscribers).retain(|(id, _)| *id != message.id);
+        if self.subscribers.len() < before {
+            crate::metrics::gauge(crate::metrics::SUBSCRIBERS, "task", -1.0);
+        }
         if self.subscribers.len() == before && !message.dead {
             let error = Error::new(ErrorKind::UnknownSubscriber(message.id));
             return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
@@ -284,6 +292,7 @@ struct Running(Arc<watch::Sender<usize>>);
 impl Running {
     fn start(counter: &Arc<watch::Sender<usize>>) -> Self {
         counter.send_modify(|n| *n += 1);
+        crate::metrics::gauge(crate::metrics::TASKS_RUNNING, "task", 1.0);
         Self(counter.clone())
     }
 }
@@ -291,14 +300,31 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n -= 1);
+        crate::metrics::gauge(crate::metrics::TASKS_RUNNING, "task", -1.0);
     }
+}
+
+/// Settles a task, counting how.
+fn settle(acker: crate::transport::Acker, outcome: Outcome, queue: &str, dead_lettering: bool) {
+    let counter = match outcome {
+        Outcome::Ack => crate::metrics::ACKED,
+        Outcome::Requeue => crate::metrics::REQUEUED,
+        Outcome::Discard if dead_lettering => crate::metrics::DEAD_LETTERED,
+        Outcome::Discard => crate::metrics::REJECTED,
+    };
+    crate::metrics::task(counter, queue);
+    acker.settle(outcome);
 }
 
 impl StreamHandler<Delivery> for TaskQueue {
     fn handle(&mut self, delivery: Delivery, ctx: &mut Context<Self>) {
+        crate::metrics::task(crate::metrics::DELIVERED, &self.queue);
+        if delivery.redelivered {
+            crate::metrics::task(crate::metrics::REDELIVERED, &self.queue);
+        }
         if self.draining {
             // Delivered just before the consumer was cancelled: back to the queue.
-            delivery.acker.settle(Outcome::Requeue);
+            settle(delivery.acker, Outcome::Requeue, &self.queue, false);
             return;
         }
         let subscribers = self.subscribers.clone();
@@ -378,7 +404,7 @@ async fn dispatch(
                 if panicked {
                     tracing::error!(%queue, subscriber = %id, ?correlation_id, "a task handler panicked; the sender gets the panic as an error");
                 }
-                acker.settle(outcome);
+                settle(acker, outcome, &queue, link.dead_lettering);
                 return;
             }
             TaskAnswer::Rejected | TaskAnswer::Interrupted => declined = true,
@@ -395,6 +421,7 @@ async fn dispatch(
     match undecodable {
         Some(error) if !declined => {
             tracing::warn!(%queue, ?correlation_id, %error, "undecodable task discarded");
+            crate::metrics::task(crate::metrics::UNDECODABLE, &queue);
             if let Some(reply_to) = reply_to {
                 let bytes = exception_reply(
                     link.codec,
@@ -408,11 +435,11 @@ async fn dispatch(
                     tracing::warn!(%queue, %error, "could not report an undecodable task");
                 }
             }
-            acker.settle(Outcome::Discard);
+            settle(acker, Outcome::Discard, &queue, link.dead_lettering);
         }
         _ => {
             tracing::debug!(%queue, ?correlation_id, "no subscriber took the task; requeued");
-            acker.settle(Outcome::Requeue);
+            settle(acker, Outcome::Requeue, &queue, false);
         }
     }
 }

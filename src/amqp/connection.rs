@@ -220,6 +220,7 @@ impl Shared {
         }
         self.state.send_replace(State::Up(connection, epoch));
         tracing::info!(node = ?lock(&self.node), ?down_for, "connection restored");
+        ::metrics::counter!(crate::metrics::RECONNECTS).increment(1);
         self.emit(ConnectionEvent::Restored(down_for));
     }
 

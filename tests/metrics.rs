@@ -1,0 +1,137 @@
+//! The metrics, scraped from the Prometheus recorder after known traffic (feature
+//! `prometheus`; the recorder is the process's, so this file is its own test binary).
+
+mod common;
+
+use kiwimq::{Broadcast, BroadcastFilter, BroadcastOptions, HandlerError, Rpc, Settings, Task};
+
+use common::{SOON, eventually, seen};
+
+/// The value of the sample `name{labels…}` in a Prometheus text page (labels in any order).
+fn sample(page: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    page.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .find(|line| {
+            labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
+#[actix::test]
+async fn counts_match_known_traffic() {
+    let handle = kiwimq::metrics::install_prometheus().unwrap();
+    let settings = Settings::new(format!("mem://metrics-{}", uuid::Uuid::new_v4()));
+    let worker = settings.clone().connect().await.unwrap();
+    let client = settings.connect().await.unwrap();
+    let queue = worker.task_queue("metered");
+    queue
+        .add_task_subscriber(|t: Task<i64>| async move {
+            if t.body < 0 {
+                return Err(HandlerError::failed("negative"));
+            }
+            Ok(t.body * 2)
+        })
+        .await
+        .unwrap();
+    worker
+        .add_rpc_subscriber(Some("echo"), |r: Rpc<String>| async move { Ok(r.body) })
+        .await
+        .unwrap();
+    let heard = seen::<()>();
+    let log = heard.clone();
+    worker
+        .add_broadcast_subscriber(BroadcastFilter::new(), move |_: Broadcast<String>| {
+            log.lock().unwrap().push(());
+            async { Ok(()) }
+        })
+        .await
+        .unwrap();
+
+    let tasks = client.task_queue("metered");
+    for n in [1i64, 2, -3] {
+        let _ = tasks.task_send::<_, i64>(&n).await.unwrap().await;
+    }
+    for _ in 0..2 {
+        let reply: String = client.rpc_send("echo", "hi").await.unwrap().await.unwrap();
+        assert_eq!(reply, "hi");
+    }
+    client
+        .broadcast_send(&"news".to_owned(), BroadcastOptions::subject("s"))
+        .await
+        .unwrap();
+    eventually(SOON, "the broadcast heard", || {
+        heard.lock().unwrap().len() == 1
+    })
+    .await;
+
+    let page = handle.render();
+    let task = [("kind", "task"), ("queue", "metered")];
+    assert_eq!(
+        sample(&page, "kiwimq_messages_sent_total", &task),
+        Some(3.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "kiwimq_messages_confirmed_total", &task),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&page, "kiwimq_messages_delivered_total", &task),
+        Some(3.0)
+    );
+    // A failed handler is an answer: the task is acknowledged.
+    assert_eq!(sample(&page, "kiwimq_tasks_acked_total", &task), Some(3.0));
+    let rpc = [("kind", "rpc")];
+    assert_eq!(sample(&page, "kiwimq_messages_sent_total", &rpc), Some(2.0));
+    assert_eq!(
+        sample(&page, "kiwimq_messages_delivered_total", &rpc),
+        Some(2.0)
+    );
+    let broadcast = [("kind", "broadcast")];
+    assert_eq!(
+        sample(&page, "kiwimq_messages_sent_total", &broadcast),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&page, "kiwimq_messages_delivered_total", &broadcast),
+        Some(1.0)
+    );
+    // Five replies: three task results, two RPC results.
+    assert_eq!(
+        sample(&page, "kiwimq_messages_sent_total", &[("kind", "reply")]),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample(&page, "kiwimq_subscribers", &[("kind", "task")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&page, "kiwimq_subscribers", &[("kind", "rpc")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&page, "kiwimq_tasks_running", &[("kind", "task")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&page, "kiwimq_results_pending", &[("kind", "task")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&page, "kiwimq_round_trip_seconds_count", &[("kind", "rpc")]),
+        Some(2.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "kiwimq_handler_seconds_count", &[("kind", "task")]),
+        Some(3.0)
+    );
+    worker.close().await.unwrap();
+    client.close().await.unwrap();
+}
