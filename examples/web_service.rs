@@ -79,14 +79,16 @@ fn config(reason: String) -> kiwimq::Error {
     kiwimq::Error::new(ErrorKind::Config(reason))
 }
 
-fn json_body(bytes: &[u8]) -> Result<Value, HttpResponse> {
+/// A request body as a value (none is null); what is wrong with it otherwise.
+fn json_body(bytes: &[u8]) -> Result<Value, String> {
     if bytes.is_empty() {
         return Ok(Value::Nil);
     }
-    serde_json::from_slice(bytes).map_err(|error| {
-        HttpResponse::BadRequest()
-            .json(json!({ "error": format!("the body is not JSON: {error}") }))
-    })
+    serde_json::from_slice(bytes).map_err(|error| format!("the body is not JSON: {error}"))
+}
+
+fn bad_request(error: String) -> HttpResponse {
+    HttpResponse::BadRequest().json(json!({ "error": error }))
 }
 
 async fn send_task(
@@ -96,7 +98,7 @@ async fn send_task(
 ) -> HttpResponse {
     let body = match json_body(&body) {
         Ok(body) => body,
-        Err(response) => return response,
+        Err(error) => return bad_request(error),
     };
     let queue = match &service.queue {
         Some(name) => service.comm.task_queue(name.clone()),
@@ -151,7 +153,7 @@ async fn call(
 ) -> HttpResponse {
     let body = match json_body(&body) {
         Ok(body) => body,
-        Err(response) => return response,
+        Err(error) => return bad_request(error),
     };
     let reply = match service.comm.rpc_send::<_, Value>(&id, &body).await {
         Ok(reply) => reply.with_timeout(Some(service.timeout)),
