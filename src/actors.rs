@@ -63,6 +63,8 @@ impl Link {
             body,
             correlation_id,
             persistent: exchange == Exchange::Tasks,
+            // Sent by the handling of the request: its span is the reply's parent.
+            traceparent: crate::trace::TraceContext::current().map(|c| c.traceparent()),
             ..Outgoing::default()
         };
         crate::metrics::count(crate::metrics::SENT, "reply");

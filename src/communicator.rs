@@ -11,6 +11,8 @@ use actix::{Actor, Addr};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use tracing::Instrument;
+
 use crate::actors::Link;
 use crate::actors::broadcast_hub::{self, BroadcastHub, broadcast_fn};
 use crate::actors::replies::{Replies, ReplyFuture};
@@ -303,7 +305,9 @@ impl Communicator {
         inner.check_open()?;
         let body = inner.link.codec.encode(body)?;
         let correlation_id = new_id();
-        tracing::debug!(%identifier, %correlation_id, "sending RPC");
+        let trace = crate::trace::for_send();
+        let span = crate::trace::send_span("rpc", identifier, Some(&correlation_id), &trace);
+        tracing::debug!(parent: &span, %identifier, %correlation_id, "sending RPC");
         let reply = inner.replies.expect(
             correlation_id.clone(),
             inner.link.codec,
@@ -316,11 +320,13 @@ impl Communicator {
             reply_to: Some(inner.message_reply_queue.clone()),
             persistent: false,
             mandatory: true,
+            traceparent: Some(trace.traceparent()),
         };
         let sent = inner
             .link
             .transport
             .publish(Route::Rpc(identifier.to_owned()), message)
+            .instrument(span)
             .await;
         crate::metrics::published("rpc", None, sent.is_ok());
         sent?;
@@ -420,14 +426,18 @@ impl Communicator {
             correlation_id: options.correlation_id,
         };
         let body = inner.link.codec.encode_broadcast(envelope)?;
+        let trace = crate::trace::for_send();
+        let span = crate::trace::send_span("broadcast", "[broadcast]", None, &trace);
         let message = Outgoing {
             body,
+            traceparent: Some(trace.traceparent()),
             ..Outgoing::default()
         };
         let sent = inner
             .link
             .transport
             .publish(Route::Broadcast, message)
+            .instrument(span)
             .await;
         crate::metrics::published("broadcast", None, sent.is_ok());
         sent

@@ -113,6 +113,7 @@ pub use messages::{Broadcast, HandlerError, Rpc, Task};
 pub use queue::{PulledTask, QueueStats, TaskQueue};
 
 pub mod metrics;
+pub mod trace;
 pub use settings::Settings;
 
 /// A body of any shape — a Python dict of anything, say — for senders and subscribers that

@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use crate::Value;
 use crate::codec::envelope::plain_text;
 use crate::panics::PanicWatch;
+use crate::trace::{TraceContext, Traced};
 
 /// A task delivered to a task subscriber. The handler's `Ok` value is the task's result,
 /// sent back to the sender; `Err` is either a failure (the sender gets
@@ -27,6 +28,7 @@ pub struct Task<T, R = T> {
     pub redelivered: bool,
     /// The sender's correlation id, when it expects a reply.
     pub correlation_id: Option<String>,
+    pub(crate) trace: Option<TraceContext>,
     pub(crate) result: PhantomData<fn() -> R>,
     /// Tells the dispatcher whether this task was dropped by its handler's panic (it
     /// works by being dropped: never read).
@@ -35,6 +37,21 @@ pub struct Task<T, R = T> {
 
 impl<T: 'static, R: 'static> Message for Task<T, R> {
     type Result = Result<R, HandlerError>;
+}
+
+impl<T, R> Task<T, R> {
+    /// The trace this task's handling is part of (see [`crate::trace`]): a closure
+    /// subscriber's sends continue it by themselves; an actor's with
+    /// [`trace::scope`](crate::trace::scope).
+    pub fn trace(&self) -> Option<TraceContext> {
+        self.trace
+    }
+}
+
+impl<T, R> Traced for Task<T, R> {
+    fn trace_context(&self) -> Option<TraceContext> {
+        self.trace
+    }
 }
 
 impl<T: fmt::Debug, R> fmt::Debug for Task<T, R> {
@@ -55,6 +72,7 @@ pub struct Rpc<T, R = T> {
     pub body: T,
     /// The caller's correlation id.
     pub correlation_id: Option<String>,
+    pub(crate) trace: Option<TraceContext>,
     pub(crate) result: PhantomData<fn() -> R>,
     /// Tells the endpoint whether this request was dropped by its handler's panic (it
     /// works by being dropped: never read).
@@ -63,6 +81,25 @@ pub struct Rpc<T, R = T> {
 
 impl<T: 'static, R: 'static> Message for Rpc<T, R> {
     type Result = Result<R, HandlerError>;
+}
+
+impl<T, R> Rpc<T, R> {
+    /// The trace this request's handling is part of (see [`crate::trace`]).
+    pub fn trace(&self) -> Option<TraceContext> {
+        self.trace
+    }
+}
+
+impl<T, R> Traced for Rpc<T, R> {
+    fn trace_context(&self) -> Option<TraceContext> {
+        self.trace
+    }
+}
+
+impl<T> Traced for Broadcast<T> {
+    fn trace_context(&self) -> Option<TraceContext> {
+        None
+    }
 }
 
 impl<T: fmt::Debug, R> fmt::Debug for Rpc<T, R> {

@@ -9,6 +9,8 @@ use futures::Stream;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use tracing::Instrument;
+
 use crate::actors::replies::ReplyFuture;
 use crate::actors::task_queue::{self, task_fn};
 use crate::actors::{Link, encode_reply, exception_reply};
@@ -85,6 +87,7 @@ impl TaskQueue {
                 reply_to: delivery.reply_to.clone(),
                 persistent: true,
                 mandatory: true,
+                traceparent: delivery.traceparent.clone(),
             };
             // On failure the delivery is dropped unsettled: back to the dead-letter queue.
             transport
@@ -140,18 +143,22 @@ impl TaskQueue {
         inner.check_open()?;
         let body = inner.link.codec.encode(&(body, no_reply))?;
         inner.declare_once(&self.name).await?;
-        tracing::debug!(queue = %self.name, %correlation_id, no_reply, "sending task");
+        let trace = crate::trace::for_send();
+        let span = crate::trace::send_span("task", &self.name, Some(&correlation_id), &trace);
+        tracing::debug!(parent: &span, queue = %self.name, %correlation_id, no_reply, "sending task");
         let message = Outgoing {
             body,
             correlation_id: Some(correlation_id),
             reply_to: (!no_reply).then(|| inner.task_reply_queue.clone()),
             persistent: true,
             mandatory: true,
+            traceparent: Some(trace.traceparent()),
         };
         let sent = inner
             .link
             .transport
             .publish(Route::Task(self.name.clone()), message)
+            .instrument(span)
             .await;
         crate::metrics::published("task", Some(&self.name), sent.is_ok());
         sent
@@ -322,6 +329,7 @@ impl<T: DeserializeOwned> PulledTask<T> {
             reply_to,
             redelivered,
             acker,
+            ..
         } = delivery;
         match link.codec.decode::<TaskEnvelope<T>>(&body) {
             Ok((body, no_reply)) => Ok(Self {

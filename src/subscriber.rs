@@ -18,6 +18,7 @@ use crate::events::ConnectionEvent;
 use crate::messages::HandlerError;
 use crate::panics::{PanicNotice, payload_text};
 use crate::supervisor::Tally;
+use crate::trace::Traced;
 
 /// Anything that can receive a subscription's messages of type `M`: an actor's [`Addr`], a
 /// [`Recipient`], a closure `FnMut(M) -> impl Future<Output = M::Result>`, or
@@ -210,7 +211,7 @@ where
 
 impl<M, R, F, Fut> IntoSubscriber<M> for F
 where
-    M: Message<Result = Result<R, HandlerError>> + Send + 'static,
+    M: Message<Result = Result<R, HandlerError>> + Traced + Send + 'static,
     R: Send + 'static,
     F: FnMut(M) -> Fut + Send + 'static,
     Fut: Future<Output = M::Result> + 'static,
@@ -236,7 +237,7 @@ impl<F: 'static> Actor for FnActor<F> {
 
 impl<M, R, F, Fut> Handler<M> for FnActor<F>
 where
-    M: Message<Result = Result<R, HandlerError>> + 'static,
+    M: Message<Result = Result<R, HandlerError>> + Traced + 'static,
     R: 'static,
     F: FnMut(M) -> Fut + 'static,
     Fut: Future<Output = M::Result> + 'static,
@@ -245,10 +246,19 @@ where
 
     fn handle(&mut self, message: M, _: &mut Context<Self>) -> Self::Result {
         let f = &mut self.f;
+        let trace = message.trace_context();
         match std::panic::catch_unwind(AssertUnwindSafe(|| f(message))) {
-            Ok(future) => Box::pin(AssertUnwindSafe(future).catch_unwind().map(|outcome| {
-                outcome.unwrap_or_else(|panic| Err(HandlerError::panicked(&payload_text(&*panic))))
-            })),
+            Ok(future) => {
+                let answer = AssertUnwindSafe(future).catch_unwind().map(|outcome| {
+                    outcome
+                        .unwrap_or_else(|panic| Err(HandlerError::panicked(&payload_text(&*panic))))
+                });
+                // What the handler sends continues the message's trace.
+                match trace {
+                    Some(trace) => Box::pin(crate::trace::scope(trace, answer)),
+                    None => Box::pin(answer),
+                }
+            }
             Err(panic) => {
                 let text = payload_text(&*panic);
                 Box::pin(async move { Err(HandlerError::panicked(&text)) })

@@ -65,6 +65,8 @@ pub(crate) struct Outgoing {
     pub(crate) persistent: bool,
     /// Fails with `Unroutable` when no queue takes it.
     pub(crate) mandatory: bool,
+    /// The W3C trace context to carry (the AMQP header `traceparent`).
+    pub(crate) traceparent: Option<String>,
 }
 
 impl Outgoing {
@@ -91,6 +93,8 @@ pub(crate) struct Delivery {
     pub(crate) correlation_id: Option<String>,
     pub(crate) reply_to: Option<String>,
     pub(crate) redelivered: bool,
+    /// The sender's W3C trace context (the AMQP header `traceparent`), if it sent one.
+    pub(crate) traceparent: Option<String>,
     pub(crate) acker: Acker,
 }
 

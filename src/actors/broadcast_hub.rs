@@ -7,6 +7,7 @@ use actix::prelude::*;
 use futures::FutureExt;
 use futures::future::{self, BoxFuture};
 use serde::de::{DeserializeOwned, IgnoredAny};
+use tracing::Instrument;
 
 use crate::Codec;
 use crate::codec::envelope::{BroadcastEnvelope, plain_text};
@@ -223,7 +224,15 @@ impl StreamHandler<Delivery> for BroadcastHub {
             .iter()
             .map(|(_, handler)| handler(bytes.clone()))
             .collect();
-        actix::spawn(future::join_all(handlers).map(|_| ()));
+        let (trace, span) = crate::trace::handle_span(
+            "broadcast",
+            &self.queue,
+            None,
+            false,
+            delivery.traceparent.as_deref(),
+        );
+        let handling = future::join_all(handlers).map(|_| ());
+        actix::spawn(crate::trace::scope(trace, handling).instrument(span));
     }
 
     fn finished(&mut self, _: &mut Context<Self>) {}

@@ -9,6 +9,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 use super::{Link, encode_reply, exception_reply};
 use crate::Codec;
@@ -50,6 +51,7 @@ where
             let request = Rpc {
                 body,
                 correlation_id,
+                trace: crate::trace::TraceContext::current(),
                 result: PhantomData,
                 _watch: watch,
             };
@@ -161,14 +163,22 @@ impl StreamHandler<Delivery> for RpcEndpoint {
             body,
             correlation_id,
             reply_to,
+            traceparent,
             ..
         } = delivery;
+        let (trace, span) = crate::trace::handle_span(
+            "rpc",
+            &self.identifier,
+            correlation_id.as_deref(),
+            false,
+            traceparent.as_deref(),
+        );
         tracing::debug!(identifier = %self.identifier, ?correlation_id, "RPC received");
         crate::metrics::count(crate::metrics::DELIVERED, "rpc");
         let answer = (self.handler)(body, correlation_id.clone());
         let link = self.link.clone();
         let identifier = self.identifier.clone();
-        actix::spawn(async move {
+        let answering = async move {
             let bytes = answer.await;
             let Some(reply_to) = reply_to else {
                 tracing::warn!(%identifier, ?correlation_id, "RPC without reply_to: the reply is dropped");
@@ -180,7 +190,8 @@ impl StreamHandler<Delivery> for RpcEndpoint {
             {
                 tracing::warn!(%identifier, %error, "RPC reply failed");
             }
-        });
+        };
+        actix::spawn(crate::trace::scope(trace, answering).instrument(span));
     }
 
     /// A cancelled consumer's stream ends; the endpoint stops once nobody holds its

@@ -10,6 +10,7 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::{Link, encode_reply, exception_reply};
 use crate::Codec;
@@ -73,6 +74,7 @@ where
                 body,
                 redelivered: input.redelivered,
                 correlation_id: input.correlation_id,
+                trace: crate::trace::TraceContext::current(),
                 result: PhantomData,
                 _watch: watch,
             };
@@ -334,10 +336,18 @@ impl StreamHandler<Delivery> for TaskQueue {
         let running = Running::start(&self.running);
         let first = self.turn;
         self.turn = self.turn.wrapping_add(1);
-        actix::spawn(async move {
+        let (trace, span) = crate::trace::handle_span(
+            "task",
+            &self.queue,
+            delivery.correlation_id.as_deref(),
+            delivery.redelivered,
+            delivery.traceparent.as_deref(),
+        );
+        let handling = async move {
             dispatch(delivery, subscribers, first, link, queue, me).await;
             drop(running);
-        });
+        };
+        actix::spawn(crate::trace::scope(trace, handling).instrument(span));
     }
 
     /// A cancelled consumer's stream ends; the actor lives on for the next one.
@@ -359,6 +369,7 @@ async fn dispatch(
         reply_to,
         redelivered,
         acker,
+        ..
     } = delivery;
     tracing::debug!(%queue, ?correlation_id, redelivered, "task received");
     let input = TaskInput {

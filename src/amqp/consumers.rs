@@ -469,9 +469,17 @@ pub(super) fn consumer_ended(shared: &Weak<Shared>, tag: &str, guard: &Arc<Consu
 
 pub(super) fn convert(delivery: lapin::message::Delivery, acker: Option<AmqpAck>) -> Delivery {
     let properties = &delivery.properties;
+    let traceparent = properties.headers().as_ref().and_then(|headers| {
+        match headers.inner().get("traceparent")? {
+            lapin::types::AMQPValue::LongString(text) => Some(text.to_string()),
+            lapin::types::AMQPValue::ShortString(text) => Some(text.to_string()),
+            _ => None,
+        }
+    });
     Delivery {
         correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
         reply_to: properties.reply_to().as_ref().map(|s| s.to_string()),
+        traceparent,
         redelivered: delivery.redelivered,
         body: delivery.data.into(),
         acker: acker.map_or_else(Acker::auto, Acker::new),

@@ -224,6 +224,14 @@ pub(super) fn properties(message: &Outgoing) -> BasicProperties {
     if message.persistent {
         properties = properties.with_delivery_mode(2);
     }
+    if let Some(traceparent) = &message.traceparent {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            "traceparent".into(),
+            lapin::types::AMQPValue::LongString(traceparent.as_str().into()),
+        );
+        properties = properties.with_headers(headers);
+    }
     properties
 }
 

@@ -21,6 +21,7 @@ struct Stored {
     body: bytes::Bytes,
     correlation_id: Option<String>,
     reply_to: Option<String>,
+    traceparent: Option<String>,
     redelivered: bool,
     /// How often it came back unfinished.
     returns: u32,
@@ -44,12 +45,12 @@ impl Sink {
     }
 
     /// Hands `delivery` over; gives it back if the reader went away.
-    fn send(&self, delivery: Delivery) -> std::result::Result<(), Delivery> {
+    fn send(&self, delivery: Delivery) -> Option<Delivery> {
         match self {
-            Sink::Channel(tx) => tx.unbounded_send(delivery).map_err(|e| e.into_inner()),
+            Sink::Channel(tx) => tx.unbounded_send(delivery).err().map(|e| e.into_inner()),
             Sink::Direct(deliver) => {
                 deliver(delivery);
-                Ok(())
+                None
             }
         }
     }
@@ -204,6 +205,7 @@ impl Broker {
             body: message.body.into(),
             correlation_id: message.correlation_id,
             reply_to: message.reply_to,
+            traceparent: message.traceparent,
             redelivered: false,
             returns: 0,
         };
@@ -426,7 +428,7 @@ impl Broker {
                 queue.consumers[index].in_flight += 1;
                 (delivery, Some(id))
             };
-            if let Err(delivery) = queue.consumers[index].sink.send(delivery) {
+            if let Some(delivery) = queue.consumers[index].sink.send(delivery) {
                 // The reader went away between the check above and now. Its delivery's
                 // acker would take our lock to requeue: settle by hand instead.
                 queue.consumers.remove(index);
@@ -437,6 +439,7 @@ impl Broker {
                         body: delivery.body,
                         correlation_id: delivery.correlation_id,
                         reply_to: delivery.reply_to,
+                        traceparent: delivery.traceparent,
                         redelivered: false,
                         returns: 0,
                     }),
@@ -476,6 +479,7 @@ impl Broker {
             body: message.body,
             correlation_id: message.correlation_id,
             reply_to: message.reply_to,
+            traceparent: message.traceparent,
             redelivered: message.redelivered,
             acker,
         }

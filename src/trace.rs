@@ -1,0 +1,183 @@
+//! Traces across processes: every send and every handled message is a `tracing` span, and
+//! the W3C trace context (`traceparent`) rides in the AMQP headers from sender to worker to
+//! reply, so that one trace spans them all — across kiwimq processes (kiwiPy peers ignore
+//! the header).
+//!
+//! A message sent while a closure subscriber handles one continues that message's trace;
+//! an actor subscriber continues it with [`scope`] and the message's
+//! [`trace`](crate::Task::trace). Otherwise a send starts a trace.
+//!
+//! The spans (`kiwimq.send`, `kiwimq.handle`) carry `trace_id`, `span_id` and `parent_id`
+//! in W3C's hexadecimal, to follow one task through the logs of several processes.
+
+use std::fmt;
+use std::future::Future;
+
+tokio::task_local! {
+    static CURRENT: TraceContext;
+}
+
+/// The W3C trace context of one span: its trace and its own id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceContext {
+    trace_id: u128,
+    span_id: u64,
+}
+
+impl TraceContext {
+    /// A span of a new trace.
+    pub fn new_trace() -> Self {
+        Self {
+            trace_id: nonzero(|| uuid::Uuid::new_v4().as_u128()),
+            span_id: new_span_id(),
+        }
+    }
+
+    /// A new span in the same trace.
+    pub fn child(&self) -> Self {
+        Self {
+            trace_id: self.trace_id,
+            span_id: new_span_id(),
+        }
+    }
+
+    /// The trace's id, 32 hexadecimal digits.
+    pub fn trace_id(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+
+    /// This span's id, 16 hexadecimal digits.
+    pub fn span_id(&self) -> String {
+        format!("{:016x}", self.span_id)
+    }
+
+    /// The `traceparent` header: `00-<trace id>-<span id>-01`.
+    pub fn traceparent(&self) -> String {
+        format!("00-{:032x}-{:016x}-01", self.trace_id, self.span_id)
+    }
+
+    /// Reads a `traceparent` header; `None` if it is not one (a malformed header from a
+    /// peer starts a new trace rather than failing the message).
+    pub fn parse(header: &str) -> Option<Self> {
+        let mut parts = header.trim().split('-');
+        let (version, trace, span, _flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 {
+            return None;
+        }
+        let trace_id = u128::from_str_radix(trace, 16).ok()?;
+        let span_id = u64::from_str_radix(span, 16).ok()?;
+        (trace_id != 0 && span_id != 0).then_some(Self { trace_id, span_id })
+    }
+
+    /// The context of the message being handled in this task, if any (see [`scope`]).
+    pub fn current() -> Option<Self> {
+        CURRENT.try_with(|current| *current).ok()
+    }
+}
+
+impl fmt::Display for TraceContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.traceparent())
+    }
+}
+
+fn nonzero<T: Default + PartialEq>(mut random: impl FnMut() -> T) -> T {
+    loop {
+        let value = random();
+        if value != T::default() {
+            return value;
+        }
+    }
+}
+
+fn new_span_id() -> u64 {
+    nonzero(|| uuid::Uuid::new_v4().as_u64_pair().0)
+}
+
+/// A message that may carry a trace context, so that a closure subscriber's handling runs
+/// inside it. Implemented by [`Task`](crate::Task), [`Rpc`](crate::Rpc) and
+/// [`Broadcast`](crate::Broadcast).
+#[doc(hidden)]
+pub trait Traced {
+    /// The message's trace context, if it has one.
+    fn trace_context(&self) -> Option<TraceContext>;
+}
+
+/// Runs `future` as part of the trace `context`: messages it sends continue that trace.
+pub async fn scope<F: Future>(context: TraceContext, future: F) -> F::Output {
+    CURRENT.scope(context, future).await
+}
+
+/// The context of a send: a child of the current one, or a new trace.
+pub(crate) fn for_send() -> TraceContext {
+    TraceContext::current().map_or_else(TraceContext::new_trace, |parent| parent.child())
+}
+
+/// The span of a send.
+pub(crate) fn send_span(
+    kind: &'static str,
+    target: &str,
+    correlation_id: Option<&str>,
+    context: &TraceContext,
+) -> tracing::Span {
+    let parent = TraceContext::current().map(|p| p.span_id());
+    tracing::debug_span!(
+        "kiwimq.send",
+        kind,
+        target,
+        correlation_id,
+        trace_id = %context.trace_id(),
+        span_id = %context.span_id(),
+        parent_id = parent.as_deref(),
+    )
+}
+
+/// The context and span of handling a delivery that carried `traceparent`.
+pub(crate) fn handle_span(
+    kind: &'static str,
+    target: &str,
+    correlation_id: Option<&str>,
+    redelivered: bool,
+    traceparent: Option<&str>,
+) -> (TraceContext, tracing::Span) {
+    let parent = traceparent.and_then(TraceContext::parse);
+    let context = parent.map_or_else(TraceContext::new_trace, |p| p.child());
+    let span = tracing::debug_span!(
+        "kiwimq.handle",
+        kind,
+        target,
+        correlation_id,
+        redelivered,
+        trace_id = %context.trace_id(),
+        span_id = %context.span_id(),
+        parent_id = parent.map(|p| p.span_id()).as_deref(),
+    );
+    (context, span)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_traceparent_reads_back_and_bad_ones_are_refused() {
+        let context = TraceContext::new_trace();
+        assert_eq!(TraceContext::parse(&context.traceparent()), Some(context));
+        let child = context.child();
+        assert_eq!(child.trace_id(), context.trace_id());
+        assert_ne!(child.span_id(), context.span_id());
+        let w3c = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let parsed = TraceContext::parse(w3c).unwrap();
+        assert_eq!(parsed.traceparent(), w3c);
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-xyz-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceContext::parse(bad), None, "{bad}");
+        }
+    }
+}
