@@ -10,7 +10,8 @@
 //! `cargo bench --bench amqp`. Broker: `KIWIMQ_URL` (an `amqp://` URI) or the local RabbitMQ. Sizes:
 //! `KIWIMQ_BENCH_PUBLISH`, `_CONSUME`, `_PULL`, `_ROUNDTRIPS`, `_CONCURRENT`, `_SENDERS`,
 //! `_RPC`, `_BROADCASTS`, `_BROADCASTS10`, `_PENDING`, `_MANY`, `_ROUNDS`. Prints a table and writes
-//! `target/kiwimq-bench.json`.
+//! `target/kiwimq-bench.json`. `KIWIMQ_BENCH_METRICS=1` with `--features prometheus` measures
+//! kiwimq with its metrics recorded.
 
 mod common;
 
@@ -1045,6 +1046,15 @@ fn broker_version() -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // With metrics on, kiwimq pays for them (a Prometheus recorder is installed); lapin
+    // has none.
+    #[cfg(feature = "prometheus")]
+    let metrics = std::env::var("KIWIMQ_BENCH_METRICS").is_ok_and(|v| v == "1");
+    #[cfg(feature = "prometheus")]
+    if metrics {
+        kiwimq::metrics::install_prometheus().expect("the Prometheus recorder installs");
+        println!("metrics on: kiwimq records into a Prometheus recorder");
+    }
     let sizes = Sizes::from_env();
     let names = Names::new();
     let kiwimq = Kiwimq::new(&names);
