@@ -64,7 +64,7 @@ impl Link {
             correlation_id,
             persistent: exchange == Exchange::Tasks,
             // Sent by the handling of the request: its span is the reply's parent.
-            traceparent: crate::trace::TraceContext::current().map(|c| c.traceparent()),
+            traceparent: crate::trace::TraceContext::current(),
             ..Outgoing::default()
         };
         crate::metrics::count(crate::metrics::SENT, "reply");

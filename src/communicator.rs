@@ -104,6 +104,8 @@ pub(crate) struct Inner {
     /// Restarts and subscribers lost, for [`Communicator::health`].
     pub(crate) tally: Tally,
     pub(crate) replies: Arc<Replies>,
+    /// The default task queue's name, shared by every handle on it.
+    pub(crate) default_queue: Arc<str>,
     /// Reply queues, one per exchange, as kiwiPy's publishers have.
     pub(crate) task_reply_queue: String,
     pub(crate) message_reply_queue: String,
@@ -167,6 +169,7 @@ impl Communicator {
         );
         let supervisor = Supervisor::start_in_arbiter(supervision.arbiter(), move |_| supervisor);
         let inner = Inner {
+            default_queue: settings.task_queue.as_str().into(),
             settings,
             link,
             runtime,
@@ -241,12 +244,12 @@ impl Communicator {
 
     /// A handle on the named task queue (declared on first use).
     pub fn task_queue(&self, name: impl Into<String>) -> TaskQueue {
-        TaskQueue::new(self.inner.clone(), name.into())
+        TaskQueue::new(self.inner.clone(), name.into().into())
     }
 
     /// The default task queue (`kiwipy.tasks` unless configured).
     pub fn default_task_queue(&self) -> TaskQueue {
-        self.task_queue(self.inner.settings.task_queue.clone())
+        TaskQueue::new(self.inner.clone(), self.inner.default_queue.clone())
     }
 
     /// Sends a task to the default queue. Resolves once the broker accepted it, with a
@@ -320,7 +323,7 @@ impl Communicator {
             reply_to: Some(inner.message_reply_queue.clone()),
             persistent: false,
             mandatory: true,
-            traceparent: Some(trace.traceparent()),
+            traceparent: Some(trace),
         };
         let sent = inner
             .link
@@ -430,7 +433,7 @@ impl Communicator {
         let span = crate::trace::send_span("broadcast", "[broadcast]", None, &trace);
         let message = Outgoing {
             body,
-            traceparent: Some(trace.traceparent()),
+            traceparent: Some(trace),
             ..Outgoing::default()
         };
         let sent = inner

@@ -3,6 +3,7 @@
 //! [`install_prometheus`]) receives them; without one they cost a check each.
 //!
 //! Counters carry `kind` (`task`, `rpc`, `broadcast`, `reply`) and, for tasks, `queue`.
+//! Install the recorder before connecting: kiwimq keeps some handles it registers.
 //!
 //! | name | type | meaning |
 //! |---|---|---|
@@ -22,6 +23,7 @@
 //! | `kiwimq_handler_seconds` | histogram | time in a subscriber's handler, by `kind` |
 //! | `kiwimq_round_trip_seconds` | histogram | from sending a task or RPC to its result, by `kind` |
 
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Messages handed to the broker.
@@ -56,17 +58,89 @@ pub const HANDLER_SECONDS: &str = "kiwimq_handler_seconds";
 pub const ROUND_TRIP_SECONDS: &str = "kiwimq_round_trip_seconds";
 
 /// A task counter for `queue`.
-pub(crate) fn task(name: &'static str, queue: &str) {
-    ::metrics::counter!(name, "kind" => "task", "queue" => queue.to_owned()).increment(1);
+pub(crate) fn task(name: &'static str, queue: &Arc<str>) {
+    ::metrics::counter!(name, "kind" => "task", "queue" => queue.clone()).increment(1);
+}
+
+/// The metrics labelled by kind alone, registered once per process (at first use: the
+/// recorder must be installed before).
+struct KindMeters {
+    sent: ::metrics::Counter,
+    confirmed: ::metrics::Counter,
+    delivered: ::metrics::Counter,
+    undecodable: ::metrics::Counter,
+    pending: ::metrics::Gauge,
+    subscribers: ::metrics::Gauge,
+    handler: ::metrics::Histogram,
+    round_trip: ::metrics::Histogram,
+}
+
+const KINDS: [&str; 4] = ["task", "rpc", "broadcast", "reply"];
+
+fn kind_meters(kind: &'static str) -> &'static KindMeters {
+    static ALL: std::sync::OnceLock<Vec<KindMeters>> = std::sync::OnceLock::new();
+    let all = ALL.get_or_init(|| {
+        KINDS
+            .iter()
+            .map(|&kind| KindMeters {
+                sent: ::metrics::counter!(SENT, "kind" => kind),
+                confirmed: ::metrics::counter!(CONFIRMED, "kind" => kind),
+                delivered: ::metrics::counter!(DELIVERED, "kind" => kind),
+                undecodable: ::metrics::counter!(UNDECODABLE, "kind" => kind),
+                pending: ::metrics::gauge!(RESULTS_PENDING, "kind" => kind),
+                subscribers: ::metrics::gauge!(SUBSCRIBERS, "kind" => kind),
+                handler: ::metrics::histogram!(HANDLER_SECONDS, "kind" => kind),
+                round_trip: ::metrics::histogram!(ROUND_TRIP_SECONDS, "kind" => kind),
+            })
+            .collect()
+    });
+    &all[KINDS.iter().position(|k| *k == kind).unwrap_or(0)]
 }
 
 /// A counter of `kind` (tasks: give the queue with [`task`]).
 pub(crate) fn count(name: &'static str, kind: &'static str) {
-    ::metrics::counter!(name, "kind" => kind).increment(1);
+    let meters = kind_meters(kind);
+    match name {
+        SENT => meters.sent.increment(1),
+        CONFIRMED => meters.confirmed.increment(1),
+        DELIVERED => meters.delivered.increment(1),
+        UNDECODABLE => meters.undecodable.increment(1),
+        _ => ::metrics::counter!(name, "kind" => kind).increment(1),
+    }
+}
+
+/// The counters of one task queue's consumer, registered once: a delivery then costs an
+/// increment, not a key to build and look up. Registered before the program installs its
+/// recorder, they record nothing: install it before connecting.
+pub(crate) struct QueueMeters {
+    pub(crate) delivered: ::metrics::Counter,
+    pub(crate) redelivered: ::metrics::Counter,
+    pub(crate) acked: ::metrics::Counter,
+    pub(crate) rejected: ::metrics::Counter,
+    pub(crate) requeued: ::metrics::Counter,
+    pub(crate) dead_lettered: ::metrics::Counter,
+    pub(crate) undecodable: ::metrics::Counter,
+    pub(crate) running: ::metrics::Gauge,
+}
+
+impl QueueMeters {
+    pub(crate) fn new(queue: &Arc<str>) -> Self {
+        let counter = |name: &'static str| ::metrics::counter!(name, "kind" => "task", "queue" => queue.clone());
+        Self {
+            delivered: counter(DELIVERED),
+            redelivered: counter(REDELIVERED),
+            acked: counter(ACKED),
+            rejected: counter(REJECTED),
+            requeued: counter(REQUEUED),
+            dead_lettered: counter(DEAD_LETTERED),
+            undecodable: counter(UNDECODABLE),
+            running: ::metrics::gauge!(TASKS_RUNNING, "kind" => "task"),
+        }
+    }
 }
 
 /// A message sent and, if `confirmed`, confirmed.
-pub(crate) fn published(kind: &'static str, queue: Option<&str>, confirmed: bool) {
+pub(crate) fn published(kind: &'static str, queue: Option<&Arc<str>>, confirmed: bool) {
     for (name, happened) in [(SENT, true), (CONFIRMED, confirmed)] {
         if !happened {
             continue;
@@ -80,12 +154,23 @@ pub(crate) fn published(kind: &'static str, queue: Option<&str>, confirmed: bool
 
 /// Moves a gauge of `kind` by `delta`.
 pub(crate) fn gauge(name: &'static str, kind: &'static str, delta: f64) {
-    ::metrics::gauge!(name, "kind" => kind).increment(delta);
+    let meters = kind_meters(kind);
+    match name {
+        RESULTS_PENDING => meters.pending.increment(delta),
+        SUBSCRIBERS => meters.subscribers.increment(delta),
+        _ => ::metrics::gauge!(name, "kind" => kind).increment(delta),
+    }
 }
 
 /// Records the time since `since` in a histogram of `kind`.
 pub(crate) fn elapsed(name: &'static str, kind: &'static str, since: Instant) {
-    ::metrics::histogram!(name, "kind" => kind).record(since.elapsed().as_secs_f64());
+    let seconds = since.elapsed().as_secs_f64();
+    let meters = kind_meters(kind);
+    match name {
+        HANDLER_SECONDS => meters.handler.record(seconds),
+        ROUND_TRIP_SECONDS => meters.round_trip.record(seconds),
+        _ => ::metrics::histogram!(name, "kind" => kind).record(seconds),
+    }
 }
 
 /// Installs a Prometheus recorder for the whole process (once; later calls return the same

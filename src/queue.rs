@@ -26,12 +26,13 @@ use crate::transport::{Acker, Delivery, Exchange, Outcome, Outgoing, Route};
 #[derive(Clone)]
 pub struct TaskQueue {
     inner: Arc<Inner>,
-    name: String,
+    /// Shared with the metrics' labels: naming the queue in each costs a count.
+    name: Arc<str>,
     prefetch: Option<u16>,
 }
 
 impl TaskQueue {
-    pub(crate) fn new(inner: Arc<Inner>, name: String) -> Self {
+    pub(crate) fn new(inner: Arc<Inner>, name: Arc<str>) -> Self {
         Self {
             inner,
             name,
@@ -51,7 +52,7 @@ impl TaskQueue {
     pub fn dead_letters(&self) -> TaskQueue {
         TaskQueue::new(
             self.inner.clone(),
-            crate::transport::dead_letter_queue(&self.name),
+            crate::transport::dead_letter_queue(&self.name).into(),
         )
     }
 
@@ -87,11 +88,11 @@ impl TaskQueue {
                 reply_to: delivery.reply_to.clone(),
                 persistent: true,
                 mandatory: true,
-                traceparent: delivery.traceparent.clone(),
+                traceparent: delivery.traceparent,
             };
             // On failure the delivery is dropped unsettled: back to the dead-letter queue.
             transport
-                .publish(Route::Task(self.name.clone()), message)
+                .publish(Route::Task(self.name.to_string()), message)
                 .await?;
             delivery.acker.settle(Outcome::Ack);
             moved += 1;
@@ -152,12 +153,12 @@ impl TaskQueue {
             reply_to: (!no_reply).then(|| inner.task_reply_queue.clone()),
             persistent: true,
             mandatory: true,
-            traceparent: Some(trace.traceparent()),
+            traceparent: Some(trace),
         };
         let sent = inner
             .link
             .transport
-            .publish(Route::Task(self.name.clone()), message)
+            .publish(Route::Task(self.name.to_string()), message)
             .instrument(span)
             .await;
         crate::metrics::published("task", Some(&self.name), sent.is_ok());
@@ -221,7 +222,7 @@ impl TaskQueue {
         timeout: Duration,
     ) -> Result<PulledTask<T>> {
         let inner = self.inner.clone();
-        let name = self.name.clone();
+        let name = self.name.to_string();
         let delivery = self
             .inner
             .runtime

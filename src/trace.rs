@@ -114,6 +114,24 @@ pub(crate) fn for_send() -> TraceContext {
     TraceContext::current().map_or_else(TraceContext::new_trace, |parent| parent.child())
 }
 
+/// A trace id written as W3C does, when a span is recorded (not before).
+struct TraceId(u128);
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// A span id written as W3C does, when a span is recorded.
+struct SpanId(u64);
+
+impl fmt::Display for SpanId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
 /// The span of a send.
 pub(crate) fn send_span(
     kind: &'static str,
@@ -121,37 +139,42 @@ pub(crate) fn send_span(
     correlation_id: Option<&str>,
     context: &TraceContext,
 ) -> tracing::Span {
-    let parent = TraceContext::current().map(|p| p.span_id());
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return tracing::Span::none();
+    }
+    let parent = TraceContext::current().map(|p| SpanId(p.span_id));
     tracing::debug_span!(
         "kiwimq.send",
         kind,
         target,
         correlation_id,
-        trace_id = %context.trace_id(),
-        span_id = %context.span_id(),
-        parent_id = parent.as_deref(),
+        trace_id = %TraceId(context.trace_id),
+        span_id = %SpanId(context.span_id),
+        parent_id = parent.map(tracing::field::display),
     )
 }
 
-/// The context and span of handling a delivery that carried `traceparent`.
+/// The context and span of handling a delivery whose sender's context was `parent`.
 pub(crate) fn handle_span(
     kind: &'static str,
     target: &str,
     correlation_id: Option<&str>,
     redelivered: bool,
-    traceparent: Option<&str>,
+    parent: Option<TraceContext>,
 ) -> (TraceContext, tracing::Span) {
-    let parent = traceparent.and_then(TraceContext::parse);
     let context = parent.map_or_else(TraceContext::new_trace, |p| p.child());
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return (context, tracing::Span::none());
+    }
     let span = tracing::debug_span!(
         "kiwimq.handle",
         kind,
         target,
         correlation_id,
         redelivered,
-        trace_id = %context.trace_id(),
-        span_id = %context.span_id(),
-        parent_id = parent.map(|p| p.span_id()).as_deref(),
+        trace_id = %TraceId(context.trace_id),
+        span_id = %SpanId(context.span_id),
+        parent_id = parent.map(|p| tracing::field::display(SpanId(p.span_id))),
     );
     (context, span)
 }

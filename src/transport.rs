@@ -65,8 +65,9 @@ pub(crate) struct Outgoing {
     pub(crate) persistent: bool,
     /// Fails with `Unroutable` when no queue takes it.
     pub(crate) mandatory: bool,
-    /// The W3C trace context to carry (the AMQP header `traceparent`).
-    pub(crate) traceparent: Option<String>,
+    /// The W3C trace context to carry (the AMQP header `traceparent`; kept as is in
+    /// `mem://`).
+    pub(crate) traceparent: Option<TraceContext>,
 }
 
 impl Outgoing {
@@ -93,8 +94,9 @@ pub(crate) struct Delivery {
     pub(crate) correlation_id: Option<String>,
     pub(crate) reply_to: Option<String>,
     pub(crate) redelivered: bool,
-    /// The sender's W3C trace context (the AMQP header `traceparent`), if it sent one.
-    pub(crate) traceparent: Option<String>,
+    /// The sender's W3C trace context (the AMQP header `traceparent`), if it sent a
+    /// well-formed one.
+    pub(crate) traceparent: Option<TraceContext>,
     pub(crate) acker: Acker,
 }
 
@@ -160,6 +162,7 @@ pub(crate) struct Consumer {
 }
 
 pub(crate) use crate::queue::QueueStats;
+use crate::trace::TraceContext;
 
 /// Where a reply consumer hands its deliveries.
 pub(crate) type DeliverFn = Arc<dyn Fn(Delivery) + Send + Sync>;

@@ -293,3 +293,126 @@ async fn queue_stats_and_dead_letters_without_taking_a_task() {
     assert_eq!(ran, vec![0, 1, 2, 10, 11]);
     comm.close().await.unwrap();
 }
+
+/// A vhost of its own, so the examples (which use kiwiPy's default exchange names and
+/// identifiers) meet nobody else's.
+struct Vhost(String);
+
+impl Vhost {
+    fn new() -> Vhost {
+        let name = format!("kiwimq-test-{}", uuid::Uuid::new_v4().simple());
+        for args in [
+            vec!["add_vhost", name.as_str()],
+            vec![
+                "set_permissions",
+                "-p",
+                name.as_str(),
+                "guest",
+                ".*",
+                ".*",
+                ".*",
+            ],
+        ] {
+            let status = std::process::Command::new("rabbitmqctl")
+                .arg("-q")
+                .args(&args)
+                .status()
+                .unwrap();
+            assert!(status.success(), "rabbitmqctl {args:?}");
+        }
+        Vhost(name)
+    }
+
+    fn uri(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.0)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "delete_vhost", &self.0])
+            .status();
+    }
+}
+
+/// An example's binary, built beside this test's by `cargo test`.
+fn example(name: &str) -> std::path::PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    deps.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
+}
+
+/// An example's output, line by line.
+type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// Starts an example and waits for the line saying it is ready; its later lines follow.
+async fn start_example(name: &str, uri: &str, ready: &str) -> (tokio::process::Child, Lines) {
+    let mut child = tokio::process::Command::new(example(name))
+        .args(["--uri", uri])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("the {name} example runs: {e}"));
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(SOON, lines.next_line()).await;
+        match line {
+            Ok(Ok(Some(line))) if line.contains(ready) => break,
+            Ok(Ok(Some(_))) => {}
+            other => panic!("{name} never said '{ready}': {other:?}"),
+        }
+    }
+    (child, lines)
+}
+
+#[actix::test]
+async fn the_command_talks_to_the_examples() {
+    let vhost = Vhost::new();
+    let uri = vhost.uri();
+    let _server = start_example("rpc_server", &uri, "Awaiting RPC requests").await;
+    let (_listener, mut heard) =
+        start_example("receive_broadcast", &uri, "Waiting for broadcasts").await;
+    let output = kiwimq_at(&uri, &["rpc", "call", "fib", "30"]).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "832040");
+    let output = kiwimq_at(&uri, &["rpc", "call", "fib", "100"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("overflows"), "{}", stderr(&output));
+
+    let output = kiwimq_at(
+        &uri,
+        &[
+            "broadcast",
+            "send",
+            "job.done",
+            "all finished",
+            "--sender",
+            "me",
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let line = tokio::time::timeout(SOON, heard.next_line()).await;
+    let line = match line {
+        Ok(Ok(Some(line))) => line,
+        other => panic!("receive_broadcast printed nothing: {other:?}"),
+    };
+    assert_eq!(
+        line,
+        " [x] sender=me subject=job.done body=\"all finished\""
+    );
+}
+
+async fn kiwimq_at(uri: &str, args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_kiwimq"))
+        .args(["--uri", uri, "--timeout", "10"])
+        .args(args)
+        .output()
+        .await
+        .unwrap()
+}

@@ -224,13 +224,8 @@ impl StreamHandler<Delivery> for BroadcastHub {
             .iter()
             .map(|(_, handler)| handler(bytes.clone()))
             .collect();
-        let (trace, span) = crate::trace::handle_span(
-            "broadcast",
-            &self.queue,
-            None,
-            false,
-            delivery.traceparent.as_deref(),
-        );
+        let (trace, span) =
+            crate::trace::handle_span("broadcast", &self.queue, None, false, delivery.traceparent);
         let handling = future::join_all(handlers).map(|_| ());
         actix::spawn(crate::trace::scope(trace, handling).instrument(span));
     }

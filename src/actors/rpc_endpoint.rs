@@ -171,7 +171,7 @@ impl StreamHandler<Delivery> for RpcEndpoint {
             &self.identifier,
             correlation_id.as_deref(),
             false,
-            traceparent.as_deref(),
+            traceparent,
         );
         tracing::debug!(identifier = %self.identifier, ?correlation_id, "RPC received");
         crate::metrics::count(crate::metrics::DELIVERED, "rpc");

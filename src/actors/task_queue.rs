@@ -17,6 +17,7 @@ use crate::Codec;
 use crate::codec::envelope::{Host, TaskEnvelope};
 use crate::error::{Error, ErrorKind, Result};
 use crate::messages::{HandlerError, Task};
+use crate::metrics::QueueMeters;
 use crate::panics::PanicWatch;
 use crate::subscriber::{Delivered, Subscriber};
 use crate::supervisor::Tally;
@@ -101,7 +102,9 @@ where
 /// Consumes one task queue for one communicator.
 pub(crate) struct TaskQueue {
     link: Link,
-    queue: String,
+    queue: Arc<str>,
+    /// Its counters, registered once.
+    meters: Arc<QueueMeters>,
     prefetch: u16,
     /// Copied on write, so each delivery takes a snapshot for the price of a count.
     subscribers: Arc<Vec<(String, TaskFn)>>,
@@ -120,8 +123,10 @@ pub(crate) struct TaskQueue {
 
 impl TaskQueue {
     pub(crate) fn new(link: Link, queue: String, prefetch: u16, tally: Tally) -> Self {
+        let queue: Arc<str> = queue.into();
         Self {
             link,
+            meters: Arc::new(QueueMeters::new(&queue)),
             queue,
             prefetch,
             subscribers: Arc::default(),
@@ -138,7 +143,7 @@ impl TaskQueue {
         let consume = self
             .link
             .transport
-            .consume(Source::Tasks(self.queue.clone()), self.prefetch);
+            .consume(Source::Tasks(self.queue.to_string()), self.prefetch);
         consume.into_actor(self).map(|result, actor, ctx| {
             let consumer = result?;
             tracing::debug!(queue = %actor.queue, tag = %consumer.tag, "consuming tasks");
@@ -289,51 +294,57 @@ impl Handler<Drain> for TaskQueue {
 }
 
 /// Counts a task as running while it lives.
-struct Running(Arc<watch::Sender<usize>>);
+struct Running(Arc<watch::Sender<usize>>, Arc<QueueMeters>);
 
 impl Running {
-    fn start(counter: &Arc<watch::Sender<usize>>) -> Self {
+    fn start(counter: &Arc<watch::Sender<usize>>, meters: &Arc<QueueMeters>) -> Self {
         counter.send_modify(|n| *n += 1);
-        crate::metrics::gauge(crate::metrics::TASKS_RUNNING, "task", 1.0);
-        Self(counter.clone())
+        meters.running.increment(1.0);
+        Self(counter.clone(), meters.clone())
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n -= 1);
-        crate::metrics::gauge(crate::metrics::TASKS_RUNNING, "task", -1.0);
+        self.1.running.decrement(1.0);
     }
 }
 
 /// Settles a task, counting how.
-fn settle(acker: crate::transport::Acker, outcome: Outcome, queue: &str, dead_lettering: bool) {
+fn settle(
+    acker: crate::transport::Acker,
+    outcome: Outcome,
+    meters: &QueueMeters,
+    dead_lettering: bool,
+) {
     let counter = match outcome {
-        Outcome::Ack => crate::metrics::ACKED,
-        Outcome::Requeue => crate::metrics::REQUEUED,
-        Outcome::Discard if dead_lettering => crate::metrics::DEAD_LETTERED,
-        Outcome::Discard => crate::metrics::REJECTED,
+        Outcome::Ack => &meters.acked,
+        Outcome::Requeue => &meters.requeued,
+        Outcome::Discard if dead_lettering => &meters.dead_lettered,
+        Outcome::Discard => &meters.rejected,
     };
-    crate::metrics::task(counter, queue);
+    counter.increment(1);
     acker.settle(outcome);
 }
 
 impl StreamHandler<Delivery> for TaskQueue {
     fn handle(&mut self, delivery: Delivery, ctx: &mut Context<Self>) {
-        crate::metrics::task(crate::metrics::DELIVERED, &self.queue);
+        self.meters.delivered.increment(1);
         if delivery.redelivered {
-            crate::metrics::task(crate::metrics::REDELIVERED, &self.queue);
+            self.meters.redelivered.increment(1);
         }
         if self.draining {
             // Delivered just before the consumer was cancelled: back to the queue.
-            settle(delivery.acker, Outcome::Requeue, &self.queue, false);
+            settle(delivery.acker, Outcome::Requeue, &self.meters, false);
             return;
         }
         let subscribers = self.subscribers.clone();
         let link = self.link.clone();
         let queue = self.queue.clone();
         let me = ctx.address();
-        let running = Running::start(&self.running);
+        let running = Running::start(&self.running, &self.meters);
+        let meters = self.meters.clone();
         let first = self.turn;
         self.turn = self.turn.wrapping_add(1);
         let (trace, span) = crate::trace::handle_span(
@@ -341,10 +352,10 @@ impl StreamHandler<Delivery> for TaskQueue {
             &self.queue,
             delivery.correlation_id.as_deref(),
             delivery.redelivered,
-            delivery.traceparent.as_deref(),
+            delivery.traceparent,
         );
         let handling = async move {
-            dispatch(delivery, subscribers, first, link, queue, me).await;
+            dispatch(delivery, subscribers, first, link, queue, &meters, me).await;
             drop(running);
         };
         actix::spawn(crate::trace::scope(trace, handling).instrument(span));
@@ -360,7 +371,8 @@ async fn dispatch(
     subscribers: Arc<Vec<(String, TaskFn)>>,
     first: usize,
     link: Link,
-    queue: String,
+    queue: Arc<str>,
+    meters: &QueueMeters,
     me: Addr<TaskQueue>,
 ) {
     let Delivery {
@@ -415,7 +427,7 @@ async fn dispatch(
                 if panicked {
                     tracing::error!(%queue, subscriber = %id, ?correlation_id, "a task handler panicked; the sender gets the panic as an error");
                 }
-                settle(acker, outcome, &queue, link.dead_lettering);
+                settle(acker, outcome, meters, link.dead_lettering);
                 return;
             }
             TaskAnswer::Rejected | TaskAnswer::Interrupted => declined = true,
@@ -432,7 +444,7 @@ async fn dispatch(
     match undecodable {
         Some(error) if !declined => {
             tracing::warn!(%queue, ?correlation_id, %error, "undecodable task discarded");
-            crate::metrics::task(crate::metrics::UNDECODABLE, &queue);
+            meters.undecodable.increment(1);
             if let Some(reply_to) = reply_to {
                 let bytes = exception_reply(
                     link.codec,
@@ -446,11 +458,11 @@ async fn dispatch(
                     tracing::warn!(%queue, %error, "could not report an undecodable task");
                 }
             }
-            settle(acker, Outcome::Discard, &queue, link.dead_lettering);
+            settle(acker, Outcome::Discard, meters, link.dead_lettering);
         }
         _ => {
             tracing::debug!(%queue, ?correlation_id, "no subscriber took the task; requeued");
-            settle(acker, Outcome::Requeue, &queue, false);
+            settle(acker, Outcome::Requeue, meters, false);
         }
     }
 }

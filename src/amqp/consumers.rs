@@ -471,8 +471,12 @@ pub(super) fn convert(delivery: lapin::message::Delivery, acker: Option<AmqpAck>
     let properties = &delivery.properties;
     let traceparent = properties.headers().as_ref().and_then(|headers| {
         match headers.inner().get("traceparent")? {
-            lapin::types::AMQPValue::LongString(text) => Some(text.to_string()),
-            lapin::types::AMQPValue::ShortString(text) => Some(text.to_string()),
+            lapin::types::AMQPValue::LongString(text) => {
+                crate::trace::TraceContext::parse(&text.to_string())
+            }
+            lapin::types::AMQPValue::ShortString(text) => {
+                crate::trace::TraceContext::parse(text.as_str())
+            }
             _ => None,
         }
     });

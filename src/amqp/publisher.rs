@@ -228,7 +228,7 @@ pub(super) fn properties(message: &Outgoing) -> BasicProperties {
         let mut headers = lapin::types::FieldTable::default();
         headers.insert(
             "traceparent".into(),
-            lapin::types::AMQPValue::LongString(traceparent.as_str().into()),
+            lapin::types::AMQPValue::LongString(traceparent.traceparent().into()),
         );
         properties = properties.with_headers(headers);
     }

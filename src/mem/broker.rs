@@ -21,7 +21,7 @@ struct Stored {
     body: bytes::Bytes,
     correlation_id: Option<String>,
     reply_to: Option<String>,
-    traceparent: Option<String>,
+    traceparent: Option<crate::trace::TraceContext>,
     redelivered: bool,
     /// How often it came back unfinished.
     returns: u32,
