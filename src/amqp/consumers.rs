@@ -472,7 +472,7 @@ pub(super) fn convert(delivery: lapin::message::Delivery, acker: Option<AmqpAck>
     let traceparent = properties.headers().as_ref().and_then(|headers| {
         match headers.inner().get("traceparent")? {
             lapin::types::AMQPValue::LongString(text) => {
-                crate::trace::TraceContext::parse(&text.to_string())
+                crate::trace::TraceContext::parse(std::str::from_utf8(text.as_bytes()).ok()?)
             }
             lapin::types::AMQPValue::ShortString(text) => {
                 crate::trace::TraceContext::parse(text.as_str())
