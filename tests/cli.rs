@@ -10,7 +10,7 @@ use std::time::Duration;
 use kiwimq::{Broadcast, BroadcastFilter, BroadcastOptions, Codec, Rpc, Settings, Task, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use common::{SOON, amqp_settings, amqp_url, eventually, seen};
+use common::{SOON, amqp_settings, amqp_url, eventually, example, seen};
 
 /// Settings of this test's own exchanges, and the `--prefix` that names them.
 fn private() -> (Settings, String) {
@@ -334,17 +334,6 @@ impl Drop for Vhost {
             .args(["-q", "delete_vhost", &self.0])
             .status();
     }
-}
-
-/// An example's binary, built beside this test's by `cargo test`.
-fn example(name: &str) -> std::path::PathBuf {
-    let deps = std::env::current_exe().unwrap();
-    deps.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name)
 }
 
 /// An example's output, line by line.

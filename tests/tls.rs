@@ -11,8 +11,8 @@ use std::time::Duration;
 use kiwimq::{ErrorKind, Rpc, Settings};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 
-use common::amqp_settings;
 use common::node::Node;
+use common::{amqp_settings, free_port};
 
 /// A CA, a server certificate for localhost and 127.0.0.1, a client certificate, and a
 /// CA nobody trusts: PEM files in a directory the broker can read.
@@ -80,11 +80,6 @@ impl Drop for Pki {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
 }
 
 /// A node with a TLS listener requiring a client certificate signed by the test's CA.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kiwimq::{Rpc, Settings, Task};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use common::{amqp_url, unique};
+use common::{amqp_url, example, free_port, unique};
 
 /// One HTTP/1.1 request; the status and the body.
 async fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
@@ -36,16 +36,6 @@ fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-/// The example's binary, built beside this test's.
-fn example() -> std::path::PathBuf {
-    let deps = std::env::current_exe().unwrap();
-    deps.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/web_service")
-}
-
 #[actix::test]
 async fn the_web_service_enqueues_polls_calls_and_reports() {
     let queue = unique("web");
@@ -64,12 +54,8 @@ async fn the_web_service_enqueues_polls_calls_and_reports() {
         .await
         .unwrap();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let _service = tokio::process::Command::new(example())
+    let port = free_port();
+    let _service = tokio::process::Command::new(example("web_service"))
         .args(["--uri", &amqp_url(), "--queue", &queue, "--timeout", "10"])
         .args(["--bind", &format!("127.0.0.1:{port}")])
         .kill_on_drop(true)

@@ -152,3 +152,19 @@ pub fn communicator_threads() -> usize {
         })
         .unwrap_or(0)
 }
+
+/// A TCP port free on 127.0.0.1 now.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("its address").port()
+}
+
+/// An example's binary, built beside the test binaries by `cargo test`.
+pub fn example(name: &str) -> std::path::PathBuf {
+    let test = std::env::current_exe().expect("the test binary's path");
+    let profile = test
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>");
+    profile.join("examples").join(name)
+}

@@ -6,17 +6,14 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::free_port;
+
 /// A broker node of its own, on free ports, deleted when dropped.
 pub struct Node {
     pub name: String,
     pub port: u16,
     dir: PathBuf,
     server: Child,
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-    listener.local_addr().expect("its address").port()
 }
 
 fn answers(port: u16) -> bool {
