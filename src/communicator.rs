@@ -309,7 +309,8 @@ impl Communicator {
         let body = inner.link.codec.encode(body)?;
         let correlation_id = new_id();
         let trace = crate::trace::for_send();
-        let span = crate::trace::send_span("rpc", identifier, Some(&correlation_id), &trace);
+        let span =
+            crate::trace::send_span("rpc", identifier, Some(&correlation_id), trace.as_ref());
         tracing::debug!(parent: &span, %identifier, %correlation_id, "sending RPC");
         let reply = inner.replies.expect(
             correlation_id.clone(),
@@ -323,7 +324,7 @@ impl Communicator {
             reply_to: Some(inner.message_reply_queue.clone()),
             persistent: false,
             mandatory: true,
-            traceparent: Some(trace),
+            traceparent: trace,
         };
         let sent = inner
             .link
@@ -430,10 +431,10 @@ impl Communicator {
         };
         let body = inner.link.codec.encode_broadcast(envelope)?;
         let trace = crate::trace::for_send();
-        let span = crate::trace::send_span("broadcast", "[broadcast]", None, &trace);
+        let span = crate::trace::send_span("broadcast", "[broadcast]", None, trace.as_ref());
         let message = Outgoing {
             body,
-            traceparent: Some(trace),
+            traceparent: trace,
             ..Outgoing::default()
         };
         let sent = inner

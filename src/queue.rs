@@ -145,7 +145,8 @@ impl TaskQueue {
         let body = inner.link.codec.encode(&(body, no_reply))?;
         inner.declare_once(&self.name).await?;
         let trace = crate::trace::for_send();
-        let span = crate::trace::send_span("task", &self.name, Some(&correlation_id), &trace);
+        let span =
+            crate::trace::send_span("task", &self.name, Some(&correlation_id), trace.as_ref());
         tracing::debug!(parent: &span, queue = %self.name, %correlation_id, no_reply, "sending task");
         let message = Outgoing {
             body,
@@ -153,7 +154,7 @@ impl TaskQueue {
             reply_to: (!no_reply).then(|| inner.task_reply_queue.clone()),
             persistent: true,
             mandatory: true,
-            traceparent: Some(trace),
+            traceparent: trace,
         };
         let sent = inner
             .link

@@ -77,14 +77,10 @@ async fn one_trace_spans_sender_worker_and_what_the_worker_sends() {
     assert_ne!(in_worker.span_id(), origin.span_id());
     assert_ne!(in_helper.span_id(), in_worker.span_id());
 
-    // Without a trace in hand, a send starts one; each is its own.
-    let seen = seen_by_worker.clone();
+    // Outside any trace, with nobody recording kiwimq's spans (this test installs no
+    // subscriber), a send carries no header and the task no trace.
     let _: u32 = client.task_send(&1u32).await.unwrap().await.unwrap();
-    let first = seen.lock().unwrap().unwrap();
-    let _: u32 = client.task_send(&2u32).await.unwrap().await.unwrap();
-    let second = seen.lock().unwrap().unwrap();
-    assert_ne!(first.trace_id(), second.trace_id());
-    assert_ne!(first.trace_id(), origin.trace_id());
+    assert_eq!(*seen_by_worker.lock().unwrap(), None);
 
     client.close().await.unwrap();
     worker.close().await.unwrap();

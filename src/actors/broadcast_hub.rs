@@ -227,7 +227,7 @@ impl StreamHandler<Delivery> for BroadcastHub {
         let (trace, span) =
             crate::trace::handle_span("broadcast", &self.queue, None, false, delivery.traceparent);
         let handling = future::join_all(handlers).map(|_| ());
-        actix::spawn(crate::trace::scope(trace, handling).instrument(span));
+        actix::spawn(crate::trace::maybe_scope(trace, handling).instrument(span));
     }
 
     fn finished(&mut self, _: &mut Context<Self>) {}

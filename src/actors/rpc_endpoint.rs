@@ -191,7 +191,7 @@ impl StreamHandler<Delivery> for RpcEndpoint {
                 tracing::warn!(%identifier, %error, "RPC reply failed");
             }
         };
-        actix::spawn(crate::trace::scope(trace, answering).instrument(span));
+        actix::spawn(crate::trace::maybe_scope(trace, answering).instrument(span));
     }
 
     /// A cancelled consumer's stream ends; the endpoint stops once nobody holds its

@@ -358,7 +358,7 @@ impl StreamHandler<Delivery> for TaskQueue {
             dispatch(delivery, subscribers, first, link, queue, &meters, me).await;
             drop(running);
         };
-        actix::spawn(crate::trace::scope(trace, handling).instrument(span));
+        actix::spawn(crate::trace::maybe_scope(trace, handling).instrument(span));
     }
 
     /// A cancelled consumer's stream ends; the actor lives on for the next one.
