@@ -180,14 +180,20 @@ async fn drive(comm: &Communicator) -> kiwimq::Result<()> {
 async fn main() -> cli::Outcome {
     let cli = Cli::parse();
     let comm = cli.connection.connect().await?;
-    let outcome = match cli.role {
-        Role::Serve => serve(&comm).await,
-        Role::SendFirst => comm
-            .task_send_no_reply(&map(vec![("n", 0.into())]))
-            .await
-            .map(|()| report("SENT", "n=0")),
-        Role::Drive => drive(&comm).await,
-    };
+    // Inside a trace, so that every message this peer sends carries a `traceparent`
+    // header: kiwiPy must ignore it.
+    let trace = kiwimq::trace::TraceContext::new_trace();
+    let outcome = kiwimq::trace::scope(trace, async {
+        match cli.role {
+            Role::Serve => serve(&comm).await,
+            Role::SendFirst => comm
+                .task_send_no_reply(&map(vec![("n", 0.into())]))
+                .await
+                .map(|()| report("SENT", "n=0")),
+            Role::Drive => drive(&comm).await,
+        }
+    })
+    .await;
     if let Err(error) = &outcome {
         report("ERROR", describe(error));
     }

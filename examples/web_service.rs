@@ -79,6 +79,14 @@ fn config(reason: String) -> kiwimq::Error {
     kiwimq::Error::new(ErrorKind::Config(reason))
 }
 
+/// A result as JSON, or the error with its status.
+fn answer(result: kiwimq::Result<Value>) -> HttpResponse {
+    match result {
+        Ok(result) => HttpResponse::Ok().json(json!({ "result": result })),
+        Err(error) => failure(&error),
+    }
+}
+
 /// A request body as a value (none is null); what is wrong with it otherwise.
 fn json_body(bytes: &[u8]) -> Result<Value, String> {
     if bytes.is_empty() {
@@ -109,10 +117,7 @@ async fn send_task(
         Err(error) => return failure(&error),
     };
     if query.wait.unwrap_or(true) {
-        return match reply.await {
-            Ok(result) => HttpResponse::Ok().json(json!({ "result": result })),
-            Err(error) => failure(&error),
-        };
+        return answer(reply.await);
     }
     let job = reply.correlation_id().to_owned();
     service
@@ -155,12 +160,8 @@ async fn call(
         Ok(body) => body,
         Err(error) => return bad_request(error),
     };
-    let reply = match service.comm.rpc_send::<_, Value>(&id, &body).await {
-        Ok(reply) => reply.with_timeout(Some(service.timeout)),
-        Err(error) => return failure(&error),
-    };
-    match reply.await {
-        Ok(result) => HttpResponse::Ok().json(json!({ "result": result })),
+    match service.comm.rpc_send::<_, Value>(&id, &body).await {
+        Ok(reply) => answer(reply.with_timeout(Some(service.timeout)).await),
         Err(error) => failure(&error),
     }
 }

@@ -11,9 +11,8 @@ pub(crate) mod task_queue;
 
 use std::sync::Arc;
 
-use futures::FutureExt;
-use futures::future::BoxFuture;
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::Codec;
 use crate::codec::envelope::{Host, Reply, ReplyEnvelope};
@@ -36,19 +35,45 @@ pub(crate) struct Link {
 }
 
 impl Link {
+    /// Publishes a message of this communicator: as a span of the current trace (a new one
+    /// when kiwimq's spans are recorded) whose W3C context rides in the message, counted in
+    /// the metrics as sent and, once the broker has it, confirmed.
+    pub(crate) async fn send(&self, route: Route, mut message: Outgoing) -> Result<()> {
+        let trace = crate::trace::for_send();
+        let span = crate::trace::send_span(
+            route.kind(),
+            route.target(),
+            message.correlation_id.as_deref(),
+            trace.as_ref(),
+        );
+        tracing::debug!(parent: &span, kind = route.kind(), target = route.target(), correlation_id = ?message.correlation_id, "sending");
+        message.traceparent = trace;
+        let queue = match &route {
+            Route::Task(queue) => Some(queue.clone()),
+            _ => None,
+        };
+        let kind = route.kind();
+        let sent = self
+            .transport
+            .publish(route, message)
+            .instrument(span)
+            .await;
+        crate::metrics::published(kind, queue.as_ref(), sent.is_ok());
+        sent
+    }
+
     /// Sends an encoded reply map to `reply_to`, answering a request that came through
     /// `exchange`. A task's result is persistent, as the task was: it survives a broker
     /// restart in its reply queue. A result too large to send becomes an exception reply
     /// saying so: the sender learns why instead of waiting, and the task is not retried
     /// for a refusal that would repeat.
-    pub(crate) fn reply(
+    pub(crate) async fn reply(
         &self,
         exchange: Exchange,
         reply_to: String,
         correlation_id: Option<String>,
         mut body: Vec<u8>,
-    ) -> BoxFuture<'static, Result<()>> {
-        tracing::debug!(?correlation_id, %reply_to, "sending reply");
+    ) -> Result<()> {
         if body.len() > self.max_message_size {
             let text = format!(
                 "the result ({} bytes) is larger than the message size limit of {} bytes",
@@ -63,19 +88,10 @@ impl Link {
             body,
             correlation_id,
             persistent: exchange == Exchange::Tasks,
-            // Sent by the handling of the request: its span is the reply's parent.
-            traceparent: crate::trace::TraceContext::current(),
             ..Outgoing::default()
         };
-        crate::metrics::count(crate::metrics::SENT, "reply");
-        self.transport
-            .publish(Route::Reply(reply_to), message)
-            .inspect(|sent| {
-                if sent.is_ok() {
-                    crate::metrics::count(crate::metrics::CONFIRMED, "reply");
-                }
-            })
-            .boxed()
+        // Sent while the request is handled: its span is the reply's parent.
+        self.send(Route::Reply(reply_to), message).await
     }
 }
 

@@ -11,8 +11,6 @@ use actix::{Actor, Addr};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use tracing::Instrument;
-
 use crate::actors::Link;
 use crate::actors::broadcast_hub::{self, BroadcastHub, broadcast_fn};
 use crate::actors::replies::{Replies, ReplyFuture};
@@ -308,10 +306,6 @@ impl Communicator {
         inner.check_open()?;
         let body = inner.link.codec.encode(body)?;
         let correlation_id = new_id();
-        let trace = crate::trace::for_send();
-        let span =
-            crate::trace::send_span("rpc", identifier, Some(&correlation_id), trace.as_ref());
-        tracing::debug!(parent: &span, %identifier, %correlation_id, "sending RPC");
         let reply = inner.replies.expect(
             correlation_id.clone(),
             inner.link.codec,
@@ -324,16 +318,12 @@ impl Communicator {
             reply_to: Some(inner.message_reply_queue.clone()),
             persistent: false,
             mandatory: true,
-            traceparent: trace,
+            traceparent: None,
         };
-        let sent = inner
+        inner
             .link
-            .transport
-            .publish(Route::Rpc(identifier.to_owned()), message)
-            .instrument(span)
-            .await;
-        crate::metrics::published("rpc", None, sent.is_ok());
-        sent?;
+            .send(Route::Rpc(identifier.to_owned()), message)
+            .await?;
         Ok(reply)
     }
 
@@ -430,21 +420,11 @@ impl Communicator {
             correlation_id: options.correlation_id,
         };
         let body = inner.link.codec.encode_broadcast(envelope)?;
-        let trace = crate::trace::for_send();
-        let span = crate::trace::send_span("broadcast", "[broadcast]", None, trace.as_ref());
         let message = Outgoing {
             body,
-            traceparent: trace,
             ..Outgoing::default()
         };
-        let sent = inner
-            .link
-            .transport
-            .publish(Route::Broadcast, message)
-            .instrument(span)
-            .await;
-        crate::metrics::published("broadcast", None, sent.is_ok());
-        sent
+        inner.link.send(Route::Broadcast, message).await
     }
 
     /// Subscribes to broadcasts that pass `filter`; returns the subscriber's identifier.

@@ -71,6 +71,11 @@ impl MemTransport {
     }
 }
 
+/// A request about a queue that does not exist, refused as RabbitMQ refuses it.
+fn no_queue(queue: &str) -> Error {
+    Error::new(ErrorKind::Refused(format!("no queue named '{queue}'")))
+}
+
 fn rpc_queue(identifier: &str) -> String {
     format!("[rpc].{identifier}")
 }
@@ -148,16 +153,16 @@ impl Transport for MemTransport {
     }
 
     fn queue_stats(&self, queue: &str) -> BoxFuture<'static, Result<QueueStats>> {
-        let result = self.check_open().and_then(|()| {
-            self.broker
-                .stats(queue)
-                .ok_or_else(|| Error::new(ErrorKind::Refused(format!("no queue named '{queue}'"))))
-        });
+        let result = self
+            .check_open()
+            .and_then(|()| self.broker.stats(queue).ok_or_else(|| no_queue(queue)));
         future::ready(result).boxed()
     }
 
     fn purge(&self, queue: &str) -> BoxFuture<'static, Result<u32>> {
-        let result = self.check_open().map(|()| self.broker.purge(queue));
+        let result = self
+            .check_open()
+            .and_then(|()| self.broker.purge(queue).ok_or_else(|| no_queue(queue)));
         future::ready(result).boxed()
     }
 

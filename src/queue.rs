@@ -9,8 +9,6 @@ use futures::Stream;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use tracing::Instrument;
-
 use crate::actors::replies::ReplyFuture;
 use crate::actors::task_queue::{self, task_fn};
 use crate::actors::{Link, encode_reply, exception_reply};
@@ -92,7 +90,7 @@ impl TaskQueue {
             };
             // On failure the delivery is dropped unsettled: back to the dead-letter queue.
             transport
-                .publish(Route::Task(self.name.to_string()), message)
+                .publish(Route::Task(self.name.clone()), message)
                 .await?;
             delivery.acker.settle(Outcome::Ack);
             moved += 1;
@@ -144,26 +142,18 @@ impl TaskQueue {
         inner.check_open()?;
         let body = inner.link.codec.encode(&(body, no_reply))?;
         inner.declare_once(&self.name).await?;
-        let trace = crate::trace::for_send();
-        let span =
-            crate::trace::send_span("task", &self.name, Some(&correlation_id), trace.as_ref());
-        tracing::debug!(parent: &span, queue = %self.name, %correlation_id, no_reply, "sending task");
         let message = Outgoing {
             body,
             correlation_id: Some(correlation_id),
             reply_to: (!no_reply).then(|| inner.task_reply_queue.clone()),
             persistent: true,
             mandatory: true,
-            traceparent: trace,
+            traceparent: None,
         };
-        let sent = inner
+        inner
             .link
-            .transport
-            .publish(Route::Task(self.name.to_string()), message)
-            .instrument(span)
-            .await;
-        crate::metrics::published("task", Some(&self.name), sent.is_ok());
-        sent
+            .send(Route::Task(self.name.clone()), message)
+            .await
     }
 
     /// Subscribes an actor (or closure) to this queue; returns its identifier. Each task goes

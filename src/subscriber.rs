@@ -254,10 +254,7 @@ where
                         .unwrap_or_else(|panic| Err(HandlerError::panicked(&payload_text(&*panic))))
                 });
                 // What the handler sends continues the message's trace.
-                match trace {
-                    Some(trace) => Box::pin(crate::trace::scope(trace, answer)),
-                    None => Box::pin(answer),
-                }
+                Box::pin(crate::trace::maybe_scope(trace, answer))
             }
             Err(panic) => {
                 let text = payload_text(&*panic);

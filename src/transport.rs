@@ -21,8 +21,8 @@ pub(crate) enum Exchange {
 /// Where a published message goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Route {
-    /// The task queue of this name (on the task exchange).
-    Task(String),
+    /// The task queue of this name (on the task exchange), shared with the queue's handle.
+    Task(Arc<str>),
     /// The RPC subscriber with this identifier (on the message exchange).
     Rpc(String),
     /// Every broadcast queue (on the message exchange).
@@ -30,6 +30,27 @@ pub(crate) enum Route {
     /// A reply queue, by the name a request carried in `reply_to`: straight to that queue,
     /// whichever exchange it is bound to.
     Reply(String),
+}
+
+impl Route {
+    /// The kind of message it carries, as the metrics and spans name it.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Route::Task(_) => "task",
+            Route::Rpc(_) => "rpc",
+            Route::Broadcast => "broadcast",
+            Route::Reply(_) => "reply",
+        }
+    }
+
+    /// Where it goes: a queue, an identifier, or `[broadcast]`.
+    pub(crate) fn target(&self) -> &str {
+        match self {
+            Route::Task(queue) => queue,
+            Route::Rpc(identifier) | Route::Reply(identifier) => identifier,
+            Route::Broadcast => "[broadcast]",
+        }
+    }
 }
 
 /// What a consumer reads.

@@ -493,6 +493,29 @@ async fn subscribers_of_one_queue_take_turns(backend: Backend) {
     comm.close().await.unwrap();
 }
 
+/// A queue's counts without taking a task, and a purge, agree on both backends; an
+/// unknown queue is refused, not counted as empty.
+async fn queue_stats_and_purge_without_taking_a_task(backend: Backend) {
+    let comm = connect(&settings(backend)).await;
+    let queue = comm.task_queue(common::unique("stats"));
+    for n in 0..3u32 {
+        queue.task_send_no_reply(&n).await.unwrap();
+    }
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.ready, stats.consumers), (3, 0));
+    assert_eq!(queue.purge().await.unwrap(), 3);
+    assert_eq!(queue.stats().await.unwrap().ready, 0);
+    let missing = comm.task_queue(common::unique("never-declared"));
+    for error in [
+        missing.stats().await.unwrap_err(),
+        missing.purge().await.unwrap_err(),
+    ] {
+        assert!(matches!(error.kind(), ErrorKind::Refused(_)), "{error}");
+        assert!(error.to_string().contains("no queue named"), "{error}");
+    }
+    comm.close().await.unwrap();
+}
+
 async fn a_rejected_task_goes_to_the_next_subscriber(backend: Backend) {
     let comm = connect(&settings(backend)).await;
     let rejections = Arc::new(AtomicUsize::new(0));
@@ -1212,6 +1235,7 @@ macro_rules! behaviours {
                     tasks_wait_in_the_queue_until_a_worker_comes,
                     each_task_goes_to_exactly_one_of_several_workers,
                     subscribers_of_one_queue_take_turns,
+                    queue_stats_and_purge_without_taking_a_task,
                     a_rejected_task_goes_to_the_next_subscriber,
                     a_task_every_subscriber_rejects_goes_back_to_the_queue,
                     a_task_is_acked_only_after_its_handler_finished,

@@ -102,36 +102,21 @@ async fn task_send_prints_the_result_in_aiidas_codec() {
         .await
         .unwrap();
     let queue = worker.task_queue("work").name().to_owned();
-    let output = run(
-        &prefix,
-        &[
-            "--codec",
-            "yaml",
-            "task",
-            "send",
-            "--queue",
-            &queue,
-            "[1, 2, 39]",
-        ],
-    )
-    .await;
+    let send_yaml = |body: &'static str| {
+        let args = ["--codec", "yaml", "task", "send", "--queue", &queue, body];
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let prefix = prefix.clone();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&prefix, &args).await
+        }
+    };
+    let output = send_yaml("[1, 2, 39]").await;
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(stdout(&output), "42");
 
     // A body of the wrong shape: the worker's error, one line, exit 1.
-    let output = run(
-        &prefix,
-        &[
-            "--codec",
-            "yaml",
-            "task",
-            "send",
-            "--queue",
-            &queue,
-            "not a list",
-        ],
-    )
-    .await;
+    let output = send_yaml("not a list").await;
     assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
     assert!(stderr(&output).contains("remote"), "{}", stderr(&output));
 

@@ -293,21 +293,27 @@ impl Handler<Drain> for TaskQueue {
     }
 }
 
-/// Counts a task as running while it lives.
-struct Running(Arc<watch::Sender<usize>>, Arc<QueueMeters>);
+/// Counts a task as running while it lives; carries its queue's meters to the dispatch.
+struct Running {
+    count: Arc<watch::Sender<usize>>,
+    meters: Arc<QueueMeters>,
+}
 
 impl Running {
-    fn start(counter: &Arc<watch::Sender<usize>>, meters: &Arc<QueueMeters>) -> Self {
-        counter.send_modify(|n| *n += 1);
+    fn start(count: &Arc<watch::Sender<usize>>, meters: &Arc<QueueMeters>) -> Self {
+        count.send_modify(|n| *n += 1);
         meters.running.increment(1.0);
-        Self(counter.clone(), meters.clone())
+        Self {
+            count: count.clone(),
+            meters: meters.clone(),
+        }
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
-        self.1.running.decrement(1.0);
+        self.count.send_modify(|n| *n -= 1);
+        self.meters.running.decrement(1.0);
     }
 }
 
@@ -344,7 +350,6 @@ impl StreamHandler<Delivery> for TaskQueue {
         let queue = self.queue.clone();
         let me = ctx.address();
         let running = Running::start(&self.running, &self.meters);
-        let meters = self.meters.clone();
         let first = self.turn;
         self.turn = self.turn.wrapping_add(1);
         let (trace, span) = crate::trace::handle_span(
@@ -355,7 +360,16 @@ impl StreamHandler<Delivery> for TaskQueue {
             delivery.traceparent,
         );
         let handling = async move {
-            dispatch(delivery, subscribers, first, link, queue, &meters, me).await;
+            dispatch(
+                delivery,
+                subscribers,
+                first,
+                link,
+                queue,
+                &running.meters,
+                me,
+            )
+            .await;
             drop(running);
         };
         actix::spawn(crate::trace::maybe_scope(trace, handling).instrument(span));

@@ -26,7 +26,7 @@ impl Shared {
     pub(super) fn address(&self, route: &Route) -> (&str, String) {
         let topology = &self.topology;
         match route {
-            Route::Task(queue) => (topology.exchange(Exchange::Tasks), queue.clone()),
+            Route::Task(queue) => (topology.exchange(Exchange::Tasks), queue.to_string()),
             Route::Rpc(identifier) => (
                 topology.exchange(Exchange::Messages),
                 format!("{RPC_TOPIC}.{identifier}"),

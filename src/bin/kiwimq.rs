@@ -201,9 +201,7 @@ async fn run(cli: Cli) -> Outcome {
     let result = match cli.command {
         Command::Rpc(RpcCommand::Call { id, body }) => {
             let body = parse(body.as_deref())?;
-            let reply = comm.rpc_send::<_, Value>(&id, &body).await.map_err(fail)?;
-            let value = reply.with_timeout(Some(timeout)).await.map_err(fail)?;
-            print(&value, connection.yaml)
+            print_reply(comm.rpc_send(&id, &body).await, timeout, connection.yaml).await
         }
         Command::Task(TaskCommand::Send {
             body,
@@ -218,9 +216,7 @@ async fn run(cli: Cli) -> Outcome {
             if no_reply {
                 queue.task_send_no_reply(&body).await.map_err(fail)
             } else {
-                let reply = queue.task_send::<_, Value>(&body).await.map_err(fail)?;
-                let value = reply.with_timeout(Some(timeout)).await.map_err(fail)?;
-                print(&value, connection.yaml)
+                print_reply(queue.task_send(&body).await, timeout, connection.yaml).await
             }
         }
         Command::Broadcast(BroadcastCommand::Send {
@@ -329,6 +325,20 @@ fn parse(text: Option<&str>) -> Result<Value, String> {
     };
     yaml_serde::from_str::<Value>(text)
         .map_err(|error| format!("the body '{text}' is neither JSON nor YAML: {error}"))
+}
+
+/// Waits for a sent request's reply, at most `timeout`, and prints it.
+async fn print_reply(
+    sent: kiwimq::Result<kiwimq::ReplyFuture<Value>>,
+    timeout: Duration,
+    yaml: bool,
+) -> Outcome {
+    let value = sent
+        .map_err(fail)?
+        .with_timeout(Some(timeout))
+        .await
+        .map_err(fail)?;
+    print(&value, yaml)
 }
 
 fn print(value: &Value, yaml: bool) -> Outcome {

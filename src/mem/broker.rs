@@ -314,15 +314,13 @@ impl Broker {
         })
     }
 
-    /// Drops a queue's ready messages; returns how many.
-    pub(crate) fn purge(&self, queue_name: &str) -> u32 {
+    /// Drops a queue's ready messages; returns how many, none if it does not exist.
+    pub(crate) fn purge(&self, queue_name: &str) -> Option<u32> {
         let mut state = self.lock();
-        let Some(queue) = state.queues.get_mut(queue_name) else {
-            return 0;
-        };
+        let queue = state.queues.get_mut(queue_name)?;
         let count = queue.messages.len();
         queue.messages.clear();
-        u32::try_from(count).unwrap_or(u32::MAX)
+        Some(u32::try_from(count).unwrap_or(u32::MAX))
     }
 
     pub(crate) fn get(self: &Arc<Self>, connection: u64, queue_name: &str) -> Option<Delivery> {
