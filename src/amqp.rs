@@ -232,6 +232,8 @@ struct Shared {
     state: watch::Sender<State>,
     events: broadcast::Sender<ConnectionEvent>,
     publisher: Slot,
+    /// Held while a publish is numbered and queued: see [`Shared::publish_in_order`].
+    publish_order: Mutex<()>,
     puller: Slot,
     /// Declare and delete the queues of consumers on shared channels, whose refusals (an
     /// identifier taken) must not close a channel others consume on. Several, because the
@@ -305,6 +307,7 @@ impl Shared {
             state: watch::Sender::new(State::Down("not connected yet".into())),
             events: events::channel(),
             publisher: Slot::default(),
+            publish_order: Mutex::new(()),
             puller: Slot::default(),
             declarers: Default::default(),
             shared_channels: tokio::sync::Mutex::default(),

@@ -11,7 +11,7 @@ use futures::Future;
 use futures::future::Either;
 use lapin::options::BasicPublishOptions;
 use lapin::protocol::AMQPSoftError;
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::time::Instant;
 
 use super::topology::{BROADCAST_TOPIC, RPC_TOPIC};
@@ -71,10 +71,11 @@ impl Shared {
         if let Some(channel) = self.ready_publisher() {
             let (exchange, routing_key) = self.address(&route);
             let attempt = async {
-                let confirm = channel
-                    .basic_publish(
-                        exchange.into(),
-                        routing_key.as_str().into(),
+                let confirm = self
+                    .publish_in_order(
+                        &channel,
+                        exchange,
+                        &routing_key,
                         publish_options(&message),
                         &message.body,
                         properties(&message),
@@ -107,6 +108,43 @@ impl Shared {
             .run(shared.publish(route, message, left))
             .await
             .and_then(|result| result)
+    }
+
+    /// `basic_publish` with its confirm numbered in the order its frames are queued.
+    ///
+    /// lapin numbers a publish (the delivery tag its confirm waits for) and then queues its
+    /// frames, both in the future's first poll, without a lock between them: two threads
+    /// publishing on one channel can queue in the other order than they were numbered, and
+    /// the broker's ack of one then completes the other's confirm. That reports a message
+    /// confirmed that the broker has not got (seen: a 140 MiB body the broker refused,
+    /// reported acked while other threads published; `tests/refusals.rs`). The first poll
+    /// runs under [`Shared::publish_order`], which makes numbering and queueing one step;
+    /// awaiting the frames' sending and the confirm happens outside it.
+    pub(super) async fn publish_in_order(
+        &self,
+        channel: &Channel,
+        exchange: &str,
+        routing_key: &str,
+        options: BasicPublishOptions,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> lapin::Result<PublisherConfirm> {
+        let mut publish = pin!(channel.basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            options,
+            body,
+            properties
+        ));
+        let mut order = Some(&self.publish_order);
+        std::future::poll_fn(|context| match order.take() {
+            Some(order) => {
+                let _queueing = lock(order);
+                publish.as_mut().poll(context)
+            }
+            None => publish.as_mut().poll(context),
+        })
+        .await
     }
 
     /// The broker's refusal of a publish when it is this message's own — the broker names
@@ -165,10 +203,11 @@ impl Shared {
         let confirmation = self
             .retrying(deadline, "publish", || async {
                 let channel = self.channel(&self.publisher, true, deadline).await?;
-                let sent = channel
-                    .basic_publish(
-                        exchange.into(),
-                        routing_key.as_str().into(),
+                let sent = self
+                    .publish_in_order(
+                        &channel,
+                        exchange,
+                        &routing_key,
                         options,
                         body,
                         properties.clone(),
