@@ -197,6 +197,16 @@ impl Drop for ConsumerChannel {
     }
 }
 
+/// The consumer of a communicator's RPC queue on one connection: each call goes to its
+/// identifier's stream by the routing key it was sent with.
+struct RpcRouter {
+    epoch: u64,
+    guard: Arc<ConsumerChannel>,
+    /// Identifier → its consumer's deliveries on this connection. Emptied when the queue's
+    /// consumer ends, which ends each identifier's stream: each is then restored.
+    routes: Mutex<HashMap<String, mpsc::UnboundedSender<Delivery>>>,
+}
+
 /// A registered consumer: what to restore after a loss, and the stream it feeds.
 struct Entry {
     source: Source,
@@ -245,6 +255,12 @@ struct Shared {
     /// (they need no channel of their own: no acks, no prefetch), each with how many
     /// consumers it was given: thousands of RPC identifiers stay far below `channel_max`.
     shared_channels: tokio::sync::Mutex<Vec<(Weak<ConsumerChannel>, usize)>>,
+    /// The communicator's one RPC queue, bound once per identifier it serves (unless each
+    /// identifier has an exclusive queue of its own).
+    rpc_queue: String,
+    /// The RPC queue's consumer on the current connection, and where it sends each
+    /// identifier's calls.
+    rpc_router: tokio::sync::Mutex<Option<Arc<RpcRouter>>>,
     /// Consumer tag → what it consumes.
     consumers: Mutex<HashMap<String, Entry>>,
     /// Task queues declared so far, declared again after a reconnection (a broker restart
@@ -311,6 +327,12 @@ impl Shared {
             puller: Slot::default(),
             declarers: Default::default(),
             shared_channels: tokio::sync::Mutex::default(),
+            rpc_queue: format!(
+                "{}.rpc-{}",
+                settings.message_exchange,
+                uuid::Uuid::new_v4().simple()
+            ),
+            rpc_router: tokio::sync::Mutex::default(),
             consumers: Mutex::default(),
             task_queues: Mutex::default(),
             closed: AtomicBool::new(false),

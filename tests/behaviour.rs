@@ -175,8 +175,10 @@ async fn rpc_add_remove_readd_subscriber(backend: Backend) {
     comm.close().await.unwrap();
 }
 
+/// An identifier is refused when this communicator serves it already, and — with
+/// exclusive RPC identifiers, or on `mem://` — when another one does.
 async fn rpc_duplicate_identifier_is_an_error(backend: Backend) {
-    let settings = settings(backend);
+    let settings = settings(backend).with_exclusive_rpc_identifiers(true);
     let comm = connect(&settings).await;
     let other = connect(&settings).await;
     comm.add_rpc_subscriber(Some("one"), Fib.start())
@@ -193,6 +195,42 @@ async fn rpc_duplicate_identifier_is_an_error(backend: Backend) {
     let answer: u64 = other.rpc_send("one", &10i64).await.unwrap().await.unwrap();
     assert_eq!(answer, 55, "the first subscriber still serves");
     comm.close().await.unwrap();
+    other.close().await.unwrap();
+}
+
+/// Without exclusive identifiers (the default), an identifier served by this communicator
+/// is refused again, and one served by another communicator is served by both, as kiwiPy
+/// does: each call is answered, and each stops when it removes its subscriber.
+#[actix_rt::test]
+async fn amqp_an_identifier_served_elsewhere_is_served_by_both_by_default() {
+    let settings = settings(Backend::Amqp);
+    let (one, other) = (connect(&settings).await, connect(&settings).await);
+    for (comm, answer) in [(&one, 1i64), (&other, 2)] {
+        comm.add_rpc_subscriber(Some("both"), move |_: Rpc<i64>| async move {
+            Ok::<_, HandlerError>(answer)
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        kind(one.add_rpc_subscriber(Some("both"), Fib.start()).await),
+        ErrorKind::DuplicateSubscriber("both".into())
+    );
+    let mut answers = std::collections::HashSet::new();
+    for _ in 0..10 {
+        let answer: i64 = one.rpc_send("both", &0i64).await.unwrap().await.unwrap();
+        answers.insert(answer);
+    }
+    assert!(answers.is_subset(&[1, 2].into()), "{answers:?}");
+    one.remove_rpc_subscriber("both").await.unwrap();
+    let answer: i64 = one.rpc_send("both", &0i64).await.unwrap().await.unwrap();
+    assert_eq!(answer, 2, "the other communicator still serves");
+    other.remove_rpc_subscriber("both").await.unwrap();
+    assert!(matches!(
+        kind(one.rpc_send::<_, i64>("both", &0i64).await),
+        ErrorKind::Unroutable(_)
+    ));
+    one.close().await.unwrap();
     other.close().await.unwrap();
 }
 

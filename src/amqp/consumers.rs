@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::pin::pin;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::channel::mpsc;
@@ -13,15 +13,16 @@ use futures::{Future, StreamExt};
 use lapin::Connection;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicQosOptions, BasicRejectOptions, QueueDeleteOptions,
+    BasicQosOptions, BasicRejectOptions, QueueBindOptions, QueueDeleteOptions,
 };
 use lapin::protocol::AMQPSoftError;
 use lapin::types::FieldTable;
 use tokio::time::Instant;
 
+use super::topology::{RPC_TOPIC, Topology};
 use super::{
-    Attempt, ConsumerChannel, Entry, Shared, amqp_error, amqp_error_refused, explain, lock,
-    soft_error,
+    Attempt, ConsumerChannel, Entry, RpcRouter, Shared, amqp_error, amqp_error_refused, explain,
+    lock, soft_error,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::{Acker, Consumer, Delivery, Outcome, QueueStats, Settle, Source};
@@ -44,17 +45,23 @@ impl Shared {
 
     /// Declares the source's queue on `connection` (number `epoch`) and consumes it under
     /// `tag`: a task or reply queue on a channel of its own (its prefetch and acks are its
-    /// own), an RPC or broadcast queue on a shared channel. Returns the channel, the
-    /// consumer and whether deliveries are auto-acked.
+    /// own), an RPC or broadcast queue on a shared channel; an RPC identifier, unless it
+    /// has a queue of its own, as a binding of the communicator's RPC queue. Returns the
+    /// channel and what feeds the consumer.
     pub(super) async fn start(
-        &self,
+        self: &Arc<Self>,
         connection: &Connection,
         epoch: u64,
         tag: &str,
         source: &Source,
         prefetch: u16,
-    ) -> Result<(Arc<ConsumerChannel>, lapin::Consumer, bool)> {
+    ) -> Result<(Arc<ConsumerChannel>, Feed)> {
         let topology = &self.topology;
+        if let Source::Rpc(identifier) = source
+            && !topology.exclusive_rpc_identifiers
+        {
+            return self.route_rpc(connection, epoch, identifier).await;
+        }
         let queue = self.queue_of(source);
         let (guard, no_ack) = match source {
             Source::Tasks(queue) => {
@@ -108,7 +115,112 @@ impl Shared {
             )
             .await
             .map_err(amqp_error)?;
-        Ok((guard, consumer, no_ack))
+        Ok((guard, Feed::Consumer(consumer, no_ack)))
+    }
+
+    /// The communicator's RPC queue consumed on `connection` (number `epoch`), declared
+    /// and consumed when it is not yet.
+    async fn rpc_router(
+        self: &Arc<Self>,
+        connection: &Connection,
+        epoch: u64,
+    ) -> Result<Arc<RpcRouter>> {
+        let mut held = self.rpc_router.lock().await;
+        if let Some(router) = &*held
+            && router.epoch == epoch
+            && router.guard.channel.status().connected()
+        {
+            return Ok(router.clone());
+        }
+        let guard = self.own_channel(connection).await?;
+        let queue = self.rpc_queue.as_str();
+        self.topology
+            .declare_rpc_router_queue(&guard.channel, queue)
+            .await
+            .map_err(amqp_error_refused)?;
+        let options = BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        };
+        let consumer = guard
+            .channel
+            .basic_consume(
+                queue.into(),
+                "kiwimq-rpc".into(),
+                options,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp_error)?;
+        let router = Arc::new(RpcRouter {
+            epoch,
+            guard,
+            routes: Mutex::default(),
+        });
+        self.io.handle.spawn(route_calls(router.clone(), consumer));
+        *held = Some(router.clone());
+        Ok(router)
+    }
+
+    /// Serves `identifier` from the communicator's RPC queue: its calls are routed to a
+    /// stream of their own, then the queue is bound with the identifier's routing key.
+    async fn route_rpc(
+        self: &Arc<Self>,
+        connection: &Connection,
+        epoch: u64,
+        identifier: &str,
+    ) -> Result<(Arc<ConsumerChannel>, Feed)> {
+        let router = self.rpc_router(connection, epoch).await?;
+        let (sender, receiver) = mpsc::unbounded();
+        lock(&router.routes).insert(identifier.to_owned(), sender);
+        let bound = async {
+            let declarer = self
+                .channel_on(self.declarer(identifier), false, connection, epoch)
+                .await?;
+            declarer
+                .queue_bind(
+                    self.rpc_queue.as_str().into(),
+                    self.topology.message_exchange.as_str().into(),
+                    Topology::rpc_key(identifier).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|error| self.declare_error(error, &Source::Rpc(identifier.to_owned()), ""))
+        };
+        match bound.await {
+            Ok(()) => Ok((router.guard.clone(), Feed::Routed(receiver))),
+            Err(error) => {
+                lock(&router.routes).remove(identifier);
+                Err(error)
+            }
+        }
+    }
+
+    /// Stops serving `identifier` from the communicator's RPC queue: unbound, then its
+    /// stream ends. Nothing to do on the broker when its connection is gone.
+    async fn unroute_rpc(self: &Arc<Self>, identifier: &str, router: &RpcRouter) -> Result<()> {
+        if router.guard.channel.status().connected() {
+            let deadline = Instant::now() + self.send_timeout;
+            let key = Topology::rpc_key(identifier);
+            self.retrying(deadline, "unbind", || async {
+                let declarer = self
+                    .channel(self.declarer(identifier), false, deadline)
+                    .await?;
+                declarer
+                    .queue_unbind(
+                        self.rpc_queue.as_str().into(),
+                        self.topology.message_exchange.as_str().into(),
+                        key.as_str().into(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| Attempt::unless_refused(amqp_error_refused(e)))
+            })
+            .await?;
+        }
+        lock(&router.routes).remove(identifier);
+        Ok(())
     }
 
     /// A declaration the broker refused. The declaring channel is shared, and every
@@ -116,7 +228,7 @@ impl Shared {
     /// the broker names its queue (an identifier taken is `DuplicateSubscriber`); the
     /// others are tried again.
     fn declare_error(&self, error: lapin::Error, source: &Source, queue: &str) -> Error {
-        let ours = error.to_string().contains(&format!("'{queue}'"));
+        let ours = !queue.is_empty() && error.to_string().contains(&format!("'{queue}'"));
         match (soft_error(&error), source) {
             (Some(AMQPSoftError::RESOURCELOCKED), Source::Rpc(identifier)) if ours => {
                 Error::new(ErrorKind::DuplicateSubscriber(identifier.clone()))
@@ -165,28 +277,46 @@ impl Shared {
         self: &Arc<Self>,
         consumers: &mut HashMap<String, Entry>,
         tag: &str,
-        (guard, consumer, no_ack): (Arc<ConsumerChannel>, lapin::Consumer, bool),
+        (guard, feed): (Arc<ConsumerChannel>, Feed),
     ) -> bool {
         let Some(entry) = consumers.get_mut(tag) else {
-            let channel = guard.channel.clone();
+            let shared = self.clone();
             let tag = tag.to_owned();
             self.io.handle.spawn(async move {
-                let _ = channel
-                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                    .await;
+                match feed {
+                    Feed::Consumer(..) => {
+                        let _ = guard
+                            .channel
+                            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                            .await;
+                    }
+                    Feed::Routed(_) => {
+                        let router = shared.rpc_router.lock().await.clone();
+                        if let Some(router) = router {
+                            let _ = shared.unroute_rpc(&tag, &router).await;
+                        }
+                    }
+                }
             });
             return false;
         };
         entry.active = Some(guard.clone());
         entry.failures = 0;
         entry.retry_at = None;
-        let deliveries = deliveries(
-            Arc::downgrade(self),
-            tag.to_owned(),
-            consumer,
-            guard,
-            no_ack,
-        );
+        let shared = Arc::downgrade(self);
+        let deliveries = match feed {
+            Feed::Consumer(consumer, no_ack) => {
+                deliveries(shared, tag.to_owned(), consumer, guard, no_ack)
+            }
+            Feed::Routed(calls) => {
+                let tag = tag.to_owned();
+                let ended = futures::stream::once(async move {
+                    consumer_ended(&shared, &tag, &guard);
+                })
+                .filter_map(|()| futures::future::ready(None));
+                calls.chain(ended).boxed()
+            }
+        };
         entry.sender.unbounded_send(deliveries).is_ok()
     }
 
@@ -300,6 +430,18 @@ impl Shared {
         let Some(guard) = entry.active else {
             return Ok(());
         };
+        if let Source::Rpc(identifier) = &entry.source
+            && !self.topology.exclusive_rpc_identifiers
+        {
+            let router = self.rpc_router.lock().await.clone();
+            return match router {
+                Some(router) if Arc::ptr_eq(&router.guard, &guard) => {
+                    self.unroute_rpc(identifier, &router).await
+                }
+                // Its router is gone with its connection, and the binding with it.
+                _ => Ok(()),
+            };
+        }
         let channel = &guard.channel;
         if !channel.status().connected() {
             return Ok(());
@@ -445,6 +587,34 @@ pub(super) fn deliveries(
     let ended = futures::stream::once(async move { consumer_ended(&shared, &tag, &guard) })
         .filter_map(|()| futures::future::ready(None));
     delivered.chain(ended).boxed()
+}
+
+/// What feeds a consumer on one connection: a lapin consumer (and whether its deliveries
+/// are auto-acked), or the calls the communicator's RPC queue routes to an identifier.
+pub(super) enum Feed {
+    Consumer(lapin::Consumer, bool),
+    Routed(mpsc::UnboundedReceiver<Delivery>),
+}
+
+/// Routes each call on the communicator's RPC queue to its identifier's stream, until the
+/// queue's consumer ends; then every identifier's stream ends, and each is restored.
+async fn route_calls(router: Arc<RpcRouter>, mut consumer: lapin::Consumer) {
+    let prefix = format!("{RPC_TOPIC}.");
+    while let Some(Ok(delivery)) = consumer.next().await {
+        let key = delivery.routing_key.as_str();
+        let routes = lock(&router.routes);
+        match key.strip_prefix(&prefix).and_then(|id| routes.get(id)) {
+            Some(route) => {
+                let _ = route.unbounded_send(convert(delivery, None));
+            }
+            // Sent before the identifier was unbound, handled after: as when its own
+            // queue is deleted, the call goes unanswered.
+            None => {
+                tracing::debug!(routing_key = %key, "a call for an identifier no longer served")
+            }
+        }
+    }
+    lock(&router.routes).clear();
 }
 
 /// A lapin consumer ended. Unless it was cancelled or already replaced, the consumer waits

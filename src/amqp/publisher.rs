@@ -14,7 +14,7 @@ use lapin::protocol::AMQPSoftError;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::time::Instant;
 
-use super::topology::{BROADCAST_TOPIC, RPC_TOPIC};
+use super::topology::{BROADCAST_TOPIC, Topology};
 use super::{
     Attempt, Shared, State, TICK, amqp_error, amqp_error_refused, lock, soft_error, usable,
 };
@@ -29,7 +29,7 @@ impl Shared {
             Route::Task(queue) => (topology.exchange(Exchange::Tasks), queue.to_string()),
             Route::Rpc(identifier) => (
                 topology.exchange(Exchange::Messages),
-                format!("{RPC_TOPIC}.{identifier}"),
+                Topology::rpc_key(identifier),
             ),
             Route::Broadcast => (
                 topology.exchange(Exchange::Messages),

@@ -31,6 +31,8 @@ pub(crate) struct Topology {
     quorum: bool,
     /// Reply queues are too: asked for, so that replies survive a node's loss.
     quorum_replies: bool,
+    /// A queue per RPC identifier, instead of one per communicator bound per identifier.
+    pub(crate) exclusive_rpc_identifiers: bool,
 }
 
 fn millis(duration: Duration) -> AMQPValue {
@@ -84,6 +86,7 @@ impl Topology {
             delivery_limit: settings.delivery_limit,
             quorum: settings.quorum_queues || settings.delivery_limit.is_some(),
             quorum_replies: settings.quorum_queues,
+            exclusive_rpc_identifiers: settings.exclusive_rpc_identifiers,
         }
     }
 
@@ -227,8 +230,9 @@ impl Topology {
         .await
     }
 
-    /// The queue name of an RPC identifier. Named by us (never server-named) and exclusive,
-    /// so a second communicator claiming the identifier is refused by the broker.
+    /// The queue name of an RPC identifier, with exclusive RPC identifiers. Named by us
+    /// (never server-named) and exclusive, so a second communicator claiming the
+    /// identifier is refused by the broker.
     pub(crate) fn rpc_queue(&self, identifier: &str) -> String {
         format!("{}.rpc.{identifier}", self.message_exchange)
     }
@@ -249,7 +253,7 @@ impl Topology {
             ("x-message-ttl", millis(self.message_ttl)),
             ("x-expires", millis(self.queue_expires)),
         ]);
-        let key = format!("{RPC_TOPIC}.{identifier}");
+        let key = Self::rpc_key(identifier);
         declare_bound(
             channel,
             &queue,
@@ -260,6 +264,29 @@ impl Topology {
         )
         .await?;
         Ok(queue)
+    }
+
+    /// The RPC routing key of an identifier: `[rpc].<identifier>`.
+    pub(crate) fn rpc_key(identifier: &str) -> String {
+        format!("{RPC_TOPIC}.{identifier}")
+    }
+
+    /// A communicator's one RPC queue, bound once per identifier it serves: exclusive,
+    /// 66 s message TTL, as kiwiPy's RPC queues.
+    pub(crate) async fn declare_rpc_router_queue(
+        &self,
+        channel: &Channel,
+        queue: &str,
+    ) -> lapin::Result<()> {
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            ..Default::default()
+        };
+        let arguments = table(&[("x-message-ttl", millis(self.message_ttl))]);
+        channel
+            .queue_declare(queue.into(), options, arguments)
+            .await
+            .map(drop)
     }
 
     /// A broadcast queue: exclusive, 66 s message TTL, bound with `[broadcast]`.
