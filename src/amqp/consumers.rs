@@ -600,7 +600,14 @@ pub(super) enum Feed {
 /// queue's consumer ends; then every identifier's stream ends, and each is restored.
 async fn route_calls(router: Arc<RpcRouter>, mut consumer: lapin::Consumer) {
     let prefix = format!("{RPC_TOPIC}.");
-    while let Some(Ok(delivery)) = consumer.next().await {
+    while let Some(item) = consumer.next().await {
+        let delivery = match item {
+            Ok(delivery) => delivery,
+            Err(error) => {
+                tracing::debug!(%error, "the RPC queue's consumer stopped");
+                break;
+            }
+        };
         let key = delivery.routing_key.as_str();
         let routes = lock(&router.routes);
         match key.strip_prefix(&prefix).and_then(|id| routes.get(id)) {
