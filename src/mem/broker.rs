@@ -88,7 +88,8 @@ struct Queue {
     consumers: Vec<Slot>,
     /// Round-robin position among consumers.
     cursor: usize,
-    unacked: HashMap<u64, Unacked>,
+    /// Keyed by the queue's own delivery numbers: foldhash, not SipHash (see `Replies`).
+    unacked: HashMap<u64, Unacked, foldhash::fast::RandomState>,
     next_delivery: u64,
     /// Deliveries settle themselves (RPC, broadcasts, replies): at-most-once queues.
     auto_ack: bool,
@@ -128,10 +129,11 @@ impl Queue {
 
 #[derive(Default)]
 struct State {
-    queues: HashMap<String, Queue>,
+    /// Looked up on every publish and settle: foldhash, not SipHash (see `Replies`).
+    queues: HashMap<String, Queue, foldhash::fast::RandomState>,
     broadcast_queues: Vec<String>,
     /// consumer tag → queue name.
-    consumers: HashMap<String, String>,
+    consumers: HashMap<String, String, foldhash::fast::RandomState>,
     next_id: u64,
 }
 
