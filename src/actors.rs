@@ -32,6 +32,8 @@ pub(crate) struct Link {
     /// Task queues have a delivery limit and a dead-letter queue
     /// ([`Settings::with_delivery_limit`](crate::Settings::with_delivery_limit)).
     pub(crate) dead_lettering: bool,
+    /// This communicator's subscribers, in the process-wide gauge.
+    pub(crate) subscribers: Arc<crate::metrics::SubscriberCount>,
 }
 
 impl Link {

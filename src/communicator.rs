@@ -140,6 +140,7 @@ impl Communicator {
             codec: settings.codec,
             max_message_size: settings.max_message_size,
             dead_lettering: settings.delivery_limit.is_some(),
+            subscribers: Arc::default(),
         };
         let replies = Replies::new();
         let task_reply_queue = format!("{}-reply-{}", settings.task_exchange, new_id());
@@ -375,7 +376,7 @@ impl Communicator {
             .await
             .map_err(|_| Error::closed())?;
         if outcome.is_ok() {
-            crate::metrics::gauge(crate::metrics::SUBSCRIBERS, "rpc", 1.0);
+            inner.link.subscribers.add("rpc", 1);
         }
         outcome
     }
@@ -394,7 +395,7 @@ impl Communicator {
                 identifier.to_owned(),
             )));
         };
-        crate::metrics::gauge(crate::metrics::SUBSCRIBERS, "rpc", -1.0);
+        inner.link.subscribers.add("rpc", -1);
         // Its consumer cancelled and forgotten by the supervisor, the endpoint stops.
         endpoint
             .send(rpc_endpoint::Unsubscribe)
@@ -452,7 +453,7 @@ impl Communicator {
         })
         .await
         .map_err(|_| Error::closed())??;
-        crate::metrics::gauge(crate::metrics::SUBSCRIBERS, "broadcast", 1.0);
+        inner.link.subscribers.add("broadcast", 1);
         Ok(id)
     }
 
@@ -472,7 +473,7 @@ impl Communicator {
                 identifier.to_owned(),
             )));
         }
-        crate::metrics::gauge(crate::metrics::SUBSCRIBERS, "broadcast", -1.0);
+        inner.link.subscribers.add("broadcast", -1);
         Ok(())
     }
 
@@ -497,6 +498,7 @@ impl Communicator {
             bounded_close(inner.link.transport.close()).await
         };
         let result = self.inner.runtime.run(close).await.and_then(|r| r);
+        self.inner.link.subscribers.close();
         self.inner.runtime.stop();
         self.inner.supervision.stop();
         result

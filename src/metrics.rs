@@ -162,6 +162,54 @@ pub(crate) fn gauge(name: &'static str, kind: &'static str, delta: f64) {
     }
 }
 
+/// One communicator's subscribers by kind, mirrored in the process-wide
+/// [`SUBSCRIBERS`] gauge. What is left when the communicator closes (or its last handle
+/// goes) is taken off the gauge, and later removals — actors stopping after the close —
+/// are not counted twice.
+#[derive(Debug, Default)]
+pub(crate) struct SubscriberCount {
+    /// Task, RPC and broadcast subscribers.
+    counts: [std::sync::atomic::AtomicI64; 3],
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl SubscriberCount {
+    const KINDS: [&'static str; 3] = ["task", "rpc", "broadcast"];
+
+    /// Counts `delta` subscribers of `kind` (`"task"`, `"rpc"` or `"broadcast"`).
+    pub(crate) fn add(&self, kind: &'static str, delta: i64) {
+        use std::sync::atomic::Ordering;
+        let Some(index) = Self::KINDS.iter().position(|known| *known == kind) else {
+            return;
+        };
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        self.counts[index].fetch_add(delta, Ordering::AcqRel);
+        gauge(SUBSCRIBERS, kind, delta as f64);
+    }
+
+    /// Takes this communicator's subscribers off the gauge, once.
+    pub(crate) fn close(&self) {
+        use std::sync::atomic::Ordering;
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for (kind, count) in Self::KINDS.iter().zip(&self.counts) {
+            let left = count.swap(0, Ordering::AcqRel);
+            if left != 0 {
+                gauge(SUBSCRIBERS, kind, -(left as f64));
+            }
+        }
+    }
+}
+
+impl Drop for SubscriberCount {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
 /// Records the time since `since` in a histogram of `kind`.
 pub(crate) fn elapsed(name: &'static str, kind: &'static str, since: Instant) {
     let seconds = since.elapsed().as_secs_f64();

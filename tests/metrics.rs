@@ -134,4 +134,13 @@ async fn counts_match_known_traffic() {
     );
     worker.close().await.unwrap();
     client.close().await.unwrap();
+    // Closed with its subscribers: none counted any more.
+    let page = handle.render();
+    for kind in ["task", "rpc", "broadcast"] {
+        assert_eq!(
+            sample(&page, "kiwimq_subscribers", &[("kind", kind)]),
+            Some(0.0),
+            "{kind}: {page}"
+        );
+    }
 }

@@ -216,14 +216,14 @@ impl Handler<AddSubscriber> for TaskQueue {
             return AtomicResponse::new(Box::pin(fut::ready(Err(Error::closed()))));
         }
         Arc::make_mut(&mut self.subscribers).push((message.id, message.handler));
-        crate::metrics::gauge(crate::metrics::SUBSCRIBERS, "task", 1.0);
+        self.link.subscribers.add("task", 1);
         if self.consumer.is_some() {
             return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
         }
         AtomicResponse::new(Box::pin(self.consume().map(|result, actor, _| {
             if result.is_err() {
                 Arc::make_mut(&mut actor.subscribers).pop();
-                crate::metrics::gauge(crate::metrics::SUBSCRIBERS, "task", -1.0);
+                actor.link.subscribers.add("task", -1);
             }
             result
         })))
@@ -237,7 +237,7 @@ impl Handler<RemoveSubscriber> for TaskQueue {
         let before = self.subscribers.len();
         Arc::make_mut(&mut self.subscribers).retain(|(id, _)| *id != message.id);
         if self.subscribers.len() < before {
-            crate::metrics::gauge(crate::metrics::SUBSCRIBERS, "task", -1.0);
+            self.link.subscribers.add("task", -1);
         }
         if self.subscribers.len() == before && !message.dead {
             let error = Error::new(ErrorKind::UnknownSubscriber(message.id));
