@@ -18,6 +18,7 @@ use crate::communicator::Inner;
 use crate::error::{Error, ErrorKind, Result};
 use crate::messages::{HandlerError, Task};
 use crate::subscriber::IntoSubscriber;
+use crate::trace::TraceContext;
 use crate::transport::{Acker, Delivery, Exchange, Outcome, Outgoing, Route};
 
 /// One named task queue: tasks sent to it wait there, durably, until a worker takes one.
@@ -306,6 +307,8 @@ pub struct PulledTask<T> {
     redelivered: bool,
     correlation_id: Option<String>,
     reply_to: Option<String>,
+    /// The handling's trace context: a child of the sender's, when it sent one.
+    trace: Option<TraceContext>,
     acker: Option<Acker>,
     link: Link,
     parking: Option<Parking>,
@@ -321,7 +324,7 @@ impl<T: DeserializeOwned> PulledTask<T> {
             reply_to,
             redelivered,
             acker,
-            ..
+            traceparent,
         } = delivery;
         match link.codec.decode::<TaskEnvelope<T>>(&body) {
             Ok((body, no_reply)) => Ok(Self {
@@ -330,6 +333,7 @@ impl<T: DeserializeOwned> PulledTask<T> {
                 redelivered,
                 correlation_id,
                 reply_to,
+                trace: traceparent.map(|sender| sender.child()),
                 acker: Some(acker),
                 link,
                 parking,
@@ -366,6 +370,13 @@ impl<T> PulledTask<T> {
         self.no_reply
     }
 
+    /// The trace this task's handling is part of, when its sender sent one (see
+    /// [`crate::trace`]): [`process`](Self::process) sends the result in it, and what the
+    /// worker sends inside [`trace::scope`](crate::trace::scope) with it continues it.
+    pub fn trace(&self) -> Option<TraceContext> {
+        self.trace
+    }
+
     /// Records the task's outcome: the result or error is sent to the sender (unless it
     /// asked for none), then the task is acknowledged. [`HandlerError::Rejected`] requeues.
     pub async fn process<R: Serialize>(
@@ -382,11 +393,10 @@ impl<T> PulledTask<T> {
         if let (false, Some(reply_to)) = (self.no_reply, self.reply_to.take()) {
             let bytes = encode_reply(self.link.codec, outcome, Some(Host::this_process()));
             let correlation_id = self.correlation_id.clone();
-            if let Err(error) = self
+            let reply = self
                 .link
-                .reply(Exchange::Tasks, reply_to, correlation_id, bytes)
-                .await
-            {
+                .reply(Exchange::Tasks, reply_to, correlation_id, bytes);
+            if let Err(error) = crate::trace::maybe_scope(self.trace, reply).await {
                 acker.settle(Outcome::Requeue);
                 return Err(error);
             }

@@ -129,3 +129,33 @@ async fn the_traceparent_is_an_amqp_header_on_the_wire() {
     let _ = connection.close(200, "done".into()).await;
     comm.close().await.unwrap();
 }
+
+/// A task pulled with `next_task` carries its sender's trace: `trace()` is a child of it,
+/// and the result `process` sends is answered as usual.
+#[actix::test]
+async fn a_pulled_task_continues_its_senders_trace() {
+    let comm = amqp_settings(&amqp_url()).connect().await.unwrap();
+    let queue = comm.task_queue("pulled");
+    let origin = TraceContext::new_trace();
+    let result = trace::scope(origin, queue.task_send::<_, u32>(&20u32))
+        .await
+        .unwrap();
+    let pulled = queue
+        .next_task::<u32>(std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    let context = pulled.trace().expect("the sender's trace");
+    assert_eq!(context.trace_id(), origin.trace_id());
+    assert_ne!(
+        context.span_id(),
+        origin.span_id(),
+        "the handling's own span"
+    );
+    let doubled = pulled.body() * 2;
+    pulled
+        .process(Ok::<_, kiwimq::HandlerError>(doubled))
+        .await
+        .unwrap();
+    assert_eq!(result.await.unwrap(), 40);
+    comm.close().await.unwrap();
+}
