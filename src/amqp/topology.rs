@@ -278,15 +278,23 @@ impl Topology {
         channel: &Channel,
         queue: &str,
     ) -> lapin::Result<()> {
-        let options = QueueDeclareOptions {
-            exclusive: true,
-            ..Default::default()
-        };
-        let arguments = table(&[("x-message-ttl", millis(self.message_ttl))]);
+        let (options, arguments) = self.message_queue(false);
         channel
             .queue_declare(queue.into(), options, arguments)
             .await
             .map(drop)
+    }
+
+    /// The options and arguments of a queue of messages (RPC or broadcasts): exclusive,
+    /// with the 66 s message TTL.
+    fn message_queue(&self, auto_delete: bool) -> (QueueDeclareOptions, FieldTable) {
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete,
+            ..Default::default()
+        };
+        let arguments = table(&[("x-message-ttl", millis(self.message_ttl))]);
+        (options, arguments)
     }
 
     /// A broadcast queue: exclusive, 66 s message TTL, bound with `[broadcast]`.
@@ -295,12 +303,7 @@ impl Topology {
         channel: &Channel,
         queue: &str,
     ) -> lapin::Result<()> {
-        let options = QueueDeclareOptions {
-            exclusive: true,
-            auto_delete: true,
-            ..Default::default()
-        };
-        let arguments = table(&[("x-message-ttl", millis(self.message_ttl))]);
+        let (options, arguments) = self.message_queue(true);
         declare_bound(
             channel,
             queue,
