@@ -127,7 +127,9 @@ impl Communicator {
         let supervision = Runtime::start("kiwimq-supervisor")?;
         let transport: Arc<dyn Transport> = match settings.uri.split_once("://") {
             Some(("mem", name)) => Arc::new(mem::MemTransport::connect(name, &settings)),
-            Some(("amqp" | "amqps", _)) => crate::amqp::connect(&settings).await?,
+            Some(("amqp" | "amqps", _)) => {
+                crate::amqp::connect(&settings, runtime.arbiter().clone()).await?
+            }
             _ => {
                 return Err(Error::config(format!(
                     "unsupported URI '{}': expected mem://[NAME], amqp://… or amqps://…",

@@ -115,14 +115,14 @@ impl Transport for MemTransport {
             Source::Broadcasts(queue) => (queue, exclusive(true, true)),
             Source::Replies(_, queue) => (queue, exclusive(true, false)),
         };
-        let (tx, deliveries) = futures::channel::mpsc::unbounded();
+        let (tx, mut deliveries) = tokio::sync::mpsc::unbounded_channel();
         let result = self.check_open().and_then(|()| {
             let tag =
                 self.broker
                     .consume(self.connection, &queue, mode, prefetch, Sink::Channel(tx))?;
             Ok(Consumer {
                 tag,
-                deliveries: deliveries.boxed(),
+                deliveries: futures::stream::poll_fn(move |cx| deliveries.poll_recv(cx)).boxed(),
             })
         });
         future::ready(result).boxed()

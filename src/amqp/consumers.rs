@@ -157,7 +157,9 @@ impl Shared {
             guard,
             routes: Mutex::default(),
         });
-        self.io.handle.spawn(route_calls(router.clone(), consumer));
+        if !self.actors.spawn(route_calls(router.clone(), consumer)) {
+            return Err(Error::closed());
+        }
         *held = Some(router.clone());
         Ok(router)
     }

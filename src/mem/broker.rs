@@ -8,7 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use futures::channel::mpsc;
+use tokio::sync::mpsc;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::{
@@ -29,7 +29,10 @@ struct Stored {
 
 /// Where a consumer's deliveries go.
 pub(crate) enum Sink {
-    /// A stream its reader polls on its own thread.
+    /// A stream its reader polls on its own thread. tokio's channel stores messages in
+    /// blocks it reuses, where a linked-list channel allocates a node per message on the
+    /// sender's thread and frees it on the reader's: with glibc's allocator every such free
+    /// takes the sender's arena lock, and the two threads of a round trip queue on it.
     Channel(mpsc::UnboundedSender<Delivery>),
     /// Handed over at once, under the broker's lock: for reply consumers, whose handler
     /// only passes the reply on to the future awaiting it.
@@ -47,7 +50,7 @@ impl Sink {
     /// Hands `delivery` over; gives it back if the reader went away.
     fn send(&self, delivery: Delivery) -> Option<Delivery> {
         match self {
-            Sink::Channel(tx) => tx.unbounded_send(delivery).err().map(|e| e.into_inner()),
+            Sink::Channel(tx) => tx.send(delivery).err().map(|e| e.0),
             Sink::Direct(deliver) => {
                 deliver(delivery);
                 None
