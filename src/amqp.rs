@@ -387,10 +387,18 @@ impl Attempt {
     }
 }
 
-/// A lapin error whose soft protocol error (a refusal) becomes a `Config` error, so
-/// retrying stops: a queue declared with other arguments, access refused, and the like.
+/// A lapin error whose soft protocol error (a refusal) stops retrying: a limit of the
+/// vhost or the broker reached is `Refused`, naming it; a queue declared with other
+/// arguments, access refused and the like are `Config` errors.
 fn amqp_error_refused(error: lapin::Error) -> Error {
     match soft_error(&error) {
+        Some(_) if names_a_limit(&error.to_string()) => {
+            let reason = format!(
+                "the broker refused: {error}: a limit of the broker or its vhost is reached \
+                 (rabbitmqctl list_vhost_limits; a policy's or the broker's max queues)"
+            );
+            Error::with_source(ErrorKind::Refused(reason), error)
+        }
         Some(soft) if soft != AMQPSoftError::NOTFOUND => {
             let mut reason = format!("the broker refused: {error} ({soft:?})");
             if let Some(setting) = inequivalent_setting(&error.to_string()) {
@@ -403,6 +411,12 @@ fn amqp_error_refused(error: lapin::Error) -> Error {
         }
         _ => amqp_error(error),
     }
+}
+
+/// Whether a refusal says a limit was reached, as RabbitMQ's do: "queue limit in vhost
+/// 'v' (3) is reached", "cannot declare queue 'q': queue limit in cluster (…) is reached".
+fn names_a_limit(text: &str) -> bool {
+    text.contains("limit") && text.contains("reached")
 }
 
 /// The setting behind the argument a broker names in "inequivalent arg '…'".

@@ -10,6 +10,7 @@ use std::time::Duration;
 use kiwimq::{Broadcast, BroadcastFilter, BroadcastOptions, Codec, Rpc, Settings, Task, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+use common::vhost::Vhost;
 use common::{SOON, amqp_settings, amqp_url, eventually, example, seen};
 
 /// Settings of this test's own exchanges, and the `--prefix` that names them.
@@ -277,48 +278,6 @@ async fn queue_stats_and_dead_letters_without_taking_a_task() {
     ran.sort_unstable();
     assert_eq!(ran, vec![0, 1, 2, 10, 11]);
     comm.close().await.unwrap();
-}
-
-/// A vhost of its own, so the examples (which use kiwiPy's default exchange names and
-/// identifiers) meet nobody else's.
-struct Vhost(String);
-
-impl Vhost {
-    fn new() -> Vhost {
-        let name = format!("kiwimq-test-{}", uuid::Uuid::new_v4().simple());
-        for args in [
-            vec!["add_vhost", name.as_str()],
-            vec![
-                "set_permissions",
-                "-p",
-                name.as_str(),
-                "guest",
-                ".*",
-                ".*",
-                ".*",
-            ],
-        ] {
-            let status = std::process::Command::new("rabbitmqctl")
-                .arg("-q")
-                .args(&args)
-                .status()
-                .unwrap();
-            assert!(status.success(), "rabbitmqctl {args:?}");
-        }
-        Vhost(name)
-    }
-
-    fn uri(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.0)
-    }
-}
-
-impl Drop for Vhost {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("rabbitmqctl")
-            .args(["-q", "delete_vhost", &self.0])
-            .status();
-    }
 }
 
 /// An example's output, line by line.

@@ -10,6 +10,7 @@ use futures::StreamExt;
 use kiwimq::{Communicator, ConnectionEvent, ErrorKind, HandlerError, Rpc, Task};
 
 use common::proxy::{Proxy, upstream};
+use common::vhost::Vhost;
 use common::{SOON, amqp_settings, amqp_url};
 
 const IDENTIFIERS: usize = 10_000;
@@ -128,6 +129,63 @@ async fn running_out_of_channels_is_a_clear_error_not_a_hang() {
         "refused at once, not after retries: {took:?}"
     );
     let first = &subscribed[0];
+    assert_eq!(
+        first.task_send::<_, u32>(&5).await.unwrap().await.unwrap(),
+        5
+    );
+    comm.close().await.unwrap();
+}
+
+/// A vhost's `max-queues` limit: a subscription or a send that needs one queue more fails at
+/// once with `Refused` in the broker's words, and what was set up before keeps working.
+#[actix_rt::test]
+async fn a_vhost_queue_limit_is_a_clear_error_not_a_hang() {
+    let vhost = Vhost::new();
+    // The communicator's two reply queues and one task queue fit; nothing more does.
+    vhost.limit(r#"{"max-queues": 3}"#);
+    let comm = amqp_settings(&vhost.uri()).connect().await.unwrap();
+    let first = comm.task_queue(common::unique("first"));
+    first
+        .add_task_subscriber(|task: Task<u32>| async move { Ok::<_, HandlerError>(task.body) })
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let second = comm.task_queue(common::unique("second"));
+    let subscribing = second
+        .add_task_subscriber(|task: Task<u32>| async move { Ok::<_, HandlerError>(task.body) });
+    let error = tokio::time::timeout(SOON, subscribing)
+        .await
+        .expect("subscribing never hangs")
+        .expect_err("one queue too many");
+    assert!(
+        matches!(error.kind(), ErrorKind::Refused(reason) if reason.contains("limit")),
+        "{error}"
+    );
+    let third = comm.task_queue(common::unique("third"));
+    let sending = third.task_send::<_, u32>(&1);
+    let error = tokio::time::timeout(SOON, sending)
+        .await
+        .expect("sending never hangs")
+        .expect_err("one queue too many");
+    assert!(
+        matches!(error.kind(), ErrorKind::Refused(reason) if reason.contains("limit")),
+        "{error}"
+    );
+    let rpc = comm.add_rpc_subscriber(Some("over-the-limit"), |rpc: Rpc<u32>| async move {
+        Ok::<_, HandlerError>(rpc.body)
+    });
+    let error = tokio::time::timeout(SOON, rpc)
+        .await
+        .expect("subscribing never hangs")
+        .expect_err("the RPC queue is one queue too many");
+    assert!(
+        matches!(error.kind(), ErrorKind::Refused(reason) if reason.contains("limit")),
+        "{error}"
+    );
+    println!(
+        "[scale figures] a vhost's max-queues reached: refused in {:.1?} with: {error}",
+        started.elapsed()
+    );
     assert_eq!(
         first.task_send::<_, u32>(&5).await.unwrap().await.unwrap(),
         5

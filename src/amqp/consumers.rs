@@ -71,10 +71,11 @@ impl Shared {
                     .basic_qos(prefetch, BasicQosOptions::default())
                     .await
                     .map_err(amqp_error)?;
+                // Its own channel: a refusal there is this declaration's.
                 topology
                     .declare_task_queue(&guard.channel, queue)
                     .await
-                    .map_err(amqp_error)?;
+                    .map_err(amqp_error_refused)?;
                 (guard, false)
             }
             Source::Replies(exchange, queue) => {
@@ -82,7 +83,7 @@ impl Shared {
                 topology
                     .declare_reply_queue(&guard.channel, *exchange, queue)
                     .await
-                    .map_err(amqp_error)?;
+                    .map_err(amqp_error_refused)?;
                 // Acknowledged, so a reply lost in flight with the connection comes again.
                 (guard, false)
             }

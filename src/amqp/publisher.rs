@@ -239,7 +239,6 @@ impl Shared {
 
     pub(super) async fn declare_task_queue(self: Arc<Self>, queue: String) -> Result<()> {
         self.check_open()?;
-        lock(&self.task_queues).insert(queue.clone());
         let deadline = Instant::now() + self.send_timeout;
         self.retrying(deadline, "declare queue", || async {
             let channel = self.channel(&self.publisher, true, deadline).await?;
@@ -248,7 +247,10 @@ impl Shared {
                 .await
                 .map_err(|e| Attempt::unless_refused(amqp_error_refused(e)))
         })
-        .await
+        .await?;
+        // Declared again after a reconnection; one the broker refused is not.
+        lock(&self.task_queues).insert(queue);
+        Ok(())
     }
 }
 

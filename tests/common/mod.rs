@@ -12,6 +12,7 @@ use kiwimq::{Broadcast, HandlerError, Rpc, Settings, Task};
 pub mod child;
 pub mod node;
 pub mod proxy;
+pub mod vhost;
 
 /// Where a behaviour test runs.
 #[derive(Debug, Clone, Copy)]
