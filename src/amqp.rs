@@ -14,7 +14,8 @@
 //!
 //! This file holds the shared state ([`Shared`]) and the [`Transport`] over it; the rest is
 //! one concern a file: `connection` (opening, waiting, channels, retries, closing),
-//! `publisher`, `consumers`, `recovery` (what the supervisor runs after a loss),
+//! `publisher`, `consumers`, `rpc_router` (the communicator's one RPC queue, an identifier
+//! a binding of it), `recovery` (what the supervisor runs after a loss),
 //! `topology` (kiwiPy's exchanges, queues and arguments) and `uri`.
 
 mod connection;
@@ -22,6 +23,7 @@ mod consumers;
 mod node;
 mod publisher;
 mod recovery;
+mod rpc_router;
 pub(crate) mod tls;
 mod topology;
 mod uri;
@@ -46,6 +48,7 @@ use crate::events::{self, ConnectionEvent};
 use crate::settings::Settings;
 use crate::transport::{Consumer, Delivery, Outgoing, QueueStats, Route, Source, Transport};
 use node::Node;
+use rpc_router::RpcRouter;
 use topology::Topology;
 
 /// Connects to RabbitMQ within the connect timeout and declares both exchanges; the
@@ -199,16 +202,6 @@ impl Drop for ConsumerChannel {
             }
         });
     }
-}
-
-/// The consumer of a communicator's RPC queue on one connection: each call goes to its
-/// identifier's stream by the routing key it was sent with.
-struct RpcRouter {
-    epoch: u64,
-    guard: Arc<ConsumerChannel>,
-    /// Identifier → its consumer's deliveries on this connection. Emptied when the queue's
-    /// consumer ends, which ends each identifier's stream: each is then restored.
-    routes: Mutex<HashMap<String, mpsc::UnboundedSender<Delivery>>>,
 }
 
 /// A registered consumer: what to restore after a loss, and the stream it feeds.

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::pin::pin;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures::channel::mpsc;
@@ -13,16 +13,15 @@ use futures::{Future, StreamExt};
 use lapin::Connection;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicQosOptions, BasicRejectOptions, QueueBindOptions, QueueDeleteOptions,
+    BasicQosOptions, BasicRejectOptions, QueueDeleteOptions,
 };
 use lapin::protocol::AMQPSoftError;
 use lapin::types::FieldTable;
 use tokio::time::Instant;
 
-use super::topology::{RPC_TOPIC, Topology};
 use super::{
-    Attempt, ConsumerChannel, Entry, RpcRouter, Shared, amqp_error, amqp_error_refused, explain,
-    lock, soft_error,
+    Attempt, ConsumerChannel, Entry, Shared, amqp_error, amqp_error_refused, explain, lock,
+    soft_error,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::transport::{Acker, Consumer, Delivery, Outcome, QueueStats, Settle, Source};
@@ -119,118 +118,11 @@ impl Shared {
         Ok((guard, Feed::Consumer(consumer, no_ack)))
     }
 
-    /// The communicator's RPC queue consumed on `connection` (number `epoch`), declared
-    /// and consumed when it is not yet.
-    async fn rpc_router(
-        self: &Arc<Self>,
-        connection: &Connection,
-        epoch: u64,
-    ) -> Result<Arc<RpcRouter>> {
-        let mut held = self.rpc_router.lock().await;
-        if let Some(router) = &*held
-            && router.epoch == epoch
-            && router.guard.channel.status().connected()
-        {
-            return Ok(router.clone());
-        }
-        let guard = self.own_channel(connection).await?;
-        let queue = self.rpc_queue.as_str();
-        self.topology
-            .declare_rpc_router_queue(&guard.channel, queue)
-            .await
-            .map_err(amqp_error_refused)?;
-        let options = BasicConsumeOptions {
-            no_ack: true,
-            ..Default::default()
-        };
-        let consumer = guard
-            .channel
-            .basic_consume(
-                queue.into(),
-                "kiwimq-rpc".into(),
-                options,
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp_error)?;
-        let router = Arc::new(RpcRouter {
-            epoch,
-            guard,
-            routes: Mutex::default(),
-        });
-        if !self.actors.spawn(route_calls(router.clone(), consumer)) {
-            return Err(Error::closed());
-        }
-        *held = Some(router.clone());
-        Ok(router)
-    }
-
-    /// Serves `identifier` from the communicator's RPC queue: its calls are routed to a
-    /// stream of their own, then the queue is bound with the identifier's routing key.
-    async fn route_rpc(
-        self: &Arc<Self>,
-        connection: &Connection,
-        epoch: u64,
-        identifier: &str,
-    ) -> Result<(Arc<ConsumerChannel>, Feed)> {
-        let router = self.rpc_router(connection, epoch).await?;
-        let (sender, receiver) = mpsc::unbounded();
-        lock(&router.routes).insert(identifier.to_owned(), sender);
-        let bound = async {
-            let declarer = self
-                .channel_on(self.declarer(identifier), false, connection, epoch)
-                .await?;
-            declarer
-                .queue_bind(
-                    self.rpc_queue.as_str().into(),
-                    self.topology.message_exchange.as_str().into(),
-                    Topology::rpc_key(identifier).into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|error| self.declare_error(error, &Source::Rpc(identifier.to_owned()), ""))
-        };
-        match bound.await {
-            Ok(()) => Ok((router.guard.clone(), Feed::Routed(receiver))),
-            Err(error) => {
-                lock(&router.routes).remove(identifier);
-                Err(error)
-            }
-        }
-    }
-
-    /// Stops serving `identifier` from the communicator's RPC queue: unbound, then its
-    /// stream ends. Nothing to do on the broker when its connection is gone.
-    async fn unroute_rpc(self: &Arc<Self>, identifier: &str, router: &RpcRouter) -> Result<()> {
-        if router.guard.channel.status().connected() {
-            let deadline = Instant::now() + self.send_timeout;
-            let key = Topology::rpc_key(identifier);
-            self.retrying(deadline, "unbind", || async {
-                let declarer = self
-                    .channel(self.declarer(identifier), false, deadline)
-                    .await?;
-                declarer
-                    .queue_unbind(
-                        self.rpc_queue.as_str().into(),
-                        self.topology.message_exchange.as_str().into(),
-                        key.as_str().into(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|e| Attempt::unless_refused(amqp_error_refused(e)))
-            })
-            .await?;
-        }
-        lock(&router.routes).remove(identifier);
-        Ok(())
-    }
-
     /// A declaration the broker refused. The declaring channel is shared, and every
     /// declaration pending on it fails with the refusal of one: it is this one's only when
     /// the broker names its queue (an identifier taken is `DuplicateSubscriber`); the
     /// others are tried again.
-    fn declare_error(&self, error: lapin::Error, source: &Source, queue: &str) -> Error {
+    pub(super) fn declare_error(&self, error: lapin::Error, source: &Source, queue: &str) -> Error {
         let ours = !queue.is_empty() && error.to_string().contains(&format!("'{queue}'"));
         match (soft_error(&error), source) {
             (Some(AMQPSoftError::RESOURCELOCKED), Source::Rpc(identifier)) if ours => {
@@ -242,7 +134,10 @@ impl Shared {
     }
 
     /// A channel for one consumer, closed with its last delivery settled.
-    async fn own_channel(&self, connection: &Connection) -> Result<Arc<ConsumerChannel>> {
+    pub(super) async fn own_channel(
+        &self,
+        connection: &Connection,
+    ) -> Result<Arc<ConsumerChannel>> {
         let channel = connection.create_channel().await.map_err(amqp_error)?;
         Ok(Arc::new(ConsumerChannel {
             channel,
@@ -597,34 +492,6 @@ pub(super) fn deliveries(
 pub(super) enum Feed {
     Consumer(lapin::Consumer, bool),
     Routed(mpsc::UnboundedReceiver<Delivery>),
-}
-
-/// Routes each call on the communicator's RPC queue to its identifier's stream, until the
-/// queue's consumer ends; then every identifier's stream ends, and each is restored.
-async fn route_calls(router: Arc<RpcRouter>, mut consumer: lapin::Consumer) {
-    let prefix = format!("{RPC_TOPIC}.");
-    while let Some(item) = consumer.next().await {
-        let delivery = match item {
-            Ok(delivery) => delivery,
-            Err(error) => {
-                tracing::debug!(%error, "the RPC queue's consumer stopped");
-                break;
-            }
-        };
-        let key = delivery.routing_key.as_str();
-        let routes = lock(&router.routes);
-        match key.strip_prefix(&prefix).and_then(|id| routes.get(id)) {
-            Some(route) => {
-                let _ = route.unbounded_send(convert(delivery, None));
-            }
-            // Sent before the identifier was unbound, handled after: as when its own
-            // queue is deleted, the call goes unanswered.
-            None => {
-                tracing::debug!(routing_key = %key, "a call for an identifier no longer served")
-            }
-        }
-    }
-    lock(&router.routes).clear();
 }
 
 /// A lapin consumer ended. Unless it was cancelled or already replaced, the consumer waits
