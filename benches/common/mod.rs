@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod in_process;
+
 /// A 1 KiB body, as bytes on the wire (MessagePack `bin`).
 #[derive(Clone, Serialize, Deserialize, PartialEq, Debug)]
 pub struct Body {
