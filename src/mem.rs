@@ -15,9 +15,10 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::events::{self, ConnectionEvent};
 use crate::settings::Settings;
 use crate::transport::{
-    Consumer, DeliverFn, Delivery, Exchange, Outgoing, QueueStats, Route, Source, Transport,
+    BROADCAST_TOPIC, Consumer, DeliverFn, Delivery, Exchange, Outgoing, QueueStats, Route, Source,
+    Transport, rpc_key,
 };
-use broker::{Broker, QueueMode, Sink};
+use broker::{Broker, QueueMode, Sink, Target};
 
 /// Named brokers, alive while a communicator uses them.
 static BROKERS: LazyLock<Mutex<HashMap<String, Weak<Broker>>>> = LazyLock::new(Default::default);
@@ -31,6 +32,10 @@ pub(crate) struct MemTransport {
     delivery_limit: Option<u32>,
     /// The largest body a publish may carry.
     max_message_size: usize,
+    /// An RPC identifier is one queue in the broker, refused to a second connection;
+    /// otherwise each connection serving it has a queue bound with its key, as kiwiPy's
+    /// anonymous queues are on RabbitMQ, and every one of them gets each call.
+    exclusive_rpc_identifiers: bool,
     closed: AtomicBool,
     events: tokio::sync::broadcast::Sender<ConnectionEvent>,
 }
@@ -58,6 +63,7 @@ impl MemTransport {
             connection,
             delivery_limit: settings.delivery_limit,
             max_message_size: settings.max_message_size,
+            exclusive_rpc_identifiers: settings.exclusive_rpc_identifiers,
             closed: AtomicBool::new(false),
             events: events::channel(),
         }
@@ -76,10 +82,6 @@ fn no_queue(queue: &str) -> Error {
     Error::new(ErrorKind::Refused(format!("no queue named '{queue}'")))
 }
 
-fn rpc_queue(identifier: &str) -> String {
-    format!("[rpc].{identifier}")
-}
-
 impl Transport for MemTransport {
     fn declare_task_queue(&self, queue: &str) -> BoxFuture<'static, Result<()>> {
         let result = self
@@ -92,28 +94,40 @@ impl Transport for MemTransport {
         let result = self.check_open();
         let result = result.and_then(|()| message.check_size(self.max_message_size));
         let result = result.and_then(|()| match &route {
-            Route::Task(queue) => self.broker.publish(&[queue], queue, message),
+            Route::Task(queue) => self.broker.publish(Target::Queue(queue), message),
             Route::Rpc(identifier) => {
-                let queue = rpc_queue(identifier);
-                self.broker.publish(&[&queue], &queue, message)
+                let key = rpc_key(identifier);
+                self.broker.publish(Target::Bound(&key), message)
             }
-            Route::Broadcast => {
-                let queues = self.broker.broadcast_queues();
-                let names: Vec<&str> = queues.iter().map(String::as_str).collect();
-                self.broker.publish(&names, "[broadcast]", message)
-            }
-            Route::Reply(queue) => self.broker.publish(&[queue], queue, message),
+            Route::Broadcast => self.broker.publish(Target::Bound(BROADCAST_TOPIC), message),
+            Route::Reply(queue) => self.broker.publish(Target::Queue(queue), message),
         });
         future::ready(result).boxed()
     }
 
     fn consume(&self, source: Source, prefetch: u16) -> BoxFuture<'static, Result<Consumer>> {
-        let exclusive = |unique, broadcast| QueueMode::Exclusive { unique, broadcast };
+        let bound = |key: String| QueueMode::Exclusive {
+            unique: true,
+            binding: Some(key),
+        };
         let (queue, mode) = match source {
             Source::Tasks(queue) => (queue, QueueMode::Shared(self.delivery_limit)),
-            Source::Rpc(identifier) => (rpc_queue(&identifier), exclusive(true, false)),
-            Source::Broadcasts(queue) => (queue, exclusive(true, true)),
-            Source::Replies(_, queue) => (queue, exclusive(true, false)),
+            Source::Rpc(identifier) => {
+                let key = rpc_key(&identifier);
+                let queue = match self.exclusive_rpc_identifiers {
+                    true => key.clone(),
+                    false => format!("{key}@{}", self.connection),
+                };
+                (queue, bound(key))
+            }
+            Source::Broadcasts(queue) => (queue, bound(BROADCAST_TOPIC.to_owned())),
+            Source::Replies(_, queue) => (
+                queue,
+                QueueMode::Exclusive {
+                    unique: true,
+                    binding: None,
+                },
+            ),
         };
         let (tx, mut deliveries) = tokio::sync::mpsc::unbounded_channel();
         let result = self.check_open().and_then(|()| {
@@ -137,7 +151,7 @@ impl Transport for MemTransport {
     ) -> BoxFuture<'static, Result<BoxFuture<'static, ()>>> {
         let mode = QueueMode::Exclusive {
             unique: true,
-            broadcast: false,
+            binding: None,
         };
         let result = self.check_open().and_then(|()| {
             self.broker

@@ -305,8 +305,8 @@ impl Settings {
     /// has one queue per identifier without checking other processes: an identifier taken
     /// in this communicator is refused, one served by another process is served by both.
     /// A binding costs the broker far less than a queue: 10,000 identifiers are added in
-    /// about 5 s on two cores, against about 20 s with a queue each. `mem://` always
-    /// refuses an identifier another communicator of its broker serves.
+    /// about 5 s on two cores, against about 20 s with a queue each. `mem://` behaves the
+    /// same way under either setting.
     #[must_use]
     pub fn with_exclusive_rpc_identifiers(mut self, on: bool) -> Self {
         self.exclusive_rpc_identifiers = on;

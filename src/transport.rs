@@ -48,9 +48,19 @@ impl Route {
         match self {
             Route::Task(queue) => queue,
             Route::Rpc(identifier) | Route::Reply(identifier) => identifier,
-            Route::Broadcast => "[broadcast]",
+            Route::Broadcast => BROADCAST_TOPIC,
         }
     }
+}
+
+/// The prefix of RPC routing keys on kiwiPy's message exchange: `[rpc].<identifier>`.
+pub(crate) const RPC_TOPIC: &str = "[rpc]";
+/// The routing key of broadcasts on kiwiPy's message exchange.
+pub(crate) const BROADCAST_TOPIC: &str = "[broadcast]";
+
+/// The routing key of an RPC identifier's calls.
+pub(crate) fn rpc_key(identifier: &str) -> String {
+    format!("{RPC_TOPIC}.{identifier}")
 }
 
 /// What a consumer reads.

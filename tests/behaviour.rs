@@ -176,7 +176,7 @@ async fn rpc_add_remove_readd_subscriber(backend: Backend) {
 }
 
 /// An identifier is refused when this communicator serves it already, and — with
-/// exclusive RPC identifiers, or on `mem://` — when another one does.
+/// exclusive RPC identifiers — when another one does.
 async fn rpc_duplicate_identifier_is_an_error(backend: Backend) {
     let settings = settings(backend).with_exclusive_rpc_identifiers(true);
     let comm = connect(&settings).await;
@@ -201,9 +201,8 @@ async fn rpc_duplicate_identifier_is_an_error(backend: Backend) {
 /// Without exclusive identifiers (the default), an identifier served by this communicator
 /// is refused again, and one served by another communicator is served by both, as kiwiPy
 /// does: each call is answered, and each stops when it removes its subscriber.
-#[actix_rt::test]
-async fn amqp_an_identifier_served_elsewhere_is_served_by_both_by_default() {
-    let settings = settings(Backend::Amqp);
+async fn an_identifier_served_elsewhere_is_served_by_both_by_default(backend: Backend) {
+    let settings = settings(backend);
     let (one, other) = (connect(&settings).await, connect(&settings).await);
     for (comm, answer) in [(&one, 1i64), (&other, 2)] {
         comm.add_rpc_subscriber(Some("both"), move |_: Rpc<i64>| async move {
@@ -1261,6 +1260,7 @@ macro_rules! behaviours {
                     rpc_generated_identifier_is_returned,
                     rpc_add_remove_readd_subscriber,
                     rpc_duplicate_identifier_is_an_error,
+                    an_identifier_served_elsewhere_is_served_by_both_by_default,
                     rpc_handler_error_is_a_remote_error,
                     rpc_to_nobody_is_unroutable,
                     rpc_with_a_body_of_the_wrong_type_is_a_remote_error,

@@ -14,11 +14,11 @@ use lapin::protocol::AMQPSoftError;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::time::Instant;
 
-use super::topology::{BROADCAST_TOPIC, Topology};
 use super::{
     Attempt, Shared, State, TICK, amqp_error, amqp_error_refused, lock, soft_error, usable,
 };
 use crate::error::{Error, ErrorKind, Result};
+use crate::transport::{BROADCAST_TOPIC, rpc_key};
 use crate::transport::{Exchange, Outgoing, Route};
 
 impl Shared {
@@ -27,10 +27,7 @@ impl Shared {
         let topology = &self.topology;
         match route {
             Route::Task(queue) => (topology.exchange(Exchange::Tasks), queue.to_string()),
-            Route::Rpc(identifier) => (
-                topology.exchange(Exchange::Messages),
-                Topology::rpc_key(identifier),
-            ),
+            Route::Rpc(identifier) => (topology.exchange(Exchange::Messages), rpc_key(identifier)),
             Route::Broadcast => (
                 topology.exchange(Exchange::Messages),
                 BROADCAST_TOPIC.to_owned(),

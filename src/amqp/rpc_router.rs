@@ -14,10 +14,10 @@ use lapin::types::FieldTable;
 use tokio::time::Instant;
 
 use super::consumers::{Feed, convert};
-use super::topology::{RPC_TOPIC, Topology};
+
 use super::{Attempt, ConsumerChannel, Shared, amqp_error, amqp_error_refused, lock};
 use crate::error::{Error, Result};
-use crate::transport::{Delivery, Source};
+use crate::transport::{Delivery, RPC_TOPIC, Source, rpc_key};
 
 /// The consumer of a communicator's RPC queue on one connection: each call goes to its
 /// identifier's stream by the routing key it was sent with.
@@ -95,7 +95,7 @@ impl Shared {
                 .queue_bind(
                     self.rpc_queue.as_str().into(),
                     self.topology.message_exchange.as_str().into(),
-                    Topology::rpc_key(identifier).into(),
+                    rpc_key(identifier).into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )
@@ -120,7 +120,7 @@ impl Shared {
     ) -> Result<()> {
         if router.guard.channel.status().connected() {
             let deadline = Instant::now() + self.send_timeout;
-            let key = Topology::rpc_key(identifier);
+            let key = rpc_key(identifier);
             self.retrying(deadline, "unbind", || async {
                 let declarer = self
                     .channel(self.declarer(identifier), false, deadline)

@@ -9,12 +9,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
 use crate::settings::Settings;
-use crate::transport::{DEAD_LETTER_SUFFIX, Exchange, dead_letter_queue};
-
-/// The RPC routing-key prefix.
-pub(crate) const RPC_TOPIC: &str = "[rpc]";
-/// The broadcast routing key.
-pub(crate) const BROADCAST_TOPIC: &str = "[broadcast]";
+use crate::transport::{BROADCAST_TOPIC, DEAD_LETTER_SUFFIX, Exchange, dead_letter_queue, rpc_key};
 
 /// Names and arguments derived from the settings.
 #[derive(Debug, Clone)]
@@ -253,7 +248,7 @@ impl Topology {
             ("x-message-ttl", millis(self.message_ttl)),
             ("x-expires", millis(self.queue_expires)),
         ]);
-        let key = Self::rpc_key(identifier);
+        let key = rpc_key(identifier);
         declare_bound(
             channel,
             &queue,
@@ -267,10 +262,6 @@ impl Topology {
     }
 
     /// The RPC routing key of an identifier: `[rpc].<identifier>`.
-    pub(crate) fn rpc_key(identifier: &str) -> String {
-        format!("{RPC_TOPIC}.{identifier}")
-    }
-
     /// A communicator's one RPC queue, bound once per identifier it serves: exclusive,
     /// 66 s message TTL, as kiwiPy's RPC queues.
     pub(crate) async fn declare_rpc_router_queue(

@@ -98,6 +98,9 @@ struct Queue {
     auto_ack: bool,
     /// The connection an exclusive queue belongs to; the queue goes when it closes.
     owner: Option<u64>,
+    /// The routing key it is bound with (an RPC identifier's, `[broadcast]`), if any: it
+    /// receives what is published with that key.
+    binding: Option<String>,
     /// Returns after which a message is dead-lettered (as a quorum queue's
     /// `x-delivery-limit`); a discarded message is dead-lettered too.
     delivery_limit: Option<u32>,
@@ -134,10 +137,29 @@ impl Queue {
 struct State {
     /// Looked up on every publish and settle: foldhash, not SipHash (see `Replies`).
     queues: HashMap<String, Queue, foldhash::fast::RandomState>,
-    broadcast_queues: Vec<String>,
+    /// Routing key → the queues bound with it, as a topic exchange's bindings.
+    bindings: HashMap<String, Vec<String>, foldhash::fast::RandomState>,
     /// consumer tag → queue name.
     consumers: HashMap<String, String, foldhash::fast::RandomState>,
     next_id: u64,
+}
+
+impl State {
+    /// Deletes a queue and its binding.
+    fn remove_queue(&mut self, name: &str) {
+        let Some(queue) = self.queues.remove(name) else {
+            return;
+        };
+        let Some(key) = queue.binding else {
+            return;
+        };
+        if let Some(bound) = self.bindings.get_mut(&key) {
+            bound.retain(|queue| queue != name);
+            if bound.is_empty() {
+                self.bindings.remove(&key);
+            }
+        }
+    }
 }
 
 /// One in-process broker; communicators connected to the same `mem://NAME` share it.
@@ -147,13 +169,24 @@ pub(crate) struct Broker {
 }
 
 /// How a queue is created when a consumer asks for it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) enum QueueMode {
     /// Durable, shared, acked by consumers; with a delivery limit when created.
     Shared(Option<u32>),
     /// Exclusive to one connection and auto-acked; with `unique` a second consumer is an
-    /// error (an RPC identifier), with `broadcast` it receives every broadcast.
-    Exclusive { unique: bool, broadcast: bool },
+    /// error (an RPC identifier), bound with `binding` (an RPC identifier's routing key,
+    /// `[broadcast]`) if given.
+    Exclusive {
+        unique: bool,
+        binding: Option<String>,
+    },
+}
+
+/// Where a message is published: one queue by name, or every queue bound with a key.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Target<'a> {
+    Queue(&'a str),
+    Bound(&'a str),
 }
 
 impl Broker {
@@ -198,14 +231,10 @@ impl Broker {
         self.pump(queue);
     }
 
-    /// Routes a message to the named queues; `Unroutable` if none exists and it is mandatory.
-    pub(crate) fn publish(
-        self: &Arc<Self>,
-        queues: &[&str],
-        route: &str,
-        message: Outgoing,
-    ) -> Result<()> {
-        let mut state = self.lock();
+    /// Routes a message to its target's queues; `Unroutable` if there is none and it is
+    /// mandatory.
+    pub(crate) fn publish(self: &Arc<Self>, target: Target<'_>, message: Outgoing) -> Result<()> {
+        let mandatory = message.mandatory;
         let stored = Stored {
             body: message.body.into(),
             correlation_id: message.correlation_id,
@@ -214,12 +243,38 @@ impl Broker {
             redelivered: false,
             returns: 0,
         };
-        let mut routed = false;
+        let mut state = self.lock();
+        let State {
+            queues, bindings, ..
+        } = &mut *state;
+        let (route, routed) = match target {
+            Target::Queue(name) => (name, self.fan_out(queues, std::iter::once(name), stored)),
+            Target::Bound(key) => {
+                let bound = bindings.get(key).map_or(&[][..], Vec::as_slice);
+                let names = bound.iter().map(String::as_str);
+                (key, self.fan_out(queues, names, stored))
+            }
+        };
+        if !routed && mandatory {
+            return Err(Error::new(ErrorKind::Unroutable(route.to_owned())));
+        }
+        Ok(())
+    }
+
+    /// Puts a message in each of the named queues that exists; whether one did.
+    fn fan_out<'n>(
+        self: &Arc<Self>,
+        queues: &mut HashMap<String, Queue, foldhash::fast::RandomState>,
+        names: impl ExactSizeIterator<Item = &'n str>,
+        stored: Stored,
+    ) -> bool {
+        let count = names.len();
         let mut stored = Some(stored);
-        for (index, name) in queues.iter().enumerate() {
-            if let Some(queue) = state.queues.get_mut(*name) {
-                // The last queue takes the message itself; only a broadcast copies it.
-                let message = if index + 1 == queues.len() {
+        let mut routed = false;
+        for (index, name) in names.enumerate() {
+            if let Some(queue) = queues.get_mut(name) {
+                // The last queue takes the message itself; only a fan-out copies it.
+                let message = if index + 1 == count {
                     stored.take()
                 } else {
                     stored.clone()
@@ -229,14 +284,7 @@ impl Broker {
                 self.pump(queue);
             }
         }
-        if !routed && message.mandatory {
-            return Err(Error::new(ErrorKind::Unroutable(route.to_owned())));
-        }
-        Ok(())
-    }
-
-    pub(crate) fn broadcast_queues(&self) -> Vec<String> {
-        self.lock().broadcast_queues.clone()
+        routed
     }
 
     pub(crate) fn consume(
@@ -258,7 +306,7 @@ impl Broker {
                     .entry(queue_name.to_owned())
                     .or_insert_with(|| Queue::new(queue_name, delivery_limit));
             }
-            QueueMode::Exclusive { unique, broadcast } => {
+            QueueMode::Exclusive { unique, binding } => {
                 if let Some(queue) = state.queues.get(queue_name) {
                     if unique || queue.owner != Some(connection) {
                         return Err(Error::new(ErrorKind::DuplicateSubscriber(
@@ -266,15 +314,17 @@ impl Broker {
                         )));
                     }
                 } else {
+                    if let Some(key) = &binding {
+                        let bound = state.bindings.entry(key.clone()).or_default();
+                        bound.push(queue_name.to_owned());
+                    }
                     let queue = Queue {
                         auto_ack: true,
                         owner: Some(connection),
+                        binding,
                         ..Queue::new(queue_name, None)
                     };
                     state.queues.insert(queue_name.to_owned(), queue);
-                    if broadcast {
-                        state.broadcast_queues.push(queue_name.to_owned());
-                    }
                 }
             }
         }
@@ -303,8 +353,7 @@ impl Broker {
         };
         queue.consumers.retain(|slot| slot.tag != tag);
         if queue.owner.is_some() && queue.consumers.is_empty() {
-            state.queues.remove(&queue_name);
-            state.broadcast_queues.retain(|name| *name != queue_name);
+            state.remove_queue(&queue_name);
         }
     }
 
@@ -348,9 +397,8 @@ impl Broker {
             .map(|(name, _)| name.clone())
             .collect();
         for name in &owned {
-            state.queues.remove(name);
+            state.remove_queue(name);
         }
-        state.broadcast_queues.retain(|name| !owned.contains(name));
         let mut dead = Vec::new();
         let State {
             queues, consumers, ..
