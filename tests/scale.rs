@@ -136,6 +136,24 @@ async fn running_out_of_channels_is_a_clear_error_not_a_hang() {
     comm.close().await.unwrap();
 }
 
+/// Awaits a call that must be refused for a limit: at once (within `SOON`), as `Refused`
+/// in the broker's words. Returns the error and how long it took.
+async fn refused_for_a_limit<T: std::fmt::Debug>(
+    call: impl std::future::Future<Output = kiwimq::Result<T>>,
+    what: &str,
+) -> (kiwimq::Error, Duration) {
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(SOON, call).await;
+    let error = outcome
+        .unwrap_or_else(|_| panic!("{what} never hangs"))
+        .expect_err(what);
+    assert!(
+        matches!(error.kind(), ErrorKind::Refused(reason) if reason.contains("limit")),
+        "{what}: {error}"
+    );
+    (error, started.elapsed())
+}
+
 /// A vhost's `max-queues` limit: a subscription or a send that needs one queue more fails at
 /// once with `Refused` in the broker's words, and what was set up before keeps working.
 #[actix_rt::test]
@@ -144,48 +162,18 @@ async fn a_vhost_queue_limit_is_a_clear_error_not_a_hang() {
     // The communicator's two reply queues and one task queue fit; nothing more does.
     vhost.limit(r#"{"max-queues": 3}"#);
     let comm = amqp_settings(&vhost.uri()).connect().await.unwrap();
+    let echo = |task: Task<u32>| async move { Ok::<_, HandlerError>(task.body) };
     let first = comm.task_queue(common::unique("first"));
-    first
-        .add_task_subscriber(|task: Task<u32>| async move { Ok::<_, HandlerError>(task.body) })
-        .await
-        .unwrap();
-    let started = Instant::now();
+    first.add_task_subscriber(echo).await.unwrap();
     let second = comm.task_queue(common::unique("second"));
-    let subscribing = second
-        .add_task_subscriber(|task: Task<u32>| async move { Ok::<_, HandlerError>(task.body) });
-    let error = tokio::time::timeout(SOON, subscribing)
-        .await
-        .expect("subscribing never hangs")
-        .expect_err("one queue too many");
-    assert!(
-        matches!(error.kind(), ErrorKind::Refused(reason) if reason.contains("limit")),
-        "{error}"
-    );
+    refused_for_a_limit(second.add_task_subscriber(echo), "a second task queue").await;
     let third = comm.task_queue(common::unique("third"));
-    let sending = third.task_send::<_, u32>(&1);
-    let error = tokio::time::timeout(SOON, sending)
-        .await
-        .expect("sending never hangs")
-        .expect_err("one queue too many");
-    assert!(
-        matches!(error.kind(), ErrorKind::Refused(reason) if reason.contains("limit")),
-        "{error}"
-    );
+    refused_for_a_limit(third.task_send::<_, u32>(&1), "a send to a new queue").await;
     let rpc = comm.add_rpc_subscriber(Some("over-the-limit"), |rpc: Rpc<u32>| async move {
         Ok::<_, HandlerError>(rpc.body)
     });
-    let error = tokio::time::timeout(SOON, rpc)
-        .await
-        .expect("subscribing never hangs")
-        .expect_err("the RPC queue is one queue too many");
-    assert!(
-        matches!(error.kind(), ErrorKind::Refused(reason) if reason.contains("limit")),
-        "{error}"
-    );
-    println!(
-        "[scale figures] a vhost's max-queues reached: refused in {:.1?} with: {error}",
-        started.elapsed()
-    );
+    let (error, took) = refused_for_a_limit(rpc, "the RPC queue").await;
+    println!("[scale figures] a vhost's max-queues reached: refused in {took:.1?} with: {error}");
     assert_eq!(
         first.task_send::<_, u32>(&5).await.unwrap().await.unwrap(),
         5
