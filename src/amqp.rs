@@ -269,6 +269,9 @@ struct Shared {
     /// loses non-durable ones).
     task_queues: Mutex<HashSet<String>>,
     closed: AtomicBool,
+    /// Why the broker blocks this connection's publishes (a memory or disk alarm), while
+    /// it does: a send that times out meanwhile says so.
+    blocked: Mutex<Option<String>>,
     /// Asks the supervisor to look now: something failed.
     wake: Notify,
     /// Ticks every [`TICK`]: deadlines awaited outside the I/O runtime, where tokio's
@@ -339,6 +342,7 @@ impl Shared {
             consumers: Mutex::default(),
             task_queues: Mutex::default(),
             closed: AtomicBool::new(false),
+            blocked: Mutex::default(),
             wake: Notify::new(),
             clock: watch::Sender::new(0),
         })

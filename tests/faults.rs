@@ -545,6 +545,10 @@ async fn a_broker_that_stops_confirming_fails_sends_in_bounded_time() {
         }
     };
     assert_eq!(*error.kind(), kiwimq::ErrorKind::Timeout, "{error}");
+    assert!(
+        error.to_string().contains("vm_memory_high_watermark"),
+        "the error names the broker's block and its alarm: {error}"
+    );
     node.ctl_args(&["set_vm_memory_high_watermark", "0.4"]);
     eventually(SOON, "publishes confirmed again", || {
         futures::executor::block_on(comm.task_send_no_reply(&2u32)).is_ok()

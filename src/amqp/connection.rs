@@ -218,6 +218,8 @@ impl Shared {
         if self.is_closed() {
             return;
         }
+        // A new connection: the old one's block (if any) went with it.
+        lock(&self.blocked).take();
         self.state.send_replace(State::Up(connection, epoch));
         tracing::info!(node = ?lock(&self.node), ?down_for, "connection restored");
         ::metrics::counter!(crate::metrics::RECONNECTS).increment(1);

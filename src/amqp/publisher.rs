@@ -177,10 +177,17 @@ impl Shared {
     }
 
     pub(super) fn unconfirmed(&self, what: &str) -> Error {
-        Error::timeout(format!(
+        let mut text = format!(
             "{what}: no confirmation from the broker within the send timeout ({:?})",
             self.send_timeout
-        ))
+        );
+        if let Some(reason) = &*lock(&self.blocked) {
+            text.push_str(&format!(
+                "; the broker blocks this connection's publishes: {reason} (a memory or disk \
+                 alarm: RabbitMQ's vm_memory_high_watermark or disk_free_limit)"
+            ));
+        }
+        Error::timeout(text)
     }
 
     /// Publishes, waiting for the connection and retrying until confirmed, within `within`.

@@ -65,8 +65,12 @@ async fn watch(shared: &Arc<Shared>, connection: &Connection, epoch: u64) -> Opt
                 Some(Event::Error(error)) => return Some(error.to_string()),
                 Some(Event::ConnectionBlocked(reason)) => {
                     tracing::warn!(%reason, "the broker blocked the connection (it is short of memory or disk); publishes wait");
+                    *super::lock(&shared.blocked) = Some(reason.to_string());
                 }
-                Some(Event::ConnectionUnblocked) => tracing::info!("the broker unblocked the connection"),
+                Some(Event::ConnectionUnblocked) => {
+                    tracing::info!("the broker unblocked the connection");
+                    super::lock(&shared.blocked).take();
+                }
                 Some(other) => tracing::debug!(event = ?other, "AMQP connection event"),
                 None => return Some("the connection's events ended".to_owned()),
             },
