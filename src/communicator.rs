@@ -26,7 +26,8 @@ use crate::runtime::Runtime;
 use crate::settings::Settings;
 use crate::subscriber::{IntoSubscriber, Scope};
 use crate::supervisor::{
-    BroadcastHubChild, ClaimRpc, Inspect, RemoveRpc, StartRpc, Supervisor, Tally, TaskQueueChild,
+    BroadcastHubChild, ClaimRpc, Inspect, ReleaseRpc, RemoveRpc, StartRpc, Supervisor, Tally,
+    TaskQueueChild,
 };
 use crate::transport::{DeliverFn, Exchange, Outgoing, Route, Source, Transport};
 use crate::{Codec, Value, mem};
@@ -331,8 +332,10 @@ impl Communicator {
     }
 
     /// Registers an RPC subscriber under `identifier` (generated when `None`) and returns
-    /// the identifier. `DuplicateSubscriber` if this communicator or another already serves
-    /// that identifier.
+    /// the identifier. `DuplicateSubscriber` if this communicator already serves that
+    /// identifier, or is still removing it (it is free again once
+    /// [`remove_rpc_subscriber`](Self::remove_rpc_subscriber) has returned); with
+    /// [`Settings::with_exclusive_rpc_identifiers`], also if another communicator serves it.
     pub async fn add_rpc_subscriber<T, R, S>(
         &self,
         identifier: Option<&str>,
@@ -383,7 +386,8 @@ impl Communicator {
         outcome
     }
 
-    /// Removes the RPC subscriber `identifier`; `UnknownSubscriber` if there is none.
+    /// Removes the RPC subscriber `identifier`; `UnknownSubscriber` if there is none. Once
+    /// it returns, nothing is bound or consumed for it any more, and it can be added again.
     pub async fn remove_rpc_subscriber(&self, identifier: &str) -> Result<()> {
         let inner = &self.inner;
         inner.check_open()?;
@@ -398,11 +402,13 @@ impl Communicator {
             )));
         };
         inner.link.subscribers.add("rpc", -1);
-        // Its consumer cancelled and forgotten by the supervisor, the endpoint stops.
-        endpoint
+        // Its consumer cancelled, the endpoint stops; then the identifier is free again.
+        let unsubscribed = endpoint
             .send(rpc_endpoint::Unsubscribe)
             .await
-            .map_err(|_| Error::closed())?
+            .map_err(|_| Error::closed());
+        inner.supervisor.do_send(ReleaseRpc(identifier.to_owned()));
+        unsubscribed?
     }
 
     // ---- broadcasts --------------------------------------------------------------------

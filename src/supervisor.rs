@@ -186,7 +186,9 @@ impl Handler<StartRpc> for Supervisor {
     }
 }
 
-/// Forgets an RPC identifier; answers its endpoint, to unsubscribe it, none if it had none.
+/// Takes an RPC identifier's endpoint, to unsubscribe it; none if it has none. The
+/// identifier stays claimed until [`ReleaseRpc`]: added again before its subscription is
+/// gone, it would be bound anew and then unbound by the old one's removal.
 #[derive(Message)]
 #[rtype(result = "Option<Addr<RpcEndpoint>>")]
 pub(crate) struct RemoveRpc(pub(crate) String);
@@ -195,10 +197,25 @@ impl Handler<RemoveRpc> for Supervisor {
     type Result = Option<Addr<RpcEndpoint>>;
 
     fn handle(&mut self, RemoveRpc(identifier): RemoveRpc, _: &mut Context<Self>) -> Self::Result {
-        match self.rpc.get(&identifier) {
-            Some(Some(_)) => self.rpc.remove(&identifier).flatten(),
-            // Still being subscribed, or unknown: nothing to remove yet.
+        match self.rpc.get_mut(&identifier) {
+            Some(endpoint @ Some(_)) => endpoint.take(),
+            // Still being subscribed or removed, or unknown: nothing to remove now.
             _ => None,
+        }
+    }
+}
+
+/// Frees an identifier whose endpoint [`RemoveRpc`] took, once it has unsubscribed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ReleaseRpc(pub(crate) String);
+
+impl Handler<ReleaseRpc> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, ReleaseRpc(identifier): ReleaseRpc, _: &mut Context<Self>) {
+        if let Some(None) = self.rpc.get(&identifier) {
+            self.rpc.remove(&identifier);
         }
     }
 }

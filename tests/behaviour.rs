@@ -175,6 +175,40 @@ async fn rpc_add_remove_readd_subscriber(backend: Backend) {
     comm.close().await.unwrap();
 }
 
+/// An identifier added again while its removal is under way is either refused (the old
+/// subscription is not gone yet) or served — never bound but deaf to its calls.
+async fn an_identifier_re_added_during_its_removal_is_never_deaf(backend: Backend) {
+    let comm = connect(&settings(backend).with_rpc_timeout(Some(SOON))).await;
+    let served = |answer: i64| move |_: Rpc<i64>| async move { Ok::<_, HandlerError>(answer) };
+    let mut refused = 0;
+    for round in 0..20i64 {
+        comm.add_rpc_subscriber(Some("again"), served(round))
+            .await
+            .unwrap();
+        let (removed, added) = futures::join!(
+            comm.remove_rpc_subscriber("again"),
+            comm.add_rpc_subscriber(Some("again"), served(round + 100)),
+        );
+        removed.unwrap();
+        match added {
+            Ok(_) => {
+                let answer: i64 = comm.rpc_send("again", &0).await.unwrap().await.unwrap();
+                assert_eq!(answer, round + 100, "round {round}");
+                comm.remove_rpc_subscriber("again").await.unwrap();
+            }
+            Err(error) => {
+                assert_eq!(
+                    *error.kind(),
+                    ErrorKind::DuplicateSubscriber("again".into())
+                );
+                refused += 1;
+            }
+        }
+    }
+    println!("re-added during removal: refused {refused} of 20 times, served the others");
+    comm.close().await.unwrap();
+}
+
 /// An identifier is refused when this communicator serves it already, and — with
 /// exclusive RPC identifiers — when another one does.
 async fn rpc_duplicate_identifier_is_an_error(backend: Backend) {
@@ -1261,6 +1295,7 @@ macro_rules! behaviours {
                     rpc_add_remove_readd_subscriber,
                     rpc_duplicate_identifier_is_an_error,
                     an_identifier_served_elsewhere_is_served_by_both_by_default,
+                    an_identifier_re_added_during_its_removal_is_never_deaf,
                     rpc_handler_error_is_a_remote_error,
                     rpc_to_nobody_is_unroutable,
                     rpc_with_a_body_of_the_wrong_type_is_a_remote_error,
