@@ -2,81 +2,67 @@
 //! (the same work under the system allocator and under mimalloc): task round trips, RPC
 //! round trips and broadcast deliveries per second with 1 KiB bodies.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kiwimq::{Broadcast, BroadcastFilter, BroadcastOptions, Rpc, Settings, Task};
+use kiwimq::{
+    Broadcast, BroadcastFilter, BroadcastOptions, Communicator, ReplyFuture, Rpc, Settings, Task,
+};
 
 use super::{Body, body};
 
 const IN_FLIGHT: usize = 256;
 
-/// Runs `n` round trips, `IN_FLIGHT` at a time, and returns how many completed per second.
-async fn rate_of<F, Fut>(n: usize, round_trip: F) -> f64
+/// Connects a server and a client to a fresh in-process broker, lets `serve` subscribe
+/// on the server, then runs `n` round trips through `call`, `IN_FLIGHT` at a time; returns
+/// how many completed per second.
+async fn round_trips<S, SFut, C, CFut>(n: usize, settings: Settings, serve: S, call: C) -> f64
 where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Body>,
+    S: FnOnce(Communicator) -> SFut,
+    SFut: Future<Output = ()>,
+    C: Fn(Communicator) -> CFut,
+    CFut: Future<Output = kiwimq::Result<ReplyFuture<Body>>>,
 {
+    let server = settings.clone().connect().await.unwrap();
+    let client = settings.connect().await.unwrap();
+    serve(server.clone()).await;
     let started = Instant::now();
     futures::stream::iter(0..n)
-        .map(|_| round_trip())
+        .map(|_| {
+            let sent = call(client.clone());
+            async move { sent.await.unwrap().await.unwrap() }
+        })
         .buffer_unordered(IN_FLIGHT)
         .for_each(|_| async {})
         .await;
-    n as f64 / started.elapsed().as_secs_f64()
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    server.close().await.unwrap();
+    client.close().await.unwrap();
+    rate
 }
 
 async fn task_round_trips(n: usize) -> f64 {
     let settings = Settings::new(format!("mem://bench-tasks-{}", uuid::Uuid::new_v4()))
         .with_task_prefetch(IN_FLIGHT as u16);
-    let worker = settings.clone().connect().await.unwrap();
-    let client = settings.connect().await.unwrap();
-    worker
-        .add_task_subscriber(|t: Task<Body>| async move { Ok(t.body) })
-        .await
-        .unwrap();
-    let rate = rate_of(n, || {
-        let client = client.clone();
-        async move {
-            client
-                .task_send::<_, Body>(&body())
-                .await
-                .unwrap()
-                .await
-                .unwrap()
-        }
-    })
-    .await;
-    worker.close().await.unwrap();
-    client.close().await.unwrap();
-    rate
+    let serve = |worker: Communicator| async move {
+        let echo = |t: Task<Body>| async move { Ok(t.body) };
+        worker.add_task_subscriber(echo).await.unwrap();
+    };
+    let call = |client: Communicator| async move { client.task_send(&body()).await };
+    round_trips(n, settings, serve, call).await
 }
 
 async fn rpc_round_trips(n: usize) -> f64 {
     let settings = Settings::new(format!("mem://bench-rpc-{}", uuid::Uuid::new_v4()));
-    let server = settings.clone().connect().await.unwrap();
-    let client = settings.connect().await.unwrap();
-    server
-        .add_rpc_subscriber(Some("echo"), |r: Rpc<Body>| async move { Ok(r.body) })
-        .await
-        .unwrap();
-    let rate = rate_of(n, || {
-        let client = client.clone();
-        async move {
-            client
-                .rpc_send::<_, Body>("echo", &body())
-                .await
-                .unwrap()
-                .await
-                .unwrap()
-        }
-    })
-    .await;
-    server.close().await.unwrap();
-    client.close().await.unwrap();
-    rate
+    let serve = |server: Communicator| async move {
+        let echo = |r: Rpc<Body>| async move { Ok(r.body) };
+        server.add_rpc_subscriber(Some("echo"), echo).await.unwrap();
+    };
+    let call = |client: Communicator| async move { client.rpc_send("echo", &body()).await };
+    round_trips(n, settings, serve, call).await
 }
 
 async fn broadcast_deliveries(n: usize) -> f64 {
