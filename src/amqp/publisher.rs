@@ -18,8 +18,7 @@ use super::{
     Attempt, Shared, State, TICK, amqp_error, amqp_error_refused, lock, soft_error, usable,
 };
 use crate::error::{Error, ErrorKind, Result};
-use crate::transport::{BROADCAST_TOPIC, rpc_key};
-use crate::transport::{Exchange, Outgoing, Route};
+use crate::transport::{BROADCAST_TOPIC, Exchange, Outgoing, Route, rpc_key};
 
 impl Shared {
     /// Where a route goes: exchange and routing key.
