@@ -1,5 +1,8 @@
 //! [`Communicator`]: the cheap-`Clone` async handle users hold. It encodes and sends from the
 //! caller's task and forwards subscriptions, by address, to the actors on its runtime.
+//!
+//! This file holds connecting, tasks and closing; `rpc` and `broadcasts` the rest of its
+//! methods.
 
 use std::fmt;
 use std::future::Future;
@@ -12,25 +15,24 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::actors::Link;
-use crate::actors::broadcast_hub::{self, BroadcastHub, broadcast_fn};
+use crate::actors::broadcast_hub::BroadcastHub;
 use crate::actors::replies::{Replies, ReplyFuture};
-use crate::actors::rpc_endpoint::{self, rpc_fn};
 use crate::actors::task_queue::{Drain, TaskQueue as TaskQueueActor};
-use crate::codec::envelope::BroadcastEnvelope;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::events::ConnectionEvent;
-use crate::filter::BroadcastFilter;
-use crate::messages::{Broadcast, Rpc, Task};
+use crate::messages::Task;
 use crate::queue::{PulledTask, TaskQueue};
 use crate::runtime::Runtime;
 use crate::settings::Settings;
 use crate::subscriber::{IntoSubscriber, Scope};
-use crate::supervisor::{
-    BroadcastHubChild, ClaimRpc, Inspect, ReleaseRpc, RemoveRpc, StartRpc, Supervisor, Tally,
-    TaskQueueChild,
-};
-use crate::transport::{DeliverFn, Exchange, Outgoing, Route, Source, Transport};
-use crate::{Codec, Value, mem};
+use crate::supervisor::{BroadcastHubChild, Inspect, Supervisor, Tally, TaskQueueChild};
+use crate::transport::{DeliverFn, Exchange, Transport};
+use crate::{Codec, mem};
+
+mod broadcasts;
+mod rpc;
+
+pub use broadcasts::BroadcastOptions;
 
 /// Connects to the broker at `uri` with default [`Settings`]: `mem://` for a private
 /// in-process broker, `mem://NAME` for one shared by name within the process, or
@@ -43,43 +45,6 @@ impl Settings {
     /// Connects a [`Communicator`] with these settings.
     pub async fn connect(self) -> Result<Communicator> {
         Communicator::connect_with(self).await
-    }
-}
-
-/// Options of a broadcast beyond its body; every field may be left out. Each is any plain
-/// value, as in kiwiPy: text, or an integer (AiiDA's process pk as the sender), a float, a
-/// bool.
-#[derive(Debug, Clone, Default)]
-pub struct BroadcastOptions {
-    /// Who sends it.
-    pub sender: Option<Value>,
-    /// What it is about; subscribers filter on it.
-    pub subject: Option<Value>,
-    /// A correlation id for the receivers.
-    pub correlation_id: Option<Value>,
-}
-
-impl BroadcastOptions {
-    /// A broadcast about `subject`.
-    pub fn subject(subject: impl Into<Value>) -> Self {
-        Self {
-            subject: Some(subject.into()),
-            ..Self::default()
-        }
-    }
-
-    /// Names the sender: `"worker-1"`, or `47`.
-    #[must_use]
-    pub fn with_sender(mut self, sender: impl Into<Value>) -> Self {
-        self.sender = Some(sender.into());
-        self
-    }
-
-    /// Sets the correlation id.
-    #[must_use]
-    pub fn with_correlation_id(mut self, correlation_id: impl Into<Value>) -> Self {
-        self.correlation_id = Some(correlation_id.into());
-        self
     }
 }
 
@@ -294,195 +259,6 @@ impl Communicator {
         timeout: Duration,
     ) -> Result<PulledTask<T>> {
         self.default_task_queue().next_task(timeout).await
-    }
-
-    // ---- RPC ---------------------------------------------------------------------------
-
-    /// Calls the RPC subscriber registered under `identifier`. Resolves once the broker
-    /// accepted the request, with a future of the reply; `Unroutable` if nobody has that
-    /// identifier.
-    pub async fn rpc_send<T, R>(&self, identifier: &str, body: &T) -> Result<ReplyFuture<R>>
-    where
-        T: Serialize + ?Sized,
-        R: DeserializeOwned,
-    {
-        let inner = &self.inner;
-        inner.check_open()?;
-        let body = inner.link.codec.encode(body)?;
-        let correlation_id = new_id();
-        let reply = inner.replies.expect(
-            correlation_id.clone(),
-            inner.link.codec,
-            inner.settings.rpc_timeout,
-            "rpc",
-        )?;
-        let message = Outgoing {
-            body,
-            correlation_id: Some(correlation_id),
-            reply_to: Some(inner.message_reply_queue.clone()),
-            persistent: false,
-            mandatory: true,
-            traceparent: None,
-        };
-        inner
-            .link
-            .send(Route::Rpc(identifier.to_owned()), message)
-            .await?;
-        Ok(reply)
-    }
-
-    /// Registers an RPC subscriber under `identifier` (generated when `None`) and returns
-    /// the identifier. `DuplicateSubscriber` if this communicator already serves that
-    /// identifier, or is still removing it (it is free again once
-    /// [`remove_rpc_subscriber`](Self::remove_rpc_subscriber) has returned); with
-    /// [`Settings::with_exclusive_rpc_identifiers`], also if another communicator serves it.
-    pub async fn add_rpc_subscriber<T, R, S>(
-        &self,
-        identifier: Option<&str>,
-        subscriber: S,
-    ) -> Result<String>
-    where
-        T: DeserializeOwned + Send + 'static,
-        R: Serialize + Send + 'static,
-        S: IntoSubscriber<Rpc<T, R>>,
-    {
-        let inner = &self.inner;
-        inner.check_open()?;
-        let identifier = identifier.map_or_else(new_id, str::to_owned);
-        let supervisor = &inner.supervisor;
-        supervisor
-            .send(ClaimRpc(identifier.clone()))
-            .await
-            .map_err(|_| Error::closed())??;
-        let handler = rpc_fn(
-            subscriber.into_subscriber(&inner.scope(&identifier)),
-            inner.link.codec,
-        );
-        let consumed = inner
-            .link
-            .transport
-            .consume(Source::Rpc(identifier.clone()), 0)
-            .await
-            .map_err(|e| match e.kind() {
-                ErrorKind::DuplicateSubscriber(_) => {
-                    Error::new(ErrorKind::DuplicateSubscriber(identifier.clone()))
-                }
-                _ => e,
-            });
-        let (started, outcome) = match consumed {
-            Ok(consumer) => (Some((handler, consumer)), Ok(identifier.clone())),
-            Err(error) => (None, Err(error)),
-        };
-        supervisor
-            .send(StartRpc {
-                identifier,
-                started,
-            })
-            .await
-            .map_err(|_| Error::closed())?;
-        if outcome.is_ok() {
-            inner.link.subscribers.add("rpc", 1);
-        }
-        outcome
-    }
-
-    /// Removes the RPC subscriber `identifier`; `UnknownSubscriber` if there is none. Once
-    /// it returns, nothing is bound or consumed for it any more, and it can be added again.
-    pub async fn remove_rpc_subscriber(&self, identifier: &str) -> Result<()> {
-        let inner = &self.inner;
-        inner.check_open()?;
-        let removed = inner
-            .supervisor
-            .send(RemoveRpc(identifier.to_owned()))
-            .await
-            .map_err(|_| Error::closed())?;
-        let Some(endpoint) = removed else {
-            return Err(Error::new(ErrorKind::UnknownSubscriber(
-                identifier.to_owned(),
-            )));
-        };
-        inner.link.subscribers.add("rpc", -1);
-        // Its consumer cancelled, the endpoint stops; then the identifier is free again.
-        let unsubscribed = endpoint
-            .send(rpc_endpoint::Unsubscribe)
-            .await
-            .map_err(|_| Error::closed());
-        inner.supervisor.do_send(ReleaseRpc(identifier.to_owned()));
-        unsubscribed?
-    }
-
-    // ---- broadcasts --------------------------------------------------------------------
-
-    /// Sends a broadcast to every subscriber on the broker. Nobody listening is fine.
-    pub async fn broadcast_send<T: Serialize + ?Sized>(
-        &self,
-        body: &T,
-        options: BroadcastOptions,
-    ) -> Result<()> {
-        let inner = &self.inner;
-        inner.check_open()?;
-        tracing::debug!(subject = ?options.subject, "sending broadcast");
-        let envelope = BroadcastEnvelope {
-            body,
-            sender: options.sender,
-            subject: options.subject,
-            correlation_id: options.correlation_id,
-        };
-        let body = inner.link.codec.encode_broadcast(envelope)?;
-        let message = Outgoing {
-            body,
-            ..Outgoing::default()
-        };
-        inner.link.send(Route::Broadcast, message).await
-    }
-
-    /// Subscribes to broadcasts that pass `filter`; returns the subscriber's identifier.
-    pub async fn add_broadcast_subscriber<T, S>(
-        &self,
-        filter: BroadcastFilter,
-        subscriber: S,
-    ) -> Result<String>
-    where
-        T: DeserializeOwned + Send + 'static,
-        S: IntoSubscriber<Broadcast<T>>,
-    {
-        let inner = &self.inner;
-        inner.check_open()?;
-        let id = new_id();
-        let handler = broadcast_fn(
-            subscriber.into_subscriber(&inner.scope(&id)),
-            filter,
-            inner.link.codec,
-        );
-        let hub = inner.broadcast_hub().await?;
-        hub.send(broadcast_hub::AddSubscriber {
-            id: id.clone(),
-            handler,
-        })
-        .await
-        .map_err(|_| Error::closed())??;
-        inner.link.subscribers.add("broadcast", 1);
-        Ok(id)
-    }
-
-    /// Removes a broadcast subscriber; `UnknownSubscriber` if there is none.
-    pub async fn remove_broadcast_subscriber(&self, identifier: &str) -> Result<()> {
-        let inner = &self.inner;
-        inner.check_open()?;
-        let hub = inner.broadcast_hub().await?;
-        let removed = hub
-            .send(broadcast_hub::RemoveSubscriber {
-                id: identifier.to_owned(),
-            })
-            .await
-            .map_err(|_| Error::closed())??;
-        if !removed {
-            return Err(Error::new(ErrorKind::UnknownSubscriber(
-                identifier.to_owned(),
-            )));
-        }
-        inner.link.subscribers.add("broadcast", -1);
-        Ok(())
     }
 
     // ---- lifetime ----------------------------------------------------------------------

@@ -56,7 +56,8 @@
 //! # Layout
 //!
 //! - [`communicator`](Communicator) — the cheap-`Clone` async handle; `connect`, sending, and
-//!   subscriptions forwarded to actors by address.
+//!   subscriptions forwarded to actors by address (`communicator/rpc`,
+//!   `communicator/broadcasts`: those two kinds' methods).
 //! - `queue` — [`TaskQueue`], a named queue with pull mode, and [`PulledTask`].
 //! - `messages` — the typed messages subscriber actors handle: [`Task`], [`Rpc`],
 //!   [`Broadcast`], and the [`HandlerError`] they answer with.

@@ -1,0 +1,126 @@
+//! The [`Communicator`]'s broadcasts: sent from the caller's task; subscribers, each with
+//! its filter, registered with the communicator's one `BroadcastHub`.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{Communicator, new_id};
+use crate::Value;
+use crate::actors::broadcast_hub::{self, broadcast_fn};
+use crate::codec::envelope::BroadcastEnvelope;
+use crate::error::{Error, ErrorKind, Result};
+use crate::filter::BroadcastFilter;
+use crate::messages::Broadcast;
+use crate::subscriber::IntoSubscriber;
+use crate::transport::{Outgoing, Route};
+
+/// Options of a broadcast beyond its body; every field may be left out. Each is any plain
+/// value, as in kiwiPy: text, or an integer (AiiDA's process pk as the sender), a float, a
+/// bool.
+#[derive(Debug, Clone, Default)]
+pub struct BroadcastOptions {
+    /// Who sends it.
+    pub sender: Option<Value>,
+    /// What it is about; subscribers filter on it.
+    pub subject: Option<Value>,
+    /// A correlation id for the receivers.
+    pub correlation_id: Option<Value>,
+}
+
+impl BroadcastOptions {
+    /// A broadcast about `subject`.
+    pub fn subject(subject: impl Into<Value>) -> Self {
+        Self {
+            subject: Some(subject.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Names the sender: `"worker-1"`, or `47`.
+    #[must_use]
+    pub fn with_sender(mut self, sender: impl Into<Value>) -> Self {
+        self.sender = Some(sender.into());
+        self
+    }
+
+    /// Sets the correlation id.
+    #[must_use]
+    pub fn with_correlation_id(mut self, correlation_id: impl Into<Value>) -> Self {
+        self.correlation_id = Some(correlation_id.into());
+        self
+    }
+}
+
+impl Communicator {
+    /// Sends a broadcast to every subscriber on the broker. Nobody listening is fine.
+    pub async fn broadcast_send<T: Serialize + ?Sized>(
+        &self,
+        body: &T,
+        options: BroadcastOptions,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        tracing::debug!(subject = ?options.subject, "sending broadcast");
+        let envelope = BroadcastEnvelope {
+            body,
+            sender: options.sender,
+            subject: options.subject,
+            correlation_id: options.correlation_id,
+        };
+        let body = inner.link.codec.encode_broadcast(envelope)?;
+        let message = Outgoing {
+            body,
+            ..Outgoing::default()
+        };
+        inner.link.send(Route::Broadcast, message).await
+    }
+
+    /// Subscribes to broadcasts that pass `filter`; returns the subscriber's identifier.
+    pub async fn add_broadcast_subscriber<T, S>(
+        &self,
+        filter: BroadcastFilter,
+        subscriber: S,
+    ) -> Result<String>
+    where
+        T: DeserializeOwned + Send + 'static,
+        S: IntoSubscriber<Broadcast<T>>,
+    {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let id = new_id();
+        let handler = broadcast_fn(
+            subscriber.into_subscriber(&inner.scope(&id)),
+            filter,
+            inner.link.codec,
+        );
+        let hub = inner.broadcast_hub().await?;
+        hub.send(broadcast_hub::AddSubscriber {
+            id: id.clone(),
+            handler,
+        })
+        .await
+        .map_err(|_| Error::closed())??;
+        inner.link.subscribers.add("broadcast", 1);
+        Ok(id)
+    }
+
+    /// Removes a broadcast subscriber; `UnknownSubscriber` if there is none.
+    pub async fn remove_broadcast_subscriber(&self, identifier: &str) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let hub = inner.broadcast_hub().await?;
+        let removed = hub
+            .send(broadcast_hub::RemoveSubscriber {
+                id: identifier.to_owned(),
+            })
+            .await
+            .map_err(|_| Error::closed())??;
+        if !removed {
+            return Err(Error::new(ErrorKind::UnknownSubscriber(
+                identifier.to_owned(),
+            )));
+        }
+        inner.link.subscribers.add("broadcast", -1);
+        Ok(())
+    }
+}

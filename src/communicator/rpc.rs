@@ -1,0 +1,129 @@
+//! The [`Communicator`]'s RPC: calls sent from the caller's task, and subscribers claimed
+//! from the `Supervisor`, each served by an `RpcEndpoint` child.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{Communicator, new_id};
+use crate::actors::replies::ReplyFuture;
+use crate::actors::rpc_endpoint::{self, rpc_fn};
+use crate::error::{Error, ErrorKind, Result};
+use crate::messages::Rpc;
+use crate::subscriber::IntoSubscriber;
+use crate::supervisor::{ClaimRpc, ReleaseRpc, RemoveRpc, StartRpc};
+use crate::transport::{Outgoing, Route, Source};
+
+impl Communicator {
+    /// Calls the RPC subscriber registered under `identifier`. Resolves once the broker
+    /// accepted the request, with a future of the reply; `Unroutable` if nobody has that
+    /// identifier.
+    pub async fn rpc_send<T, R>(&self, identifier: &str, body: &T) -> Result<ReplyFuture<R>>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let body = inner.link.codec.encode(body)?;
+        let correlation_id = new_id();
+        let reply = inner.replies.expect(
+            correlation_id.clone(),
+            inner.link.codec,
+            inner.settings.rpc_timeout,
+            "rpc",
+        )?;
+        let message = Outgoing {
+            body,
+            correlation_id: Some(correlation_id),
+            reply_to: Some(inner.message_reply_queue.clone()),
+            persistent: false,
+            mandatory: true,
+            traceparent: None,
+        };
+        inner
+            .link
+            .send(Route::Rpc(identifier.to_owned()), message)
+            .await?;
+        Ok(reply)
+    }
+
+    /// Registers an RPC subscriber under `identifier` (generated when `None`) and returns
+    /// the identifier. `DuplicateSubscriber` if this communicator already serves that
+    /// identifier, or is still removing it (it is free again once
+    /// [`remove_rpc_subscriber`](Self::remove_rpc_subscriber) has returned); with
+    /// [`Settings::with_exclusive_rpc_identifiers`], also if another communicator serves it.
+    pub async fn add_rpc_subscriber<T, R, S>(
+        &self,
+        identifier: Option<&str>,
+        subscriber: S,
+    ) -> Result<String>
+    where
+        T: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        S: IntoSubscriber<Rpc<T, R>>,
+    {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let identifier = identifier.map_or_else(new_id, str::to_owned);
+        let supervisor = &inner.supervisor;
+        supervisor
+            .send(ClaimRpc(identifier.clone()))
+            .await
+            .map_err(|_| Error::closed())??;
+        let handler = rpc_fn(
+            subscriber.into_subscriber(&inner.scope(&identifier)),
+            inner.link.codec,
+        );
+        let consumed = inner
+            .link
+            .transport
+            .consume(Source::Rpc(identifier.clone()), 0)
+            .await
+            .map_err(|e| match e.kind() {
+                ErrorKind::DuplicateSubscriber(_) => {
+                    Error::new(ErrorKind::DuplicateSubscriber(identifier.clone()))
+                }
+                _ => e,
+            });
+        let (started, outcome) = match consumed {
+            Ok(consumer) => (Some((handler, consumer)), Ok(identifier.clone())),
+            Err(error) => (None, Err(error)),
+        };
+        supervisor
+            .send(StartRpc {
+                identifier,
+                started,
+            })
+            .await
+            .map_err(|_| Error::closed())?;
+        if outcome.is_ok() {
+            inner.link.subscribers.add("rpc", 1);
+        }
+        outcome
+    }
+
+    /// Removes the RPC subscriber `identifier`; `UnknownSubscriber` if there is none. Once
+    /// it returns, nothing is bound or consumed for it any more, and it can be added again.
+    pub async fn remove_rpc_subscriber(&self, identifier: &str) -> Result<()> {
+        let inner = &self.inner;
+        inner.check_open()?;
+        let removed = inner
+            .supervisor
+            .send(RemoveRpc(identifier.to_owned()))
+            .await
+            .map_err(|_| Error::closed())?;
+        let Some(endpoint) = removed else {
+            return Err(Error::new(ErrorKind::UnknownSubscriber(
+                identifier.to_owned(),
+            )));
+        };
+        inner.link.subscribers.add("rpc", -1);
+        // Its consumer cancelled, the endpoint stops; then the identifier is free again.
+        let unsubscribed = endpoint
+            .send(rpc_endpoint::Unsubscribe)
+            .await
+            .map_err(|_| Error::closed());
+        inner.supervisor.do_send(ReleaseRpc(identifier.to_owned()));
+        unsubscribed?
+    }
+}
