@@ -51,7 +51,8 @@ impl Communicator {
     /// the identifier. `DuplicateSubscriber` if this communicator already serves that
     /// identifier, or is still removing it (it is free again once
     /// [`remove_rpc_subscriber`](Self::remove_rpc_subscriber) has returned); with
-    /// [`Settings::with_exclusive_rpc_identifiers`], also if another communicator serves it.
+    /// [`Settings::with_exclusive_rpc_identifiers`](crate::Settings::with_exclusive_rpc_identifiers),
+    /// also if another communicator serves it.
     pub async fn add_rpc_subscriber<T, R, S>(
         &self,
         identifier: Option<&str>,
