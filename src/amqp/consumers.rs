@@ -312,7 +312,11 @@ impl Shared {
                     // still holds for the lost connection, let go within moments.
                     let pause = Duration::from_millis(100 << entry.failures.min(3));
                     entry.retry_at = Some(Instant::now() + pause);
-                    tracing::warn!(%tag, %error, failures = entry.failures, "could not restore a consumer; trying again in {pause:?}");
+                    if error.is_retryable() && entry.failures < 4 {
+                        tracing::debug!(%tag, %error, failures = entry.failures, "could not restore a consumer yet; trying again in {pause:?}");
+                    } else {
+                        tracing::warn!(%tag, %error, failures = entry.failures, "could not restore a consumer; trying again in {pause:?}");
+                    }
                 }
             }
         }
