@@ -106,10 +106,7 @@ impl Transport for MemTransport {
     }
 
     fn consume(&self, source: Source, prefetch: u16) -> BoxFuture<'static, Result<Consumer>> {
-        let bound = |key: String| QueueMode::Exclusive {
-            unique: true,
-            binding: Some(key),
-        };
+        let bound = |key: String| QueueMode::Exclusive { binding: Some(key) };
         let (queue, mode) = match source {
             Source::Tasks(queue) => (queue, QueueMode::Shared(self.delivery_limit)),
             Source::Rpc(identifier) => {
@@ -121,13 +118,7 @@ impl Transport for MemTransport {
                 (queue, bound(key))
             }
             Source::Broadcasts(queue) => (queue, bound(BROADCAST_TOPIC.to_owned())),
-            Source::Replies(_, queue) => (
-                queue,
-                QueueMode::Exclusive {
-                    unique: true,
-                    binding: None,
-                },
-            ),
+            Source::Replies(_, queue) => (queue, QueueMode::Exclusive { binding: None }),
         };
         let (tx, mut deliveries) = tokio::sync::mpsc::unbounded_channel();
         let result = self.check_open().and_then(|()| {
@@ -149,10 +140,7 @@ impl Transport for MemTransport {
         queue: String,
         deliver: DeliverFn,
     ) -> BoxFuture<'static, Result<BoxFuture<'static, ()>>> {
-        let mode = QueueMode::Exclusive {
-            unique: true,
-            binding: None,
-        };
+        let mode = QueueMode::Exclusive { binding: None };
         let result = self.check_open().and_then(|()| {
             self.broker
                 .consume(self.connection, &queue, mode, 0, Sink::Direct(deliver))?;

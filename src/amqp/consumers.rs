@@ -82,7 +82,7 @@ impl Shared {
                 topology
                     .declare_reply_queue(&guard.channel, *exchange, queue)
                     .await
-                    .map_err(amqp_error_refused)?;
+                    .map_err(|error| own_queue_refused(error, queue))?;
                 // Acknowledged, so a reply lost in flight with the connection comes again.
                 (guard, false)
             }
@@ -128,7 +128,7 @@ impl Shared {
             (Some(AMQPSoftError::RESOURCELOCKED), Source::Rpc(identifier)) if ours => {
                 Error::new(ErrorKind::DuplicateSubscriber(identifier.clone()))
             }
-            (Some(_), _) if ours => amqp_error_refused(error),
+            (Some(_), _) if ours => own_queue_refused(error, queue),
             _ => amqp_error(error),
         }
     }
@@ -498,6 +498,23 @@ pub(super) enum Feed {
     Routed(mpsc::UnboundedReceiver<Delivery>),
 }
 
+/// The broker's refusal to declare one of this communicator's own exclusive queues (its
+/// reply, broadcast and RPC queues). After a lost connection the broker holds such a queue
+/// for the old connection until it notices that one is gone (about a second): that
+/// `RESOURCE_LOCKED` is a passing state, worth trying again, not a configuration error.
+pub(super) fn own_queue_refused(error: lapin::Error, queue: &str) -> Error {
+    match soft_error(&error) {
+        Some(AMQPSoftError::RESOURCELOCKED) => Error::with_source(
+            ErrorKind::Connection(format!(
+                "the broker still holds the queue '{queue}' for this communicator's previous \
+                 connection"
+            )),
+            error,
+        ),
+        _ => amqp_error_refused(error),
+    }
+}
+
 /// A lapin consumer ended. Unless it was cancelled or already replaced, the consumer waits
 /// to be restored, and the supervisor is told at once.
 pub(super) fn consumer_ended(shared: &Weak<Shared>, tag: &str, guard: &Arc<ConsumerChannel>) {
@@ -579,5 +596,48 @@ impl Settle for AmqpAck {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::protocol::{AMQPError, AMQPErrorKind};
+
+    use super::*;
+
+    fn refusal(soft: AMQPSoftError, text: &str) -> lapin::Error {
+        let error = AMQPError::new(AMQPErrorKind::Soft(soft), text.into());
+        lapin::ErrorKind::ProtocolError(error).into()
+    }
+
+    #[test]
+    fn an_own_queue_the_broker_still_holds_is_worth_another_try() {
+        let held = refusal(
+            AMQPSoftError::RESOURCELOCKED,
+            "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue 'q'",
+        );
+        let error = own_queue_refused(held, "q");
+        assert!(error.is_retryable(), "{error}");
+        assert!(
+            error.to_string().contains("still holds the queue 'q'"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_limit_reached_is_refused_and_other_refusals_are_configuration() {
+        let limit = refusal(
+            AMQPSoftError::PRECONDITIONFAILED,
+            "PRECONDITION_FAILED - cannot declare queue 'q': queue limit in vhost 'v' (3) is reached",
+        );
+        let error = own_queue_refused(limit, "q");
+        assert!(matches!(error.kind(), ErrorKind::Refused(_)), "{error}");
+        let other = refusal(
+            AMQPSoftError::PRECONDITIONFAILED,
+            "PRECONDITION_FAILED - inequivalent arg 'x-expires' for queue 'q'",
+        );
+        let error = own_queue_refused(other, "q");
+        assert!(matches!(error.kind(), ErrorKind::Config(_)), "{error}");
+        assert!(!error.is_retryable());
     }
 }

@@ -10,14 +10,13 @@ use futures::StreamExt;
 use futures::channel::mpsc;
 use lapin::Connection;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions};
-use lapin::protocol::AMQPSoftError;
 use lapin::types::FieldTable;
 use tokio::time::Instant;
 
-use super::consumers::{Feed, convert};
+use super::consumers::{Feed, convert, own_queue_refused};
 
-use super::{Attempt, ConsumerChannel, Shared, amqp_error, amqp_error_refused, lock, soft_error};
-use crate::error::{Error, ErrorKind, Result};
+use super::{Attempt, ConsumerChannel, Shared, amqp_error, amqp_error_refused, lock};
+use crate::error::{Error, Result};
 use crate::transport::{Delivery, RPC_TOPIC, Source, rpc_key};
 
 /// The consumer of a communicator's RPC queue on one connection: each call goes to its
@@ -50,18 +49,7 @@ impl Shared {
         self.topology
             .declare_rpc_router_queue(&guard.channel, queue)
             .await
-            .map_err(|error| match soft_error(&error) {
-                // After a lost connection the broker holds the exclusive queue for the old
-                // one until it notices it is gone (about a second): worth trying again.
-                Some(AMQPSoftError::RESOURCELOCKED) => Error::with_source(
-                    ErrorKind::Connection(format!(
-                        "the broker still holds the RPC queue '{queue}' for this \
-                         communicator's previous connection"
-                    )),
-                    error,
-                ),
-                _ => amqp_error_refused(error),
-            })?;
+            .map_err(|error| own_queue_refused(error, queue))?;
         let options = BasicConsumeOptions {
             no_ack: true,
             ..Default::default()

@@ -173,13 +173,10 @@ pub(crate) struct Broker {
 pub(crate) enum QueueMode {
     /// Durable, shared, acked by consumers; with a delivery limit when created.
     Shared(Option<u32>),
-    /// Exclusive to one connection and auto-acked; with `unique` a second consumer is an
-    /// error (an RPC identifier), bound with `binding` (an RPC identifier's routing key,
-    /// `[broadcast]`) if given.
-    Exclusive {
-        unique: bool,
-        binding: Option<String>,
-    },
+    /// Exclusive to one connection, consumed once (a second consumer is
+    /// `DuplicateSubscriber`) and auto-acked; bound with `binding` (an RPC identifier's
+    /// routing key, `[broadcast]`) if given.
+    Exclusive { binding: Option<String> },
 }
 
 /// Where a message is published: one queue by name, or every queue bound with a key.
@@ -306,26 +303,23 @@ impl Broker {
                     .entry(queue_name.to_owned())
                     .or_insert_with(|| Queue::new(queue_name, delivery_limit));
             }
-            QueueMode::Exclusive { unique, binding } => {
-                if let Some(queue) = state.queues.get(queue_name) {
-                    if unique || queue.owner != Some(connection) {
-                        return Err(Error::new(ErrorKind::DuplicateSubscriber(
-                            queue_name.to_owned(),
-                        )));
-                    }
-                } else {
-                    if let Some(key) = &binding {
-                        let bound = state.bindings.entry(key.clone()).or_default();
-                        bound.push(queue_name.to_owned());
-                    }
-                    let queue = Queue {
-                        auto_ack: true,
-                        owner: Some(connection),
-                        binding,
-                        ..Queue::new(queue_name, None)
-                    };
-                    state.queues.insert(queue_name.to_owned(), queue);
+            QueueMode::Exclusive { binding } => {
+                if state.queues.contains_key(queue_name) {
+                    return Err(Error::new(ErrorKind::DuplicateSubscriber(
+                        queue_name.to_owned(),
+                    )));
                 }
+                if let Some(key) = &binding {
+                    let bound = state.bindings.entry(key.clone()).or_default();
+                    bound.push(queue_name.to_owned());
+                }
+                let queue = Queue {
+                    auto_ack: true,
+                    owner: Some(connection),
+                    binding,
+                    ..Queue::new(queue_name, None)
+                };
+                state.queues.insert(queue_name.to_owned(), queue);
             }
         }
         state.consumers.insert(tag.clone(), queue_name.to_owned());
