@@ -422,12 +422,18 @@ fn inequivalent_setting(text: &str) -> Option<&'static str> {
     let (argument, _) = rest.split_once('\'')?;
     Some(match argument {
         "x-queue-type" => "queue type (Settings::with_quorum_queues, or with_delivery_limit)",
-        "x-delivery-limit" | "x-dead-letter-exchange" | "x-dead-letter-routing-key" => {
-            "delivery limit (Settings::with_delivery_limit)"
+        "x-delivery-limit" => "delivery limit (Settings::with_delivery_limit)",
+        "x-dead-letter-exchange" | "x-dead-letter-routing-key" => {
+            "dead-letter queue (quorum queues, from Settings::with_quorum_queues or \
+             with_delivery_limit, dead-letter to <queue>.dlq)"
+        }
+        "x-consumer-timeout" => {
+            "consumer timeout (Settings::with_consumer_timeout, with_queue_consumer_timeout)"
         }
         "x-message-ttl" => "message TTL (Settings::with_task_message_ttl)",
         "durable" => {
-            "durability (Settings::with_testing_mode; quorum queues, from \
+            "durability (Settings::with_kiwipy_testing_queues: kiwiPy's testing mode declares \
+             task queues non-durable, kiwimq's durable; quorum queues, from \
              Settings::with_quorum_queues or with_delivery_limit, are always durable)"
         }
         "x-expires" => "expiry (Settings::with_testing_mode)",

@@ -169,9 +169,11 @@ impl Transport for MemTransport {
     }
 
     fn get(&self, queue: &str) -> BoxFuture<'static, Result<Option<Delivery>>> {
-        let result = self
-            .check_open()
-            .map(|()| self.broker.get(self.connection, queue));
+        let result = self.check_open().and_then(|()| {
+            self.broker
+                .get(self.connection, queue)
+                .ok_or_else(|| no_queue(queue))
+        });
         future::ready(result).boxed()
     }
 

@@ -73,14 +73,23 @@ impl TaskQueue {
     /// [`dead_letters`](Self::dead_letters)) back to this queue, to run again, with its
     /// correlation id and reply address: a sender still waiting gets the result. Returns
     /// how many. Each is taken off the dead-letter queue only once the queue has it; with no
-    /// such queue the send fails `Unroutable` and the task stays a dead letter.
+    /// such queue the send fails `Unroutable` and the task stays a dead letter. A queue
+    /// without a dead-letter queue is `Refused` at once.
     pub async fn requeue_dead_letters(&self) -> Result<u32> {
         let inner = &self.inner;
         inner.check_open()?;
         let dead = crate::transport::dead_letter_queue(&self.name);
         let transport = &inner.link.transport;
         let mut moved = 0;
-        while let Some(delivery) = transport.get(&dead).await? {
+        let no_dead_letter_queue = |error: Error| match error.kind() {
+            ErrorKind::Refused(_) => Error::new(ErrorKind::Refused(format!(
+                "'{}' has no dead-letter queue '{dead}' (one is declared with the queue by \
+                 Settings::with_delivery_limit or with_quorum_queues)",
+                self.name
+            ))),
+            _ => error,
+        };
+        while let Some(delivery) = transport.get(&dead).await.map_err(no_dead_letter_queue)? {
             let message = Outgoing {
                 body: delivery.body.to_vec(),
                 correlation_id: delivery.correlation_id.clone(),

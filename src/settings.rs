@@ -34,6 +34,9 @@ pub struct Settings {
     pub(crate) task_queue: String,
     pub(crate) task_prefetch: u16,
     pub(crate) testing_mode: bool,
+    pub(crate) kiwipy_testing_queues: bool,
+    pub(crate) consumer_timeout: Option<Duration>,
+    pub(crate) queue_consumer_timeouts: Vec<(String, Duration)>,
     pub(crate) task_message_ttl: Duration,
     pub(crate) message_ttl: Duration,
     pub(crate) queue_expires: Duration,
@@ -66,6 +69,9 @@ impl Settings {
             task_queue: "kiwipy.tasks".into(),
             task_prefetch: 1,
             testing_mode: false,
+            kiwipy_testing_queues: false,
+            consumer_timeout: None,
+            queue_consumer_timeouts: Vec::new(),
             task_message_ttl: Duration::from_secs(7 * 24 * 3600),
             message_ttl: Duration::from_millis(66_000),
             queue_expires: Duration::from_millis(60_000),
@@ -126,11 +132,67 @@ impl Settings {
         self
     }
 
-    /// kiwiPy's testing mode: exchanges auto-delete and task queues are non-durable and
-    /// expire after 10 s unused, so tests leave nothing behind on a shared broker.
+    /// Testing mode, as kiwiPy's: exchanges auto-delete and task queues expire after 10 s
+    /// unused (`x-expires`), so tests leave nothing behind on a shared broker.
+    ///
+    /// Task queues stay durable in testing mode, where kiwiPy declares them transient
+    /// (non-durable, not exclusive): RabbitMQ 4.3 refuses such queues by default (the
+    /// deprecated feature `transient_nonexcl_queues`), and a durable queue with a queue TTL
+    /// is RabbitMQ's advice. A fleet whose kiwiPy peers share a testing-mode queue needs
+    /// kiwiPy's declaration: [`with_kiwipy_testing_queues`](Self::with_kiwipy_testing_queues).
     #[must_use]
     pub fn with_testing_mode(mut self, on: bool) -> Self {
         self.testing_mode = on;
+        self
+    }
+
+    /// In testing mode, declares task queues exactly as kiwiPy's testing mode does:
+    /// non-durable (default `false`: durable, expiring).
+    ///
+    /// A queue's durability is part of its declaration, so a kiwimq and a kiwiPy process in
+    /// testing mode can share a task queue only when both declare it alike: the first
+    /// declares it, the other is refused (`PRECONDITION_FAILED`, "inequivalent arg
+    /// 'durable'", reported naming this setting). RabbitMQ 4.3 refuses these transient
+    /// queues unless its configuration says
+    /// `deprecated_features.permit.transient_nonexcl_queues = true`.
+    #[must_use]
+    pub fn with_kiwipy_testing_queues(mut self, on: bool) -> Self {
+        self.kiwipy_testing_queues = on;
+        self
+    }
+
+    /// How long the broker lets a delivered task go unacknowledged before it closes the
+    /// worker's channel and requeues the task, for every task queue this communicator
+    /// declares (RabbitMQ 3.12+'s `x-consumer-timeout` queue argument; default: none, so
+    /// the broker's `consumer_timeout`, 30 minutes by default, applies). Tasks that run for
+    /// hours or days need a longer one; see [`with_queue_consumer_timeout`](Self::with_queue_consumer_timeout)
+    /// for one queue.
+    ///
+    /// A queue's arguments are part of its declaration, a wire contract: kiwiPy declares
+    /// its task queues without this argument, and RabbitMQ 3.12+ refuses to redeclare a
+    /// queue with another value ("inequivalent arg 'x-consumer-timeout'", reported naming
+    /// this setting), so in a fleet with kiwiPy peers set it with a policy instead
+    /// (`rabbitmqctl set_policy … '{"consumer-timeout": …}'`), which changes no declaration.
+    /// RabbitMQ before 3.12 accepts the argument and ignores it.
+    #[must_use]
+    pub fn with_consumer_timeout(mut self, timeout: Duration) -> Self {
+        self.consumer_timeout = Some(timeout);
+        self
+    }
+
+    /// The consumer timeout of the task queue `queue` alone (see
+    /// [`with_consumer_timeout`](Self::with_consumer_timeout)), overriding the one for
+    /// every queue.
+    #[must_use]
+    pub fn with_queue_consumer_timeout(
+        mut self,
+        queue: impl Into<String>,
+        timeout: Duration,
+    ) -> Self {
+        let queue = queue.into();
+        self.queue_consumer_timeouts
+            .retain(|(name, _)| *name != queue);
+        self.queue_consumer_timeouts.push((queue, timeout));
         self
     }
 
@@ -380,6 +442,9 @@ impl std::fmt::Debug for Settings {
             .field("task_queue", &self.task_queue)
             .field("task_prefetch", &self.task_prefetch)
             .field("testing_mode", &self.testing_mode)
+            .field("kiwipy_testing_queues", &self.kiwipy_testing_queues)
+            .field("consumer_timeout", &self.consumer_timeout)
+            .field("queue_consumer_timeouts", &self.queue_consumer_timeouts)
             .field("send_timeout", &self.send_timeout)
             .field("delivery_limit", &self.delivery_limit)
             .field("max_message_size", &self.max_message_size)

@@ -587,6 +587,30 @@ async fn queue_stats_and_purge_without_taking_a_task(backend: Backend) {
     comm.close().await.unwrap();
 }
 
+/// Sending back the dead letters of a queue that has no dead-letter queue is refused at
+/// once, saying so, on both backends (it used to retry for the send timeout on RabbitMQ,
+/// and to report 0 moved on mem://).
+async fn requeueing_dead_letters_of_a_queue_without_any_is_refused_at_once(backend: Backend) {
+    let comm = connect(&settings(backend)).await;
+    let queue = comm.task_queue(common::unique("no-dead-letters"));
+    queue.task_send_no_reply(&1u32).await.unwrap();
+    let error = tokio::time::timeout(SOON, queue.requeue_dead_letters())
+        .await
+        .expect("answered at once")
+        .unwrap_err();
+    assert!(matches!(error.kind(), ErrorKind::Refused(_)), "{error}");
+    assert!(
+        error.to_string().contains("has no dead-letter queue"),
+        "{error}"
+    );
+    assert_eq!(
+        queue.stats().await.unwrap().ready,
+        1,
+        "the queue is untouched"
+    );
+    comm.close().await.unwrap();
+}
+
 async fn a_rejected_task_goes_to_the_next_subscriber(backend: Backend) {
     let comm = connect(&settings(backend)).await;
     let rejections = Arc::new(AtomicUsize::new(0));
@@ -1309,6 +1333,7 @@ macro_rules! behaviours {
                     each_task_goes_to_exactly_one_of_several_workers,
                     subscribers_of_one_queue_take_turns,
                     queue_stats_and_purge_without_taking_a_task,
+                    requeueing_dead_letters_of_a_queue_without_any_is_refused_at_once,
                     a_rejected_task_goes_to_the_next_subscriber,
                     a_task_every_subscriber_rejects_goes_back_to_the_queue,
                     a_task_is_acked_only_after_its_handler_finished,

@@ -240,6 +240,14 @@ async fn queue_stats_and_dead_letters_without_taking_a_task() {
     let output = run(&prefix, &["queue", "stats", "no-such-queue"]).await;
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("no queue named 'no-such-queue'"));
+    // No dead-letter queue yet: refused at once, not retried as a lost connection.
+    let output = run(&prefix, &["queue", "dead-letters", &name, "--requeue"]).await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains(&format!("'{name}' has no dead-letter queue")),
+        "{}",
+        stderr(&output)
+    );
 
     // Dead letters: counted, sent back to run again, or dropped.
     let dead = queue.dead_letters();

@@ -418,13 +418,7 @@ impl Shared {
         if channel.status().connected() {
             let _ = channel.close(200, "done".into()).await;
         }
-        result.map_err(|error| match soft_error(&error) {
-            Some(AMQPSoftError::NOTFOUND) => Error::with_source(
-                ErrorKind::Refused(format!("no queue named '{queue}' on the broker")),
-                error,
-            ),
-            _ => amqp_error_refused(error),
-        })
+        result.map_err(|error| queue_error(queue, error))
     }
 
     pub(super) async fn get(self: Arc<Self>, queue: String) -> Result<Option<Delivery>> {
@@ -436,7 +430,7 @@ impl Shared {
                 let message = channel
                     .basic_get(queue.as_str().into(), BasicGetOptions::default())
                     .await
-                    .map_err(|e| Attempt::unless_refused(amqp_error_refused(e)))?;
+                    .map_err(|e| Attempt::unless_refused(queue_error(&queue, e)))?;
                 Ok((channel, message))
             })
             .await?;
@@ -449,6 +443,18 @@ impl Shared {
             };
             convert(m.delivery, Some(acker))
         }))
+    }
+}
+
+/// A broker's error about `queue`: a missing queue is `Refused` naming it, at once (the
+/// broker will not make one up), other refusals as [`amqp_error_refused`] says.
+fn queue_error(queue: &str, error: lapin::Error) -> Error {
+    match soft_error(&error) {
+        Some(AMQPSoftError::NOTFOUND) => Error::with_source(
+            ErrorKind::Refused(format!("no queue named '{queue}' on the broker")),
+            error,
+        ),
+        _ => amqp_error_refused(error),
     }
 }
 

@@ -371,13 +371,20 @@ impl Broker {
         Some(u32::try_from(count).unwrap_or(u32::MAX))
     }
 
-    pub(crate) fn get(self: &Arc<Self>, connection: u64, queue_name: &str) -> Option<Delivery> {
+    /// The next ready message of a queue, if any; `None` if there is no such queue.
+    pub(crate) fn get(
+        self: &Arc<Self>,
+        connection: u64,
+        queue_name: &str,
+    ) -> Option<Option<Delivery>> {
         let mut state = self.lock();
         let queue = state.queues.get_mut(queue_name)?;
-        let message = queue.messages.pop_front()?;
+        let Some(message) = queue.messages.pop_front() else {
+            return Some(None);
+        };
         queue.next_delivery += 1;
         let id = queue.next_delivery;
-        Some(self.hand_out(queue, id, message, None, connection))
+        Some(Some(self.hand_out(queue, id, message, None, connection)))
     }
 
     /// A connection closed: its exclusive queues go, its consumers stop, and every message it

@@ -30,6 +30,11 @@ impl Vhost {
         rabbitmqctl(&["set_vhost_limits", "-p", &self.0, limits]);
     }
 
+    /// The vhost's name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
     /// The URI of the local broker's vhost.
     pub fn uri(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:5672/{}", self.0)
