@@ -31,5 +31,5 @@ fn main() -> cli::Outcome {
         Ok(value) => println!("{value}"),
         Err(error) => println!(" [!] {error}"),
     }
-    Ok(comm.close()?)
+    comm.close()
 }

@@ -35,5 +35,5 @@ fn main() -> cli::Outcome {
     })?;
     println!(" [*] Waiting for tasks on the default queue (Ctrl-C to stop)");
     cli::wait_for_shutdown_signal();
-    Ok(comm.close()?)
+    comm.close()
 }

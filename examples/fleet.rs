@@ -91,5 +91,5 @@ async fn main() -> cli::Outcome {
             );
         }
     });
-    Ok(fleet.run_until_signal().await?)
+    fleet.run_until_signal().await
 }

@@ -199,5 +199,5 @@ async fn main() -> cli::Outcome {
     }
     comm.close().await?;
     println!("DONE");
-    Ok(outcome?)
+    outcome
 }

@@ -36,19 +36,25 @@ async fn main() -> cli::Outcome {
     };
     let comm = cli.connection.connect().await?;
     if cli.count > 1 {
-        return Ok(send_many(&comm, &message, cli.count, Duration::from_secs(cli.wait)).await?);
+        return send_many(&comm, &message, cli.count, Duration::from_secs(cli.wait)).await;
     }
     let result = comm.task_send::<_, serde_json::Value>(&message).await?;
     println!(" [x] Sent {message:?}");
     match tokio::time::timeout(Duration::from_secs(cli.wait), result).await {
         Ok(Ok(value)) => println!(" [x] Result: {value}"),
         Ok(Err(error)) => println!(" [!] The task failed: {error}"),
+        Err(_) if cli.connection.uri.starts_with("mem://") => println!(
+            " [ ] No result within {} s. mem:// is this process's own broker: no worker of \
+             another process can take the task, and it ends with this process. Start a \
+             worker with the same --uri amqp://… to share a queue.",
+            cli.wait
+        ),
         Err(_) => println!(
-            " [ ] No result within {} s; the task waits in the queue",
+            " [ ] No result within {} s; the task waits in the queue for a worker",
             cli.wait
         ),
     }
-    Ok(comm.close().await?)
+    comm.close().await
 }
 
 /// Sends `count` numbered tasks, then counts their results as they come, within `wait`.

@@ -41,8 +41,8 @@ impl Handler<Rpc<String>> for Greeter {
     }
 }
 
-/// A broadcast listener.
-struct Announcer(&'static str);
+/// A broadcast listener; tells `heard` of each broadcast it printed.
+struct Announcer(&'static str, tokio::sync::mpsc::UnboundedSender<()>);
 
 impl Actor for Announcer {
     type Context = Context<Self>;
@@ -53,9 +53,13 @@ impl Handler<Broadcast<String>> for Announcer {
 
     fn handle(&mut self, b: Broadcast<String>, _: &mut Context<Self>) -> Self::Result {
         println!(
-            "  {}: broadcast {:?} from {:?}: {}",
-            self.0, b.subject, b.sender, b.body
+            "  {}: broadcast {} from {}: {}",
+            self.0,
+            b.subject_text().unwrap_or_default(),
+            b.sender_text().as_deref().unwrap_or("nobody"),
+            b.body
         );
+        let _ = self.1.send(());
         Ok(())
     }
 }
@@ -88,13 +92,17 @@ async fn main() -> cli::Outcome {
     }
 
     println!("broadcasts: every subscriber whose filter matches");
+    let (told, mut heard) = tokio::sync::mpsc::unbounded_channel();
     worker
-        .add_broadcast_subscriber(BroadcastFilter::new(), Announcer("all").start())
+        .add_broadcast_subscriber(
+            BroadcastFilter::new(),
+            Announcer("all", told.clone()).start(),
+        )
         .await?;
     worker
         .add_broadcast_subscriber(
             BroadcastFilter::new().subject("job.*"),
-            Announcer("jobs only").start(),
+            Announcer("jobs only", told).start(),
         )
         .await?;
     client
@@ -106,6 +114,15 @@ async fn main() -> cli::Outcome {
     client
         .broadcast_send("lunch is ready", BroadcastOptions::subject("kitchen"))
         .await?;
+    // Three deliveries: both broadcasts to "all", the job's to "jobs only". Broadcasts are
+    // delivered asynchronously; wait for them (a little) so the output reads in order.
+    for _ in 0..3 {
+        let wait = std::time::Duration::from_secs(5);
+        if !matches!(tokio::time::timeout(wait, heard.recv()).await, Ok(Some(()))) {
+            println!("  (a broadcast did not arrive within {wait:?})");
+            break;
+        }
+    }
 
     println!("pull mode: take a task, hold it, decide");
     let queue = client.task_queue("manual");
@@ -117,8 +134,6 @@ async fn main() -> cli::Outcome {
     task.process(Ok("splines reticulated")).await?;
     println!("  client: {}", pending.await?);
 
-    // Let the broadcasts reach their listeners before closing.
-    actix_rt::time::sleep(std::time::Duration::from_millis(100)).await;
     client.close().await?;
     worker.close().await?;
     println!("closed");

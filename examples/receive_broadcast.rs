@@ -44,5 +44,5 @@ async fn main() -> cli::Outcome {
     .await?;
     println!(" [*] Waiting for broadcasts (Ctrl-C to stop)");
     kiwimq::shutdown_signal().await;
-    Ok(comm.close().await?)
+    comm.close().await
 }

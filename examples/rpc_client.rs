@@ -22,5 +22,5 @@ async fn main() -> cli::Outcome {
     let comm = cli.connection.connect().await?;
     let result: u64 = comm.rpc_send("fib", &cli.n).await?.await?;
     println!("{result}");
-    Ok(comm.close().await?)
+    comm.close().await
 }

@@ -217,5 +217,5 @@ async fn main() -> cli::Outcome {
     server
         .await
         .map_err(|error| config(format!("the HTTP server failed: {error}")))?;
-    Ok(comm.close().await?)
+    comm.close().await
 }

@@ -39,5 +39,5 @@ async fn main() -> cli::Outcome {
     .await?;
     println!(" [*] Waiting for tasks on the default queue (Ctrl-C to stop)");
     kiwimq::shutdown_signal().await;
-    Ok(comm.close().await?)
+    comm.close().await
 }

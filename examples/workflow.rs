@@ -7,7 +7,7 @@
 //! ```text
 //! cargo run --example workflow -- worker &                 # hosts processes
 //! cargo run --example workflow -- watch &                  # prints every state change
-//! cargo run --example workflow -- launch 1 2 3             # launches pids 1, 2, 3
+//! cargo run --example workflow -- launch 1 2 3             # launches pids 1, 2, 3 (--wait: until done)
 //! cargo run --example workflow -- control 2 pause          # true
 //! cargo run --example workflow -- control 2 status         # {"ctime":…,"paused":true,…}
 //! cargo run --example workflow -- control 2 play
@@ -49,8 +49,14 @@ enum Role {
         #[arg(long, default_value_t = 1.0)]
         step: f64,
     },
-    /// Launches processes with these pids (and does not wait for them).
-    Launch { pids: Vec<i64> },
+    /// Launches processes with these pids: returns once the broker holds their tasks (a
+    /// worker may start them later), or with --wait once they finished.
+    Launch {
+        pids: Vec<i64>,
+        /// Wait for each process to finish, and print its result.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Sends a process a control intent: pause, play, kill or status; prints the reply.
     Control { pid: i64, intent: String },
     /// Prints every state change, until Ctrl-C or SIGTERM.
@@ -78,12 +84,20 @@ async fn main() -> cli::Outcome {
             println!(" [*] Hosting processes (Ctrl-C to stop)");
             kiwimq::shutdown_signal().await;
         }
-        Role::Launch { pids } => {
+        Role::Launch { pids, wait } => {
+            let mut finished = Vec::new();
             for pid in pids {
-                let reply = comm
-                    .task_send::<_, Value>(&workflow::continue_task(pid, true))
-                    .await?;
-                println!(" [x] Launched {}", reply.await?);
+                let task = workflow::continue_task(pid, true);
+                if wait {
+                    finished.push((pid, comm.task_send::<_, Value>(&task).await?));
+                } else {
+                    comm.default_task_queue().task_send_no_reply(&task).await?;
+                }
+                println!(" [x] Launched {pid}: queued for a worker");
+            }
+            for (pid, result) in finished {
+                let result = serde_json::to_string(&result.await?).unwrap_or_default();
+                println!(" [x] Process {pid} finished: {result}");
             }
         }
         Role::Control { pid, intent } => {
@@ -107,5 +121,5 @@ async fn main() -> cli::Outcome {
             kiwimq::shutdown_signal().await;
         }
     }
-    Ok(comm.close().await?)
+    comm.close().await
 }

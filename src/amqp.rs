@@ -104,8 +104,9 @@ pub(crate) fn explain(error: &str) -> Option<&'static str> {
     let error = error.to_ascii_lowercase();
     (error.contains("acknowledgement") && error.contains("timed out")).then_some(
         "the broker's consumer_timeout (RabbitMQ default 30 min) expired for a task still \
-         being handled: raise consumer_timeout in rabbitmq.conf, or per queue with the \
-         x-consumer-timeout argument / a policy, above the longest task's duration; the task \
+         being handled: raise consumer_timeout in rabbitmq.conf, or per queue with a policy \
+         or Settings::with_queue_consumer_timeout (x-consumer-timeout, RabbitMQ 3.12+), above \
+         the longest task's duration; the task \
          was returned to the queue and will run again",
     )
 }

@@ -91,8 +91,14 @@ impl Codec {
     }
 
     /// Decodes bytes into a `T`. Malformed bytes or a value of another shape give an
-    /// [`ErrorKind::Codec`](crate::ErrorKind::Codec) error, never a panic.
+    /// [`ErrorKind::Codec`](crate::ErrorKind::Codec) error, never a panic, which says what
+    /// was expected and, when the bytes read as another codec's, which one.
     pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T> {
+        self.decode_plain(bytes)
+            .map_err(|error| Error::codec(self.explain::<T>(bytes, error)))
+    }
+
+    fn decode_plain<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T> {
         match self {
             Self::MessagePack => {
                 // Finding where the value ends borrows (no copy of its strings and binaries),
@@ -122,6 +128,31 @@ impl Codec {
 }
 
 impl Codec {
+    /// Why `bytes` did not decode as a `T`: the decoder's words, then either the codec the
+    /// bytes look like (they were sent with another one), or the value they hold (it is of
+    /// another type than expected).
+    fn explain<T>(self, bytes: &[u8], error: Error) -> String {
+        let reason = match error.kind() {
+            crate::ErrorKind::Codec(reason) => reason.clone(),
+            _ => error.to_string(),
+        };
+        let expected = short_type_name::<T>();
+        match looks_like(bytes) {
+            Some(other) if other != self => format!(
+                "{reason}: the bytes are not {self} but look like {other} — was it sent with \
+                 another codec? (expected {self} of {expected})"
+            ),
+            Some(_) => match self.decode_plain::<crate::Value>(bytes) {
+                Ok(value) => format!(
+                    "{reason}: the {self} value {} is not of the expected type {expected}",
+                    shortened(&value.to_string())
+                ),
+                Err(_) => format!("{reason} (expected {self} of {expected})"),
+            },
+            None => format!("{reason} (expected {self} of {expected})"),
+        }
+    }
+
     /// Encodes a broadcast envelope; bincode, which cannot read a value of unknown shape,
     /// carries its headers as text.
     pub(crate) fn encode_broadcast<T: Serialize>(
@@ -250,6 +281,56 @@ fn with_scratch<E: fmt::Display>(
         }
         result.map_err(Error::codec)
     })
+}
+
+/// The codec whose encoding `bytes` are, when it is plain to see: JSON, one whole
+/// MessagePack value that is not text, or YAML text of a mapping or a sequence. `None`
+/// when they could be anything (bincode carries no mark of its own).
+fn looks_like(bytes: &[u8]) -> Option<Codec> {
+    if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok() {
+        return Some(Codec::Json);
+    }
+    let text = std::str::from_utf8(bytes).ok();
+    let structured = bytes
+        .first()
+        .is_some_and(|b| matches!(b, 0x80..=0x9f | 0xdc..=0xdf));
+    if msgpack_value_len(bytes) == Some(bytes.len()) && (text.is_none() || structured) {
+        return Some(Codec::MessagePack);
+    }
+    #[cfg(feature = "yaml")]
+    if text.is_some()
+        && yaml::decode::<crate::Value>(bytes).is_ok_and(|value| value.is_map() || value.is_array())
+    {
+        return Some(Codec::Yaml);
+    }
+    None
+}
+
+/// `T`'s name without its module paths: `ReplyEnvelope<i64>`, `Vec<String>`.
+pub(crate) fn short_type_name<T: ?Sized>() -> String {
+    let full = std::any::type_name::<T>();
+    let mut short = String::with_capacity(full.len());
+    let mut word = String::new();
+    for c in full.chars() {
+        if c.is_alphanumeric() || c == '_' || c == ':' {
+            word.push(c);
+        } else {
+            short.push_str(word.rsplit("::").next().unwrap_or(&word));
+            word.clear();
+            short.push(c);
+        }
+    }
+    short.push_str(word.rsplit("::").next().unwrap_or(&word));
+    short
+}
+
+/// Text cut to a length a log line or an error message can carry.
+fn shortened(text: &str) -> String {
+    const MAX: usize = 120;
+    match text.char_indices().nth(MAX) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
 }
 
 /// Bytes left after the value mean the sender used another codec (JSON's `30` read as
@@ -464,5 +545,61 @@ mod tests {
         // Deep nesting costs no stack.
         let deep = vec![0x91u8; 1_000_000];
         assert_eq!(msgpack_value_len(&deep), None);
+    }
+}
+
+#[cfg(test)]
+mod explained {
+    use super::*;
+    use crate::codec::envelope::ReplyEnvelope;
+
+    fn reply(result: &str) -> Vec<u8> {
+        let mut map = std::collections::BTreeMap::new();
+        map.insert("result", result);
+        Codec::MessagePack.encode(&map).unwrap()
+    }
+
+    #[test]
+    fn bytes_of_another_codec_are_named() {
+        let bytes = reply("hello!");
+        let error = Codec::Json
+            .decode::<ReplyEnvelope<i64>>(&bytes)
+            .unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("look like msgpack"), "{text}");
+        assert!(text.contains("another codec"), "{text}");
+        let json = br#"{"result": 3}"#;
+        let error = Codec::MessagePack.decode::<i64>(json).unwrap_err();
+        assert!(error.to_string().contains("look like json"), "{error}");
+    }
+
+    #[cfg(feature = "yaml")]
+    #[test]
+    fn message_pack_read_as_yaml_is_named() {
+        let error = Codec::Yaml
+            .decode::<ReplyEnvelope<i64>>(&reply("hello!"))
+            .unwrap_err();
+        assert!(error.to_string().contains("look like msgpack"), "{error}");
+    }
+
+    #[test]
+    fn a_value_of_another_type_is_shown() {
+        let error = Codec::MessagePack
+            .decode::<ReplyEnvelope<i64>>(&reply("hello!"))
+            .unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains(r#"{"result": "hello!"}"#), "{text}");
+        assert!(
+            text.contains("not of the expected type ReplyEnvelope<i64>"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn type_names_lose_their_paths() {
+        assert_eq!(
+            short_type_name::<std::collections::HashMap<String, Vec<u8>>>(),
+            "HashMap<String, Vec<u8>>"
+        );
     }
 }

@@ -359,10 +359,24 @@ impl Inner {
             .unwrap_or_default()
             .task_queues;
         let grace = self.settings.shutdown_grace;
-        let drains = queues.into_iter().map(|queue| async move {
-            let Ok(mut running) = queue.send(Drain).await else {
-                return 0;
-            };
+        let mut watches = Vec::with_capacity(queues.len());
+        for queue in queues {
+            if let Ok(running) = queue.send(Drain).await {
+                watches.push(running);
+            }
+        }
+        let running: usize = watches.iter().map(|running| *running.borrow()).sum();
+        if running > 0 {
+            // Said at once: a stop that seems to hang for the grace is waiting for these.
+            tracing::warn!(
+                running,
+                ?grace,
+                "closing: waiting up to {grace:?} for {running} running task(s) to finish \
+                 (Settings::with_shutdown_grace); what is still running then goes back to \
+                 its queue"
+            );
+        }
+        let drains = watches.into_iter().map(|mut running| async move {
             let finished = tokio::time::timeout(grace, running.wait_for(|n| *n == 0))
                 .await
                 .is_ok();

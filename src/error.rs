@@ -127,14 +127,31 @@ impl Error {
     }
 }
 
+/// Written for a person, since `main` returning `kiwimq::Result` prints its error with
+/// `Debug`: the message, then each cause not already in it on a line of its own
+/// (`caused by: …`). The alternate form, `{:#?}`, shows the structure: kind and source.
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut s = f.debug_struct("Error");
-        s.field("kind", &self.kind);
-        if let Some(source) = &self.source {
-            s.field("source", source);
+        if f.alternate() {
+            let mut s = f.debug_struct("Error");
+            s.field("kind", &self.kind);
+            if let Some(source) = &self.source {
+                s.field("source", source);
+            }
+            return s.finish();
         }
-        s.finish()
+        let mut shown = self.to_string();
+        f.write_str(&shown)?;
+        let mut cause = std::error::Error::source(self);
+        while let Some(error) = cause {
+            let text = error.to_string();
+            if !shown.contains(&text) {
+                write!(f, "\n  caused by: {text}")?;
+                shown.push_str(&text);
+            }
+            cause = error.source();
+        }
+        Ok(())
     }
 }
 
@@ -175,3 +192,23 @@ impl fmt::Display for Reason {
 }
 
 impl std::error::Error for Reason {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_reads_as_words_and_alternate_shows_the_structure() {
+        let error = Error::with_source(
+            ErrorKind::Connection("lost".into()),
+            Reason("the broker went away".into()),
+        );
+        assert_eq!(
+            format!("{error:?}"),
+            "connection error: lost: the broker went away"
+        );
+        let plain = Error::new(ErrorKind::Codec("bad bytes".into()));
+        assert_eq!(format!("{plain:?}"), "codec error: bad bytes");
+        assert!(format!("{plain:#?}").contains("kind: Codec("));
+    }
+}

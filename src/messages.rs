@@ -117,7 +117,7 @@ impl<T: fmt::Debug, R> fmt::Debug for Rpc<T, R> {
 /// Its headers are any plain value, as kiwiPy allows: AiiDA sends a process's pk, an
 /// integer, as the sender. Read them as they came (`sender.as_ref().and_then(Value::as_i64)`)
 /// or as text ([`sender_text`](Self::sender_text): `"47"`), which is what filters match.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Broadcast<T> {
     /// The broadcast's body.
     pub body: T,
@@ -127,6 +127,31 @@ pub struct Broadcast<T> {
     pub subject: Option<Value>,
     /// A correlation id, if the sender gave one.
     pub correlation_id: Option<Value>,
+}
+
+/// Shows the header values as a person writes them (`"job.42"`, `47`), not as their
+/// MessagePack structure.
+impl<T: fmt::Debug> fmt::Debug for Broadcast<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Broadcast")
+            .field("body", &self.body)
+            .field("sender", &Readable(self.sender.as_ref()))
+            .field("subject", &Readable(self.subject.as_ref()))
+            .field("correlation_id", &Readable(self.correlation_id.as_ref()))
+            .finish()
+    }
+}
+
+/// An optional [`Value`] shown by its `Display`: `Some("job.42")`, `Some(47)`, `None`.
+struct Readable<'a>(Option<&'a Value>);
+
+impl fmt::Debug for Readable<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(value) => write!(f, "Some({value})"),
+            None => f.write_str("None"),
+        }
+    }
 }
 
 impl<T> Broadcast<T> {
@@ -199,5 +224,24 @@ impl HandlerError {
 impl<E: std::error::Error> From<E> for HandlerError {
     fn from(error: E) -> Self {
         Self::Failed(error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod readable {
+    use super::*;
+
+    #[test]
+    fn a_broadcast_debugs_its_headers_as_values_not_their_structure() {
+        let broadcast = Broadcast {
+            body: 3,
+            sender: Some(Value::from(47)),
+            subject: Some(Value::from("job.progress")),
+            correlation_id: None,
+        };
+        assert_eq!(
+            format!("{broadcast:?}"),
+            r#"Broadcast { body: 3, sender: Some(47), subject: Some("job.progress"), correlation_id: None }"#
+        );
     }
 }

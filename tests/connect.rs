@@ -133,3 +133,34 @@ async fn amqps_sends_a_tls_hello_never_plaintext() {
         "the password is hidden: {error}"
     );
 }
+
+/// A server that is not an AMQP broker (here one answering as HTTP) is named as such, not
+/// reported as a parser's internals.
+#[actix_rt::test]
+async fn a_server_that_does_not_speak_amqp_is_named_plainly() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut bytes = [0u8; 8];
+            let _ = socket.read(&mut bytes).await;
+            let _ = socket
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    let error = Settings::new(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
+        .with_connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains(&format!(
+            "the server on 127.0.0.1:{port} did not answer as an AMQP broker"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("ParserErrors"), "{text}");
+}

@@ -3,8 +3,6 @@
 
 #![allow(dead_code)] // each example uses part of it
 
-use std::fmt;
-
 use clap::Args;
 use futures::StreamExt;
 use kiwimq::{Codec, Communicator, ConnectionEvent, Settings};
@@ -64,9 +62,11 @@ impl Connection {
 pub(crate) fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lapin=off"));
+    // Colours only on a terminal: a log written to a file carries no escape codes.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -90,32 +90,9 @@ pub(crate) fn wait_for_shutdown_signal() {
     }
 }
 
-/// An example's failure: returned from `main`, it prints the error and each cause on a
-/// line of its own (`main` shows an error with `Debug`, which would print the structure).
-pub(crate) struct Failure(kiwimq::Error);
-
-impl From<kiwimq::Error> for Failure {
-    fn from(error: kiwimq::Error) -> Self {
-        Self(error)
-    }
-}
-
-impl fmt::Debug for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut shown = self.0.to_string();
-        f.write_str(&shown)?;
-        let mut cause = std::error::Error::source(&self.0);
-        while let Some(error) = cause {
-            let text = error.to_string();
-            if !shown.contains(&text) {
-                write!(f, "\n  caused by: {text}")?;
-                shown.push_str(&text);
-            }
-            cause = error.source();
-        }
-        Ok(())
-    }
-}
+/// An example's failure: returned from `main`, which prints it with `Debug` — kiwimq's
+/// error then reads as its message and each cause on a line of its own.
+pub(crate) type Failure = kiwimq::Error;
 
 /// What an example's `main` returns.
 pub(crate) type Outcome = Result<(), Failure>;

@@ -186,6 +186,29 @@ struct Guard {
     sent: Instant,
 }
 
+impl Guard {
+    /// A reply that did not decode as `R`, said as the caller's error: which request's,
+    /// what was expected, and for an RPC the likeliest cause besides a codec mismatch.
+    fn unreadable<R>(&self, error: &Error) -> Error {
+        let reason = match error.kind() {
+            ErrorKind::Codec(reason) => reason.as_str(),
+            _ => "",
+        };
+        let mut text = format!(
+            "the reply to this {} is not a {}: {reason}",
+            self.kind,
+            crate::codec::short_type_name::<R>()
+        );
+        if self.kind == "rpc" {
+            text.push_str(
+                "; if several communicators serve this identifier, the first answer wins, \
+                 and one of them may use another codec or answer with another type",
+            );
+        }
+        Error::new(ErrorKind::Codec(text))
+    }
+}
+
 impl Drop for Guard {
     fn drop(&mut self) {
         crate::metrics::gauge(crate::metrics::RESULTS_PENDING, self.kind, -1.0);
@@ -244,7 +267,7 @@ impl<R: DeserializeOwned> Future for ReplyFuture<R> {
             };
             let envelope: ReplyEnvelope<R> = match self.codec.decode(&bytes) {
                 Ok(envelope) => envelope,
-                Err(error) => return Poll::Ready(Err(error)),
+                Err(error) => return Poll::Ready(Err(self.guard.unreadable::<R>(&error))),
             };
             let guard = &self.guard;
             if !matches!(envelope.reply, Reply::Pending) {

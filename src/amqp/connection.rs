@@ -46,7 +46,11 @@ impl Shared {
                         node.redacted,
                         node.explain(&error)
                     );
-                    failures.push(Error::with_source(ErrorKind::Connection(reason), error));
+                    failures.push(if super::node::is_not_amqp(&error) {
+                        Error::new(ErrorKind::Connection(reason))
+                    } else {
+                        Error::with_source(ErrorKind::Connection(reason), error)
+                    });
                 }
                 Err(_) => failures.push(Error::timeout(format!(
                     "no answer from {} within {:?}",

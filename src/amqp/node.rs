@@ -64,8 +64,17 @@ impl Node {
         .await
     }
 
-    /// A failed connection's error, with what to check when TLS was involved.
+    /// A failed connection's error, with what to check when TLS was involved, or when the
+    /// server there does not speak AMQP.
     pub(super) fn explain(&self, error: &lapin::Error) -> String {
+        if is_not_amqp(error) {
+            let authority = &self.uri.authority;
+            return format!(
+                "the server on {}:{} did not answer as an AMQP broker (is it another \
+                 service's port? RabbitMQ listens on 5672, 5671 for TLS)",
+                authority.host, authority.port
+            );
+        }
         match &self.tls {
             Some(tls) if matches!(error.kind(), lapin::ErrorKind::IOError(_)) => format!(
                 "{error} (TLS to '{}': is the port a TLS listener, and its certificate issued \
@@ -75,6 +84,15 @@ impl Node {
             _ => error.to_string(),
         }
     }
+}
+
+/// Whether a failed connection's peer answered with something other than AMQP (its words
+/// are then the parser's internals, of no use to a person).
+pub(super) fn is_not_amqp(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ParsingError(_) | lapin::ErrorKind::InvalidProtocolVersion(_)
+    )
 }
 
 /// Where the first connection attempt starts among `count` nodes: a random one, so that a

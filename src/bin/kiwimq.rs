@@ -44,16 +44,33 @@ struct Connection {
     /// task queue PREFIX.tasks (AiiDA's processes are on --queue PREFIX.process.queue).
     #[arg(long, global = true)]
     prefix: Option<String>,
-    /// How long to wait for a reply or a connection, in seconds.
-    #[arg(long, global = true, default_value_t = 30.0)]
-    timeout: f64,
+    /// How long to wait for a reply or a connection, in seconds (more than 0).
+    #[arg(long, global = true, default_value = "30", value_parser = seconds)]
+    timeout: Duration,
     /// Print bodies as YAML rather than JSON.
     #[arg(long, global = true)]
     yaml: bool,
     /// The exchanges and queues of communicators in testing mode (kiwiPy's testing_mode:
-    /// not durable, deleted when unused).
+    /// deleted when unused).
     #[arg(long, global = true)]
     testing_mode: bool,
+    /// With --testing-mode: task queues declared non-durable, as kiwiPy's testing mode
+    /// declares them (which RabbitMQ 4.3 refuses by default), to share them with kiwiPy.
+    #[arg(long, global = true, requires = "testing_mode")]
+    kiwipy_testing_queues: bool,
+}
+
+/// A positive, finite number of seconds.
+fn seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return Err(format!(
+            "'{text}': a timeout is a number of seconds above 0"
+        ));
+    }
+    Duration::try_from_secs_f64(seconds).map_err(|error| format!("'{text}': {error}"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -161,6 +178,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "error,lapin=off".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let system = actix_rt::System::new();
     match system.block_on(run(cli)) {
@@ -196,7 +214,7 @@ fn fail(error: kiwimq::Error) -> String {
 
 async fn run(cli: Cli) -> Outcome {
     let connection = &cli.connection;
-    let timeout = Duration::from_secs_f64(connection.timeout.max(0.001));
+    let timeout = connection.timeout;
     let comm = connect(connection, timeout).await?;
     let result = match cli.command {
         Command::Rpc(RpcCommand::Call { id, body }) => {
@@ -209,14 +227,28 @@ async fn run(cli: Cli) -> Outcome {
             no_reply,
         }) => {
             let body = parse(Some(&body))?;
+            let named = queue.is_some();
             let queue = match queue {
                 Some(name) => comm.task_queue(name),
                 None => comm.default_task_queue(),
             };
-            if no_reply {
-                queue.task_send_no_reply(&body).await.map_err(fail)
+            // A mistyped queue name would make a durable queue nobody reads: say so.
+            let is_new = named && queue.stats().await.is_err();
+            let sent = if no_reply {
+                queue.task_send_no_reply(&body).await.map(|()| None)
             } else {
-                print_reply(queue.task_send(&body).await, timeout, connection.yaml).await
+                queue.task_send(&body).await.map(Some)
+            };
+            if is_new && sent.is_ok() {
+                eprintln!(
+                    "kiwimq: note: there was no queue '{}': it was created (durable), and \
+                     the task waits there for a worker",
+                    queue.name()
+                );
+            }
+            match sent.map_err(fail)? {
+                None => Ok(()),
+                Some(reply) => print_reply(Ok(reply), timeout, connection.yaml).await,
             }
         }
         Command::Broadcast(BroadcastCommand::Send {
@@ -308,7 +340,8 @@ async fn connect(connection: &Connection, timeout: Duration) -> Result<Communica
         .with_codec(connection.codec)
         .with_connect_timeout(timeout)
         .with_send_timeout(timeout)
-        .with_testing_mode(connection.testing_mode);
+        .with_testing_mode(connection.testing_mode)
+        .with_kiwipy_testing_queues(connection.kiwipy_testing_queues);
     if let Some(prefix) = &connection.prefix {
         settings = settings
             .with_message_exchange(format!("{prefix}.messages"))
