@@ -357,3 +357,46 @@ async fn kiwimq_at(uri: &str, args: &[&str]) -> Output {
         .await
         .unwrap()
 }
+
+#[actix::test]
+async fn a_timeout_that_is_not_a_positive_number_is_a_usage_error() {
+    for bad in ["-1", "0", "nan", "soon"] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiwimq"))
+            .args([&format!("--timeout={bad}"), "queue", "stats"])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "--timeout {bad}");
+        let text = stderr(&output);
+        assert!(text.contains("invalid value") && text.contains("--timeout"), "{text}");
+    }
+}
+
+#[actix::test]
+async fn a_task_sent_to_a_new_queue_says_it_made_the_queue() {
+    let (settings, prefix) = private();
+    let comm = settings.connect().await.unwrap();
+    let queue = comm.task_queue("typo");
+    let output = run(
+        &prefix,
+        &["task", "send", "1", "--no-reply", "--queue", queue.name()],
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(&format!("there was no queue '{}'", queue.name())),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(queue.stats().await.unwrap().ready, 1);
+    // Once it exists, nothing is said.
+    let output = run(
+        &prefix,
+        &["task", "send", "2", "--no-reply", "--queue", queue.name()],
+    )
+    .await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(!stderr(&output).contains("there was no queue"));
+    assert_eq!(queue.purge().await.unwrap(), 2);
+    comm.close().await.unwrap();
+}
