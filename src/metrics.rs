@@ -71,8 +71,8 @@ struct KindMeters {
     undecodable: ::metrics::Counter,
     pending: ::metrics::Gauge,
     subscribers: ::metrics::Gauge,
-    handler: ::metrics::Histogram,
-    round_trip: ::metrics::Histogram,
+    handler: Option<::metrics::Histogram>,
+    round_trip: Option<::metrics::Histogram>,
 }
 
 const KINDS: [&str; 4] = ["task", "rpc", "broadcast", "reply"];
@@ -89,8 +89,12 @@ fn kind_meters(kind: &'static str) -> &'static KindMeters {
                 undecodable: ::metrics::counter!(UNDECODABLE, "kind" => kind),
                 pending: ::metrics::gauge!(RESULTS_PENDING, "kind" => kind),
                 subscribers: ::metrics::gauge!(SUBSCRIBERS, "kind" => kind),
-                handler: ::metrics::histogram!(HANDLER_SECONDS, "kind" => kind),
-                round_trip: ::metrics::histogram!(ROUND_TRIP_SECONDS, "kind" => kind),
+                // Registered only where they can move: replies have no handler, and only
+                // tasks and RPCs have a round trip.
+                handler: (kind != "reply")
+                    .then(|| ::metrics::histogram!(HANDLER_SECONDS, "kind" => kind)),
+                round_trip: matches!(kind, "task" | "rpc")
+                    .then(|| ::metrics::histogram!(ROUND_TRIP_SECONDS, "kind" => kind)),
             })
             .collect()
     });
@@ -215,11 +219,18 @@ pub(crate) fn elapsed(name: &'static str, kind: &'static str, since: Instant) {
     let seconds = since.elapsed().as_secs_f64();
     let meters = kind_meters(kind);
     match name {
-        HANDLER_SECONDS => meters.handler.record(seconds),
-        ROUND_TRIP_SECONDS => meters.round_trip.record(seconds),
+        HANDLER_SECONDS => meters.handler.iter().for_each(|h| h.record(seconds)),
+        ROUND_TRIP_SECONDS => meters.round_trip.iter().for_each(|h| h.record(seconds)),
         _ => ::metrics::histogram!(name, "kind" => kind).record(seconds),
     }
 }
+
+/// The histogram buckets of handler and round-trip times, in seconds.
+#[cfg(feature = "prometheus")]
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 3600.0, 4.0 * 3600.0, 24.0 * 3600.0,
+];
 
 /// Installs a Prometheus recorder for the whole process (once; later calls return the same
 /// handle) and returns the handle whose [`render`](metrics_exporter_prometheus::PrometheusHandle::render)
@@ -231,7 +242,15 @@ pub fn install_prometheus() -> crate::Result<metrics_exporter_prometheus::Promet
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
     }
-    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let config = |e| crate::Error::config(format!("cannot configure the Prometheus recorder: {e}"));
+    // Histograms, as documented (the exporter's default is a summary): buckets from 1 ms to
+    // a day, for handlers of RPCs and of tasks that run for hours.
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(HANDLER_SECONDS.into()), SECONDS_BUCKETS)
+        .map_err(config)?
+        .set_buckets_for_metric(Matcher::Full(ROUND_TRIP_SECONDS.into()), SECONDS_BUCKETS)
+        .map_err(config)?
         .install_recorder()
         .map_err(|e| {
             crate::Error::config(format!("cannot install the Prometheus recorder: {e}"))

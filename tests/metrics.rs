@@ -132,6 +132,29 @@ async fn counts_match_known_traffic() {
         sample(&page, "kiwimq_handler_seconds_count", &[("kind", "task")]),
         Some(3.0)
     );
+    // Histograms, as documented, not summaries: buckets up to +Inf.
+    assert!(
+        page.contains("# TYPE kiwimq_handler_seconds histogram")
+            && page.contains("# TYPE kiwimq_round_trip_seconds histogram"),
+        "{page}"
+    );
+    assert_eq!(
+        sample(
+            &page,
+            "kiwimq_round_trip_seconds_bucket",
+            &[("kind", "rpc"), ("le", "+Inf")]
+        ),
+        Some(2.0),
+        "{page}"
+    );
+    // Series that can never move are not emitted.
+    for never in [
+        "kiwimq_round_trip_seconds_count{kind=\"broadcast\"}",
+        "kiwimq_round_trip_seconds_count{kind=\"reply\"}",
+        "kiwimq_handler_seconds_count{kind=\"reply\"}",
+    ] {
+        assert!(!page.contains(never), "{never} in {page}");
+    }
     worker.close().await.unwrap();
     client.close().await.unwrap();
     // Closed with its subscribers: none counted any more.
