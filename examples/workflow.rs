@@ -76,7 +76,7 @@ async fn main() -> cli::Outcome {
     match cli.role {
         Role::Worker { steps, step } => {
             let launcher = workflow::Launcher {
-                comm: comm.clone(),
+                comm: comm.downgrade(),
                 steps,
                 step: Duration::from_secs_f64(step),
             };

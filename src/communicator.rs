@@ -57,6 +57,44 @@ pub struct Communicator {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// A handle on a [`Communicator`] that does not keep it open: what its own subscribers
+/// should hold.
+///
+/// A communicator closes when its last [`Communicator`] handle is dropped. A subscriber
+/// that holds one — a workflow process actor that sends tasks and broadcasts, say — would
+/// keep it open for ever, since the communicator holds its subscribers: a cycle, whose
+/// threads and connection outlive the program's last use of it. Give such subscribers a
+/// `WeakCommunicator` ([`Communicator::downgrade`]) and [`upgrade`](Self::upgrade) it for
+/// each use: dropping the program's last handle then closes the communicator and its
+/// subscribers with it. (`examples/workflow.rs` does this.)
+#[derive(Clone)]
+pub struct WeakCommunicator {
+    inner: std::sync::Weak<Inner>,
+}
+
+impl WeakCommunicator {
+    /// The communicator, while some [`Communicator`] handle keeps it; `None` once the last
+    /// one was dropped. A communicator closed with [`Communicator::close`] still upgrades,
+    /// and its calls fail with [`ErrorKind::Closed`](crate::ErrorKind::Closed).
+    pub fn upgrade(&self) -> Option<Communicator> {
+        self.inner.upgrade().map(|inner| Communicator { inner })
+    }
+
+    /// [`upgrade`](Self::upgrade), or the `Closed` error a call on a dropped communicator
+    /// gets: `weak.communicator()?.task_send(…)`.
+    pub fn communicator(&self) -> Result<Communicator> {
+        self.upgrade().ok_or_else(Error::closed)
+    }
+}
+
+impl fmt::Debug for WeakCommunicator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeakCommunicator")
+            .field("open", &(self.inner.strong_count() > 0))
+            .finish()
+    }
+}
+
 pub(crate) struct Inner {
     pub(crate) settings: Settings,
     pub(crate) link: Link,
@@ -87,6 +125,14 @@ fn new_id() -> String {
 }
 
 impl Communicator {
+    /// A handle that does not keep this communicator open, for its own subscribers (see
+    /// [`WeakCommunicator`]).
+    pub fn downgrade(&self) -> WeakCommunicator {
+        WeakCommunicator {
+            inner: Arc::downgrade(&self.inner),
+        }
+    }
+
     pub(crate) async fn connect_with(settings: Settings) -> Result<Self> {
         crate::panics::install_hook();
         let runtime = Runtime::start("kiwimq-runtime")?;
@@ -300,6 +346,39 @@ impl Communicator {
         comm.close().await?;
         result
     }
+}
+
+/// Runs `operation` to its end on the communicator's runtime, whatever becomes of the
+/// caller's future: a caller that stops waiting (a timeout, a `select!`, a drop) cannot cut
+/// a change of subscribers half way (an identifier claimed but never consumed, a binding
+/// left without its endpoint). When it succeeded and nobody waits for its result any more,
+/// `undo` takes it back, so the caller that gave up leaves nothing behind.
+pub(crate) async fn to_completion<T, Op, Undo, UndoFut>(
+    inner: &Arc<Inner>,
+    operation: Op,
+    undo: Undo,
+) -> Result<T>
+where
+    T: Send + 'static,
+    Op: Future<Output = Result<T>> + Send + 'static,
+    Undo: FnOnce(Arc<Inner>, T) -> UndoFut + Send + 'static,
+    UndoFut: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = futures::channel::oneshot::channel();
+    // A weak handle: an operation under way does not keep a dropped communicator open.
+    let owner = Arc::downgrade(inner);
+    let spawned = inner.runtime.spawn(async move {
+        let outcome = operation.await;
+        if let Err(Ok(value)) = tx.send(outcome)
+            && let Some(inner) = owner.upgrade()
+        {
+            undo(inner, value).await;
+        }
+    });
+    if !spawned {
+        return Err(Error::closed());
+    }
+    rx.await.map_err(|_| Error::closed())?
 }
 
 impl Inner {

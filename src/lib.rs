@@ -104,7 +104,7 @@ mod transport;
 
 pub use actors::replies::ReplyFuture;
 pub use codec::Codec;
-pub use communicator::{BroadcastOptions, Communicator, connect};
+pub use communicator::{BroadcastOptions, Communicator, WeakCommunicator, connect};
 pub use error::{Error, ErrorKind, Result};
 pub use events::ConnectionEvent;
 pub use filter::BroadcastFilter;
@@ -161,6 +161,6 @@ struct DeploymentSnippets;
 pub mod prelude {
     pub use crate::{
         Broadcast, BroadcastFilter, BroadcastOptions, Codec, Communicator, Error, ErrorKind,
-        HandlerError, PulledTask, Rpc, Settings, Task, TaskQueue,
+        HandlerError, PulledTask, Rpc, Settings, Task, TaskQueue, WeakCommunicator,
     };
 }

@@ -228,8 +228,26 @@ pub(crate) fn elapsed(name: &'static str, kind: &'static str, since: Instant) {
 /// The histogram buckets of handler and round-trip times, in seconds.
 #[cfg(feature = "prometheus")]
 const SECONDS_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    300.0, 900.0, 3600.0, 4.0 * 3600.0, 24.0 * 3600.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    4.0 * 3600.0,
+    24.0 * 3600.0,
 ];
 
 /// Installs a Prometheus recorder for the whole process (once; later calls return the same

@@ -182,18 +182,16 @@ impl TaskQueue {
             inner.link.codec,
         );
         let prefetch = self.prefetch.unwrap_or(inner.settings.task_prefetch);
-        let actor = inner
-            .task_queue_actor(&self.name, prefetch, true)
-            .await?
-            .ok_or_else(Error::closed)?;
-        actor
-            .send(task_queue::AddSubscriber {
-                id: id.clone(),
-                handler,
-            })
-            .await
-            .map_err(|_| Error::closed())??;
-        Ok(id)
+        // Added as one operation: a caller that gives up has it undone.
+        let queue = self.name.clone();
+        crate::communicator::to_completion(
+            inner,
+            add_subscriber(inner.clone(), queue.clone(), prefetch, id, handler),
+            |inner, id| async move {
+                let _ = remove_subscriber(inner, queue, id).await;
+            },
+        )
+        .await
     }
 
     /// Removes a subscriber; `UnknownSubscriber` if this queue has none with `identifier`.
@@ -201,18 +199,12 @@ impl TaskQueue {
     pub async fn remove_task_subscriber(&self, identifier: &str) -> Result<()> {
         let inner = &self.inner;
         inner.check_open()?;
-        let Some(actor) = inner.task_queue_actor(&self.name, 0, false).await? else {
-            return Err(Error::new(ErrorKind::UnknownSubscriber(
-                identifier.to_owned(),
-            )));
-        };
-        actor
-            .send(task_queue::RemoveSubscriber {
-                id: identifier.to_owned(),
-                dead: false,
-            })
-            .await
-            .map_err(|_| Error::closed())?
+        crate::communicator::to_completion(
+            inner,
+            remove_subscriber(inner.clone(), self.name.clone(), identifier.to_owned()),
+            |_, ()| async {},
+        )
+        .await
     }
 
     /// Takes the next task, waiting up to `timeout` for one; `QueueEmpty` if none came.
@@ -269,6 +261,38 @@ impl fmt::Debug for TaskQueue {
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
+}
+
+/// Adds a subscriber to this communicator's consumer of `queue`, started on first use.
+async fn add_subscriber(
+    inner: Arc<Inner>,
+    queue: Arc<str>,
+    prefetch: u16,
+    id: String,
+    handler: task_queue::TaskFn,
+) -> Result<String> {
+    let actor = inner
+        .task_queue_actor(&queue, prefetch, true)
+        .await?
+        .ok_or_else(Error::closed)?;
+    actor
+        .send(task_queue::AddSubscriber {
+            id: id.clone(),
+            handler,
+        })
+        .await
+        .map_err(|_| Error::closed())??;
+    Ok(id)
+}
+
+async fn remove_subscriber(inner: Arc<Inner>, queue: Arc<str>, id: String) -> Result<()> {
+    let Some(actor) = inner.task_queue_actor(&queue, 0, false).await? else {
+        return Err(Error::new(ErrorKind::UnknownSubscriber(id)));
+    };
+    actor
+        .send(task_queue::RemoveSubscriber { id, dead: false })
+        .await
+        .map_err(|_| Error::closed())?
 }
 
 /// Polls the queue until a task comes or the deadline passes.

@@ -292,6 +292,27 @@ async fn queue_stats_and_dead_letters_without_taking_a_task() {
 type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
 
 /// Starts an example and waits for the line saying it is ready; its later lines follow.
+/// `workflow launch` returns once the broker holds the tasks, with no worker anywhere.
+#[actix::test]
+async fn workflow_launch_does_not_wait_for_the_processes() {
+    let vhost = Vhost::new();
+    let output = tokio::time::timeout(
+        SOON,
+        tokio::process::Command::new(example("workflow"))
+            .args(["--uri", &vhost.uri(), "launch", "7", "8"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("launch returns without a worker")
+    .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        "[x] Launched 7: queued for a worker\n [x] Launched 8: queued for a worker"
+    );
+}
+
 async fn start_example(name: &str, uri: &str, ready: &str) -> (tokio::process::Child, Lines) {
     let mut child = tokio::process::Command::new(example(name))
         .args(["--uri", uri])
@@ -368,7 +389,10 @@ async fn a_timeout_that_is_not_a_positive_number_is_a_usage_error() {
             .unwrap();
         assert_eq!(output.status.code(), Some(2), "--timeout {bad}");
         let text = stderr(&output);
-        assert!(text.contains("invalid value") && text.contains("--timeout"), "{text}");
+        assert!(
+            text.contains("invalid value") && text.contains("--timeout"),
+            "{text}"
+        );
     }
 }
 
@@ -377,12 +401,18 @@ async fn a_task_sent_to_a_new_queue_says_it_made_the_queue() {
     let (settings, prefix) = private();
     let comm = settings.connect().await.unwrap();
     let queue = comm.task_queue("typo");
-    let output = run(
+    // With every log line on, written to a pipe: no colour codes.
+    let output = kiwimq(
         &prefix,
         &["task", "send", "1", "--no-reply", "--queue", queue.name()],
     )
-    .await;
+    .env("RUST_LOG", "kiwimq=debug")
+    .output()
+    .await
+    .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("DEBUG"), "{}", stderr(&output));
+    assert!(!stderr(&output).contains('\x1b'), "{}", stderr(&output));
     assert!(
         stderr(&output).contains(&format!("there was no queue '{}'", queue.name())),
         "{}",

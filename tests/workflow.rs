@@ -33,7 +33,7 @@ async fn two_thousand_process_actors_are_controlled_and_announce_every_state_cha
     let settings = amqp_settings(&amqp_url());
     let worker = settings.clone().connect().await.unwrap();
     let launcher = workflow::Launcher {
-        comm: worker.clone(),
+        comm: worker.downgrade(),
         steps: 6,
         step: Duration::from_millis(2_500),
     };

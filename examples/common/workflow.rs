@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use actix::prelude::*;
 use futures::StreamExt;
 use futures::channel::{mpsc, oneshot};
-use kiwimq::{BroadcastOptions, Communicator, HandlerError, Rpc, Task, Value};
+use kiwimq::{BroadcastOptions, HandlerError, Rpc, Task, Value, WeakCommunicator};
 
 /// A process's state, as plumpy names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +43,9 @@ impl State {
 /// A workflow process: `steps` steps of `step` each, running and waiting in turn.
 pub(crate) struct Process {
     pid: i64,
-    comm: Communicator,
+    /// Weak: the communicator holds this process (its RPC subscriber), so a strong handle
+    /// here would keep the communicator open for ever.
+    comm: WeakCommunicator,
     state: State,
     paused: bool,
     steps_left: u32,
@@ -56,7 +58,7 @@ pub(crate) struct Process {
 }
 
 impl Process {
-    fn new(pid: i64, comm: Communicator, steps: u32, step: Duration) -> Self {
+    fn new(pid: i64, comm: WeakCommunicator, steps: u32, step: Duration) -> Self {
         let ctime = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |t| t.as_secs_f64());
@@ -66,6 +68,9 @@ impl Process {
             let mut subjects = subjects;
             while let Some(subject) = subjects.next().await {
                 let options = BroadcastOptions::subject(subject).with_sender(pid);
+                let Some(announcer) = announcer.upgrade() else {
+                    return; // the communicator is gone, and the process with it
+                };
                 if let Err(error) = announcer.broadcast_send(&Value::Nil, options).await {
                     eprintln!("a state change of process {pid} was not announced: {error}");
                 }
@@ -102,11 +107,12 @@ impl Process {
                 let _ = done.send(outcome);
             }
             // Its RPC identifier goes with it.
-            let comm = self.comm.clone();
-            let pid = self.pid.to_string();
-            actix::spawn(async move {
-                let _ = comm.remove_rpc_subscriber(&pid).await;
-            });
+            if let Some(comm) = self.comm.upgrade() {
+                let pid = self.pid.to_string();
+                actix::spawn(async move {
+                    let _ = comm.remove_rpc_subscriber(&pid).await;
+                });
+            }
         }
     }
 
@@ -205,7 +211,8 @@ impl Handler<WhenDone> for Process {
 /// Launches processes on `continue` tasks: starts the process actor, serves its pid, and
 /// answers with the pid (`nowait`) or with the process's outputs once it ends.
 pub(crate) struct Launcher {
-    pub(crate) comm: Communicator,
+    /// Weak, as a process's: the communicator holds this launcher.
+    pub(crate) comm: WeakCommunicator,
     pub(crate) steps: u32,
     pub(crate) step: Duration,
 }
@@ -230,11 +237,13 @@ impl Handler<Task<Value>> for Launcher {
             };
             let nowait = args["nowait"].as_bool().unwrap_or(false);
             let process = Process::new(pid, comm.clone(), steps, step).start();
+            let comm = comm.communicator().map_err(HandlerError::from)?;
             let (done, outcome) = oneshot::channel();
             process.do_send(WhenDone(done));
             comm.add_rpc_subscriber(Some(&pid.to_string()), process)
                 .await
                 .map_err(HandlerError::from)?;
+            drop(comm); // a running process keeps no strong handle
             if nowait {
                 return Ok(Value::from(pid));
             }

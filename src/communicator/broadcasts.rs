@@ -4,9 +4,11 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Communicator, new_id};
+use std::sync::Arc;
+
+use super::{Communicator, Inner, new_id, to_completion};
 use crate::Value;
-use crate::actors::broadcast_hub::{self, broadcast_fn};
+use crate::actors::broadcast_hub::{self, BroadcastFn, broadcast_fn};
 use crate::codec::envelope::BroadcastEnvelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::filter::BroadcastFilter;
@@ -93,34 +95,51 @@ impl Communicator {
             filter,
             inner.link.codec,
         );
-        let hub = inner.broadcast_hub().await?;
-        hub.send(broadcast_hub::AddSubscriber {
-            id: id.clone(),
-            handler,
-        })
+        // Added as one operation: a caller that gives up has it undone.
+        to_completion(
+            inner,
+            add(inner.clone(), id, handler),
+            |inner, id| async move {
+                let _ = remove(inner, id).await;
+            },
+        )
         .await
-        .map_err(|_| Error::closed())??;
-        inner.link.subscribers.add("broadcast", 1);
-        Ok(id)
     }
 
     /// Removes a broadcast subscriber; `UnknownSubscriber` if there is none.
     pub async fn remove_broadcast_subscriber(&self, identifier: &str) -> Result<()> {
         let inner = &self.inner;
         inner.check_open()?;
-        let hub = inner.broadcast_hub().await?;
-        let removed = hub
-            .send(broadcast_hub::RemoveSubscriber {
-                id: identifier.to_owned(),
-            })
-            .await
-            .map_err(|_| Error::closed())??;
-        if !removed {
-            return Err(Error::new(ErrorKind::UnknownSubscriber(
-                identifier.to_owned(),
-            )));
-        }
-        inner.link.subscribers.add("broadcast", -1);
-        Ok(())
+        to_completion(
+            inner,
+            remove(inner.clone(), identifier.to_owned()),
+            |_, ()| async {},
+        )
+        .await
     }
+}
+
+async fn add(inner: Arc<Inner>, id: String, handler: BroadcastFn) -> Result<String> {
+    let hub = inner.broadcast_hub().await?;
+    hub.send(broadcast_hub::AddSubscriber {
+        id: id.clone(),
+        handler,
+    })
+    .await
+    .map_err(|_| Error::closed())??;
+    inner.link.subscribers.add("broadcast", 1);
+    Ok(id)
+}
+
+async fn remove(inner: Arc<Inner>, id: String) -> Result<()> {
+    let hub = inner.broadcast_hub().await?;
+    let removed = hub
+        .send(broadcast_hub::RemoveSubscriber { id: id.clone() })
+        .await
+        .map_err(|_| Error::closed())??;
+    if !removed {
+        return Err(Error::new(ErrorKind::UnknownSubscriber(id)));
+    }
+    inner.link.subscribers.add("broadcast", -1);
+    Ok(())
 }

@@ -4,9 +4,11 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Communicator, new_id};
+use std::sync::Arc;
+
+use super::{Communicator, Inner, new_id, to_completion};
 use crate::actors::replies::ReplyFuture;
-use crate::actors::rpc_endpoint::{self, rpc_fn};
+use crate::actors::rpc_endpoint::{self, RpcFn, rpc_fn};
 use crate::error::{Error, ErrorKind, Result};
 use crate::messages::Rpc;
 use crate::subscriber::IntoSubscriber;
@@ -66,41 +68,20 @@ impl Communicator {
         let inner = &self.inner;
         inner.check_open()?;
         let identifier = identifier.map_or_else(new_id, str::to_owned);
-        let supervisor = &inner.supervisor;
-        supervisor
-            .send(ClaimRpc(identifier.clone()))
-            .await
-            .map_err(|_| Error::closed())??;
         let handler = rpc_fn(
             subscriber.into_subscriber(&inner.scope(&identifier)),
             inner.link.codec,
         );
-        let consumed = inner
-            .link
-            .transport
-            .consume(Source::Rpc(identifier.clone()), 0)
-            .await
-            .map_err(|e| match e.kind() {
-                ErrorKind::DuplicateSubscriber(_) => {
-                    Error::new(ErrorKind::DuplicateSubscriber(identifier.clone()))
-                }
-                _ => e,
-            });
-        let (started, outcome) = match consumed {
-            Ok(consumer) => (Some((handler, consumer)), Ok(identifier.clone())),
-            Err(error) => (None, Err(error)),
-        };
-        supervisor
-            .send(StartRpc {
-                identifier,
-                started,
-            })
-            .await
-            .map_err(|_| Error::closed())?;
-        if outcome.is_ok() {
-            inner.link.subscribers.add("rpc", 1);
-        }
-        outcome
+        // Claim, consume and start as one operation: a caller that gives up half way has
+        // it undone, and the identifier is free again.
+        to_completion(
+            inner,
+            add(inner.clone(), identifier, handler),
+            |inner, identifier| async move {
+                let _ = remove(inner, identifier).await;
+            },
+        )
+        .await
     }
 
     /// Removes the RPC subscriber `identifier`; `UnknownSubscriber` if there is none. Once
@@ -108,23 +89,69 @@ impl Communicator {
     pub async fn remove_rpc_subscriber(&self, identifier: &str) -> Result<()> {
         let inner = &self.inner;
         inner.check_open()?;
-        let removed = inner
-            .supervisor
-            .send(RemoveRpc(identifier.to_owned()))
-            .await
-            .map_err(|_| Error::closed())?;
-        let Some(endpoint) = removed else {
-            return Err(Error::new(ErrorKind::UnknownSubscriber(
-                identifier.to_owned(),
-            )));
-        };
-        inner.link.subscribers.add("rpc", -1);
-        // Its consumer cancelled, the endpoint stops; then the identifier is free again.
-        let unsubscribed = endpoint
-            .send(rpc_endpoint::Unsubscribe)
-            .await
-            .map_err(|_| Error::closed());
-        inner.supervisor.do_send(ReleaseRpc(identifier.to_owned()));
-        unsubscribed?
+        // Runs to its end even if the caller stops waiting: the identifier is then free.
+        to_completion(
+            inner,
+            remove(inner.clone(), identifier.to_owned()),
+            |_, ()| async {},
+        )
+        .await
     }
+}
+
+/// Claims `identifier`, consumes its calls and starts its endpoint; the claim is released
+/// if the consume fails.
+async fn add(inner: Arc<Inner>, identifier: String, handler: RpcFn) -> Result<String> {
+    let supervisor = &inner.supervisor;
+    supervisor
+        .send(ClaimRpc(identifier.clone()))
+        .await
+        .map_err(|_| Error::closed())??;
+    let consumed = inner
+        .link
+        .transport
+        .consume(Source::Rpc(identifier.clone()), 0)
+        .await
+        .map_err(|e| match e.kind() {
+            ErrorKind::DuplicateSubscriber(_) => {
+                Error::new(ErrorKind::DuplicateSubscriber(identifier.clone()))
+            }
+            _ => e,
+        });
+    let (started, outcome) = match consumed {
+        Ok(consumer) => (Some((handler, consumer)), Ok(identifier.clone())),
+        Err(error) => (None, Err(error)),
+    };
+    supervisor
+        .send(StartRpc {
+            identifier,
+            started,
+        })
+        .await
+        .map_err(|_| Error::closed())?;
+    if outcome.is_ok() {
+        inner.link.subscribers.add("rpc", 1);
+    }
+    outcome
+}
+
+/// Removes `identifier`'s endpoint, waits until its consumer is cancelled, then frees the
+/// identifier.
+async fn remove(inner: Arc<Inner>, identifier: String) -> Result<()> {
+    let removed = inner
+        .supervisor
+        .send(RemoveRpc(identifier.clone()))
+        .await
+        .map_err(|_| Error::closed())?;
+    let Some(endpoint) = removed else {
+        return Err(Error::new(ErrorKind::UnknownSubscriber(identifier)));
+    };
+    inner.link.subscribers.add("rpc", -1);
+    // Its consumer cancelled, the endpoint stops; then the identifier is free again.
+    let unsubscribed = endpoint
+        .send(rpc_endpoint::Unsubscribe)
+        .await
+        .map_err(|_| Error::closed());
+    inner.supervisor.do_send(ReleaseRpc(identifier));
+    unsubscribed?
 }
