@@ -310,6 +310,7 @@ impl Shared {
             .uris()
             .map(|uri| Node::new(uri, &settings.tls))
             .collect::<Result<Vec<_>>>()?;
+        node::one_scheme(&nodes)?;
         let redacted = nodes
             .iter()
             .map(|node| node.redacted.as_str())

@@ -262,6 +262,14 @@ async fn tls_options_that_cannot_work_are_config_errors_before_any_connection() 
             amqp_settings("amqps://guest:guest@127.0.0.1:5671/%2f?verify=sometimes"),
             "verify_peer or verify_none",
         ),
+        // A failover from TLS to plaintext is never configured by accident.
+        (
+            amqp_settings("amqps://guest:guest@127.0.0.1:5671/%2f").with_nodes([
+                "amqps://guest:guest@127.0.0.1:5671/%2f",
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+            ]),
+            "mix amqps:// and amqp://",
+        ),
     ];
     for (settings, says) in cases {
         let error = refused(settings).await;

@@ -86,6 +86,25 @@ impl Node {
     }
 }
 
+/// A cluster's nodes are all `amqps://` or all `amqp://`: a list mixing them would fail
+/// over from an encrypted connection to a plaintext one, sending the credentials and every
+/// message in the clear. Refused as a configuration error.
+pub(super) fn one_scheme(nodes: &[Node]) -> Result<()> {
+    let plain: Vec<&str> = nodes
+        .iter()
+        .filter(|node| node.tls.is_none())
+        .map(|node| node.redacted.as_str())
+        .collect();
+    if !plain.is_empty() && plain.len() < nodes.len() {
+        return Err(Error::config(format!(
+            "the broker's nodes mix amqps:// and amqp:// ({} without TLS): a failover would \
+             go from an encrypted connection to plaintext; give every node as amqps://",
+            plain.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 /// Whether a failed connection's peer answered with something other than AMQP (its words
 /// are then the parser's internals, of no use to a person).
 pub(super) fn is_not_amqp(error: &lapin::Error) -> bool {

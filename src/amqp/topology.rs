@@ -30,7 +30,8 @@ pub(crate) struct Topology {
     delivery_limit: Option<u32>,
     /// Task queues are quorum queues.
     quorum: bool,
-    /// Reply queues are too: asked for, so that replies survive a node's loss.
+    /// Reply queues and dead-letter queues are too: asked for, so that replies and dead
+    /// letters survive a node's loss.
     quorum_replies: bool,
     /// `x-consumer-timeout` of every task queue, unless the queue has its own.
     consumer_timeout: Option<Duration>,
@@ -234,9 +235,13 @@ impl Topology {
         declarations
     }
 
-    /// A quorum task queue's dead-letter queue: classic and durable (kiwimq's own, never
-    /// kiwiPy's), without a message TTL (a dead letter waits for a person), expiring in
-    /// testing mode.
+    /// A quorum task queue's dead-letter queue: durable (kiwimq's own, never kiwiPy's),
+    /// without a message TTL (a dead letter waits for a person), expiring in testing mode.
+    /// With [`Settings::with_quorum_queues`](crate::Settings::with_quorum_queues) a quorum
+    /// queue itself, replicated as its task queue is: a classic one lives on one node, and
+    /// with that node down it cannot be declared again, which would stop the task queue's
+    /// consumers from being restored on the other nodes. (With a delivery limit alone it
+    /// stays classic, as kiwimq has always declared it.)
     fn dead_letter_declaration(&self, queue: &str) -> QueueDeclaration {
         let options = QueueDeclareOptions {
             durable: true,
@@ -245,6 +250,9 @@ impl Topology {
         let mut arguments = Vec::new();
         if self.testing_mode {
             arguments.push(("x-expires", millis(self.testing_queue_expires)));
+        }
+        if self.quorum_replies {
+            arguments.push(("x-queue-type", AMQPValue::LongString("quorum".into())));
         }
         QueueDeclaration::new(queue, options, arguments).bound(&self.task_exchange, queue)
     }
@@ -459,6 +467,15 @@ mod tests {
                 .iter()
                 .find(|(key, _)| *key == "x-dead-letter-exchange");
             assert!(exchange.is_some(), "{queue:?} under {settings}");
+            // Replicated as its task queue is, so a node's loss does not strand it.
+            let dead_letters_are_quorum = declared[0]
+                .arguments
+                .iter()
+                .any(|(key, _)| *key == "x-queue-type");
+            assert_eq!(
+                dead_letters_are_quorum, topology.quorum_replies,
+                "{settings}"
+            );
         }
     }
 
