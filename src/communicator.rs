@@ -20,6 +20,7 @@ use crate::actors::replies::{Replies, ReplyFuture};
 use crate::actors::task_queue::{Drain, TaskQueue as TaskQueueActor};
 use crate::error::{Error, Result};
 use crate::events::ConnectionEvent;
+use crate::handlers::HandlerThreads;
 use crate::messages::Task;
 use crate::queue::{PulledTask, TaskQueue};
 use crate::runtime::Runtime;
@@ -100,6 +101,8 @@ pub(crate) struct Inner {
     pub(crate) link: Link,
     /// Where the consumer-side actors and closure subscribers run.
     pub(crate) runtime: Runtime,
+    /// Where closure subscribers run: never on `runtime`.
+    pub(crate) handlers: HandlerThreads,
     /// The root of the actor tree, on a thread of its own where no user code runs.
     pub(crate) supervisor: Addr<Supervisor>,
     supervision: Runtime,
@@ -182,6 +185,7 @@ impl Communicator {
         );
         let supervisor = Supervisor::start_in_arbiter(supervision.arbiter(), move |_| supervisor);
         let inner = Inner {
+            handlers: HandlerThreads::new(settings.handler_threads),
             default_queue: settings.task_queue.as_str().into(),
             settings,
             link,
@@ -331,6 +335,9 @@ impl Communicator {
         self.inner.link.subscribers.close();
         self.inner.runtime.stop();
         self.inner.supervision.stop();
+        // Awaited, not joined: the caller's executor thread stays free meanwhile.
+        self.inner.runtime.stopped().await;
+        self.inner.supervision.stopped().await;
         result
     }
 
@@ -385,7 +392,7 @@ impl Inner {
     /// Where a subscriber with this identifier starts and reports.
     pub(crate) fn scope(&self, identifier: &str) -> Scope {
         Scope {
-            arbiter: self.runtime.arbiter().clone(),
+            handlers: self.handlers.clone(),
             identifier: identifier.to_owned(),
             events: self.link.transport.events(),
             tally: self.tally.clone(),
@@ -507,7 +514,9 @@ impl Drop for Inner {
             }
             actix_rt::System::current().stop();
         });
-        self.runtime.join();
+        // The goodbye stops the runtime when it is said; nobody waits for it here, where
+        // an executor thread may be dropping the last handle.
+        self.runtime.stop_when_done();
     }
 }
 

@@ -90,6 +90,7 @@ mod error;
 mod events;
 mod filter;
 mod fleet;
+mod handlers;
 mod health;
 mod mem;
 mod messages;

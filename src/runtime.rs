@@ -1,32 +1,41 @@
-//! The communicator's own thread running an actix System: it hosts the internal actors and
-//! the broker connection, so nothing the user does (blocking an Arbiter, stopping a System,
-//! using no async runtime at all) can stall heartbeats or strand a delivery.
+//! A thread running an actix System: the communicator's own (its internal actors and the
+//! broker connection), the supervisor's, and the handler threads user code runs on — so
+//! nothing the user does (blocking an Arbiter, stopping a System, using no async runtime at
+//! all) can stall heartbeats or strand a delivery.
 
 use std::future::Future;
-use std::sync::Mutex;
-use std::thread::{self, JoinHandle, ThreadId};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, ThreadId};
 
 use actix_rt::{ArbiterHandle, System};
+use futures::FutureExt;
 use futures::channel::oneshot;
+use futures::future::Shared;
 
 use crate::error::{Error, Result};
 
-/// A thread running an actix System for one communicator.
+/// A thread running an actix System. Dropped, it stops the System and lets the thread end
+/// on its own: nothing ever blocks on joining it (see [`Runtime::stopped`]).
 #[derive(Debug)]
 pub(crate) struct Runtime {
     arbiter: ArbiterHandle,
     system: System,
     thread_id: ThreadId,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Resolves once the thread has ended its System (the sender is dropped as it exits).
+    ended: Shared<oneshot::Receiver<()>>,
+    /// Dropping the handle stops the System (unless its work stops it: `stop_when_done`).
+    stop_on_drop: AtomicBool,
 }
 
 impl Runtime {
     /// Starts the thread, named `name`, and waits until its System runs.
     pub(crate) fn start(name: &str) -> Result<Self> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (ended_tx, ended_rx) = oneshot::channel::<()>();
         let thread = thread::Builder::new()
             .name(name.into())
             .spawn(move || {
+                let _ended = ended_tx;
                 let runner = System::new();
                 let _ = ready_tx.send((System::current(), System::current().arbiter().clone()));
                 if let Err(error) = runner.run() {
@@ -43,11 +52,12 @@ impl Runtime {
             arbiter,
             system,
             thread_id: thread.thread().id(),
-            thread: Mutex::new(Some(thread)),
+            ended: ended_rx.shared(),
+            stop_on_drop: AtomicBool::new(true),
         })
     }
 
-    /// The Arbiter on which internal actors run.
+    /// The Arbiter on which this runtime's actors run.
     pub(crate) fn arbiter(&self) -> &ArbiterHandle {
         &self.arbiter
     }
@@ -76,21 +86,26 @@ impl Runtime {
         self.arbiter.spawn(future)
     }
 
-    /// Stops the System and, unless called from the runtime thread itself, joins it.
+    /// Asks the System to stop; the thread ends once its current work yields.
     pub(crate) fn stop(&self) {
         self.system.stop();
-        self.join();
     }
 
-    /// Waits for the thread to end (after something stopped its System), unless called
-    /// from the runtime thread itself.
-    pub(crate) fn join(&self) {
-        if thread::current().id() == self.thread_id {
-            return;
-        }
-        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(handle) = handle {
-            let _ = handle.join();
+    /// Leaves the System running when this handle is dropped: for a runtime that was given
+    /// work that stops it when done (a connection's last goodbye).
+    pub(crate) fn stop_when_done(&self) {
+        self.stop_on_drop.store(false, Ordering::Release);
+    }
+
+    /// Resolves once the thread has ended (after something stopped its System) — at once
+    /// when awaited on that very thread, which cannot wait for itself.
+    pub(crate) fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let own = thread::current().id() == self.thread_id;
+        let ended = self.ended.clone();
+        async move {
+            if !own {
+                let _ = ended.await;
+            }
         }
     }
 }
@@ -99,6 +114,8 @@ impl Drop for Runtime {
     /// A communicator that failed half way through connecting must not leave its thread
     /// behind: stopping an already stopped System is harmless.
     fn drop(&mut self) {
-        self.stop();
+        if self.stop_on_drop.load(Ordering::Acquire) {
+            self.stop();
+        }
     }
 }

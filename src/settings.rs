@@ -49,6 +49,7 @@ pub struct Settings {
     pub(crate) rpc_timeout: Option<Duration>,
     pub(crate) max_message_size: usize,
     pub(crate) blocking_threads: usize,
+    pub(crate) handler_threads: usize,
 }
 
 /// RabbitMQ's default `max_message_size` (128 MiB), kiwimq's default limit on both backends.
@@ -84,6 +85,7 @@ impl Settings {
             rpc_timeout: Some(Duration::from_secs(300)),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             blocking_threads: 16,
+            handler_threads: 16,
         }
     }
 
@@ -281,6 +283,18 @@ impl Settings {
     #[must_use]
     pub fn with_blocking_threads(mut self, threads: usize) -> Self {
         self.blocking_threads = threads.max(1);
+        self
+    }
+
+    /// How many threads closure subscribers run on at most (default 16). Closures never run
+    /// on kiwimq's own thread: each message's handler goes to a handler thread that is not
+    /// busy computing, and another thread starts (up to this many) when every one is. A
+    /// handler that awaits holds no thread; only as many handlers as this compute at once
+    /// before the next message waits behind one of them. Supervised actors each have a
+    /// thread of their own; an actor the user started runs where the user started it.
+    #[must_use]
+    pub fn with_handler_threads(mut self, threads: usize) -> Self {
+        self.handler_threads = threads.max(1);
         self
     }
 

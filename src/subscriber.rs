@@ -5,18 +5,23 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 
 use actix::dev::ToEnvelope;
-use actix::{Actor, Addr, Context, Handler, Message, Recipient, ResponseFuture};
-use actix_rt::ArbiterHandle;
+use actix::{Actor, Addr, Context, Handler, Message, Recipient};
 use futures::FutureExt;
 use futures::channel::oneshot;
+use futures::future::{BoxFuture, Shared};
 use tokio::sync::{broadcast, watch};
 
 use crate::events::ConnectionEvent;
+use crate::handlers::HandlerThreads;
 use crate::messages::HandlerError;
 use crate::panics::{PanicNotice, payload_text};
+use crate::runtime::Runtime;
 use crate::supervisor::Tally;
 use crate::trace::Traced;
 
@@ -36,7 +41,8 @@ where
 #[doc(hidden)]
 #[derive(Debug, Clone)]
 pub struct Scope {
-    pub(crate) arbiter: ArbiterHandle,
+    /// Where closure subscribers run.
+    pub(crate) handlers: HandlerThreads,
     pub(crate) identifier: String,
     pub(crate) events: broadcast::Sender<ConnectionEvent>,
     pub(crate) tally: Tally,
@@ -77,16 +83,25 @@ where
     }
 }
 
+/// A closure subscriber's call: its answer, or none if it could not run (the communicator
+/// is closing).
+type PooledFn<M> =
+    Arc<dyn Fn(M) -> BoxFuture<'static, Option<<M as Message>::Result>> + Send + Sync>;
+
 enum Target<M: Message + Send>
 where
     M::Result: Send,
 {
     /// An actor the user started: when it dies, it is gone.
     Fixed(Recipient<M>),
+    /// A closure, run on the handler threads.
+    Pooled(PooledFn<M>),
     /// An actor kiwimq restarts; the subscription ends its supervision when dropped.
     Supervised {
         life: watch::Receiver<Life<M>>,
         _stop: oneshot::Sender<()>,
+        /// The actor's own thread, stopped with the subscription.
+        _thread: Option<Runtime>,
     },
 }
 
@@ -140,6 +155,12 @@ where
     ) -> Delivered<M::Result> {
         let recipient = match &self.target {
             Target::Fixed(recipient) => recipient.clone(),
+            Target::Pooled(call) => {
+                return match call(message).await {
+                    Some(answer) => Delivered::Answer(answer),
+                    None => Delivered::Interrupted,
+                };
+            }
             Target::Supervised { life, .. } => {
                 let mut life = life.clone();
                 let running = life
@@ -171,7 +192,7 @@ where
                 }
                 self.died("its actor stopped");
                 match self.target {
-                    Target::Fixed(_) => Delivered::Lost,
+                    Target::Fixed(_) | Target::Pooled(_) => Delivered::Lost,
                     Target::Supervised { .. } => Delivered::Interrupted,
                 }
             }
@@ -216,51 +237,81 @@ where
     F: FnMut(M) -> Fut + Send + 'static,
     Fut: Future<Output = M::Result> + 'static,
 {
+    /// The closure runs on the communicator's handler threads (see `handlers`): each
+    /// message's call and future on a thread not busy computing. Calls are one at a time
+    /// (the closure is `FnMut`); their futures run concurrently. A panic in the closure or
+    /// its future is the message's answer (a failure naming it).
     fn into_subscriber(self, scope: &Scope) -> Subscriber<M> {
-        let actor = FnActor { f: Box::new(self) };
-        let addr = Actor::start_in_arbiter(&scope.arbiter, move |_| actor);
-        Subscriber::fixed(addr.recipient(), scope)
+        let closure = Arc::new(std::sync::Mutex::new(self));
+        let handlers = scope.handlers.clone();
+        // Each message's turn ends once the closure was called and its future polled once:
+        // both happen in the order the messages came, whichever threads they run on.
+        let last_turn = std::sync::Mutex::new(Turn::done());
+        let call: PooledFn<M> = Arc::new(move |message: M| {
+            let closure = closure.clone();
+            let (turn, ended) = Turn::next();
+            let previous = std::mem::replace(
+                &mut *last_turn.lock().unwrap_or_else(|p| p.into_inner()),
+                turn,
+            );
+            handlers
+                .run(move || async move {
+                    previous.wait().await;
+                    let trace = message.trace_context();
+                    let called = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        let mut f = closure.lock().unwrap_or_else(|p| p.into_inner());
+                        (*f)(message)
+                    }));
+                    let future = match called {
+                        Ok(future) => future,
+                        Err(panic) => {
+                            drop(ended);
+                            return Err(HandlerError::panicked(&payload_text(&*panic)));
+                        }
+                    };
+                    // What the handler sends continues the message's trace.
+                    let mut answer = pin!(crate::trace::maybe_scope(
+                        trace,
+                        AssertUnwindSafe(future).catch_unwind()
+                    ));
+                    let first = futures::poll!(answer.as_mut());
+                    drop(ended);
+                    let outcome = match first {
+                        Poll::Ready(outcome) => outcome,
+                        Poll::Pending => answer.await,
+                    };
+                    outcome
+                        .unwrap_or_else(|panic| Err(HandlerError::panicked(&payload_text(&*panic))))
+                })
+                .boxed()
+        });
+        Subscriber {
+            target: Target::Pooled(call),
+            scope: scope.clone(),
+            lost: AtomicBool::new(false),
+        }
     }
 }
 
-/// The actor that runs a closure subscriber: each message's future runs concurrently. A
-/// panic in the closure or its future is the message's answer (a failure naming it); the
-/// actor lives on.
-struct FnActor<F> {
-    /// Boxed so the actor is `Unpin` whatever the closure captures.
-    f: Box<F>,
-}
+/// One message's turn at a closure subscriber: the next message's call waits until it ends.
+struct Turn(Shared<oneshot::Receiver<()>>);
 
-impl<F: 'static> Actor for FnActor<F> {
-    type Context = Context<Self>;
-}
+impl Turn {
+    /// A turn already over.
+    fn done() -> Self {
+        let (_, rx) = oneshot::channel();
+        Self(rx.shared())
+    }
 
-impl<M, R, F, Fut> Handler<M> for FnActor<F>
-where
-    M: Message<Result = Result<R, HandlerError>> + Traced + 'static,
-    R: 'static,
-    F: FnMut(M) -> Fut + 'static,
-    Fut: Future<Output = M::Result> + 'static,
-{
-    type Result = ResponseFuture<M::Result>;
+    /// A new turn, and what ends it when dropped.
+    fn next() -> (Self, oneshot::Sender<()>) {
+        let (tx, rx) = oneshot::channel();
+        (Self(rx.shared()), tx)
+    }
 
-    fn handle(&mut self, message: M, _: &mut Context<Self>) -> Self::Result {
-        let f = &mut self.f;
-        let trace = message.trace_context();
-        match std::panic::catch_unwind(AssertUnwindSafe(|| f(message))) {
-            Ok(future) => {
-                let answer = AssertUnwindSafe(future).catch_unwind().map(|outcome| {
-                    outcome
-                        .unwrap_or_else(|panic| Err(HandlerError::panicked(&payload_text(&*panic))))
-                });
-                // What the handler sends continues the message's trace.
-                Box::pin(crate::trace::maybe_scope(trace, answer))
-            }
-            Err(panic) => {
-                let text = payload_text(&*panic);
-                Box::pin(async move { Err(HandlerError::panicked(&text)) })
-            }
-        }
+    /// Waits for the turn to end (its message may never have run: that ends it too).
+    async fn wait(self) {
+        let _ = self.0.await;
     }
 }
 
@@ -279,18 +330,26 @@ where
     let (life, watched) = watch::channel(Life::Restarting);
     let (stop, stopped) = oneshot::channel();
     let run_scope = scope.clone();
-    let spawned = scope.arbiter.spawn_fn(move || {
-        actix_rt::spawn(crate::supervised::run(
-            policy, factory, life, stopped, run_scope,
-        ));
+    // A thread of its own: an actor computing delays only its own messages.
+    let thread = Runtime::start("kiwimq-actor")
+        .map_err(|error| tracing::warn!(subscriber = %scope.identifier, %error, "the supervised subscriber does not start"))
+        .ok();
+    let spawned = thread.as_ref().is_some_and(|thread| {
+        thread.arbiter().spawn_fn(move || {
+            actix_rt::spawn(crate::supervised::run(
+                policy, factory, life, stopped, run_scope,
+            ));
+        })
     });
     if !spawned {
+        // Its life's sender is gone with the closure: deliveries find it lost.
         tracing::warn!(subscriber = %scope.identifier, "the runtime is stopping: the supervised subscriber does not start");
     }
     Subscriber {
         target: Target::Supervised {
             life: watched,
             _stop: stop,
+            _thread: thread,
         },
         scope: scope.clone(),
         lost: AtomicBool::new(false),

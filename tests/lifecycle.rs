@@ -202,3 +202,84 @@ async fn mem_rpc_adds_and_removes_cut_short_leave_nothing_behind() {
 async fn amqp_rpc_adds_and_removes_cut_short_leave_nothing_behind() {
     rpc_adds_and_removes_cut_short_leave_nothing_behind(Backend::Amqp).await;
 }
+
+/// A closure computing for 2 s (blocking its thread, as CPU-bound work does) delays only
+/// its own messages: an unrelated RPC on the same communicator — to a closure, and to a
+/// supervised actor — is answered while it still computes, and the closure's own call
+/// answers in the end. No user code runs on kiwimq's own thread.
+async fn a_computing_closure_delays_only_its_own_messages(backend: Backend) {
+    let comm = settings(backend).connect().await.unwrap();
+    let computing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started, mut has_started) = tokio::sync::mpsc::unbounded_channel();
+    let flag = computing.clone();
+    comm.add_rpc_subscriber(Some("compute"), move |_: Rpc<u32, u32>| {
+        let (started, flag) = (started.clone(), flag.clone());
+        async move {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = started.send(());
+            let begun = std::time::Instant::now();
+            let mut spins = 0u32;
+            while begun.elapsed() < Duration::from_secs(2) {
+                spins = spins.wrapping_add(std::hint::black_box(1));
+            }
+            flag.store(false, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, HandlerError>(spins.min(1))
+        }
+    })
+    .await
+    .unwrap();
+    comm.add_rpc_subscriber(Some("quick"), |rpc: Rpc<u32, u32>| async move {
+        Ok::<_, HandlerError>(rpc.body + 1)
+    })
+    .await
+    .unwrap();
+    comm.add_rpc_subscriber(Some("actor"), kiwimq::supervised(|| Echo))
+        .await
+        .unwrap();
+
+    let slow = comm.rpc_send::<_, u32>("compute", &0u32).await.unwrap();
+    has_started.recv().await.unwrap();
+    for (identifier, body, answer) in [("quick", 1u32, 2u32), ("actor", 5, 5)] {
+        let asked = std::time::Instant::now();
+        let got: u32 = comm
+            .rpc_send(identifier, &body)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let took = asked.elapsed();
+        assert_eq!(got, answer);
+        assert!(
+            computing.load(std::sync::atomic::Ordering::SeqCst),
+            "{identifier} was answered only after the computing closure ended ({took:?})"
+        );
+        println!("{backend:?}: {identifier} answered in {took:?} while a closure computes");
+    }
+    assert_eq!(slow.await.unwrap(), 1);
+    comm.close().await.unwrap();
+}
+
+/// The supervised actor of the test above.
+struct Echo;
+
+impl Actor for Echo {
+    type Context = actix::Context<Self>;
+}
+
+impl actix::Handler<Rpc<u32, u32>> for Echo {
+    type Result = Result<u32, HandlerError>;
+
+    fn handle(&mut self, rpc: Rpc<u32, u32>, _: &mut actix::Context<Self>) -> Self::Result {
+        Ok(rpc.body)
+    }
+}
+
+#[actix_rt::test]
+async fn mem_a_computing_closure_delays_only_its_own_messages() {
+    a_computing_closure_delays_only_its_own_messages(Backend::Mem).await;
+}
+
+#[actix_rt::test]
+async fn amqp_a_computing_closure_delays_only_its_own_messages() {
+    a_computing_closure_delays_only_its_own_messages(Backend::Amqp).await;
+}
