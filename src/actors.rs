@@ -32,6 +32,12 @@ pub(crate) struct Link {
     /// Task queues have a delivery limit and a dead-letter queue
     /// ([`Settings::with_delivery_limit`](crate::Settings::with_delivery_limit)).
     pub(crate) dead_lettering: bool,
+    /// The prefetch window of RPC and broadcast consumers
+    /// ([`Settings::with_message_prefetch`](crate::Settings::with_message_prefetch)).
+    pub(crate) message_prefetch: u16,
+    /// Messages one RPC or broadcast subscriber handles at once
+    /// ([`Settings::with_max_in_flight`](crate::Settings::with_max_in_flight)).
+    pub(crate) max_in_flight: usize,
     /// This communicator's subscribers, in the process-wide gauge.
     pub(crate) subscribers: Arc<crate::metrics::SubscriberCount>,
 }

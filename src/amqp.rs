@@ -235,6 +235,8 @@ struct Shared {
     reconnect_delay: (Duration, Duration),
     /// The largest body a publish may carry; larger ones are refused before sending.
     max_message_size: usize,
+    /// The RPC queue's prefetch window (0: none, auto-acked).
+    message_prefetch: u16,
     topology: Topology,
     io: IoRuntime,
     state: watch::Sender<State>,
@@ -325,6 +327,7 @@ impl Shared {
             send_timeout: settings.send_timeout,
             reconnect_delay: settings.reconnect_delay,
             max_message_size: settings.max_message_size,
+            message_prefetch: settings.message_prefetch,
             topology: Topology::new(settings),
             io: IoRuntime::start()?,
             state: watch::Sender::new(State::Down("not connected yet".into())),

@@ -157,6 +157,8 @@ impl Communicator {
             codec: settings.codec,
             max_message_size: settings.max_message_size,
             dead_lettering: settings.delivery_limit.is_some(),
+            message_prefetch: settings.message_prefetch,
+            max_in_flight: settings.max_in_flight,
             subscribers: Arc::default(),
         };
         let replies = Replies::new();

@@ -50,6 +50,8 @@ pub struct Settings {
     pub(crate) max_message_size: usize,
     pub(crate) blocking_threads: usize,
     pub(crate) handler_threads: usize,
+    pub(crate) message_prefetch: u16,
+    pub(crate) max_in_flight: usize,
 }
 
 /// RabbitMQ's default `max_message_size` (128 MiB), kiwimq's default limit on both backends.
@@ -86,6 +88,8 @@ impl Settings {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             blocking_threads: 16,
             handler_threads: 16,
+            message_prefetch: 256,
+            max_in_flight: 64,
         }
     }
 
@@ -295,6 +299,28 @@ impl Settings {
     #[must_use]
     pub fn with_handler_threads(mut self, threads: usize) -> Self {
         self.handler_threads = threads.max(1);
+        self
+    }
+
+    /// How many RPC calls and broadcasts a communicator takes from the broker before it has
+    /// handled them (default 256): each RPC consumer (the communicator's RPC queue, or
+    /// each identifier's queue with exclusive identifiers) and the broadcast queue hold at
+    /// most this many unsettled, and a flood waits in the broker instead of in the
+    /// worker's memory. 0 takes everything at once, as kiwiPy does. The wire format does
+    /// not change: calls are acknowledged once answered instead of on delivery, which the
+    /// sender never sees.
+    #[must_use]
+    pub fn with_message_prefetch(mut self, count: u16) -> Self {
+        self.message_prefetch = count;
+        self
+    }
+
+    /// How many messages one RPC or broadcast subscriber handles at once (default 64, at
+    /// least 1); the rest wait their turn within the prefetch window. A task subscriber's
+    /// bound is its queue's prefetch ([`with_task_prefetch`](Self::with_task_prefetch)).
+    #[must_use]
+    pub fn with_max_in_flight(mut self, count: usize) -> Self {
+        self.max_in_flight = count.max(1);
         self
     }
 

@@ -235,7 +235,7 @@ impl Handler<BroadcastHubChild> for Supervisor {
         self.broadcast_hub
             .get_or_insert_with(|| {
                 actix::Supervisor::start_in_arbiter(&children, move |_| {
-                    BroadcastHub::new(link.transport, queue, tally)
+                    BroadcastHub::new(link.transport, queue, link.message_prefetch, tally)
                 })
             })
             .clone()

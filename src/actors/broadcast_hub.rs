@@ -7,6 +7,7 @@ use actix::prelude::*;
 use futures::FutureExt;
 use futures::future::{self, BoxFuture};
 use serde::de::{DeserializeOwned, IgnoredAny};
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::Codec;
@@ -16,22 +17,24 @@ use crate::filter::BroadcastFilter;
 use crate::messages::Broadcast;
 use crate::subscriber::{Delivered, Subscriber};
 use crate::supervisor::Tally;
-use crate::transport::{Delivery, Source, Transport};
+use crate::transport::{Delivery, Outcome, Source, Transport};
 
 /// A broadcast subscriber with its type and filter erased.
 pub(crate) type BroadcastFn = Arc<dyn Fn(bytes::Bytes) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// Erases a typed broadcast recipient behind its filter. Errors are logged: broadcasts are
-/// fire and forget.
+/// fire and forget. At most `max_in_flight` broadcasts are handed to it at once.
 pub(crate) fn broadcast_fn<T>(
     subscriber: Subscriber<Broadcast<T>>,
     filter: BroadcastFilter,
     codec: Codec,
+    max_in_flight: usize,
 ) -> BroadcastFn
 where
     T: DeserializeOwned + Send + 'static,
 {
     let subscriber = Arc::new(subscriber);
+    let in_flight = Arc::new(Semaphore::new(max_in_flight.max(1)));
     Arc::new(move |bytes: bytes::Bytes| {
         let envelope: BroadcastEnvelope<T> = match codec.decode_broadcast(&bytes) {
             Ok(envelope) => envelope,
@@ -58,7 +61,10 @@ where
             correlation_id: envelope.correlation_id,
         };
         let subscriber = subscriber.clone();
+        let in_flight = in_flight.clone();
         async move {
+            // Never closed: a permit always comes.
+            let _permit = in_flight.acquire_owned().await;
             let started = std::time::Instant::now();
             let delivered = subscriber.deliver(broadcast, None).await;
             crate::metrics::elapsed(crate::metrics::HANDLER_SECONDS, "broadcast", started);
@@ -92,15 +98,23 @@ pub(crate) struct BroadcastHub {
     queue: String,
     subscribers: Vec<(String, BroadcastFn)>,
     consumer: Option<String>,
+    /// The consumer's prefetch window.
+    prefetch: u16,
     /// Where a restart is counted.
     tally: Tally,
 }
 
 impl BroadcastHub {
-    pub(crate) fn new(transport: Arc<dyn Transport>, queue: String, tally: Tally) -> Self {
+    pub(crate) fn new(
+        transport: Arc<dyn Transport>,
+        queue: String,
+        prefetch: u16,
+        tally: Tally,
+    ) -> Self {
         Self {
             transport,
             queue,
+            prefetch,
             subscribers: Vec::new(),
             consumer: None,
             tally,
@@ -111,7 +125,7 @@ impl BroadcastHub {
     fn consume(&mut self) -> impl ActorFuture<Self, Output = Result<()>> + 'static {
         let consume = self
             .transport
-            .consume(Source::Broadcasts(self.queue.clone()), 0);
+            .consume(Source::Broadcasts(self.queue.clone()), self.prefetch);
         consume.into_actor(self).map(|result, hub, ctx| {
             let consumer = result?;
             hub.consumer = Some(consumer.tag);
@@ -226,7 +240,9 @@ impl StreamHandler<Delivery> for BroadcastHub {
             .collect();
         let (trace, span) =
             crate::trace::handle_span("broadcast", &self.queue, None, false, delivery.traceparent);
-        let handling = future::join_all(handlers).map(|_| ());
+        let acker = delivery.acker;
+        // Handed to every subscriber: the broadcast leaves the prefetch window.
+        let handling = future::join_all(handlers).map(|_| acker.settle(Outcome::Ack));
         actix::spawn(crate::trace::maybe_scope(trace, handling).instrument(span));
     }
 

@@ -9,6 +9,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use super::{Link, encode_reply, exception_reply};
@@ -18,7 +19,7 @@ use crate::messages::{HandlerError, Rpc};
 use crate::panics::PanicWatch;
 use crate::subscriber::{Delivered, Subscriber};
 use crate::supervisor::Tally;
-use crate::transport::{Consumer, Delivery, Exchange, Source};
+use crate::transport::{Consumer, Delivery, Exchange, Outcome, Source};
 
 /// An RPC subscriber with its types erased: request bytes in, reply map bytes out.
 pub(crate) type RpcFn =
@@ -86,6 +87,9 @@ pub(crate) struct RpcEndpoint {
     tally: Tally,
     /// Restarted: the consumer went with the old context and must be made again.
     resubscribe: bool,
+    /// Calls handled at once ([`Link::max_in_flight`]); the others wait for a permit,
+    /// unacknowledged, within the consumer's prefetch window.
+    in_flight: Arc<Semaphore>,
 }
 
 impl RpcEndpoint {
@@ -100,10 +104,11 @@ impl RpcEndpoint {
     ) -> Self {
         ctx.add_stream(consumer.deliveries);
         Self {
-            link,
             identifier,
             handler,
             tag: consumer.tag,
+            in_flight: Arc::new(Semaphore::new(link.max_in_flight)),
+            link,
             tally,
             resubscribe: false,
         }
@@ -121,9 +126,10 @@ impl Actor for RpcEndpoint {
         }
         let transport = self.link.transport.clone();
         let (identifier, tag) = (self.identifier.clone(), self.tag.clone());
+        let prefetch = self.link.message_prefetch;
         let consume = async move {
             let _ = transport.cancel(&tag).await;
-            transport.consume(Source::Rpc(identifier), 0).await
+            transport.consume(Source::Rpc(identifier), prefetch).await
         };
         ctx.wait(consume.into_actor(self).map(|result, endpoint, ctx| match result {
             Ok(consumer) => {
@@ -164,6 +170,7 @@ impl StreamHandler<Delivery> for RpcEndpoint {
             correlation_id,
             reply_to,
             traceparent,
+            acker,
             ..
         } = delivery;
         let (trace, span) = crate::trace::handle_span(
@@ -178,10 +185,14 @@ impl StreamHandler<Delivery> for RpcEndpoint {
         let answer = (self.handler)(body, correlation_id.clone());
         let link = self.link.clone();
         let identifier = self.identifier.clone();
+        let in_flight = self.in_flight.clone();
         let answering = async move {
+            // Never closed: a permit always comes.
+            let _permit = in_flight.acquire_owned().await;
             let bytes = answer.await;
             let Some(reply_to) = reply_to else {
                 tracing::warn!(%identifier, ?correlation_id, "RPC without reply_to: the reply is dropped");
+                acker.settle(Outcome::Ack);
                 return;
             };
             if let Err(error) = link
@@ -190,6 +201,9 @@ impl StreamHandler<Delivery> for RpcEndpoint {
             {
                 tracing::warn!(%identifier, %error, "RPC reply failed");
             }
+            // Answered (or given up): the call leaves the prefetch window. An RPC is
+            // at most once, as in kiwiPy: it is not requeued whatever became of it.
+            acker.settle(Outcome::Ack);
         };
         actix::spawn(crate::trace::maybe_scope(trace, answering).instrument(span));
     }

@@ -98,7 +98,17 @@ impl Shared {
                     _ => topology.declare_broadcast_queue(&declarer, &queue).await,
                 };
                 declared.map_err(|e| self.declare_error(e, source, &queue))?;
-                (self.shared_channel(connection).await?, true)
+                let guard = self.shared_channel(connection).await?;
+                if prefetch > 0 {
+                    // RabbitMQ applies a non-global prefetch to each consumer started on
+                    // the channel afterwards: this one holds at most `prefetch` unacked.
+                    guard
+                        .channel
+                        .basic_qos(prefetch, BasicQosOptions::default())
+                        .await
+                        .map_err(amqp_error)?;
+                }
+                (guard, prefetch == 0)
             }
         };
         let options = BasicConsumeOptions {
@@ -483,10 +493,7 @@ pub(super) fn deliveries(
             let guard = guard.clone();
             move |item| {
                 let delivery = item.ok().map(|delivery| {
-                    let acker = (!no_ack).then(|| AmqpAck {
-                        acker: delivery.acker.clone(),
-                        _channel: Some(guard.clone()),
-                    });
+                    let acker = (!no_ack).then(|| AmqpAck::new(&delivery, &guard));
                     convert(delivery, acker)
                 });
                 futures::future::ready(delivery)
@@ -569,6 +576,16 @@ pub(super) struct AmqpAck {
     acker: lapin::Acker,
     /// Keeps the consumer's channel open until this delivery is settled.
     _channel: Option<Arc<ConsumerChannel>>,
+}
+
+impl AmqpAck {
+    /// Settles `delivery`, which came on `guard`'s channel, kept open until then.
+    pub(super) fn new(delivery: &lapin::message::Delivery, guard: &Arc<ConsumerChannel>) -> Self {
+        Self {
+            acker: delivery.acker.clone(),
+            _channel: Some(guard.clone()),
+        }
+    }
 }
 
 impl Settle for AmqpAck {

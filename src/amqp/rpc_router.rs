@@ -9,20 +9,22 @@ use std::sync::{Arc, Mutex};
 use futures::StreamExt;
 use futures::channel::mpsc;
 use lapin::Connection;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 use tokio::time::Instant;
 
-use super::consumers::{Feed, convert, own_queue_refused};
+use super::consumers::{AmqpAck, Feed, convert, own_queue_refused};
 
 use super::{Attempt, ConsumerChannel, Shared, amqp_error, amqp_error_refused, lock};
 use crate::error::{Error, Result};
-use crate::transport::{Delivery, RPC_TOPIC, Source, rpc_key};
+use crate::transport::{Delivery, Outcome, RPC_TOPIC, Settle, Source, rpc_key};
 
 /// The consumer of a communicator's RPC queue on one connection: each call goes to its
 /// identifier's stream by the routing key it was sent with.
 pub(super) struct RpcRouter {
     epoch: u64,
+    /// Calls settle themselves (no prefetch window).
+    auto_ack: bool,
     pub(super) guard: Arc<ConsumerChannel>,
     /// Identifier → its consumer's deliveries on this connection. Emptied when the queue's
     /// consumer ends, which ends each identifier's stream: each is then restored.
@@ -50,8 +52,18 @@ impl Shared {
             .declare_rpc_router_queue(&guard.channel, queue)
             .await
             .map_err(|error| own_queue_refused(error, queue))?;
+        let prefetch = self.message_prefetch;
+        if prefetch > 0 {
+            guard
+                .channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await
+                .map_err(amqp_error)?;
+        }
         let options = BasicConsumeOptions {
-            no_ack: true,
+            // With a window, each call is acknowledged once answered: a flood of calls
+            // waits in the broker.
+            no_ack: prefetch == 0,
             ..Default::default()
         };
         let consumer = guard
@@ -65,6 +77,7 @@ impl Shared {
             .await
             .map_err(amqp_error)?;
         let router = Arc::new(RpcRouter {
+            auto_ack: prefetch == 0,
             epoch,
             guard,
             routes: Mutex::default(),
@@ -156,14 +169,18 @@ async fn route_calls(router: Arc<RpcRouter>, mut consumer: lapin::Consumer) {
         };
         let key = delivery.routing_key.as_str();
         let routes = lock(&router.routes);
+        let acker = (!router.auto_ack).then(|| AmqpAck::new(&delivery, &router.guard));
         match key.strip_prefix(&prefix).and_then(|id| routes.get(id)) {
             Some(route) => {
-                let _ = route.unbounded_send(convert(delivery, None));
+                let _ = route.unbounded_send(convert(delivery, acker));
             }
             // Sent before the identifier was unbound, handled after: as when its own
-            // queue is deleted, the call goes unanswered.
+            // queue is deleted, the call goes unanswered (and leaves the window).
             None => {
-                tracing::debug!(routing_key = %key, "a call for an identifier no longer served")
+                tracing::debug!(routing_key = %key, "a call for an identifier no longer served");
+                if let Some(acker) = acker {
+                    Box::new(acker).settle(Outcome::Ack);
+                }
             }
         }
     }

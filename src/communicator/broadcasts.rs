@@ -94,6 +94,7 @@ impl Communicator {
             subscriber.into_subscriber(&inner.scope(&id)),
             filter,
             inner.link.codec,
+            inner.link.max_in_flight,
         );
         // Added as one operation: a caller that gives up has it undone.
         to_completion(

@@ -110,7 +110,7 @@ async fn add(inner: Arc<Inner>, identifier: String, handler: RpcFn) -> Result<St
     let consumed = inner
         .link
         .transport
-        .consume(Source::Rpc(identifier.clone()), 0)
+        .consume(Source::Rpc(identifier.clone()), inner.link.message_prefetch)
         .await
         .map_err(|e| match e.kind() {
             ErrorKind::DuplicateSubscriber(_) => {

@@ -94,7 +94,8 @@ struct Queue {
     /// Keyed by the queue's own delivery numbers: foldhash, not SipHash (see `Replies`).
     unacked: HashMap<u64, Unacked, foldhash::fast::RandomState>,
     next_delivery: u64,
-    /// Deliveries settle themselves (RPC, broadcasts, replies): at-most-once queues.
+    /// Deliveries settle themselves (replies; RPC and broadcasts without a prefetch window):
+    /// at-most-once queues.
     auto_ack: bool,
     /// The connection an exclusive queue belongs to; the queue goes when it closes.
     owner: Option<u64>,
@@ -314,7 +315,8 @@ impl Broker {
                     bound.push(queue_name.to_owned());
                 }
                 let queue = Queue {
-                    auto_ack: true,
+                    // A window asks for acknowledgements: a flood waits in the queue.
+                    auto_ack: prefetch == 0,
                     owner: Some(connection),
                     binding,
                     ..Queue::new(queue_name, None)
