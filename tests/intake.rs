@@ -37,7 +37,7 @@ impl Handler<Broadcast<serde_bytes::ByteBuf>> for Slow {
     ) -> Self::Result {
         std::thread::sleep(Duration::from_millis(2));
         self.heard += 1;
-        if self.heard % 1_000 == 0 {
+        if self.heard.is_multiple_of(1_000) {
             println!("kiwimq-child: heard {}", self.heard);
         }
         Ok(())
