@@ -1,13 +1,13 @@
 //! The `amqp://` backend: RabbitMQ through lapin, speaking kiwiPy 0.9's wire protocol.
 //!
 //! lapin's heartbeats and internal tasks run on a small tokio runtime of its own
-//! ([`IoRuntime`]), and the recovery on the `Supervisor`'s thread, so nothing a user's
+//! ([`IoRuntime`]), and the recovery on the `Root`'s thread, so nothing a user's
 //! handler does on the communicator's runtime can stall the connection.
 //!
 //! The transport survives connection loss. Publishes wait for the connection (within the
 //! send timeout) and are sent again until the broker confirms them. Each consumer hands the
 //! actors above one stream of deliveries made of the lapin consumers it had in turn: when
-//! its channel or the connection dies, the current lapin consumer ends, and the supervisor
+//! its channel or the connection dies, the current lapin consumer ends, and the root
 //! consumes again under the same consumer tag and queue and appends the new lapin consumer,
 //! so the actors never notice. The actors poll lapin's consumers themselves: a delivery
 //! crosses no thread between lapin's I/O thread and its subscriber's.
@@ -15,7 +15,7 @@
 //! This file holds the shared state ([`Shared`]) and the [`Transport`] over it; the rest is
 //! one concern a file: `connection` (opening, waiting, channels, retries, closing),
 //! `publisher`, `consumers`, `rpc_router` (the communicator's one RPC queue, an identifier
-//! a binding of it), `recovery` (what the supervisor runs after a loss),
+//! a binding of it), `recovery` (what the root runs after a loss),
 //! `topology` (kiwiPy's exchanges, queues and arguments) and `uri`.
 
 mod connection;
@@ -52,7 +52,7 @@ use rpc_router::RpcRouter;
 use topology::Topology;
 
 /// Connects to RabbitMQ within the connect timeout and declares both exchanges; the
-/// [`Supervisor`](crate::supervisor::Supervisor) then runs the transport's recovery.
+/// [`Root`](crate::tree::Root) then runs the transport's recovery.
 /// `actors` is where the consumer-side actors run: the RPC queue's calls are routed there.
 pub(crate) async fn connect(
     settings: &Settings,
@@ -275,7 +275,7 @@ struct Shared {
     /// Why the broker blocks this connection's publishes (a memory or disk alarm), while
     /// it does: a send that times out meanwhile says so.
     blocked: Mutex<Option<String>>,
-    /// Asks the supervisor to look now: something failed.
+    /// Asks the recovery to look now: something failed.
     wake: Notify,
     /// Ticks every [`TICK`]: deadlines awaited outside the I/O runtime, where tokio's
     /// timers may not exist.

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use actix::{Actor, Addr};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -26,8 +25,9 @@ use crate::queue::{PulledTask, TaskQueue};
 use crate::runtime::Runtime;
 use crate::settings::Settings;
 use crate::subscriber::{IntoSubscriber, Scope};
-use crate::supervisor::{BroadcastHubChild, Inspect, Supervisor, Tally, TaskQueueChild};
+use crate::supervision::{Child, Incidents};
 use crate::transport::{DeliverFn, Exchange, Transport};
+use crate::tree::{BroadcastHubChild, Inspect, Root, TaskQueueChild};
 use crate::{Codec, mem};
 
 mod broadcasts;
@@ -104,10 +104,10 @@ pub(crate) struct Inner {
     /// Where closure subscribers run: never on `runtime`.
     pub(crate) handlers: HandlerThreads,
     /// The root of the actor tree, on a thread of its own where no user code runs.
-    pub(crate) supervisor: Addr<Supervisor>,
+    pub(crate) root: Child<Root>,
     supervision: Runtime,
     /// Restarts and subscribers lost, for [`Communicator::health`].
-    pub(crate) tally: Tally,
+    pub(crate) incidents: Incidents,
     pub(crate) replies: Arc<Replies>,
     /// The default task queue's name, shared by every handle on it.
     pub(crate) default_queue: Arc<str>,
@@ -178,23 +178,23 @@ impl Communicator {
         }
         runtime.spawn(Replies::reap(Arc::downgrade(&replies)));
         let broadcast_queue = format!("broadcast-{}", new_id());
-        let tally = Tally::default();
-        let supervisor = Supervisor::new(
+        let incidents = Incidents::default();
+        let root = Root::start(
+            supervision.arbiter(),
             link.clone(),
             runtime.arbiter().clone(),
             broadcast_queue,
-            tally.clone(),
+            incidents.clone(),
         );
-        let supervisor = Supervisor::start_in_arbiter(supervision.arbiter(), move |_| supervisor);
         let inner = Inner {
             handlers: HandlerThreads::new(settings.handler_threads),
             default_queue: settings.task_queue.as_str().into(),
             settings,
             link,
             runtime,
-            supervisor,
+            root,
             supervision,
-            tally,
+            incidents,
             replies,
             task_reply_queue,
             message_reply_queue,
@@ -397,7 +397,7 @@ impl Inner {
             handlers: self.handlers.clone(),
             identifier: identifier.to_owned(),
             events: self.link.transport.events(),
-            tally: self.tally.clone(),
+            incidents: self.incidents.clone(),
         }
     }
 
@@ -425,15 +425,14 @@ impl Inner {
         queue: &str,
         prefetch: u16,
         start: bool,
-    ) -> Result<Option<Addr<TaskQueueActor>>> {
-        self.supervisor
+    ) -> Result<Option<Child<TaskQueueActor>>> {
+        self.root
             .send(TaskQueueChild {
                 queue: queue.to_owned(),
                 prefetch,
                 start,
             })
             .await
-            .map_err(|_| Error::closed())
     }
 
     /// Stops every task queue taking tasks and lets running handlers finish, within the
@@ -441,7 +440,7 @@ impl Inner {
     /// connection closes.
     async fn drain(&self) {
         let queues = self
-            .supervisor
+            .root
             .send(Inspect)
             .await
             .unwrap_or_default()
@@ -480,11 +479,8 @@ impl Inner {
         }
     }
 
-    async fn broadcast_hub(&self) -> Result<Addr<BroadcastHub>> {
-        self.supervisor
-            .send(BroadcastHubChild)
-            .await
-            .map_err(|_| Error::closed())
+    async fn broadcast_hub(&self) -> Result<Child<BroadcastHub>> {
+        self.root.send(BroadcastHubChild).await
     }
 }
 

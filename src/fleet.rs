@@ -15,7 +15,7 @@ use crate::events::ConnectionEvent;
 use crate::health::Health;
 use crate::messages::Task;
 use crate::settings::Settings;
-use crate::supervised::Supervised;
+use crate::supervised::SupervisedActor;
 
 /// Subscribes one queue's workers on a communicator; answers how many it started.
 type Subscribe = Box<dyn FnOnce(Communicator) -> BoxFuture<'static, Result<usize>> + Send>;
@@ -76,7 +76,7 @@ impl Fleet {
         mut self,
         queue: impl Into<String>,
         concurrency: u16,
-        worker: Supervised<F>,
+        worker: SupervisedActor<F>,
     ) -> Self
     where
         T: DeserializeOwned + Send + 'static,

@@ -3,7 +3,7 @@
 
 use crate::actors::{broadcast_hub, task_queue};
 use crate::communicator::Communicator;
-use crate::supervisor::Inspect;
+use crate::tree::Inspect;
 
 /// A communicator's health now: its connection, its subscribers and the work in hand.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -42,11 +42,11 @@ impl Communicator {
         let mut health = Health {
             connected: self.is_connected(),
             pending_results: inner.replies.len(),
-            restarts: inner.tally.restarts(),
-            subscribers_lost: inner.tally.losses(),
+            restarts: inner.incidents.restarts(),
+            subscribers_lost: inner.incidents.losses(),
             ..Health::default()
         };
-        let Ok(tree) = inner.supervisor.send(Inspect).await else {
+        let Ok(tree) = inner.root.send(Inspect).await else {
             return health;
         };
         health.rpc_subscribers = tree.rpc_endpoints.len();

@@ -37,21 +37,26 @@
 //! # The actor tree
 //!
 //! ```text
-//! Communicator ──by address──► Supervisor  (own thread; owns the connection and its recovery)
-//!                                ├─ TaskQueue     one per consumed queue  ┐ restarted in place
-//!                                ├─ RpcEndpoint   one per identifier      │ with their
-//!                                └─ BroadcastHub  one per communicator    ┘ subscribers
+//! Communicator ──Child<Root>──► Root  (own thread; owns the connection and its recovery)
+//!                                ├─ TaskQueue     one per consumed queue  ┐ on kiwimq's
+//!                                ├─ RpcEndpoint   one per identifier      │ runtime thread
+//!                                └─ BroadcastHub  one per communicator    ┘
 //!                                      │ Task<T, R> / Rpc<T, R> / Broadcast<T>
 //!                                      ▼
-//!                        subscribers: your actors, closures, supervised(factory) actors
+//!         subscribers: closures (handler threads), supervised(factory) actors (a thread
+//!                      each), your actors (where you started them)
 //! ```
 //!
-//! The `Supervisor` runs where no user code runs; it restores the connection,
-//! the topology and every consumer after a loss, and starts a child that stops again with
-//! its subscribers. A subscriber that panics answers its message with a `Remote` error; a
-//! [`supervised`] one is started afresh, one the user started is reported lost
-//! ([`ConnectionEvent::SubscriberLost`]). Sends leave from the caller's task and the children
-//! poll their consumers themselves: the hot paths cross no extra actor.
+//! Who restarts what is one mechanism (`supervision`), for the root, its children and
+//! [`supervised`] subscribers alike: an actor that panics or stops is started again from
+//! its factory with what it keeps (the root its children, each child its subscribers and
+//! consumer), counted and logged. The root runs where no user code runs; it restores the
+//! connection, the topology and every consumer after a loss. No user code runs on kiwimq's
+//! threads: a closure computing delays only its own messages. A subscriber that panics
+//! answers its message with a `Remote` error; a [`supervised`] one is started afresh, one
+//! the user started is reported lost ([`ConnectionEvent::SubscriberLost`]). Sends leave from
+//! the caller's task and the children poll their consumers themselves: the hot paths cross
+//! no extra actor.
 //!
 //! # Layout
 //!
@@ -64,14 +69,17 @@
 //! - `subscriber` — [`IntoSubscriber`]: actors' addresses, recipients, closures, or
 //!   [`supervised`] actors (`supervised`), and how a message reaches one; `panics` tells a
 //!   panicking handler's message from those queued behind it.
-//! - `supervisor` — the `Supervisor` actor, root of the tree.
+//! - `supervision` — who restarts what: the one supervision mechanism, `Child` handles
+//!   that follow an actor across restarts, and the tree's incident counts.
+//! - `tree` — the `Root` actor and how it starts its children.
+//! - `handlers` — the handler threads closure subscribers run on.
 //! - `fleet` — [`Fleet`], a worker process's main loop; `health` — [`Health`].
 //! - `actors/` — the consumer-side actors every backend shares: `TaskQueue`,
 //!   `RpcEndpoint`, `BroadcastHub`, and the reply router.
 //! - `transport` — the seam to a backend: an AMQP-shaped interface over bytes.
 //! - `mem/` — the in-process broker (`mem://`), the embedded default.
 //! - `amqp/` — the RabbitMQ backend (`amqp://`): lapin on an I/O runtime of its own, the
-//!   URI, the topology, and the recovery the supervisor runs after a loss.
+//!   URI, the topology, and the recovery the root runs after a loss.
 //! - [`blocking`] — the same communicator for code without async: every call blocks;
 //!   closures run on a bounded pool.
 //! - `events` — [`ConnectionEvent`]: lost, restored, closed.
@@ -100,8 +108,9 @@ mod runtime;
 mod settings;
 mod subscriber;
 mod supervised;
-mod supervisor;
+mod supervision;
 mod transport;
+mod tree;
 
 pub use actors::replies::ReplyFuture;
 pub use codec::Codec;
@@ -129,7 +138,7 @@ pub use rmpv::Value;
 pub use subscriber::IntoSubscriber;
 #[doc(hidden)]
 pub use subscriber::{Scope, Subscriber};
-pub use supervised::{Supervised, supervised};
+pub use supervised::{SupervisedActor, supervised};
 
 // Every Rust snippet of the README and the guides is a doctest, so none can rot.
 #[cfg(doctest)]

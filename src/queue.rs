@@ -280,8 +280,7 @@ async fn add_subscriber(
             id: id.clone(),
             handler,
         })
-        .await
-        .map_err(|_| Error::closed())??;
+        .await??;
     Ok(id)
 }
 
@@ -291,8 +290,7 @@ async fn remove_subscriber(inner: Arc<Inner>, queue: Arc<str>, id: String) -> Re
     };
     actor
         .send(task_queue::RemoveSubscriber { id, dead: false })
-        .await
-        .map_err(|_| Error::closed())?
+        .await?
 }
 
 /// Polls the queue until a task comes or the deadline passes.

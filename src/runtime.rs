@@ -1,5 +1,5 @@
 //! A thread running an actix System: the communicator's own (its internal actors and the
-//! broker connection), the supervisor's, and the handler threads user code runs on — so
+//! broker connection), the root's, and the handler threads user code runs on — so
 //! nothing the user does (blocking an Arbiter, stopping a System, using no async runtime at
 //! all) can stall heartbeats or strand a delivery.
 

@@ -15,14 +15,14 @@ use actix::{Actor, Addr, Context, Handler, Message, Recipient};
 use futures::FutureExt;
 use futures::channel::oneshot;
 use futures::future::{BoxFuture, Shared};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 
 use crate::events::ConnectionEvent;
 use crate::handlers::HandlerThreads;
 use crate::messages::HandlerError;
 use crate::panics::{PanicNotice, payload_text};
 use crate::runtime::Runtime;
-use crate::supervisor::Tally;
+use crate::supervision::{Child, Incidents, Policy, Report};
 use crate::trace::Traced;
 
 /// Anything that can receive a subscription's messages of type `M`: an actor's [`Addr`], a
@@ -45,18 +45,18 @@ pub struct Scope {
     pub(crate) handlers: HandlerThreads,
     pub(crate) identifier: String,
     pub(crate) events: broadcast::Sender<ConnectionEvent>,
-    pub(crate) tally: Tally,
+    pub(crate) incidents: Incidents,
 }
 
 impl Scope {
-    /// Reports a subscriber gone for good: an error in the log and an event to watch.
-    pub(crate) fn report_lost(&self, reason: &str) {
-        self.tally.lost();
-        tracing::error!(subscriber = %self.identifier, %reason, "subscriber lost for good");
-        let _ = self.events.send(ConnectionEvent::SubscriberLost {
-            identifier: self.identifier.clone(),
-            reason: reason.to_owned(),
-        });
+    /// Where this subscriber's restarts and loss are told.
+    pub(crate) fn report(&self) -> Report {
+        Report {
+            kind: "subscriber",
+            name: self.identifier.clone(),
+            incidents: self.incidents.clone(),
+            events: Some(self.events.clone()),
+        }
     }
 }
 
@@ -98,23 +98,15 @@ where
     Pooled(PooledFn<M>),
     /// An actor kiwimq restarts; the subscription ends its supervision when dropped.
     Supervised {
-        life: watch::Receiver<Life<M>>,
-        _stop: oneshot::Sender<()>,
+        /// The actor as it runs now: waits while it restarts, none once given up.
+        current: CurrentFn<M>,
         /// The actor's own thread, stopped with the subscription.
         _thread: Option<Runtime>,
     },
 }
 
-/// A supervised actor's state, as its supervision publishes it.
-pub(crate) enum Life<M: Message + Send>
-where
-    M::Result: Send,
-{
-    Running(Recipient<M>),
-    Restarting,
-    /// Restarted too often: given up (reported by the supervision).
-    Lost,
-}
+/// A supervised subscriber's current recipient (see [`Child::addr`]).
+type CurrentFn<M> = Box<dyn Fn() -> BoxFuture<'static, Option<Recipient<M>>> + Send + Sync>;
 
 /// What became of a message handed to a subscriber.
 pub(crate) enum Delivered<R> {
@@ -161,20 +153,10 @@ where
                     None => Delivered::Interrupted,
                 };
             }
-            Target::Supervised { life, .. } => {
-                let mut life = life.clone();
-                let running = life
-                    .wait_for(|life| match life {
-                        Life::Running(recipient) => recipient.connected(),
-                        Life::Restarting => false,
-                        Life::Lost => true,
-                    })
-                    .await;
-                match running.as_deref() {
-                    Ok(Life::Running(recipient)) => recipient.clone(),
-                    _ => return Delivered::Lost,
-                }
-            }
+            Target::Supervised { current, .. } => match current().await {
+                Some(recipient) => recipient,
+                None => return Delivered::Lost,
+            },
         };
         match recipient.send(message).await {
             Ok(answer) => Delivered::Answer(answer),
@@ -203,7 +185,7 @@ where
     /// restarted by its supervision, which reports.
     fn died(&self, reason: &str) {
         if matches!(self.target, Target::Fixed(_)) && !self.lost.swap(true, Ordering::AcqRel) {
-            self.scope.report_lost(reason);
+            self.scope.report().lost(reason);
         }
     }
 }
@@ -315,40 +297,28 @@ impl Turn {
     }
 }
 
-/// Starts the supervision of an actor made by `factory` (see [`crate::supervised`]).
-pub(crate) fn supervise<M, A, F>(
-    policy: crate::supervised::Policy,
-    factory: F,
-    scope: &Scope,
-) -> Subscriber<M>
+/// Starts the supervision of an actor made by `factory` (see [`crate::supervised`]), on a
+/// thread of its own: an actor computing delays only its own messages.
+pub(crate) fn supervise<M, A, F>(policy: Policy, factory: F, scope: &Scope) -> Subscriber<M>
 where
     M: Message + Send + 'static,
     M::Result: Send,
     A: Actor<Context = Context<A>> + Handler<M>,
     F: Fn() -> A + Send + 'static,
 {
-    let (life, watched) = watch::channel(Life::Restarting);
-    let (stop, stopped) = oneshot::channel();
-    let run_scope = scope.clone();
-    // A thread of its own: an actor computing delays only its own messages.
     let thread = Runtime::start("kiwimq-actor")
         .map_err(|error| tracing::warn!(subscriber = %scope.identifier, %error, "the supervised subscriber does not start"))
         .ok();
-    let spawned = thread.as_ref().is_some_and(|thread| {
-        thread.arbiter().spawn_fn(move || {
-            actix_rt::spawn(crate::supervised::run(
-                policy, factory, life, stopped, run_scope,
-            ));
-        })
+    let child: Option<Child<A>> = thread.as_ref().map(|thread| {
+        crate::supervision::start(thread.arbiter(), policy, move |_| factory(), scope.report())
     });
-    if !spawned {
-        // Its life's sender is gone with the closure: deliveries find it lost.
-        tracing::warn!(subscriber = %scope.identifier, "the runtime is stopping: the supervised subscriber does not start");
-    }
+    let current: CurrentFn<M> = Box::new(move || {
+        let child = child.clone();
+        async move { child?.addr().await.map(Addr::recipient) }.boxed()
+    });
     Subscriber {
         target: Target::Supervised {
-            life: watched,
-            _stop: stop,
+            current,
             _thread: thread,
         },
         scope: scope.clone(),

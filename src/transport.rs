@@ -260,7 +260,7 @@ pub(crate) trait Transport: Send + Sync + 'static {
     }
 
     /// Watches the connection and restores it after a loss — with its topology and every
-    /// consumer — until the transport closes. The [`Supervisor`](crate::supervisor::Supervisor)
+    /// consumer — until the transport closes. The [`Root`](crate::tree::Root)
     /// runs it.
     fn supervise(&self) -> BoxFuture<'static, ()>;
 }

@@ -1,7 +1,7 @@
 //! The `BroadcastHub` actor: consumes this communicator's broadcast queue and hands each
 //! broadcast to every subscriber whose filter it passes.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use futures::FutureExt;
@@ -16,7 +16,6 @@ use crate::error::Result;
 use crate::filter::BroadcastFilter;
 use crate::messages::Broadcast;
 use crate::subscriber::{Delivered, Subscriber};
-use crate::supervisor::Tally;
 use crate::transport::{Delivery, Outcome, Source, Transport};
 
 /// A broadcast subscriber with its type and filter erased.
@@ -92,6 +91,23 @@ fn passes<T>(filter: &BroadcastFilter, envelope: &BroadcastEnvelope<T>) -> bool 
     filter.matches(subject.as_deref(), sender.as_deref())
 }
 
+/// What a `BroadcastHub` keeps across its restarts: its subscribers, and the consumer to
+/// cancel.
+#[derive(Clone, Default)]
+pub(crate) struct Kept(Arc<Mutex<KeptState>>);
+
+#[derive(Clone, Default)]
+struct KeptState {
+    subscribers: Vec<(String, BroadcastFn)>,
+    consumer: Option<String>,
+}
+
+impl Kept {
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeptState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Hands broadcasts to this communicator's broadcast subscribers.
 pub(crate) struct BroadcastHub {
     transport: Arc<dyn Transport>,
@@ -100,25 +116,41 @@ pub(crate) struct BroadcastHub {
     consumer: Option<String>,
     /// The consumer's prefetch window.
     prefetch: u16,
-    /// Where a restart is counted.
-    tally: Tally,
+    /// What a restart starts again from; written whenever it changes.
+    kept: Kept,
+    /// A restart's predecessor's consumer, to cancel: its stream went with the old context.
+    stale: Option<String>,
 }
 
 impl BroadcastHub {
+    /// The hub, as first started or as `kept` left it.
     pub(crate) fn new(
         transport: Arc<dyn Transport>,
         queue: String,
         prefetch: u16,
-        tally: Tally,
+        kept: Kept,
     ) -> Self {
+        let KeptState {
+            subscribers,
+            consumer: stale,
+        } = kept.lock().clone();
         Self {
             transport,
             queue,
             prefetch,
-            subscribers: Vec::new(),
+            subscribers,
             consumer: None,
-            tally,
+            kept,
+            stale,
         }
+    }
+
+    /// Writes down what a restart starts from.
+    fn keep(&self) {
+        *self.kept.lock() = KeptState {
+            subscribers: self.subscribers.clone(),
+            consumer: self.consumer.clone(),
+        };
     }
 
     /// Starts consuming this communicator's broadcast queue into this actor.
@@ -129,6 +161,7 @@ impl BroadcastHub {
         consume.into_actor(self).map(|result, hub, ctx| {
             let consumer = result?;
             hub.consumer = Some(consumer.tag);
+            hub.keep();
             ctx.add_stream(consumer.deliveries);
             Ok(())
         })
@@ -138,8 +171,16 @@ impl BroadcastHub {
 impl Actor for BroadcastHub {
     type Context = Context<Self>;
 
-    /// After a restart, consumes again for the subscribers it kept.
+    /// After a restart, cancels the old consumer and consumes again for the subscribers it
+    /// kept.
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Some(tag) = self.stale.take() {
+            let cancel = self.transport.cancel(&tag);
+            actix::spawn(async move {
+                let _ = cancel.await;
+            });
+            self.keep();
+        }
         if self.subscribers.is_empty() {
             return;
         }
@@ -148,20 +189,6 @@ impl Actor for BroadcastHub {
                 tracing::error!(%error, "consuming broadcasts again after a restart failed");
             }
         }));
-    }
-}
-
-impl actix::Supervised for BroadcastHub {
-    /// The old consumer's stream went with the old context: it is cancelled, and `started`
-    /// consumes again.
-    fn restarting(&mut self, _: &mut Context<Self>) {
-        self.tally.record("BroadcastHub", &self.queue);
-        if let Some(tag) = self.consumer.take() {
-            let cancel = self.transport.cancel(&tag);
-            actix::spawn(async move {
-                let _ = cancel.await;
-            });
-        }
     }
 }
 
@@ -185,12 +212,14 @@ impl Handler<AddSubscriber> for BroadcastHub {
 
     fn handle(&mut self, message: AddSubscriber, _: &mut Context<Self>) -> Self::Result {
         self.subscribers.push((message.id, message.handler));
+        self.keep();
         if self.consumer.is_some() {
             return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
         }
         AtomicResponse::new(Box::pin(self.consume().map(|result, hub, _| {
             if result.is_err() {
                 hub.subscribers.pop();
+                hub.keep();
             }
             result
         })))
@@ -206,9 +235,13 @@ impl Handler<RemoveSubscriber> for BroadcastHub {
         let removed = self.subscribers.len() != before;
         let cancel = match (&self.consumer, self.subscribers.is_empty()) {
             (Some(tag), true) => self.transport.cancel(tag),
-            _ => return AtomicResponse::new(Box::pin(fut::ready(Ok(removed)))),
+            _ => {
+                self.keep();
+                return AtomicResponse::new(Box::pin(fut::ready(Ok(removed))));
+            }
         };
         self.consumer = None;
+        self.keep();
         AtomicResponse::new(Box::pin(
             cancel.map(move |r| r.map(|()| removed)).into_actor(self),
         ))
@@ -249,17 +282,4 @@ impl StreamHandler<Delivery> for BroadcastHub {
     fn finished(&mut self, _: &mut Context<Self>) {}
 }
 
-/// Stops the actor, as a failure would: its supervisor starts it again.
-#[cfg(test)]
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct Stop;
-
-#[cfg(test)]
-impl Handler<Stop> for BroadcastHub {
-    type Result = ();
-
-    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
-        ctx.stop();
-    }
-}
+crate::supervision::test_hooks!(BroadcastHub);

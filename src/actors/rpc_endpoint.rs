@@ -2,7 +2,7 @@
 //! each request with its subscriber's result.
 
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use futures::FutureExt;
@@ -18,7 +18,6 @@ use crate::error::Result;
 use crate::messages::{HandlerError, Rpc};
 use crate::panics::PanicWatch;
 use crate::subscriber::{Delivered, Subscriber};
-use crate::supervisor::Tally;
 use crate::transport::{Consumer, Delivery, Exchange, Outcome, Source};
 
 /// An RPC subscriber with its types erased: request bytes in, reply map bytes out.
@@ -76,15 +75,31 @@ where
     })
 }
 
+/// What an `RpcEndpoint` keeps across its restarts: its consumer's tag, to cancel it.
+#[derive(Clone)]
+pub(crate) struct Kept(Arc<Mutex<String>>);
+
+impl Kept {
+    pub(crate) fn new(tag: String) -> Self {
+        Self(Arc::new(Mutex::new(tag)))
+    }
+
+    fn tag(&self) -> String {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, tag: String) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = tag;
+    }
+}
+
 /// Serves one RPC identifier.
 pub(crate) struct RpcEndpoint {
     link: Link,
     identifier: String,
     handler: RpcFn,
-    /// The consumer's tag, to cancel it.
-    tag: String,
-    /// Where a restart is counted.
-    tally: Tally,
+    /// The consumer's tag, to cancel it, kept across restarts.
+    kept: Kept,
     /// Restarted: the consumer went with the old context and must be made again.
     resubscribe: bool,
     /// Calls handled at once ([`Link::max_in_flight`]); the others wait for a permit,
@@ -93,24 +108,30 @@ pub(crate) struct RpcEndpoint {
 }
 
 impl RpcEndpoint {
-    /// The endpoint of `identifier`, fed by `consumer`.
+    /// The endpoint of `identifier`, fed by `consumer` when first started; started again
+    /// (without one), it consumes anew.
     pub(crate) fn new(
         link: Link,
         identifier: String,
         handler: RpcFn,
-        consumer: Consumer,
-        tally: Tally,
+        consumer: Option<Consumer>,
+        kept: Kept,
         ctx: &mut Context<Self>,
     ) -> Self {
-        ctx.add_stream(consumer.deliveries);
+        let resubscribe = match consumer {
+            Some(consumer) => {
+                ctx.add_stream(consumer.deliveries);
+                false
+            }
+            None => true,
+        };
         Self {
-            identifier,
-            handler,
-            tag: consumer.tag,
             in_flight: Arc::new(Semaphore::new(link.max_in_flight)),
             link,
-            tally,
-            resubscribe: false,
+            identifier,
+            handler,
+            kept,
+            resubscribe,
         }
     }
 }
@@ -125,7 +146,7 @@ impl Actor for RpcEndpoint {
             return;
         }
         let transport = self.link.transport.clone();
-        let (identifier, tag) = (self.identifier.clone(), self.tag.clone());
+        let (identifier, tag) = (self.identifier.clone(), self.kept.tag());
         let prefetch = self.link.message_prefetch;
         let consume = async move {
             let _ = transport.cancel(&tag).await;
@@ -133,7 +154,7 @@ impl Actor for RpcEndpoint {
         };
         ctx.wait(consume.into_actor(self).map(|result, endpoint, ctx| match result {
             Ok(consumer) => {
-                endpoint.tag = consumer.tag;
+                endpoint.kept.set(consumer.tag);
                 ctx.add_stream(consumer.deliveries);
             }
             Err(error) => {
@@ -152,14 +173,7 @@ impl Handler<Unsubscribe> for RpcEndpoint {
     type Result = ResponseFuture<Result<()>>;
 
     fn handle(&mut self, _: Unsubscribe, _: &mut Context<Self>) -> Self::Result {
-        Box::pin(self.link.transport.cancel(&self.tag))
-    }
-}
-
-impl actix::Supervised for RpcEndpoint {
-    fn restarting(&mut self, _: &mut Context<Self>) {
-        self.tally.record("RpcEndpoint", &self.identifier);
-        self.resubscribe = true;
+        Box::pin(self.link.transport.cancel(&self.kept.tag()))
     }
 }
 
@@ -213,17 +227,4 @@ impl StreamHandler<Delivery> for RpcEndpoint {
     fn finished(&mut self, _: &mut Context<Self>) {}
 }
 
-/// Stops the actor, as a failure would: its supervisor starts it again.
-#[cfg(test)]
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct Stop;
-
-#[cfg(test)]
-impl Handler<Stop> for RpcEndpoint {
-    type Result = ();
-
-    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
-        ctx.stop();
-    }
-}
+crate::supervision::test_hooks!(RpcEndpoint);

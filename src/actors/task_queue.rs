@@ -2,7 +2,7 @@
 //! task to them in turn, sends the result back and acks only after the handler finished.
 
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use futures::FutureExt;
@@ -20,7 +20,6 @@ use crate::messages::{HandlerError, Task};
 use crate::metrics::QueueMeters;
 use crate::panics::PanicWatch;
 use crate::subscriber::{Delivered, Subscriber};
-use crate::supervisor::Tally;
 use crate::transport::{Delivery, Exchange, Outcome, Source};
 
 /// A task as the dispatcher sees it, before a subscriber decodes it with its own type.
@@ -99,6 +98,35 @@ where
     })
 }
 
+/// What a `TaskQueue` keeps across its restarts, shared with its supervision's factory:
+/// the subscribers, the consumer to cancel, whether it is closing, and its counts.
+#[derive(Clone)]
+pub(crate) struct Kept(Arc<Mutex<KeptState>>);
+
+struct KeptState {
+    subscribers: Arc<Vec<(String, TaskFn)>>,
+    consumer: Option<String>,
+    draining: bool,
+    running: Arc<watch::Sender<usize>>,
+    meters: Arc<QueueMeters>,
+}
+
+impl Kept {
+    pub(crate) fn new(queue: &str) -> Self {
+        Self(Arc::new(Mutex::new(KeptState {
+            subscribers: Arc::default(),
+            consumer: None,
+            draining: false,
+            running: Arc::new(watch::Sender::new(0)),
+            meters: Arc::new(QueueMeters::new(&queue.into())),
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, KeptState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Consumes one task queue for one communicator.
 pub(crate) struct TaskQueue {
     link: Link,
@@ -114,28 +142,42 @@ pub(crate) struct TaskQueue {
     running: Arc<watch::Sender<usize>>,
     /// Closing: no new consumer starts.
     draining: bool,
-    /// Where a restart is counted.
-    tally: Tally,
     /// Which subscriber is offered the next task first: they take turns, so that several
     /// actor subscribers of one queue work at once.
     turn: usize,
+    /// What a restart starts again from; written whenever it changes.
+    kept: Kept,
+    /// A restart's predecessor's consumer, to cancel: its stream went with the old context.
+    stale: Option<String>,
 }
 
 impl TaskQueue {
-    pub(crate) fn new(link: Link, queue: String, prefetch: u16, tally: Tally) -> Self {
-        let queue: Arc<str> = queue.into();
-        Self {
+    /// The queue's actor, as first started or as `kept` left it.
+    pub(crate) fn new(link: Link, queue: String, prefetch: u16, kept: Kept) -> Self {
+        let state = kept.lock();
+        let actor = Self {
             link,
-            meters: Arc::new(QueueMeters::new(&queue)),
-            queue,
+            meters: state.meters.clone(),
+            queue: queue.into(),
             prefetch,
-            subscribers: Arc::default(),
+            subscribers: state.subscribers.clone(),
             consumer: None,
-            running: Arc::new(watch::Sender::new(0)),
-            draining: false,
-            tally,
+            running: state.running.clone(),
+            draining: state.draining,
             turn: 0,
-        }
+            stale: state.consumer.clone(),
+            kept: kept.clone(),
+        };
+        drop(state);
+        actor
+    }
+
+    /// Writes down what a restart starts from.
+    fn keep(&self) {
+        let mut kept = self.kept.lock();
+        kept.subscribers = self.subscribers.clone();
+        kept.consumer = self.consumer.clone();
+        kept.draining = self.draining;
     }
 
     /// Starts consuming the queue; its deliveries come to this actor as a stream.
@@ -148,6 +190,7 @@ impl TaskQueue {
             let consumer = result?;
             tracing::debug!(queue = %actor.queue, tag = %consumer.tag, "consuming tasks");
             actor.consumer = Some(consumer.tag);
+            actor.keep();
             ctx.add_stream(consumer.deliveries);
             Ok(())
         })
@@ -157,9 +200,17 @@ impl TaskQueue {
 impl Actor for TaskQueue {
     type Context = Context<Self>;
 
-    /// After a restart (see [`actix::Supervised`]), consumes again for the subscribers it
+    /// After a restart, cancels the old consumer on the broker (what it delivered and
+    /// nobody settled goes back to the queue) and consumes again for the subscribers it
     /// kept.
     fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Some(tag) = self.stale.take() {
+            let cancel = self.link.transport.cancel(&tag);
+            actix::spawn(async move {
+                let _ = cancel.await;
+            });
+            self.keep();
+        }
         if self.subscribers.is_empty() || self.draining {
             return;
         }
@@ -169,21 +220,6 @@ impl Actor for TaskQueue {
                 tracing::error!(%queue, %error, "consuming again after a restart failed");
             }
         }));
-    }
-}
-
-impl actix::Supervised for TaskQueue {
-    /// The old consumer's stream went with the old context: it is cancelled on the broker
-    /// (what it delivered and nobody settled goes back to the queue), and `started`
-    /// consumes again.
-    fn restarting(&mut self, _: &mut Context<Self>) {
-        self.tally.record("TaskQueue", &self.queue);
-        if let Some(tag) = self.consumer.take() {
-            let cancel = self.link.transport.cancel(&tag);
-            actix::spawn(async move {
-                let _ = cancel.await;
-            });
-        }
     }
 }
 
@@ -217,6 +253,7 @@ impl Handler<AddSubscriber> for TaskQueue {
         }
         Arc::make_mut(&mut self.subscribers).push((message.id, message.handler));
         self.link.subscribers.add("task", 1);
+        self.keep();
         if self.consumer.is_some() {
             return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
         }
@@ -224,6 +261,7 @@ impl Handler<AddSubscriber> for TaskQueue {
             if result.is_err() {
                 Arc::make_mut(&mut actor.subscribers).pop();
                 actor.link.subscribers.add("task", -1);
+                actor.keep();
             }
             result
         })))
@@ -245,9 +283,13 @@ impl Handler<RemoveSubscriber> for TaskQueue {
         }
         let cancel = match (&self.consumer, self.subscribers.is_empty()) {
             (Some(tag), true) => self.link.transport.cancel(tag),
-            _ => return AtomicResponse::new(Box::pin(fut::ready(Ok(())))),
+            _ => {
+                self.keep();
+                return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
+            }
         };
         self.consumer = None;
+        self.keep();
         AtomicResponse::new(Box::pin(cancel.into_actor(self)))
     }
 }
@@ -277,7 +319,9 @@ impl Handler<Drain> for TaskQueue {
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
         self.draining = true;
         let running = self.running.subscribe();
-        let Some(tag) = self.consumer.take() else {
+        let consumer = self.consumer.take();
+        self.keep();
+        let Some(tag) = consumer else {
             return AtomicResponse::new(Box::pin(fut::ready(running)));
         };
         let cancel = self.link.transport.cancel(&tag);
@@ -481,17 +525,4 @@ async fn dispatch(
     }
 }
 
-/// Stops the actor, as a failure would: its supervisor starts it again.
-#[cfg(test)]
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct Stop;
-
-#[cfg(test)]
-impl Handler<Stop> for TaskQueue {
-    type Result = ();
-
-    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
-        ctx.stop();
-    }
-}
+crate::supervision::test_hooks!(TaskQueue);

@@ -1,8 +1,8 @@
-//! Recovery, as the [`Supervisor`](crate::supervisor::Supervisor) runs it: watch the
+//! Recovery, as the [`Root`](crate::tree::Root) runs it: watch the
 //! connection, and after a loss reconnect with exponential, capped, jittered backoff,
 //! declare the topology again, restore every consumer under its old tag and queue name —
 //! appending the new lapin consumer to the stream its actor polls — and only then let
-//! waiting senders through. It runs on the supervisor's thread; only opening a connection
+//! waiting senders through. It runs on the root's thread; only opening a connection
 //! goes to the I/O runtime, where lapin's own tasks must live.
 
 use std::sync::Arc;

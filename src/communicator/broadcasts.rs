@@ -126,8 +126,7 @@ async fn add(inner: Arc<Inner>, id: String, handler: BroadcastFn) -> Result<Stri
         id: id.clone(),
         handler,
     })
-    .await
-    .map_err(|_| Error::closed())??;
+    .await??;
     inner.link.subscribers.add("broadcast", 1);
     Ok(id)
 }
@@ -136,8 +135,7 @@ async fn remove(inner: Arc<Inner>, id: String) -> Result<()> {
     let hub = inner.broadcast_hub().await?;
     let removed = hub
         .send(broadcast_hub::RemoveSubscriber { id: id.clone() })
-        .await
-        .map_err(|_| Error::closed())??;
+        .await??;
     if !removed {
         return Err(Error::new(ErrorKind::UnknownSubscriber(id)));
     }

@@ -1,5 +1,5 @@
 //! The [`Communicator`]'s RPC: calls sent from the caller's task, and subscribers claimed
-//! from the `Supervisor`, each served by an `RpcEndpoint` child.
+//! from the tree's `Root`, each served by an `RpcEndpoint` child.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -12,8 +12,8 @@ use crate::actors::rpc_endpoint::{self, RpcFn, rpc_fn};
 use crate::error::{Error, ErrorKind, Result};
 use crate::messages::Rpc;
 use crate::subscriber::IntoSubscriber;
-use crate::supervisor::{ClaimRpc, ReleaseRpc, RemoveRpc, StartRpc};
 use crate::transport::{Outgoing, Route, Source};
+use crate::tree::{ClaimRpc, ReleaseRpc, RemoveRpc, StartRpc};
 
 impl Communicator {
     /// Calls the RPC subscriber registered under `identifier`. Resolves once the broker
@@ -102,11 +102,8 @@ impl Communicator {
 /// Claims `identifier`, consumes its calls and starts its endpoint; the claim is released
 /// if the consume fails.
 async fn add(inner: Arc<Inner>, identifier: String, handler: RpcFn) -> Result<String> {
-    let supervisor = &inner.supervisor;
-    supervisor
-        .send(ClaimRpc(identifier.clone()))
-        .await
-        .map_err(|_| Error::closed())??;
+    let root = &inner.root;
+    root.send(ClaimRpc(identifier.clone())).await??;
     let consumed = inner
         .link
         .transport
@@ -122,13 +119,11 @@ async fn add(inner: Arc<Inner>, identifier: String, handler: RpcFn) -> Result<St
         Ok(consumer) => (Some((handler, consumer)), Ok(identifier.clone())),
         Err(error) => (None, Err(error)),
     };
-    supervisor
-        .send(StartRpc {
-            identifier,
-            started,
-        })
-        .await
-        .map_err(|_| Error::closed())?;
+    root.send(StartRpc {
+        identifier,
+        started,
+    })
+    .await?;
     if outcome.is_ok() {
         inner.link.subscribers.add("rpc", 1);
     }
@@ -138,20 +133,15 @@ async fn add(inner: Arc<Inner>, identifier: String, handler: RpcFn) -> Result<St
 /// Removes `identifier`'s endpoint, waits until its consumer is cancelled, then frees the
 /// identifier.
 async fn remove(inner: Arc<Inner>, identifier: String) -> Result<()> {
-    let removed = inner
-        .supervisor
-        .send(RemoveRpc(identifier.clone()))
-        .await
-        .map_err(|_| Error::closed())?;
+    let removed = inner.root.send(RemoveRpc(identifier.clone())).await?;
     let Some(endpoint) = removed else {
         return Err(Error::new(ErrorKind::UnknownSubscriber(identifier)));
     };
     inner.link.subscribers.add("rpc", -1);
     // Its consumer cancelled, the endpoint stops; then the identifier is free again.
-    let unsubscribed = endpoint
-        .send(rpc_endpoint::Unsubscribe)
-        .await
-        .map_err(|_| Error::closed());
-    inner.supervisor.do_send(ReleaseRpc(identifier));
+    let unsubscribed = endpoint.send(rpc_endpoint::Unsubscribe).await;
+    // The endpoint's last handle: its supervision ends, and the actor with it.
+    drop(endpoint);
+    inner.root.do_send(ReleaseRpc(identifier));
     unsubscribed?
 }
