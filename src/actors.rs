@@ -32,6 +32,9 @@ pub(crate) struct Link {
     /// Task queues have a delivery limit and a dead-letter queue
     /// ([`Settings::with_delivery_limit`](crate::Settings::with_delivery_limit)).
     pub(crate) dead_lettering: bool,
+    /// The delivery limit itself: a task rejected by every subscriber on its last delivery
+    /// is given up and its sender told ([`crate::ErrorKind::Rejected`]).
+    pub(crate) delivery_limit: Option<u32>,
     /// The prefetch window of RPC and broadcast consumers
     /// ([`Settings::with_message_prefetch`](crate::Settings::with_message_prefetch)).
     pub(crate) message_prefetch: u16,

@@ -99,10 +99,15 @@ fn soft_error(error: &lapin::Error) -> Option<AMQPSoftError> {
 }
 
 /// What to tell an operator about a consumer's channel that the broker closed, when the
-/// reason is one they can act on.
-pub(crate) fn explain(error: &str) -> Option<&'static str> {
-    let error = error.to_ascii_lowercase();
-    (error.contains("acknowledgement") && error.contains("timed out")).then_some(
+/// reason is one they can act on. The reply code decides (`PRECONDITION_FAILED`, which
+/// RabbitMQ closes a channel with when a delivery's acknowledgement timed out); the text
+/// only tells that case from the code's others.
+pub(crate) fn explain(error: &lapin::Error) -> Option<&'static str> {
+    if soft_error(error) != Some(AMQPSoftError::PRECONDITIONFAILED) {
+        return None;
+    }
+    let text = error.to_string().to_ascii_lowercase();
+    (text.contains("acknowledgement") && text.contains("timed out")).then_some(
         "the broker's consumer_timeout (RabbitMQ default 30 min) expired for a task still \
          being handled: raise consumer_timeout in rabbitmq.conf, or per queue with a policy \
          or Settings::with_queue_consumer_timeout (x-consumer-timeout, RabbitMQ 3.12+), above \
@@ -392,9 +397,12 @@ impl Attempt {
 /// A lapin error whose soft protocol error (a refusal) stops retrying: a limit of the
 /// vhost or the broker reached is `Refused`, naming it; a queue declared with other
 /// arguments, access refused and the like are `Config` errors.
+/// Classified by the reply code; the text only says more within one code (a limit, or
+/// which argument differs, both `PRECONDITION_FAILED` on RabbitMQ).
 fn amqp_error_refused(error: lapin::Error) -> Error {
+    let failed_precondition = soft_error(&error) == Some(AMQPSoftError::PRECONDITIONFAILED);
     match soft_error(&error) {
-        Some(_) if names_a_limit(&error.to_string()) => {
+        Some(_) if failed_precondition && names_a_limit(&error.to_string()) => {
             let reason = format!(
                 "the broker refused: {error}: a limit of the broker or its vhost is reached \
                  (rabbitmqctl list_vhost_limits; a policy's or the broker's max queues)"
@@ -403,7 +411,9 @@ fn amqp_error_refused(error: lapin::Error) -> Error {
         }
         Some(soft) if soft != AMQPSoftError::NOTFOUND => {
             let mut reason = format!("the broker refused: {error} ({soft:?})");
-            if let Some(setting) = inequivalent_setting(&error.to_string()) {
+            if let Some(setting) =
+                inequivalent_setting(&error.to_string()).filter(|_| failed_precondition)
+            {
                 reason.push_str(&format!(
                     "; the queue exists with another {setting} than this communicator's: every \
                      process sharing it must agree (or delete the queue to declare it anew)"
@@ -532,5 +542,66 @@ impl Drop for AmqpTransport {
     fn drop(&mut self) {
         self.0.closed.store(true, Ordering::Release);
         self.0.io.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::protocol::{AMQPError, AMQPHardError};
+
+    use super::*;
+
+    fn refusal(kind: AMQPErrorKind, text: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(AMQPError::new(kind, text.into())).into()
+    }
+
+    /// The broker's reply code decides what a refusal is; its words refine one code, never
+    /// make another.
+    #[test]
+    fn refusals_are_classified_by_their_reply_code() {
+        let precondition = AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED);
+        let limit = refusal(
+            precondition.clone(),
+            "PRECONDITION_FAILED - cannot declare queue 'q': queue limit in vhost 'v' (3) is reached",
+        );
+        assert!(
+            matches!(amqp_error_refused(limit).kind(), ErrorKind::Refused(text) if text.contains("limit"))
+        );
+        let inequivalent = refusal(
+            precondition.clone(),
+            "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q'",
+        );
+        assert!(
+            matches!(amqp_error_refused(inequivalent).kind(), ErrorKind::Config(text) if text.contains("with_quorum_queues"))
+        );
+        // The same words under another code are not a limit, nor an argument's name.
+        let denied = refusal(
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+            "ACCESS_REFUSED - the limit of what 'guest' may do is reached; inequivalent arg 'x-queue-type'",
+        );
+        let error = amqp_error_refused(denied);
+        assert!(
+            matches!(error.kind(), ErrorKind::Config(text) if !text.contains("with_quorum_queues")),
+            "{error}"
+        );
+        let hard = refusal(
+            AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED),
+            "CONNECTION_FORCED - broker forced connection closure; limit reached",
+        );
+        assert!(matches!(
+            amqp_error_refused(hard).kind(),
+            ErrorKind::Connection(_)
+        ));
+
+        let timed_out = refusal(
+            precondition,
+            "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out",
+        );
+        assert!(explain(&timed_out).is_some());
+        let other = refusal(
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
+            "NOT_FOUND - delivery acknowledgement on channel 1 timed out",
+        );
+        assert!(explain(&other).is_none());
     }
 }

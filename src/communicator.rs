@@ -157,6 +157,7 @@ impl Communicator {
             codec: settings.codec,
             max_message_size: settings.max_message_size,
             dead_lettering: settings.delivery_limit.is_some(),
+            delivery_limit: settings.delivery_limit,
             message_prefetch: settings.message_prefetch,
             max_in_flight: settings.max_in_flight,
             subscribers: Arc::default(),

@@ -20,7 +20,11 @@ pub enum ErrorKind {
     /// The receiver cancelled the request; carries its reason when it gave one.
     #[error("cancelled by the receiver{}", .0.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
     Cancelled(Option<String>),
-    /// A task was rejected by every subscriber that saw it.
+    /// A task was rejected by every subscriber that saw it, on its last delivery: with a
+    /// delivery limit ([`Settings::with_delivery_limit`](crate::Settings::with_delivery_limit)),
+    /// a task every subscriber rejects goes back to its queue (after a short pause, for
+    /// another worker) until the limit, then to the dead-letter queue, and its sender gets
+    /// this. Without a limit it goes back to its queue until some subscriber takes it.
     #[error("rejected by every subscriber")]
     Rejected,
     /// No task arrived in the queue within the time allowed.

@@ -4,14 +4,12 @@
 use std::fmt;
 
 use actix::{Actor, Context, Handler};
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::communicator::Communicator;
 use crate::error::{Error, ErrorKind, Result};
-use crate::events::ConnectionEvent;
 use crate::health::Health;
 use crate::messages::Task;
 use crate::settings::Settings;
@@ -167,19 +165,14 @@ impl RunningFleet {
     /// Waits for a reason to stop — SIGTERM or SIGINT, or every worker lost — and says
     /// which, without closing: report, then [`close`](Self::close).
     pub async fn wait_for_stop(&self) -> Stop {
-        let mut events = self.comm.connection_events();
         let workers = self.workers;
+        // Counted where the losses are, not from events, which a busy receiver can miss.
+        let incidents = self.comm.inner.incidents.clone();
         let all_lost = async move {
-            let mut lost = 0;
-            while let Some(event) = events.next().await {
-                if let ConnectionEvent::SubscriberLost { .. } = event {
-                    lost += 1;
-                    if lost >= workers {
-                        return true;
-                    }
-                }
-            }
-            false
+            incidents
+                .lost_at_least(u64::try_from(workers).unwrap_or(u64::MAX))
+                .await;
+            true
         };
         tokio::select! {
             () = shutdown_signal() => {

@@ -37,6 +37,9 @@ pub(crate) struct MemTransport {
     /// anonymous queues are on RabbitMQ, and every one of them gets each call.
     exclusive_rpc_identifiers: bool,
     closed: AtomicBool,
+    /// Consumes still to refuse, as a broker refusing for a while would (a test hook).
+    #[cfg(test)]
+    pub(crate) refuse_consumes: std::sync::atomic::AtomicU32,
     events: tokio::sync::broadcast::Sender<ConnectionEvent>,
 }
 
@@ -65,6 +68,8 @@ impl MemTransport {
             max_message_size: settings.max_message_size,
             exclusive_rpc_identifiers: settings.exclusive_rpc_identifiers,
             closed: AtomicBool::new(false),
+            #[cfg(test)]
+            refuse_consumes: Default::default(),
             events: events::channel(),
         }
     }
@@ -105,7 +110,21 @@ impl Transport for MemTransport {
         future::ready(result).boxed()
     }
 
+    #[cfg(test)]
+    fn refuse_consumes(&self, count: u32) {
+        self.refuse_consumes.store(count, Ordering::Release);
+    }
+
     fn consume(&self, source: Source, prefetch: u16) -> BoxFuture<'static, Result<Consumer>> {
+        #[cfg(test)]
+        if self
+            .refuse_consumes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            let error = Error::connection("refused by the test hook");
+            return future::ready(Err(error)).boxed();
+        }
         let bound = |key: String| QueueMode::Exclusive { binding: Some(key) };
         let (queue, mode) = match source {
             Source::Tasks(queue) => (queue, QueueMode::Shared(self.delivery_limit)),

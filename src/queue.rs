@@ -354,6 +354,7 @@ impl<T: DeserializeOwned> PulledTask<T> {
             correlation_id,
             reply_to,
             redelivered,
+            delivery_count: _,
             acker,
             traceparent,
         } = delivery;

@@ -42,7 +42,8 @@ pub(crate) struct Incidents(Arc<Counts>);
 #[derive(Debug, Default)]
 struct Counts {
     restarts: AtomicU64,
-    lost: AtomicU64,
+    /// Watched: a fleet stops when every worker is lost, and must not miss one.
+    lost: watch::Sender<u64>,
 }
 
 impl Incidents {
@@ -53,7 +54,14 @@ impl Incidents {
 
     /// Counts a subscriber lost for good.
     pub(crate) fn lost(&self) {
-        self.0.lost.fetch_add(1, Ordering::Relaxed);
+        self.0.lost.send_modify(|lost| *lost += 1);
+    }
+
+    /// Waits until `count` subscribers in all were lost for good.
+    pub(crate) async fn lost_at_least(&self, count: u64) {
+        let mut lost = self.0.lost.subscribe();
+        // The sender lives as long as `self`: this only ends with the count reached.
+        let _ = lost.wait_for(|lost| *lost >= count).await;
     }
 
     pub(crate) fn restarts(&self) -> u64 {
@@ -61,7 +69,7 @@ impl Incidents {
     }
 
     pub(crate) fn losses(&self) -> u64 {
-        self.0.lost.load(Ordering::Relaxed)
+        *self.0.lost.borrow()
     }
 }
 
@@ -95,6 +103,12 @@ impl Default for Policy {
 /// The window of the restart limit; an actor that ran this long starts again at the
 /// shortest delay.
 pub(crate) const WINDOW: Duration = Duration::from_secs(60);
+
+/// How long an actor waits before trying again, the `attempt`th time in a row, what a
+/// restart must redo (consuming again): from 100 ms, doubling, up to 5 s.
+pub(crate) fn retry_delay(attempt: u32) -> Duration {
+    Duration::from_millis(100u64 << attempt.min(6)).min(Duration::from_secs(5))
+}
 
 /// Whom a supervised actor's restarts and loss are told to.
 #[derive(Debug, Clone)]

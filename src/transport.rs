@@ -125,6 +125,9 @@ pub(crate) struct Delivery {
     pub(crate) correlation_id: Option<String>,
     pub(crate) reply_to: Option<String>,
     pub(crate) redelivered: bool,
+    /// How many times it was returned to its queue before (RabbitMQ's `x-delivery-count`
+    /// header of quorum queues; the in-process broker's count): 0 when unknown.
+    pub(crate) delivery_count: u32,
     /// The sender's W3C trace context (the AMQP header `traceparent`), if it sent a
     /// well-formed one.
     pub(crate) traceparent: Option<TraceContext>,
@@ -252,6 +255,11 @@ pub(crate) trait Transport: Send + Sync + 'static {
 
     /// Whether the connection is up now.
     fn is_connected(&self) -> bool;
+
+    /// Refuses the next `count` consumes, as a broker refusing for a while would (a test
+    /// hook of the in-process backend).
+    #[cfg(test)]
+    fn refuse_consumes(&self, _count: u32) {}
 
     /// The broker node of the current (or last) connection, password hidden; none for a
     /// backend without nodes.

@@ -176,7 +176,7 @@ pub(crate) struct StartRpc {
 impl Handler<StartRpc> for Root {
     type Result = ();
 
-    fn handle(&mut self, message: StartRpc, _: &mut Context<Self>) {
+    fn handle(&mut self, message: StartRpc, ctx: &mut Context<Self>) {
         let StartRpc {
             identifier,
             started,
@@ -190,6 +190,14 @@ impl Handler<StartRpc> for Root {
         let id = identifier.clone();
         let kept = rpc_endpoint::Kept::new(consumer.tag.clone());
         let mut first = Some(consumer);
+        // Weak: an endpoint does not keep the root's mailbox open.
+        let root = ctx.address().downgrade();
+        let forgotten = identifier.clone();
+        let forget: rpc_endpoint::Forget = Arc::new(move || {
+            if let Some(root) = root.upgrade() {
+                root.do_send(ForgetRpc(forgotten.clone()));
+            }
+        });
         let endpoint = crate::supervision::start(
             &self.children,
             Policy::OWN,
@@ -201,12 +209,38 @@ impl Handler<StartRpc> for Root {
                     handler.clone(),
                     consumer,
                     kept.clone(),
+                    forget.clone(),
                     ctx,
                 )
             },
             self.report("RpcEndpoint", &identifier),
         );
         tree.rpc.insert(identifier, Some(endpoint));
+    }
+}
+
+/// Forgets an identifier whose subscriber is gone for good (an actor the user started
+/// died): its endpoint stops serving it and it is free again, so callers learn at once
+/// that nobody serves it, and `health()` no longer counts it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ForgetRpc(pub(crate) String);
+
+impl Handler<ForgetRpc> for Root {
+    type Result = ();
+
+    fn handle(&mut self, ForgetRpc(identifier): ForgetRpc, ctx: &mut Context<Self>) {
+        let Some(Some(endpoint)) = lock(&self.tree).rpc.remove(&identifier) else {
+            return;
+        };
+        self.link.subscribers.add("rpc", -1);
+        tracing::warn!(%identifier, "the identifier's subscriber is gone for good: no longer served");
+        ctx.spawn(
+            async move {
+                let _ = endpoint.send(rpc_endpoint::Unsubscribe).await;
+            }
+            .into_actor(self),
+        );
     }
 }
 
@@ -269,6 +303,7 @@ impl Handler<BroadcastHubChild> for Root {
                     link.transport.clone(),
                     queue.clone(),
                     link.message_prefetch,
+                    link.subscribers.clone(),
                     kept.clone(),
                 )
             },
@@ -375,10 +410,10 @@ mod tests {
         let rpc = comm.rpc_send::<_, u32>("echo", &7u32).await.unwrap();
         assert_eq!(rpc.await.unwrap(), 7);
         let before = heard.load(Ordering::SeqCst);
-        comm.broadcast_send(&1u32, BroadcastOptions::default())
-            .await
-            .unwrap();
-        until("the broadcast", async || {
+        until("a broadcast heard", async || {
+            comm.broadcast_send(&1u32, BroadcastOptions::default())
+                .await
+                .unwrap();
             heard.load(Ordering::SeqCst) > before
         })
         .await;
@@ -445,6 +480,31 @@ mod tests {
         // The children are the ones it had: none started twice.
         let tree = comm.inner.root.send(Inspect).await.unwrap();
         assert_eq!((tree.task_queues.len(), tree.rpc_endpoints.len()), (1, 1));
+        comm.close().await.unwrap();
+    }
+
+    /// A child whose consuming again after a restart is refused for a while keeps trying,
+    /// with backoff, until it consumes: never registered and deaf.
+    #[actix_rt::test]
+    async fn a_child_refused_its_consumer_after_a_restart_tries_again() {
+        let (comm, heard) = serving().await;
+        let tree = comm.inner.root.send(Inspect).await.unwrap();
+        // Each child's first two consumes again are refused (the hook counts over all).
+        comm.inner.link.transport.refuse_consumes(6);
+        let _ = tree.task_queues[0].send(Panic("injected")).await;
+        let _ = tree.rpc_endpoints[0].send(Panic("injected")).await;
+        let _ = tree
+            .broadcast_hub
+            .as_ref()
+            .unwrap()
+            .send(Panic("injected"))
+            .await;
+        until("three restarts", async || comm.health().await.restarts == 3).await;
+        until("the identifier served again", async || {
+            comm.rpc_send::<_, u32>("echo", &7u32).await.is_ok()
+        })
+        .await;
+        still_serves(&comm, &heard).await;
         comm.close().await.unwrap();
     }
 }

@@ -843,7 +843,9 @@ async fn a_task_every_subscriber_rejects_ends_in_the_dead_letter_queue(backend: 
     })
     .await
     .unwrap();
-    comm.task_send_no_reply(&7i64).await.unwrap();
+    let result = comm.task_send::<_, i64>(&7i64).await.unwrap();
+    // Given up on its last delivery, the sender is told why.
+    assert_eq!(kind(result.await), ErrorKind::Rejected);
     let dead = comm.default_task_queue().dead_letters();
     let task = dead.next_task::<i64>(SOON).await.unwrap();
     assert_eq!(*task.body(), 7);
@@ -854,6 +856,41 @@ async fn a_task_every_subscriber_rejects_ends_in_the_dead_letter_queue(backend: 
     );
     task.process(Ok(0i64)).await.unwrap();
     comm.close().await.unwrap();
+}
+
+/// Without a delivery limit, a task the one worker's every subscriber rejects goes back to
+/// the queue after a pause — not straight back to the same worker in a hot loop — until a
+/// worker that takes it comes.
+async fn a_task_every_subscriber_rejects_waits_for_a_worker_without_spinning(backend: Backend) {
+    let settings = settings(backend);
+    let rejecting = connect(&settings).await;
+    let offered = Arc::new(AtomicUsize::new(0));
+    let counter = offered.clone();
+    rejecting
+        .add_task_subscriber(move |_: Task<i64>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Err::<i64, _>(HandlerError::Rejected) }
+        })
+        .await
+        .unwrap();
+    let result = rejecting.task_send::<_, i64>(&5i64).await.unwrap();
+    eventually(SOON, "the first rejection", || {
+        offered.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let taking = connect(&settings).await;
+    taking
+        .add_task_subscriber(|task: Task<i64>| async move { Ok::<_, HandlerError>(task.body * 2) })
+        .await
+        .unwrap();
+    assert_eq!(result.await.unwrap(), 10);
+    let offers = offered.load(Ordering::SeqCst);
+    assert!(
+        offers <= 3,
+        "the rejecting worker was offered the task {offers} times"
+    );
+    taking.close().await.unwrap();
+    rejecting.close().await.unwrap();
 }
 
 async fn an_undecodable_task_goes_to_the_dead_letter_queue(backend: Backend) {
@@ -1308,6 +1345,7 @@ macro_rules! behaviours {
                     a_task_returned_past_the_delivery_limit_is_dead_lettered,
                     a_task_whose_workers_keep_dying_is_dead_lettered,
                     a_task_every_subscriber_rejects_ends_in_the_dead_letter_queue,
+                    a_task_every_subscriber_rejects_waits_for_a_worker_without_spinning,
                     an_undecodable_task_goes_to_the_dead_letter_queue,
                     close_lets_a_running_task_finish_and_takes_no_more,
                     close_requeues_a_task_that_outlives_the_grace,

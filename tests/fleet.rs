@@ -186,3 +186,51 @@ async fn a_fleet_survives_panics_and_a_killed_process() {
     }
     client.close().await.unwrap();
 }
+
+/// A worker that panics on every task.
+#[derive(Default, Clone)]
+struct Doomed;
+
+impl Actor for Doomed {
+    type Context = Context<Self>;
+}
+
+impl Handler<Task<u32>> for Doomed {
+    type Result = Result<u32, HandlerError>;
+
+    fn handle(&mut self, task: Task<u32>, _: &mut Context<Self>) -> Self::Result {
+        panic!("doomed on task {}", task.body);
+    }
+}
+
+/// A fleet whose every worker is lost stops, even when the losses came before anyone
+/// waited, and in a crowd (100 workers): the count is kept where the losses are, not read
+/// from events a receiver may miss.
+#[actix_rt::test]
+async fn a_fleet_whose_every_worker_was_lost_stops() {
+    const DOOMED: u16 = 100;
+    let settings = kiwimq::Settings::new(format!("mem://{}", uuid::Uuid::new_v4().simple()));
+    let fleet = Fleet::new(settings)
+        .tasks(
+            "doomed",
+            DOOMED,
+            supervised(Doomed::default).with_max_restarts_per_minute(0),
+        )
+        .start()
+        .await
+        .unwrap();
+    let queue = fleet.communicator().task_queue("doomed");
+    for n in 0..u32::from(DOOMED) {
+        queue.task_send_no_reply(&n).await.unwrap();
+    }
+    let deadline = Instant::now() + SOON;
+    while fleet.health().await.subscribers_lost < u64::from(DOOMED) {
+        assert!(Instant::now() < deadline, "{:?}", fleet.health().await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stop = tokio::time::timeout(SOON, fleet.wait_for_stop())
+        .await
+        .expect("the fleet stops");
+    assert_eq!(stop, kiwimq::Stop::WorkersLost);
+    fleet.close().await.unwrap();
+}

@@ -57,6 +57,15 @@ impl Handler<Rpc<i64>> for Superstitious {
     }
 }
 
+impl Handler<kiwimq::Broadcast<i64>> for Superstitious {
+    type Result = Result<(), HandlerError>;
+
+    fn handle(&mut self, broadcast: kiwimq::Broadcast<i64>, _: &mut Context<Self>) -> Self::Result {
+        assert_ne!(broadcast.body, 13, "unlucky number {}", broadcast.body);
+        Ok(())
+    }
+}
+
 fn superstitious() -> (Superstitious, Arc<AtomicUsize>) {
     let started = Arc::new(AtomicUsize::new(0));
     (
@@ -114,6 +123,84 @@ async fn an_actor_that_panics_answers_remote_and_is_reported_lost(backend: Backe
     assert_eq!(next, 5);
     comm.close().await.unwrap();
     arbiter.stop();
+}
+
+/// An RPC or broadcast actor the user started that dies is gone for good: reported, no
+/// longer counted in `health()`, and its identifier is free again (callers then learn at
+/// once that nobody serves it, instead of an error from a dead actor each time).
+async fn a_lost_rpc_or_broadcast_actor_is_forgotten(backend: Backend) {
+    let comm = connect(&settings(backend)).await;
+    let mut events = comm.connection_events();
+    let arbiter = Arbiter::new();
+    let (rpc_actor, _) = superstitious();
+    let rpc_actor = Superstitious::start_in_arbiter(&arbiter.handle(), |_| rpc_actor);
+    let other = Arbiter::new();
+    let (broadcast_actor, _) = superstitious();
+    let broadcast_actor = Superstitious::start_in_arbiter(&other.handle(), |_| broadcast_actor);
+    comm.add_rpc_subscriber(Some("unlucky"), rpc_actor)
+        .await
+        .unwrap();
+    comm.add_broadcast_subscriber(kiwimq::BroadcastFilter::new(), broadcast_actor)
+        .await
+        .unwrap();
+    assert_eq!(comm.health().await.subscribers(), 2);
+
+    let text = remote_text(
+        comm.rpc_send::<_, i64>("unlucky", &13i64)
+            .await
+            .unwrap()
+            .await,
+    );
+    assert!(text.contains("unlucky number 13"), "{text}");
+    // The call after the panic finds the actor dead: reported lost, and forgotten.
+    let after = comm
+        .rpc_send::<_, i64>("unlucky", &2i64)
+        .await
+        .unwrap()
+        .await;
+    assert!(after.is_err(), "{after:?}");
+    event(&mut events, |e| {
+        matches!(e, ConnectionEvent::SubscriberLost { .. })
+    })
+    .await;
+    comm.broadcast_send(&13i64, kiwimq::BroadcastOptions::default())
+        .await
+        .unwrap();
+    comm.broadcast_send(&2i64, kiwimq::BroadcastOptions::default())
+        .await
+        .unwrap();
+    event(&mut events, |e| {
+        matches!(e, ConnectionEvent::SubscriberLost { .. })
+    })
+    .await;
+    let deadline = std::time::Instant::now() + SOON;
+    while comm.health().await.subscribers() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            comm.health().await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let health = comm.health().await;
+    assert_eq!(health.subscribers_lost, 2, "{health:?}");
+    // The identifier is free: served again by a new subscriber.
+    comm.add_rpc_subscriber(Some("unlucky"), |rpc: Rpc<i64>| async move {
+        Ok::<_, HandlerError>(rpc.body + 1)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        comm.rpc_send::<_, i64>("unlucky", &13i64)
+            .await
+            .unwrap()
+            .await
+            .unwrap(),
+        14
+    );
+    comm.close().await.unwrap();
+    arbiter.stop();
+    other.stop();
 }
 
 async fn tasks_queued_behind_a_panic_are_handled_elsewhere(backend: Backend) {
@@ -373,6 +460,7 @@ macro_rules! suite {
             mod $module {
                 tests!($backend:
                     an_actor_that_panics_answers_remote_and_is_reported_lost,
+                    a_lost_rpc_or_broadcast_actor_is_forgotten,
                     tasks_queued_behind_a_panic_are_handled_elsewhere,
                     a_closure_that_panics_answers_remote_and_keeps_serving,
                     a_supervised_actor_is_started_afresh_after_a_panic,

@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::Codec;
+use crate::actors::rpc_endpoint::Gone;
 use crate::codec::envelope::{BroadcastEnvelope, plain_text};
 use crate::error::Result;
 use crate::filter::BroadcastFilter;
@@ -19,7 +20,8 @@ use crate::subscriber::{Delivered, Subscriber};
 use crate::transport::{Delivery, Outcome, Source, Transport};
 
 /// A broadcast subscriber with its type and filter erased.
-pub(crate) type BroadcastFn = Arc<dyn Fn(bytes::Bytes) -> BoxFuture<'static, ()> + Send + Sync>;
+/// Its future says whether the subscriber turned out to be gone for good.
+pub(crate) type BroadcastFn = Arc<dyn Fn(bytes::Bytes) -> BoxFuture<'static, Gone> + Send + Sync>;
 
 /// Erases a typed broadcast recipient behind its filter. Errors are logged: broadcasts are
 /// fire and forget. At most `max_in_flight` broadcasts are handed to it at once.
@@ -47,11 +49,11 @@ where
                         crate::metrics::count(crate::metrics::UNDECODABLE, "broadcast");
                     }
                 }
-                return future::ready(()).boxed();
+                return future::ready(false).boxed();
             }
         };
         if !passes(&filter, &envelope) {
-            return future::ready(()).boxed();
+            return future::ready(false).boxed();
         }
         let broadcast = Broadcast {
             body: envelope.body,
@@ -76,8 +78,10 @@ where
                     tracing::error!(subscriber = %subscriber.identifier(), panic = %text, "broadcast subscriber panicked");
                 }
                 // Reported by the subscriber already; a broadcast is not kept.
-                Delivered::Interrupted | Delivered::Lost => {}
+                Delivered::Interrupted => {}
+                Delivered::Lost => return true,
             }
+            false
         }
         .boxed()
     })
@@ -116,6 +120,8 @@ pub(crate) struct BroadcastHub {
     consumer: Option<String>,
     /// The consumer's prefetch window.
     prefetch: u16,
+    /// This communicator's subscribers, in the process-wide gauge.
+    gauge: Arc<crate::metrics::SubscriberCount>,
     /// What a restart starts again from; written whenever it changes.
     kept: Kept,
     /// A restart's predecessor's consumer, to cancel: its stream went with the old context.
@@ -128,6 +134,7 @@ impl BroadcastHub {
         transport: Arc<dyn Transport>,
         queue: String,
         prefetch: u16,
+        gauge: Arc<crate::metrics::SubscriberCount>,
         kept: Kept,
     ) -> Self {
         let KeptState {
@@ -138,6 +145,7 @@ impl BroadcastHub {
             transport,
             queue,
             prefetch,
+            gauge,
             subscribers,
             consumer: None,
             kept,
@@ -181,12 +189,22 @@ impl Actor for BroadcastHub {
             });
             self.keep();
         }
-        if self.subscribers.is_empty() {
+        self.consume_again(ctx, 0);
+    }
+}
+
+impl BroadcastHub {
+    /// After a restart, consumes again for the subscribers it kept — trying again, with
+    /// backoff, until it does or has no subscriber left.
+    fn consume_again(&mut self, ctx: &mut Context<Self>, attempt: u32) {
+        if self.subscribers.is_empty() || self.consumer.is_some() {
             return;
         }
-        ctx.wait(self.consume().map(|result, _, _| {
+        ctx.wait(self.consume().map(move |result, _, ctx| {
             if let Err(error) = result {
-                tracing::error!(%error, "consuming broadcasts again after a restart failed");
+                let delay = crate::supervision::retry_delay(attempt);
+                tracing::warn!(%error, attempt, "consuming broadcasts again after a restart failed; trying again in {delay:?}");
+                ctx.run_later(delay, move |hub, ctx| hub.consume_again(ctx, attempt + 1));
             }
         }));
     }
@@ -205,6 +223,8 @@ pub(crate) struct AddSubscriber {
 #[rtype(result = "Result<bool>")]
 pub(crate) struct RemoveSubscriber {
     pub(crate) id: String,
+    /// Removed because it is gone for good (reported lost): taken out of the gauge here.
+    pub(crate) dead: bool,
 }
 
 impl Handler<AddSubscriber> for BroadcastHub {
@@ -233,6 +253,9 @@ impl Handler<RemoveSubscriber> for BroadcastHub {
         let before = self.subscribers.len();
         self.subscribers.retain(|(id, _)| *id != message.id);
         let removed = self.subscribers.len() != before;
+        if removed && message.dead {
+            self.gauge.add("broadcast", -1);
+        }
         let cancel = match (&self.consumer, self.subscribers.is_empty()) {
             (Some(tag), true) => self.transport.cancel(tag),
             _ => {
@@ -262,20 +285,30 @@ impl Handler<Stats> for BroadcastHub {
 }
 
 impl StreamHandler<Delivery> for BroadcastHub {
-    fn handle(&mut self, delivery: Delivery, _: &mut Context<Self>) {
+    fn handle(&mut self, delivery: Delivery, ctx: &mut Context<Self>) {
         tracing::debug!(queue = %self.queue, "broadcast received");
         crate::metrics::count(crate::metrics::DELIVERED, "broadcast");
         let bytes = delivery.body;
         let handlers: Vec<_> = self
             .subscribers
             .iter()
-            .map(|(_, handler)| handler(bytes.clone()))
+            .map(|(id, handler)| {
+                let id = id.clone();
+                handler(bytes.clone()).map(move |gone| gone.then_some(id))
+            })
             .collect();
+        let me = ctx.address();
         let (trace, span) =
             crate::trace::handle_span("broadcast", &self.queue, None, false, delivery.traceparent);
         let acker = delivery.acker;
         // Handed to every subscriber: the broadcast leaves the prefetch window.
-        let handling = future::join_all(handlers).map(|_| acker.settle(Outcome::Ack));
+        let handling = future::join_all(handlers).map(move |gone| {
+            acker.settle(Outcome::Ack);
+            // Reported lost already: no longer offered broadcasts, nor counted.
+            for id in gone.into_iter().flatten() {
+                me.do_send(RemoveSubscriber { id, dead: true });
+            }
+        });
         actix::spawn(crate::trace::maybe_scope(trace, handling).instrument(span));
     }
 

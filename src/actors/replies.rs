@@ -275,6 +275,9 @@ impl<R: DeserializeOwned> Future for ReplyFuture<R> {
             }
             return Poll::Ready(match envelope.reply {
                 Reply::Result(value) => Ok(value),
+                Reply::Exception(text) if text.starts_with(crate::actors::task_queue::REJECTED) => {
+                    Err(Error::new(ErrorKind::Rejected))
+                }
                 Reply::Exception(text) => Err(Error::new(ErrorKind::Remote(text))),
                 Reply::Cancelled(reason) => Err(Error::new(ErrorKind::Cancelled(reason))),
                 Reply::Pending => continue,

@@ -20,9 +20,13 @@ use crate::panics::PanicWatch;
 use crate::subscriber::{Delivered, Subscriber};
 use crate::transport::{Consumer, Delivery, Exchange, Outcome, Source};
 
-/// An RPC subscriber with its types erased: request bytes in, reply map bytes out.
+/// An RPC subscriber with its types erased: request bytes in, reply map bytes out — and
+/// whether the subscriber is gone for good.
 pub(crate) type RpcFn =
-    Arc<dyn Fn(bytes::Bytes, Option<String>) -> BoxFuture<'static, Vec<u8>> + Send + Sync>;
+    Arc<dyn Fn(bytes::Bytes, Option<String>) -> BoxFuture<'static, (Vec<u8>, Gone)> + Send + Sync>;
+
+/// Whether a subscriber turned out to be gone for good while handling a message.
+pub(crate) type Gone = bool;
 
 /// Erases a typed RPC subscriber. Every request gets a reply: bad bytes, a panic and a
 /// dead subscriber become exception replies naming the problem.
@@ -40,11 +44,8 @@ where
                 Err(error) => {
                     tracing::warn!(?correlation_id, %error, "undecodable RPC request");
                     crate::metrics::count(crate::metrics::UNDECODABLE, "rpc");
-                    return exception_reply(
-                        codec,
-                        &format!("the request could not be decoded: {error}"),
-                        None,
-                    );
+                    let text = format!("the request could not be decoded: {error}");
+                    return (exception_reply(codec, &text, None), false);
                 }
             };
             let (watch, notice) = PanicWatch::new();
@@ -58,17 +59,16 @@ where
             let started = std::time::Instant::now();
             let delivered = subscriber.deliver(request, Some(&notice)).await;
             crate::metrics::elapsed(crate::metrics::HANDLER_SECONDS, "rpc", started);
+            let died = "the RPC subscriber died before it handled the request";
             match delivered {
-                Delivered::Answer(outcome) => encode_reply(codec, outcome, None),
+                Delivered::Answer(outcome) => (encode_reply(codec, outcome, None), false),
                 Delivered::Panicked(text) => {
                     tracing::error!(identifier = %subscriber.identifier(), "an RPC handler panicked; the caller gets the panic as an error");
-                    encode_reply::<R>(codec, Err(HandlerError::Panicked(text)), None)
+                    let reply = encode_reply::<R>(codec, Err(HandlerError::Panicked(text)), None);
+                    (reply, false)
                 }
-                Delivered::Interrupted | Delivered::Lost => exception_reply(
-                    codec,
-                    "the RPC subscriber died before it handled the request",
-                    None,
-                ),
+                Delivered::Interrupted => (exception_reply(codec, died, None), false),
+                Delivered::Lost => (exception_reply(codec, died, None), true),
             }
         }
         .boxed()
@@ -105,7 +105,12 @@ pub(crate) struct RpcEndpoint {
     /// Calls handled at once ([`Link::max_in_flight`]); the others wait for a permit,
     /// unacknowledged, within the consumer's prefetch window.
     in_flight: Arc<Semaphore>,
+    /// Told when the subscriber is gone for good: the root forgets the identifier.
+    forget: Forget,
 }
+
+/// Tells the root that an identifier's subscriber is gone for good.
+pub(crate) type Forget = Arc<dyn Fn() + Send + Sync>;
 
 impl RpcEndpoint {
     /// The endpoint of `identifier`, fed by `consumer` when first started; started again
@@ -116,6 +121,7 @@ impl RpcEndpoint {
         handler: RpcFn,
         consumer: Option<Consumer>,
         kept: Kept,
+        forget: Forget,
         ctx: &mut Context<Self>,
     ) -> Self {
         let resubscribe = match consumer {
@@ -132,6 +138,7 @@ impl RpcEndpoint {
             handler,
             kept,
             resubscribe,
+            forget,
         }
     }
 }
@@ -142,9 +149,16 @@ impl Actor for RpcEndpoint {
     /// After a restart, serves the identifier again: the old consumer is cancelled (its
     /// queue goes) and a new one made.
     fn started(&mut self, ctx: &mut Context<Self>) {
-        if !std::mem::take(&mut self.resubscribe) {
-            return;
+        if std::mem::take(&mut self.resubscribe) {
+            self.consume_again(ctx, 0);
         }
+    }
+}
+
+impl RpcEndpoint {
+    /// After a restart, serves the identifier again — trying again, with backoff, until it
+    /// does: never registered and deaf.
+    fn consume_again(&mut self, ctx: &mut Context<Self>, attempt: u32) {
         let transport = self.link.transport.clone();
         let (identifier, tag) = (self.identifier.clone(), self.kept.tag());
         let prefetch = self.link.message_prefetch;
@@ -152,13 +166,15 @@ impl Actor for RpcEndpoint {
             let _ = transport.cancel(&tag).await;
             transport.consume(Source::Rpc(identifier), prefetch).await
         };
-        ctx.wait(consume.into_actor(self).map(|result, endpoint, ctx| match result {
+        ctx.wait(consume.into_actor(self).map(move |result, endpoint, ctx| match result {
             Ok(consumer) => {
                 endpoint.kept.set(consumer.tag);
                 ctx.add_stream(consumer.deliveries);
             }
             Err(error) => {
-                tracing::error!(identifier = %endpoint.identifier, %error, "serving the identifier again after a restart failed");
+                let delay = crate::supervision::retry_delay(attempt);
+                tracing::warn!(identifier = %endpoint.identifier, %error, attempt, "serving the identifier again after a restart failed; trying again in {delay:?}");
+                ctx.run_later(delay, move |endpoint, ctx| endpoint.consume_again(ctx, attempt + 1));
             }
         }));
     }
@@ -200,10 +216,15 @@ impl StreamHandler<Delivery> for RpcEndpoint {
         let link = self.link.clone();
         let identifier = self.identifier.clone();
         let in_flight = self.in_flight.clone();
+        let forget = self.forget.clone();
         let answering = async move {
             // Never closed: a permit always comes.
             let _permit = in_flight.acquire_owned().await;
-            let bytes = answer.await;
+            let (bytes, gone) = answer.await;
+            if gone {
+                // Reported lost already; the identifier is no longer served.
+                forget();
+            }
             let Some(reply_to) = reply_to else {
                 tracing::warn!(%identifier, ?correlation_id, "RPC without reply_to: the reply is dropped");
                 acker.settle(Outcome::Ack);

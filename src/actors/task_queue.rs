@@ -211,13 +211,23 @@ impl Actor for TaskQueue {
             });
             self.keep();
         }
-        if self.subscribers.is_empty() || self.draining {
+        self.consume_again(ctx, 0);
+    }
+}
+
+impl TaskQueue {
+    /// After a restart, consumes again for the subscribers it kept — trying again, with
+    /// backoff, until it does, or has no subscriber left, or closes: never registered and
+    /// deaf.
+    fn consume_again(&mut self, ctx: &mut Context<Self>, attempt: u32) {
+        if self.subscribers.is_empty() || self.draining || self.consumer.is_some() {
             return;
         }
-        let queue = self.queue.clone();
-        ctx.wait(self.consume().map(move |result, _, _| {
+        ctx.wait(self.consume().map(move |result, actor, ctx| {
             if let Err(error) = result {
-                tracing::error!(%queue, %error, "consuming again after a restart failed");
+                let delay = crate::supervision::retry_delay(attempt);
+                tracing::warn!(queue = %actor.queue, %error, attempt, "consuming again after a restart failed; trying again in {delay:?}");
+                ctx.run_later(delay, move |actor, ctx| actor.consume_again(ctx, attempt + 1));
             }
         }));
     }
@@ -438,6 +448,7 @@ async fn dispatch(
         correlation_id,
         reply_to,
         redelivered,
+        delivery_count,
         acker,
         ..
     } = delivery;
@@ -449,6 +460,7 @@ async fn dispatch(
     };
     let mut undecodable = None;
     let mut declined = false;
+    let mut rejected = false;
     let count = subscribers.len();
     let in_turn = subscribers
         .iter()
@@ -488,7 +500,11 @@ async fn dispatch(
                 settle(acker, outcome, meters, link.dead_lettering);
                 return;
             }
-            TaskAnswer::Rejected | TaskAnswer::Interrupted => declined = true,
+            TaskAnswer::Rejected => {
+                declined = true;
+                rejected = true;
+            }
+            TaskAnswer::Interrupted => declined = true,
             TaskAnswer::Undecodable(error) => undecodable = Some(error),
             TaskAnswer::Lost => {
                 declined = true;
@@ -518,11 +534,44 @@ async fn dispatch(
             }
             settle(acker, Outcome::Discard, meters, link.dead_lettering);
         }
+        _ if rejected
+            && link
+                .delivery_limit
+                .is_some_and(|limit| delivery_count >= limit) =>
+        {
+            // Put back once more, the broker would give it up: the sender is told why.
+            tracing::warn!(%queue, ?correlation_id, delivery_count, "every subscriber rejected the task on its last delivery: dead-lettered");
+            if let Some(reply_to) = reply_to {
+                let text = format!("{REJECTED} {delivery_count} time(s) before");
+                let bytes = exception_reply(link.codec, &text, Some(Host::this_process()));
+                if let Err(error) = link
+                    .reply(Exchange::Tasks, reply_to, correlation_id, bytes)
+                    .await
+                {
+                    tracing::warn!(%queue, %error, "could not report a rejected task");
+                }
+            }
+            settle(acker, Outcome::Discard, meters, link.dead_lettering);
+        }
         _ => {
-            tracing::debug!(%queue, ?correlation_id, "no subscriber took the task; requeued");
+            if rejected {
+                // Not at once: a worker whose every subscriber rejects the task would get it
+                // straight back, and spin.
+                tracing::debug!(%queue, ?correlation_id, "every subscriber rejected the task; requeued in {REJECTED_PAUSE:?}");
+                actix_rt::time::sleep(REJECTED_PAUSE).await;
+            } else {
+                tracing::debug!(%queue, ?correlation_id, "no subscriber took the task; requeued");
+            }
             settle(acker, Outcome::Requeue, meters, false);
         }
     }
 }
+
+/// How long a task every subscriber rejected is held before it goes back to its queue.
+pub(crate) const REJECTED_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How the exception reply of a task given up after every subscriber rejected it begins;
+/// the sender reads it as [`ErrorKind::Rejected`](crate::ErrorKind::Rejected).
+pub(crate) const REJECTED: &str = "rejected by every subscriber: given up after it was returned";
 
 crate::supervision::test_hooks!(TaskQueue);

@@ -482,7 +482,7 @@ pub(super) fn deliveries(
         .take_while(move |item| {
             if let Err(error) = item {
                 let text = error.to_string();
-                match explain(&text) {
+                match explain(error) {
                     Some(advice) => tracing::error!(tag = %logged_tag, error = %text, "{advice}"),
                     None => tracing::debug!(tag = %logged_tag, error = %text, "consumer stopped"),
                 }
@@ -561,7 +561,13 @@ pub(super) fn convert(delivery: lapin::message::Delivery, acker: Option<AmqpAck>
             _ => None,
         }
     });
+    let delivery_count = properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get("x-delivery-count"))
+        .and_then(delivery_count);
     Delivery {
+        delivery_count: delivery_count.unwrap_or(0),
         correlation_id: properties.correlation_id().as_ref().map(|s| s.to_string()),
         reply_to: properties.reply_to().as_ref().map(|s| s.to_string()),
         traceparent,
@@ -569,6 +575,22 @@ pub(super) fn convert(delivery: lapin::message::Delivery, acker: Option<AmqpAck>
         body: delivery.data.into(),
         acker: acker.map_or_else(Acker::auto, Acker::new),
     }
+}
+
+/// The count in an `x-delivery-count` header, whatever integer type the broker chose.
+fn delivery_count(value: &lapin::types::AMQPValue) -> Option<u32> {
+    use lapin::types::AMQPValue::*;
+    let count: i64 = match value {
+        ShortShortInt(n) => (*n).into(),
+        ShortShortUInt(n) => (*n).into(),
+        ShortInt(n) => (*n).into(),
+        ShortUInt(n) => (*n).into(),
+        LongInt(n) => (*n).into(),
+        LongUInt(n) => (*n).into(),
+        LongLongInt(n) => *n,
+        _ => return None,
+    };
+    u32::try_from(count).ok()
 }
 
 /// Settles one delivery on its channel.

@@ -134,7 +134,10 @@ async fn add(inner: Arc<Inner>, id: String, handler: BroadcastFn) -> Result<Stri
 async fn remove(inner: Arc<Inner>, id: String) -> Result<()> {
     let hub = inner.broadcast_hub().await?;
     let removed = hub
-        .send(broadcast_hub::RemoveSubscriber { id: id.clone() })
+        .send(broadcast_hub::RemoveSubscriber {
+            id: id.clone(),
+            dead: false,
+        })
         .await??;
     if !removed {
         return Err(Error::new(ErrorKind::UnknownSubscriber(id)));

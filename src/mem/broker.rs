@@ -535,6 +535,7 @@ impl Broker {
             reply_to: message.reply_to,
             traceparent: message.traceparent,
             redelivered: message.redelivered,
+            delivery_count: message.returns,
             acker,
         }
     }
