@@ -1,5 +1,5 @@
 //! The consumer-side actors every backend shares, fed by a [`Transport`]'s delivery streams:
-//! one [`TaskQueue`](task_queue::TaskQueue) per consumed task queue, one
+//! one [`TaskConsumer`](task_consumer::TaskConsumer) per consumed task queue, one
 //! [`RpcEndpoint`](rpc_endpoint::RpcEndpoint) per RPC identifier, one
 //! [`BroadcastHub`](broadcast_hub::BroadcastHub) per communicator; and
 //! [`Replies`](replies::Replies), which routes replies to the futures waiting for them.
@@ -7,7 +7,7 @@
 pub(crate) mod broadcast_hub;
 pub(crate) mod replies;
 pub(crate) mod rpc_endpoint;
-pub(crate) mod task_queue;
+pub(crate) mod task_consumer;
 
 use std::sync::Arc;
 
@@ -20,9 +20,10 @@ use crate::error::Result;
 use crate::messages::HandlerError;
 use crate::transport::{Exchange, Outgoing, Route, Transport};
 
-/// What the actors need to decode, answer and settle: the transport and the codec.
+/// A communicator's conduit to its broker, as its actors use it: the transport, the codec
+/// and the limits they decode, answer and settle with.
 #[derive(Clone)]
-pub(crate) struct Link {
+pub(crate) struct Conduit {
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) codec: Codec,
     /// The largest body a publish may carry ([`Settings::with_max_message_size`]).
@@ -45,7 +46,7 @@ pub(crate) struct Link {
     pub(crate) subscribers: Arc<crate::metrics::SubscriberCount>,
 }
 
-impl Link {
+impl Conduit {
     /// Publishes a message of this communicator: as a span of the current trace (a new one
     /// when kiwimq's spans are recorded) whose W3C context rides in the message, counted in
     /// the metrics as sent and, once the broker has it, confirmed.

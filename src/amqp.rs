@@ -211,7 +211,7 @@ impl Drop for ConsumerChannel {
 }
 
 /// A registered consumer: what to restore after a loss, and the stream it feeds.
-struct Entry {
+struct Registration {
     source: Source,
     prefetch: u16,
     /// Where the lapin consumers go, one after another, as deliveries.
@@ -272,7 +272,7 @@ struct Shared {
     /// identifier's calls.
     rpc_router: tokio::sync::Mutex<Option<Arc<RpcRouter>>>,
     /// Consumer tag → what it consumes.
-    consumers: Mutex<HashMap<String, Entry>>,
+    consumers: Mutex<HashMap<String, Registration>>,
     /// Task queues declared so far, declared again after a reconnection (a broker restart
     /// loses non-durable ones).
     task_queues: Mutex<HashSet<String>>,
@@ -525,13 +525,13 @@ impl Transport for AmqpTransport {
         lock(&self.0.node).clone()
     }
 
-    fn supervise(&self) -> BoxFuture<'static, ()> {
+    fn recover(&self) -> BoxFuture<'static, ()> {
         let shared = self.0.clone();
         async move {
             let State::Up(connection, _) = shared.state.borrow().clone() else {
                 return;
             };
-            recovery::supervise(shared, connection).await;
+            recovery::run(shared, connection).await;
         }
         .boxed()
     }

@@ -13,25 +13,27 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::actors::Link;
+use crate::actors::Conduit;
 use crate::actors::broadcast_hub::BroadcastHub;
 use crate::actors::replies::{Replies, ReplyFuture};
-use crate::actors::task_queue::{Drain, TaskQueue as TaskQueueActor};
+use crate::actors::task_consumer::{Drain, TaskConsumer};
 use crate::error::{Error, Result};
 use crate::events::ConnectionEvent;
 use crate::handlers::HandlerThreads;
 use crate::messages::Task;
-use crate::queue::{PulledTask, TaskQueue};
 use crate::runtime::Runtime;
 use crate::settings::Settings;
 use crate::subscriber::{IntoSubscriber, Scope};
 use crate::supervision::{Child, Incidents};
 use crate::transport::{DeliverFn, Exchange, Transport};
-use crate::tree::{BroadcastHubChild, Inspect, Root, TaskQueueChild};
+use crate::tree::{BroadcastHubChild, Inspect, Root, TaskConsumerChild};
 use crate::{Codec, mem};
 
 mod broadcasts;
 mod rpc;
+mod tasks;
+
+pub use tasks::{PulledTask, TaskQueue};
 
 pub use broadcasts::BroadcastOptions;
 
@@ -55,7 +57,7 @@ impl Settings {
 /// [`close`](Communicator::close), or when the last clone is dropped.
 #[derive(Clone)]
 pub struct Communicator {
-    pub(crate) inner: Arc<Inner>,
+    pub(crate) inner: Arc<Core>,
 }
 
 /// A handle on a [`Communicator`] that does not keep it open: what its own subscribers
@@ -70,7 +72,7 @@ pub struct Communicator {
 /// subscribers with it. (`examples/workflow.rs` does this.)
 #[derive(Clone)]
 pub struct WeakCommunicator {
-    inner: std::sync::Weak<Inner>,
+    inner: std::sync::Weak<Core>,
 }
 
 impl WeakCommunicator {
@@ -96,9 +98,11 @@ impl fmt::Debug for WeakCommunicator {
     }
 }
 
-pub(crate) struct Inner {
+/// What every handle on one communicator shares: its settings, its conduit to the broker,
+/// its threads, the root of its actor tree, and the replies it awaits.
+pub(crate) struct Core {
     pub(crate) settings: Settings,
-    pub(crate) link: Link,
+    pub(crate) conduit: Conduit,
     /// Where the consumer-side actors and closure subscribers run.
     pub(crate) runtime: Runtime,
     /// Where closure subscribers run: never on `runtime`.
@@ -152,7 +156,7 @@ impl Communicator {
                 )));
             }
         };
-        let link = Link {
+        let conduit = Conduit {
             transport,
             codec: settings.codec,
             max_message_size: settings.max_message_size,
@@ -171,7 +175,7 @@ impl Communicator {
         ] {
             let to = replies.clone();
             let deliver: DeliverFn = Arc::new(move |delivery| to.deliver(delivery));
-            let reader = link
+            let reader = conduit
                 .transport
                 .consume_replies(exchange, queue.clone(), deliver)
                 .await?;
@@ -182,16 +186,16 @@ impl Communicator {
         let incidents = Incidents::default();
         let root = Root::start(
             supervision.arbiter(),
-            link.clone(),
+            conduit.clone(),
             runtime.arbiter().clone(),
             broadcast_queue,
             incidents.clone(),
         );
-        let inner = Inner {
+        let inner = Core {
             handlers: HandlerThreads::new(settings.handler_threads),
             default_queue: settings.task_queue.as_str().into(),
             settings,
-            link,
+            conduit,
             runtime,
             root,
             supervision,
@@ -214,7 +218,7 @@ impl Communicator {
 
     /// The codec of this communicator.
     pub fn codec(&self) -> Codec {
-        self.inner.link.codec
+        self.inner.conduit.codec
     }
 
     /// Whether [`close`](Self::close) has been called.
@@ -225,13 +229,13 @@ impl Communicator {
     /// Whether the connection to the broker is up now. `false` while reconnecting after a
     /// loss (sends wait meanwhile) and once closed.
     pub fn is_connected(&self) -> bool {
-        !self.is_closed() && self.inner.link.transport.is_connected()
+        !self.is_closed() && self.inner.conduit.transport.is_connected()
     }
 
     /// The RabbitMQ node this communicator is (or was last) connected to, as its URI
     /// without the password: one of [`Settings::with_nodes`]'s. `None` on `mem://`.
     pub fn node(&self) -> Option<String> {
-        self.inner.link.transport.node()
+        self.inner.conduit.transport.node()
     }
 
     /// The changes of this communicator's connection from now on: lost, restored, closed
@@ -252,7 +256,7 @@ impl Communicator {
     /// # }
     /// ```
     pub fn connection_events(&self) -> futures::stream::BoxStream<'static, ConnectionEvent> {
-        crate::events::stream(self.inner.link.transport.events().subscribe())
+        crate::events::stream(self.inner.conduit.transport.events().subscribe())
     }
 
     /// How many task and RPC results this communicator still awaits.
@@ -332,10 +336,10 @@ impl Communicator {
         let close = async move {
             inner.drain().await;
             inner.replies.close();
-            bounded_close(inner.link.transport.close()).await
+            bounded_close(inner.conduit.transport.close()).await
         };
         let result = self.inner.runtime.run(close).await.and_then(|r| r);
-        self.inner.link.subscribers.close();
+        self.inner.conduit.subscribers.close();
         self.inner.runtime.stop();
         self.inner.supervision.stop();
         // Awaited, not joined: the caller's executor thread stays free meanwhile.
@@ -364,14 +368,14 @@ impl Communicator {
 /// left without its endpoint). When it succeeded and nobody waits for its result any more,
 /// `undo` takes it back, so the caller that gave up leaves nothing behind.
 pub(crate) async fn to_completion<T, Op, Undo, UndoFut>(
-    inner: &Arc<Inner>,
+    inner: &Arc<Core>,
     operation: Op,
     undo: Undo,
 ) -> Result<T>
 where
     T: Send + 'static,
     Op: Future<Output = Result<T>> + Send + 'static,
-    Undo: FnOnce(Arc<Inner>, T) -> UndoFut + Send + 'static,
+    Undo: FnOnce(Arc<Core>, T) -> UndoFut + Send + 'static,
     UndoFut: Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = futures::channel::oneshot::channel();
@@ -391,13 +395,13 @@ where
     rx.await.map_err(|_| Error::closed())?
 }
 
-impl Inner {
+impl Core {
     /// Where a subscriber with this identifier starts and reports.
     pub(crate) fn scope(&self, identifier: &str) -> Scope {
         Scope {
             handlers: self.handlers.clone(),
             identifier: identifier.to_owned(),
-            events: self.link.transport.events(),
+            events: self.conduit.transport.events(),
             incidents: self.incidents.clone(),
         }
     }
@@ -414,7 +418,7 @@ impl Inner {
         if lock(&self.declared).contains(queue) {
             return Ok(());
         }
-        self.link.transport.declare_task_queue(queue).await?;
+        self.conduit.transport.declare_task_queue(queue).await?;
         lock(&self.declared).insert(queue.to_owned());
         Ok(())
     }
@@ -426,9 +430,9 @@ impl Inner {
         queue: &str,
         prefetch: u16,
         start: bool,
-    ) -> Result<Option<Child<TaskQueueActor>>> {
+    ) -> Result<Option<Child<TaskConsumer>>> {
         self.root
-            .send(TaskQueueChild {
+            .send(TaskConsumerChild {
                 queue: queue.to_owned(),
                 prefetch,
                 start,
@@ -500,13 +504,13 @@ async fn bounded_close(close: impl Future<Output = Result<()>>) -> Result<()> {
         })
 }
 
-impl Drop for Inner {
+impl Drop for Core {
     fn drop(&mut self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
         self.replies.close();
-        let close = bounded_close(self.link.transport.close());
+        let close = bounded_close(self.conduit.transport.close());
         self.runtime.spawn(async move {
             if let Err(error) = close.await {
                 tracing::warn!(%error, "closing the connection failed");
@@ -523,7 +527,7 @@ impl fmt::Debug for Communicator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Communicator")
             .field("uri", &self.inner.settings.redacted_uri())
-            .field("codec", &self.inner.link.codec)
+            .field("codec", &self.inner.conduit.codec)
             .field("closed", &self.is_closed())
             .finish()
     }

@@ -1,7 +1,7 @@
 //! [`Health`]: what a communicator can say about itself — for a health endpoint, a fleet
 //! runner's report, or a test.
 
-use crate::actors::{broadcast_hub, task_queue};
+use crate::actors::{broadcast_hub, task_consumer};
 use crate::communicator::Communicator;
 use crate::tree::Inspect;
 
@@ -51,7 +51,7 @@ impl Communicator {
         };
         health.rpc_subscribers = tree.rpc_endpoints.len();
         for queue in tree.task_queues {
-            if let Ok((subscribers, running)) = queue.send(task_queue::Stats).await {
+            if let Ok((subscribers, running)) = queue.send(task_consumer::Stats).await {
                 health.task_subscribers += subscribers;
                 health.tasks_running += running;
             }

@@ -38,7 +38,7 @@
 //!
 //! ```text
 //! Communicator ──Child<Root>──► Root  (own thread; owns the connection and its recovery)
-//!                                ├─ TaskQueue     one per consumed queue  ┐ on kiwimq's
+//!                                ├─ TaskConsumer  one per consumed queue  ┐ on kiwimq's
 //!                                ├─ RpcEndpoint   one per identifier      │ runtime thread
 //!                                └─ BroadcastHub  one per communicator    ┘
 //!                                      │ Task<T, R> / Rpc<T, R> / Broadcast<T>
@@ -63,7 +63,7 @@
 //! - [`communicator`](Communicator) — the cheap-`Clone` async handle; `connect`, sending, and
 //!   subscriptions forwarded to actors by address (`communicator/rpc`,
 //!   `communicator/broadcasts`: those two kinds' methods).
-//! - `queue` — [`TaskQueue`], a named queue with pull mode, and [`PulledTask`].
+//! - `communicator/tasks` — [`TaskQueue`], a named queue with pull mode, and [`PulledTask`].
 //! - `messages` — the typed messages subscriber actors handle: [`Task`], [`Rpc`],
 //!   [`Broadcast`], and the [`HandlerError`] they answer with.
 //! - `subscriber` — [`IntoSubscriber`]: actors' addresses, recipients, closures, or
@@ -74,7 +74,7 @@
 //! - `tree` — the `Root` actor and how it starts its children.
 //! - `handlers` — the handler threads closure subscribers run on.
 //! - `fleet` — [`Fleet`], a worker process's main loop; `health` — [`Health`].
-//! - `actors/` — the consumer-side actors every backend shares: `TaskQueue`,
+//! - `actors/` — the consumer-side actors every backend shares: `TaskConsumer`,
 //!   `RpcEndpoint`, `BroadcastHub`, and the reply router.
 //! - `transport` — the seam to a backend: an AMQP-shaped interface over bytes.
 //! - `mem/` — the in-process broker (`mem://`), the embedded default.
@@ -103,7 +103,6 @@ mod health;
 mod mem;
 mod messages;
 mod panics;
-mod queue;
 mod runtime;
 mod settings;
 mod subscriber;
@@ -114,14 +113,16 @@ mod tree;
 
 pub use actors::replies::ReplyFuture;
 pub use codec::Codec;
-pub use communicator::{BroadcastOptions, Communicator, WeakCommunicator, connect};
+pub use communicator::{
+    BroadcastOptions, Communicator, PulledTask, TaskQueue, WeakCommunicator, connect,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use events::ConnectionEvent;
 pub use filter::BroadcastFilter;
 pub use fleet::{Fleet, RunningFleet, Stop, shutdown_signal};
 pub use health::Health;
 pub use messages::{Broadcast, HandlerError, Rpc, Task};
-pub use queue::{PulledTask, QueueStats, TaskQueue};
+pub use transport::QueueStats;
 
 pub mod metrics;
 pub mod trace;

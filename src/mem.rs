@@ -210,7 +210,7 @@ impl Transport for MemTransport {
 
     /// An in-process broker cannot be lost: connected until closed.
     /// An in-process broker cannot be lost: nothing to watch.
-    fn supervise(&self) -> BoxFuture<'static, ()> {
+    fn recover(&self) -> BoxFuture<'static, ()> {
         future::pending().boxed()
     }
 

@@ -1,11 +1,14 @@
 //! [`Settings`]: how to connect and the names and limits to use. The defaults reproduce
 //! kiwiPy 0.9's exchanges, queues and arguments, so kiwimq and kiwiPy processes interoperate.
 
+mod tls;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub(crate) use tls::TlsOptions;
+
 use crate::Codec;
-use crate::amqp::tls::TlsOptions;
 
 /// Connection settings: `Settings::new(uri)`, then `with_*` methods, then
 /// [`connect`](Settings::connect).

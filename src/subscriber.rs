@@ -299,7 +299,11 @@ impl Turn {
 
 /// Starts the supervision of an actor made by `factory` (see [`crate::supervised`]), on a
 /// thread of its own: an actor computing delays only its own messages.
-pub(crate) fn supervise<M, A, F>(policy: Policy, factory: F, scope: &Scope) -> Subscriber<M>
+pub(crate) fn supervised_subscriber<M, A, F>(
+    policy: Policy,
+    factory: F,
+    scope: &Scope,
+) -> Subscriber<M>
 where
     M: Message + Send + 'static,
     M::Result: Send,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use actix::dev::ToEnvelope;
 use actix::{Actor, Context, Handler, Message};
 
-use crate::subscriber::{IntoSubscriber, Scope, Subscriber, supervise};
+use crate::subscriber::{IntoSubscriber, Scope, Subscriber, supervised_subscriber};
 use crate::supervision::Policy;
 
 /// A subscriber actor made by `factory`, which kiwimq starts on the communicator's runtime
@@ -89,6 +89,6 @@ where
     F: Fn() -> A + Send + 'static,
 {
     fn into_subscriber(self, scope: &Scope) -> Subscriber<M> {
-        supervise(self.policy, self.factory, scope)
+        supervised_subscriber(self.policy, self.factory, scope)
     }
 }

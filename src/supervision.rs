@@ -1,7 +1,7 @@
 //! Who restarts what: the one supervision mechanism of a communicator's actor tree.
 //!
 //! Every actor kiwimq starts — the tree's [`Root`](crate::tree::Root), its children
-//! (`TaskQueue`, `RpcEndpoint`, `BroadcastHub`) and the [`supervised`](crate::supervised)
+//! (`TaskConsumer`, `RpcEndpoint`, `BroadcastHub`) and the [`supervised`](crate::supervised)
 //! subscriber actors of its users — runs under [`start`]: its context runs inside a loop
 //! that catches the actor's end, a panic included, and starts it again from its factory,
 //! after a backoff, counting the restart in the communicator's [`Incidents`] and logging
@@ -113,7 +113,7 @@ pub(crate) fn retry_delay(attempt: u32) -> Duration {
 /// Whom a supervised actor's restarts and loss are told to.
 #[derive(Debug, Clone)]
 pub(crate) struct Report {
-    /// What the actor is, as the log says it: `TaskQueue`, `subscriber`…
+    /// What the actor is, as the log says it: `TaskConsumer`, `subscriber`…
     pub(crate) kind: &'static str,
     /// Which one: a queue, an identifier.
     pub(crate) name: String,
@@ -150,7 +150,7 @@ impl Report {
 
 /// A supervised actor's state, as its supervision publishes it.
 #[derive(Debug)]
-pub(crate) enum Life<A: Actor> {
+pub(crate) enum ChildState<A: Actor> {
     Running(Addr<A>),
     Restarting,
     /// Given up (reported), or its supervision stopped.
@@ -160,7 +160,7 @@ pub(crate) enum Life<A: Actor> {
 /// A handle on a supervised actor that follows it across restarts. The supervision ends
 /// when the last clone is dropped (the actor stops with it).
 pub(crate) struct Child<A: Actor> {
-    life: watch::Receiver<Life<A>>,
+    life: watch::Receiver<ChildState<A>>,
     _stop: Arc<oneshot::Sender<()>>,
 }
 
@@ -185,13 +185,13 @@ impl<A: Actor<Context = Context<A>>> Child<A> {
         let mut life = self.life.clone();
         let running = life
             .wait_for(|life| match life {
-                Life::Running(addr) => addr.connected(),
-                Life::Restarting => false,
-                Life::Over => true,
+                ChildState::Running(addr) => addr.connected(),
+                ChildState::Restarting => false,
+                ChildState::Over => true,
             })
             .await;
         match running.as_deref() {
-            Ok(Life::Running(addr)) => Some(addr.clone()),
+            Ok(ChildState::Running(addr)) => Some(addr.clone()),
             _ => None,
         }
     }
@@ -210,7 +210,7 @@ impl<A: Actor<Context = Context<A>>> Child<A> {
         addr.send(message)
             .await
             .map_err(|_| match *self.life.borrow() {
-                Life::Over => Error::closed(),
+                ChildState::Over => Error::closed(),
                 _ => Error::connection(format!(
                     "kiwimq's {} actor restarted while handling this request; try again",
                     std::any::type_name::<A>().rsplit("::").next().unwrap_or("")
@@ -226,7 +226,7 @@ impl<A: Actor<Context = Context<A>>> Child<A> {
         M: Message + Send + 'static,
         M::Result: Send,
     {
-        if let Life::Running(addr) = &*self.life.borrow() {
+        if let ChildState::Running(addr) = &*self.life.borrow() {
             addr.do_send(message);
         }
     }
@@ -244,7 +244,7 @@ where
     A: Actor<Context = Context<A>>,
     F: FnMut(&mut Context<A>) -> A + Send + 'static,
 {
-    let (life, watched) = watch::channel(Life::Restarting);
+    let (life, watched) = watch::channel(ChildState::Restarting);
     let (stop, stopped) = oneshot::channel();
     let spawned = arbiter.spawn_fn(move || {
         actix_rt::spawn(run(policy, factory, life, stopped, report));
@@ -264,7 +264,7 @@ where
 async fn run<A, F>(
     policy: Policy,
     mut factory: F,
-    life: watch::Sender<Life<A>>,
+    life: watch::Sender<ChildState<A>>,
     mut stop: oneshot::Receiver<()>,
     report: Report,
 ) where
@@ -279,7 +279,7 @@ async fn run<A, F>(
         let mut context = Context::<A>::new();
         let ended = match std::panic::catch_unwind(AssertUnwindSafe(|| factory(&mut context))) {
             Ok(actor) => {
-                life.send_replace(Life::Running(context.address()));
+                life.send_replace(ChildState::Running(context.address()));
                 let running = AssertUnwindSafe(context.into_future(actor)).catch_unwind();
                 match select(running, &mut stop).await {
                     Either::Left((Ok(()), _)) => "it stopped".to_owned(),
@@ -288,7 +288,7 @@ async fn run<A, F>(
                     }
                     // Nobody holds it any more: neither does its supervision.
                     Either::Right(_) => {
-                        life.send_replace(Life::Over);
+                        life.send_replace(ChildState::Over);
                         return;
                     }
                 }
@@ -297,10 +297,10 @@ async fn run<A, F>(
         };
         if stop.try_recv().is_err() || life.is_closed() {
             // Every handle is gone: an actor that stopped because nobody holds it is done.
-            life.send_replace(Life::Over);
+            life.send_replace(ChildState::Over);
             return;
         }
-        life.send_replace(Life::Restarting);
+        life.send_replace(ChildState::Restarting);
         if started.elapsed() >= WINDOW {
             delay = min;
         }
@@ -314,14 +314,14 @@ async fn run<A, F>(
             report.lost(&format!(
                 "{ended}; given up after {count} restarts within {WINDOW:?} (limit {limit})"
             ));
-            life.send_replace(Life::Over);
+            life.send_replace(ChildState::Over);
             return;
         }
         report.restarted(ended, delay);
         if !delay.is_zero() {
             let pause = actix_rt::time::sleep(delay);
             if let Either::Right(_) = select(Box::pin(pause), &mut stop).await {
-                life.send_replace(Life::Over);
+                life.send_replace(ChildState::Over);
                 return;
             }
         }

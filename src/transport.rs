@@ -195,7 +195,6 @@ pub(crate) struct Consumer {
     pub(crate) deliveries: BoxStream<'static, Delivery>,
 }
 
-pub(crate) use crate::queue::QueueStats;
 use crate::trace::TraceContext;
 
 /// Where a reply consumer hands its deliveries.
@@ -270,5 +269,18 @@ pub(crate) trait Transport: Send + Sync + 'static {
     /// Watches the connection and restores it after a loss — with its topology and every
     /// consumer — until the transport closes. The [`Root`](crate::tree::Root)
     /// runs it.
-    fn supervise(&self) -> BoxFuture<'static, ()>;
+    fn recover(&self) -> BoxFuture<'static, ()>;
+}
+
+/// A task queue's counts, as [`TaskQueue::stats`](crate::TaskQueue::stats) reads them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// Tasks waiting to be delivered.
+    pub ready: u32,
+    /// Tasks delivered and not yet acknowledged; `None` where the broker does not say
+    /// (RabbitMQ over AMQP: its management API or `rabbitmqctl list_queues` does).
+    pub unacknowledged: Option<u32>,
+    /// Consumers of the queue, over every communicator.
+    pub consumers: u32,
 }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! Communicator ──Child<Root>──► Root  (supervision thread; owns the connection's recovery)
-//!                                ├─ TaskQueue     one per consumed queue  ┐ on the runtime,
+//!                                ├─ TaskConsumer     one per consumed queue  ┐ on the runtime,
 //!                                ├─ RpcEndpoint   one per identifier      │ restarted with
 //!                                └─ BroadcastHub  one per communicator    ┘ their subscribers
 //!                                      │ Task / Rpc / Broadcast
@@ -28,17 +28,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use actix::prelude::*;
 use actix_rt::ArbiterHandle;
 
-use crate::actors::Link;
+use crate::actors::Conduit;
 use crate::actors::broadcast_hub::{self, BroadcastHub};
 use crate::actors::rpc_endpoint::{self, RpcEndpoint, RpcFn};
-use crate::actors::task_queue::{self, TaskQueue};
+use crate::actors::task_consumer::{self, TaskConsumer};
 use crate::error::{Error, ErrorKind, Result};
 use crate::supervision::{Child, Incidents, Policy, Report};
 use crate::transport::Consumer;
 
 /// The root of the actor tree (see the module docs).
 pub(crate) struct Root {
-    link: Link,
+    conduit: Conduit,
     /// Where the children run: the communicator's runtime.
     children: ArbiterHandle,
     broadcast_queue: String,
@@ -50,7 +50,7 @@ pub(crate) struct Root {
 /// The root's children.
 #[derive(Default)]
 struct Children {
-    task_queues: HashMap<String, Child<TaskQueue>>,
+    task_queues: HashMap<String, Child<TaskConsumer>>,
     /// RPC identifier → its endpoint; none while it is being subscribed or removed.
     rpc: HashMap<String, Option<Child<RpcEndpoint>>>,
     broadcast_hub: Option<Child<BroadcastHub>>,
@@ -65,7 +65,7 @@ impl Root {
     /// on `children` (the runtime).
     pub(crate) fn start(
         on: &ArbiterHandle,
-        link: Link,
+        conduit: Conduit,
         children: ArbiterHandle,
         broadcast_queue: String,
         incidents: Incidents,
@@ -81,7 +81,7 @@ impl Root {
             on,
             Policy::OWN,
             move |_| Root {
-                link: link.clone(),
+                conduit: conduit.clone(),
                 children: children.clone(),
                 broadcast_queue: broadcast_queue.clone(),
                 incidents: incidents.clone(),
@@ -107,24 +107,24 @@ impl Actor for Root {
     /// Starts watching the connection: the transport's recovery runs as long as the root
     /// does, and again after the root restarts.
     fn started(&mut self, ctx: &mut Context<Self>) {
-        ctx.spawn(self.link.transport.supervise().into_actor(self));
+        ctx.spawn(self.conduit.transport.recover().into_actor(self));
     }
 }
 
-/// The `TaskQueue` child consuming `queue`, started (with this prefetch) unless it exists;
+/// The `TaskConsumer` child consuming `queue`, started (with this prefetch) unless it exists;
 /// with `start: false`, only an existing one.
 #[derive(Message)]
-#[rtype(result = "Option<Child<TaskQueue>>")]
-pub(crate) struct TaskQueueChild {
+#[rtype(result = "Option<Child<TaskConsumer>>")]
+pub(crate) struct TaskConsumerChild {
     pub(crate) queue: String,
     pub(crate) prefetch: u16,
     pub(crate) start: bool,
 }
 
-impl Handler<TaskQueueChild> for Root {
-    type Result = Option<Child<TaskQueue>>;
+impl Handler<TaskConsumerChild> for Root {
+    type Result = Option<Child<TaskConsumer>>;
 
-    fn handle(&mut self, message: TaskQueueChild, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, message: TaskConsumerChild, _: &mut Context<Self>) -> Self::Result {
         let mut tree = lock(&self.tree);
         if let Some(child) = tree.task_queues.get(&message.queue) {
             return Some(child.clone());
@@ -132,14 +132,14 @@ impl Handler<TaskQueueChild> for Root {
         if !message.start {
             return None;
         }
-        let link = self.link.clone();
+        let conduit = self.conduit.clone();
         let (queue, prefetch) = (message.queue.clone(), message.prefetch);
-        let kept = task_queue::Kept::new(&queue);
+        let kept = task_consumer::Kept::new(&queue);
         let child = crate::supervision::start(
             &self.children,
             Policy::OWN,
-            move |_| TaskQueue::new(link.clone(), queue.clone(), prefetch, kept.clone()),
-            self.report("TaskQueue", &message.queue),
+            move |_| TaskConsumer::new(conduit.clone(), queue.clone(), prefetch, kept.clone()),
+            self.report("TaskConsumer", &message.queue),
         );
         tree.task_queues.insert(message.queue, child.clone());
         Some(child)
@@ -186,7 +186,7 @@ impl Handler<StartRpc> for Root {
             tree.rpc.remove(&identifier);
             return;
         };
-        let link = self.link.clone();
+        let conduit = self.conduit.clone();
         let id = identifier.clone();
         let kept = rpc_endpoint::Kept::new(consumer.tag.clone());
         let mut first = Some(consumer);
@@ -204,7 +204,7 @@ impl Handler<StartRpc> for Root {
             move |ctx| {
                 let consumer = first.take();
                 RpcEndpoint::new(
-                    link.clone(),
+                    conduit.clone(),
                     id.clone(),
                     handler.clone(),
                     consumer,
@@ -233,7 +233,7 @@ impl Handler<ForgetRpc> for Root {
         let Some(Some(endpoint)) = lock(&self.tree).rpc.remove(&identifier) else {
             return;
         };
-        self.link.subscribers.add("rpc", -1);
+        self.conduit.subscribers.add("rpc", -1);
         tracing::warn!(%identifier, "the identifier's subscriber is gone for good: no longer served");
         ctx.spawn(
             async move {
@@ -292,7 +292,7 @@ impl Handler<BroadcastHubChild> for Root {
         if let Some(hub) = &tree.broadcast_hub {
             return MessageResult(hub.clone());
         }
-        let link = self.link.clone();
+        let conduit = self.conduit.clone();
         let queue = self.broadcast_queue.clone();
         let kept = broadcast_hub::Kept::default();
         let hub = crate::supervision::start(
@@ -300,10 +300,10 @@ impl Handler<BroadcastHubChild> for Root {
             Policy::OWN,
             move |_| {
                 BroadcastHub::new(
-                    link.transport.clone(),
+                    conduit.transport.clone(),
                     queue.clone(),
-                    link.message_prefetch,
-                    link.subscribers.clone(),
+                    conduit.message_prefetch,
+                    conduit.subscribers.clone(),
                     kept.clone(),
                 )
             },
@@ -322,7 +322,7 @@ pub(crate) struct Inspect;
 /// The root's children, as [`Inspect`] answers.
 #[derive(Debug, Default)]
 pub(crate) struct Tree {
-    pub(crate) task_queues: Vec<Child<TaskQueue>>,
+    pub(crate) task_queues: Vec<Child<TaskConsumer>>,
     pub(crate) rpc_endpoints: Vec<Child<RpcEndpoint>>,
     pub(crate) broadcast_hub: Option<Child<BroadcastHub>>,
 }
@@ -450,7 +450,7 @@ mod tests {
         let tree = comm.inner.root.send(Inspect).await.unwrap();
         // The panicking message's sender learns the actor restarted: a clear error.
         let panicked = tree.task_queues[0]
-            .send(Panic("injected into a TaskQueue"))
+            .send(Panic("injected into a TaskConsumer"))
             .await;
         assert!(panicked.unwrap_err().is_retryable());
         let _ = tree.rpc_endpoints[0]
@@ -490,7 +490,7 @@ mod tests {
         let (comm, heard) = serving().await;
         let tree = comm.inner.root.send(Inspect).await.unwrap();
         // Each child's first two consumes again are refused (the hook counts over all).
-        comm.inner.link.transport.refuse_consumes(6);
+        comm.inner.conduit.transport.refuse_consumes(6);
         let _ = tree.task_queues[0].send(Panic("injected")).await;
         let _ = tree.rpc_endpoints[0].send(Panic("injected")).await;
         let _ = tree

@@ -130,7 +130,7 @@ impl Replies {
         Ok(ReplyFuture {
             replies: rx,
             codec,
-            guard: Guard {
+            guard: PendingReply {
                 replies: Arc::downgrade(self),
                 correlation_id,
                 kind,
@@ -178,7 +178,7 @@ impl Replies {
 }
 
 #[derive(Debug)]
-struct Guard {
+struct PendingReply {
     replies: std::sync::Weak<Replies>,
     correlation_id: String,
     /// For the metrics: a task's or an RPC's, and when it was sent.
@@ -186,7 +186,7 @@ struct Guard {
     sent: Instant,
 }
 
-impl Guard {
+impl PendingReply {
     /// A reply that did not decode as `R`, said as the caller's error: which request's,
     /// what was expected, and for an RPC the likeliest cause besides a codec mismatch.
     fn unreadable<R>(&self, error: &Error) -> Error {
@@ -209,7 +209,7 @@ impl Guard {
     }
 }
 
-impl Drop for Guard {
+impl Drop for PendingReply {
     fn drop(&mut self) {
         crate::metrics::gauge(crate::metrics::RESULTS_PENDING, self.kind, -1.0);
         if let Some(replies) = self.replies.upgrade()
@@ -228,7 +228,7 @@ impl Drop for Guard {
 pub struct ReplyFuture<R> {
     replies: mpsc::UnboundedReceiver<Arrival>,
     codec: Codec,
-    guard: Guard,
+    guard: PendingReply,
     result: PhantomData<fn() -> R>,
 }
 
@@ -275,7 +275,9 @@ impl<R: DeserializeOwned> Future for ReplyFuture<R> {
             }
             return Poll::Ready(match envelope.reply {
                 Reply::Result(value) => Ok(value),
-                Reply::Exception(text) if text.starts_with(crate::actors::task_queue::REJECTED) => {
+                Reply::Exception(text)
+                    if text.starts_with(crate::actors::task_consumer::REJECTED) =>
+                {
                     Err(Error::new(ErrorKind::Rejected))
                 }
                 Reply::Exception(text) => Err(Error::new(ErrorKind::Remote(text))),

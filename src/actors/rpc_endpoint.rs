@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use super::{Link, encode_reply, exception_reply};
+use super::{Conduit, encode_reply, exception_reply};
 use crate::Codec;
 use crate::error::Result;
 use crate::messages::{HandlerError, Rpc};
@@ -95,14 +95,14 @@ impl Kept {
 
 /// Serves one RPC identifier.
 pub(crate) struct RpcEndpoint {
-    link: Link,
+    conduit: Conduit,
     identifier: String,
     handler: RpcFn,
     /// The consumer's tag, to cancel it, kept across restarts.
     kept: Kept,
     /// Restarted: the consumer went with the old context and must be made again.
     resubscribe: bool,
-    /// Calls handled at once ([`Link::max_in_flight`]); the others wait for a permit,
+    /// Calls handled at once ([`Conduit::max_in_flight`]); the others wait for a permit,
     /// unacknowledged, within the consumer's prefetch window.
     in_flight: Arc<Semaphore>,
     /// Told when the subscriber is gone for good: the root forgets the identifier.
@@ -116,7 +116,7 @@ impl RpcEndpoint {
     /// The endpoint of `identifier`, fed by `consumer` when first started; started again
     /// (without one), it consumes anew.
     pub(crate) fn new(
-        link: Link,
+        conduit: Conduit,
         identifier: String,
         handler: RpcFn,
         consumer: Option<Consumer>,
@@ -132,8 +132,8 @@ impl RpcEndpoint {
             None => true,
         };
         Self {
-            in_flight: Arc::new(Semaphore::new(link.max_in_flight)),
-            link,
+            in_flight: Arc::new(Semaphore::new(conduit.max_in_flight)),
+            conduit,
             identifier,
             handler,
             kept,
@@ -159,9 +159,9 @@ impl RpcEndpoint {
     /// After a restart, serves the identifier again — trying again, with backoff, until it
     /// does: never registered and deaf.
     fn consume_again(&mut self, ctx: &mut Context<Self>, attempt: u32) {
-        let transport = self.link.transport.clone();
+        let transport = self.conduit.transport.clone();
         let (identifier, tag) = (self.identifier.clone(), self.kept.tag());
-        let prefetch = self.link.message_prefetch;
+        let prefetch = self.conduit.message_prefetch;
         let consume = async move {
             let _ = transport.cancel(&tag).await;
             transport.consume(Source::Rpc(identifier), prefetch).await
@@ -189,7 +189,7 @@ impl Handler<Unsubscribe> for RpcEndpoint {
     type Result = ResponseFuture<Result<()>>;
 
     fn handle(&mut self, _: Unsubscribe, _: &mut Context<Self>) -> Self::Result {
-        Box::pin(self.link.transport.cancel(&self.kept.tag()))
+        Box::pin(self.conduit.transport.cancel(&self.kept.tag()))
     }
 }
 
@@ -213,7 +213,7 @@ impl StreamHandler<Delivery> for RpcEndpoint {
         tracing::debug!(identifier = %self.identifier, ?correlation_id, "RPC received");
         crate::metrics::count(crate::metrics::DELIVERED, "rpc");
         let answer = (self.handler)(body, correlation_id.clone());
-        let link = self.link.clone();
+        let conduit = self.conduit.clone();
         let identifier = self.identifier.clone();
         let in_flight = self.in_flight.clone();
         let forget = self.forget.clone();
@@ -230,7 +230,7 @@ impl StreamHandler<Delivery> for RpcEndpoint {
                 acker.settle(Outcome::Ack);
                 return;
             };
-            if let Err(error) = link
+            if let Err(error) = conduit
                 .reply(Exchange::Messages, reply_to, correlation_id, bytes)
                 .await
             {

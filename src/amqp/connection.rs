@@ -10,7 +10,9 @@ use lapin::options::{ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection};
 use tokio::time::Instant;
 
-use super::{Attempt, ConsumerChannel, Entry, Shared, Slot, State, amqp_error, lock, usable};
+use super::{
+    Attempt, ConsumerChannel, Registration, Shared, Slot, State, amqp_error, lock, usable,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::ConnectionEvent;
 use crate::transport::Source;
@@ -237,7 +239,7 @@ impl Shared {
         let previous = self.state.send_replace(State::Closed);
         self.emit(ConnectionEvent::Closed);
         self.wake.notify_one();
-        let entries: Vec<Entry> = lock(&self.consumers).drain().map(|(_, e)| e).collect();
+        let entries: Vec<Registration> = lock(&self.consumers).drain().map(|(_, e)| e).collect();
         let consumers = entries.len();
         let reply_queues: Vec<String> = entries
             .iter()

@@ -20,7 +20,7 @@ use lapin::types::FieldTable;
 use tokio::time::Instant;
 
 use super::{
-    Attempt, ConsumerChannel, Entry, Shared, amqp_error, amqp_error_refused, explain, lock,
+    Attempt, ConsumerChannel, Registration, Shared, amqp_error, amqp_error_refused, explain, lock,
     soft_error,
 };
 use crate::error::{Error, ErrorKind, Result};
@@ -54,7 +54,7 @@ impl Shared {
         tag: &str,
         source: &Source,
         prefetch: u16,
-    ) -> Result<(Arc<ConsumerChannel>, Feed)> {
+    ) -> Result<(Arc<ConsumerChannel>, LapinFeed)> {
         let topology = &self.topology;
         if let Source::Rpc(identifier) = source
             && !topology.exclusive_rpc_identifiers
@@ -125,7 +125,7 @@ impl Shared {
             )
             .await
             .map_err(amqp_error)?;
-        Ok((guard, Feed::Consumer(consumer, no_ack)))
+        Ok((guard, LapinFeed::Consumer(consumer, no_ack)))
     }
 
     /// A declaration the broker refused. The declaring channel is shared, and every
@@ -183,22 +183,22 @@ impl Shared {
     /// was cancelled meanwhile: its lapin consumer is cancelled too.
     fn activate(
         self: &Arc<Self>,
-        consumers: &mut HashMap<String, Entry>,
+        consumers: &mut HashMap<String, Registration>,
         tag: &str,
-        (guard, feed): (Arc<ConsumerChannel>, Feed),
+        (guard, feed): (Arc<ConsumerChannel>, LapinFeed),
     ) -> bool {
         let Some(entry) = consumers.get_mut(tag) else {
             let shared = self.clone();
             let tag = tag.to_owned();
             self.io.handle.spawn(async move {
                 match feed {
-                    Feed::Consumer(..) => {
+                    LapinFeed::Consumer(..) => {
                         let _ = guard
                             .channel
                             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                             .await;
                     }
-                    Feed::Routed(_) => {
+                    LapinFeed::Routed(_) => {
                         let router = shared.rpc_router.lock().await.clone();
                         if let Some(router) = router {
                             let _ = shared.unroute_rpc(&tag, &router).await;
@@ -213,10 +213,10 @@ impl Shared {
         entry.retry_at = None;
         let shared = Arc::downgrade(self);
         let deliveries = match feed {
-            Feed::Consumer(consumer, no_ack) => {
+            LapinFeed::Consumer(consumer, no_ack) => {
                 deliveries(shared, tag.to_owned(), consumer, guard, no_ack)
             }
-            Feed::Routed(calls) => {
+            LapinFeed::Routed(calls) => {
                 let tag = tag.to_owned();
                 let ended = futures::stream::once(async move {
                     consumer_ended(&shared, &tag, &guard);
@@ -249,7 +249,7 @@ impl Shared {
             })
             .await?;
         let (sender, receiver) = mpsc::unbounded();
-        let entry = Entry {
+        let entry = Registration {
             source,
             prefetch,
             sender,
@@ -506,7 +506,7 @@ pub(super) fn deliveries(
 
 /// What feeds a consumer on one connection: a lapin consumer (and whether its deliveries
 /// are auto-acked), or the calls the communicator's RPC queue routes to an identifier.
-pub(super) enum Feed {
+pub(super) enum LapinFeed {
     Consumer(lapin::Consumer, bool),
     Routed(mpsc::UnboundedReceiver<Delivery>),
 }

@@ -19,7 +19,7 @@ use super::Shared;
 const POLL: Duration = Duration::from_millis(250);
 
 /// Runs until the transport closes.
-pub(super) async fn supervise(shared: Arc<Shared>, mut connection: Arc<Connection>) {
+pub(super) async fn run(shared: Arc<Shared>, mut connection: Arc<Connection>) {
     let mut epoch = 0;
     loop {
         let Some(reason) = watch(&shared, &connection, epoch).await else {

@@ -13,7 +13,7 @@ use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 use tokio::time::Instant;
 
-use super::consumers::{AmqpAck, Feed, convert, own_queue_refused};
+use super::consumers::{AmqpAck, LapinFeed, convert, own_queue_refused};
 
 use super::{Attempt, ConsumerChannel, Shared, amqp_error, amqp_error_refused, lock};
 use crate::error::{Error, Result};
@@ -96,7 +96,7 @@ impl Shared {
         connection: &Connection,
         epoch: u64,
         identifier: &str,
-    ) -> Result<(Arc<ConsumerChannel>, Feed)> {
+    ) -> Result<(Arc<ConsumerChannel>, LapinFeed)> {
         let router = self.rpc_router(connection, epoch).await?;
         let (sender, receiver) = mpsc::unbounded();
         lock(&router.routes).insert(identifier.to_owned(), sender);
@@ -116,7 +116,7 @@ impl Shared {
                 .map_err(|error| self.declare_error(error, &Source::Rpc(identifier.to_owned()), ""))
         };
         match bound.await {
-            Ok(()) => Ok((router.guard.clone(), Feed::Routed(receiver))),
+            Ok(()) => Ok((router.guard.clone(), LapinFeed::Routed(receiver))),
             Err(error) => {
                 lock(&router.routes).remove(identifier);
                 Err(error)

@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 
 use std::sync::Arc;
 
-use super::{Communicator, Inner, new_id, to_completion};
+use super::{Communicator, Core, new_id, to_completion};
 use crate::Value;
 use crate::actors::broadcast_hub::{self, BroadcastFn, broadcast_fn};
 use crate::codec::envelope::BroadcastEnvelope;
@@ -69,12 +69,12 @@ impl Communicator {
             subject: options.subject,
             correlation_id: options.correlation_id,
         };
-        let body = inner.link.codec.encode_broadcast(envelope)?;
+        let body = inner.conduit.codec.encode_broadcast(envelope)?;
         let message = Outgoing {
             body,
             ..Outgoing::default()
         };
-        inner.link.send(Route::Broadcast, message).await
+        inner.conduit.send(Route::Broadcast, message).await
     }
 
     /// Subscribes to broadcasts that pass `filter`; returns the subscriber's identifier.
@@ -93,8 +93,8 @@ impl Communicator {
         let handler = broadcast_fn(
             subscriber.into_subscriber(&inner.scope(&id)),
             filter,
-            inner.link.codec,
-            inner.link.max_in_flight,
+            inner.conduit.codec,
+            inner.conduit.max_in_flight,
         );
         // Added as one operation: a caller that gives up has it undone.
         to_completion(
@@ -120,18 +120,18 @@ impl Communicator {
     }
 }
 
-async fn add(inner: Arc<Inner>, id: String, handler: BroadcastFn) -> Result<String> {
+async fn add(inner: Arc<Core>, id: String, handler: BroadcastFn) -> Result<String> {
     let hub = inner.broadcast_hub().await?;
     hub.send(broadcast_hub::AddSubscriber {
         id: id.clone(),
         handler,
     })
     .await??;
-    inner.link.subscribers.add("broadcast", 1);
+    inner.conduit.subscribers.add("broadcast", 1);
     Ok(id)
 }
 
-async fn remove(inner: Arc<Inner>, id: String) -> Result<()> {
+async fn remove(inner: Arc<Core>, id: String) -> Result<()> {
     let hub = inner.broadcast_hub().await?;
     let removed = hub
         .send(broadcast_hub::RemoveSubscriber {
@@ -142,6 +142,6 @@ async fn remove(inner: Arc<Inner>, id: String) -> Result<()> {
     if !removed {
         return Err(Error::new(ErrorKind::UnknownSubscriber(id)));
     }
-    inner.link.subscribers.add("broadcast", -1);
+    inner.conduit.subscribers.add("broadcast", -1);
     Ok(())
 }

@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 
 use std::sync::Arc;
 
-use super::{Communicator, Inner, new_id, to_completion};
+use super::{Communicator, Core, new_id, to_completion};
 use crate::actors::replies::ReplyFuture;
 use crate::actors::rpc_endpoint::{self, RpcFn, rpc_fn};
 use crate::error::{Error, ErrorKind, Result};
@@ -26,11 +26,11 @@ impl Communicator {
     {
         let inner = &self.inner;
         inner.check_open()?;
-        let body = inner.link.codec.encode(body)?;
+        let body = inner.conduit.codec.encode(body)?;
         let correlation_id = new_id();
         let reply = inner.replies.expect(
             correlation_id.clone(),
-            inner.link.codec,
+            inner.conduit.codec,
             inner.settings.rpc_timeout,
             "rpc",
         )?;
@@ -43,7 +43,7 @@ impl Communicator {
             traceparent: None,
         };
         inner
-            .link
+            .conduit
             .send(Route::Rpc(identifier.to_owned()), message)
             .await?;
         Ok(reply)
@@ -70,7 +70,7 @@ impl Communicator {
         let identifier = identifier.map_or_else(new_id, str::to_owned);
         let handler = rpc_fn(
             subscriber.into_subscriber(&inner.scope(&identifier)),
-            inner.link.codec,
+            inner.conduit.codec,
         );
         // Claim, consume and start as one operation: a caller that gives up half way has
         // it undone, and the identifier is free again.
@@ -101,13 +101,16 @@ impl Communicator {
 
 /// Claims `identifier`, consumes its calls and starts its endpoint; the claim is released
 /// if the consume fails.
-async fn add(inner: Arc<Inner>, identifier: String, handler: RpcFn) -> Result<String> {
+async fn add(inner: Arc<Core>, identifier: String, handler: RpcFn) -> Result<String> {
     let root = &inner.root;
     root.send(ClaimRpc(identifier.clone())).await??;
     let consumed = inner
-        .link
+        .conduit
         .transport
-        .consume(Source::Rpc(identifier.clone()), inner.link.message_prefetch)
+        .consume(
+            Source::Rpc(identifier.clone()),
+            inner.conduit.message_prefetch,
+        )
         .await
         .map_err(|e| match e.kind() {
             ErrorKind::DuplicateSubscriber(_) => {
@@ -125,19 +128,19 @@ async fn add(inner: Arc<Inner>, identifier: String, handler: RpcFn) -> Result<St
     })
     .await?;
     if outcome.is_ok() {
-        inner.link.subscribers.add("rpc", 1);
+        inner.conduit.subscribers.add("rpc", 1);
     }
     outcome
 }
 
 /// Removes `identifier`'s endpoint, waits until its consumer is cancelled, then frees the
 /// identifier.
-async fn remove(inner: Arc<Inner>, identifier: String) -> Result<()> {
+async fn remove(inner: Arc<Core>, identifier: String) -> Result<()> {
     let removed = inner.root.send(RemoveRpc(identifier.clone())).await?;
     let Some(endpoint) = removed else {
         return Err(Error::new(ErrorKind::UnknownSubscriber(identifier)));
     };
-    inner.link.subscribers.add("rpc", -1);
+    inner.conduit.subscribers.add("rpc", -1);
     // Its consumer cancelled, the endpoint stops; then the identifier is free again.
     let unsubscribed = endpoint.send(rpc_endpoint::Unsubscribe).await;
     // The endpoint's last handle: its supervision ends, and the actor with it.

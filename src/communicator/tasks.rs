@@ -9,29 +9,29 @@ use futures::Stream;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::Core;
 use crate::actors::replies::ReplyFuture;
-use crate::actors::task_queue::{self, task_fn};
-use crate::actors::{Link, encode_reply, exception_reply};
+use crate::actors::task_consumer::{self, task_fn};
+use crate::actors::{Conduit, encode_reply, exception_reply};
 use crate::codec::envelope::Host;
 use crate::codec::envelope::TaskEnvelope;
-use crate::communicator::Inner;
 use crate::error::{Error, ErrorKind, Result};
 use crate::messages::{HandlerError, Task};
 use crate::subscriber::IntoSubscriber;
 use crate::trace::TraceContext;
-use crate::transport::{Acker, Delivery, Exchange, Outcome, Outgoing, Route};
+use crate::transport::{Acker, Delivery, Exchange, Outcome, Outgoing, QueueStats, Route};
 
 /// One named task queue: tasks sent to it wait there, durably, until a worker takes one.
 #[derive(Clone)]
 pub struct TaskQueue {
-    inner: Arc<Inner>,
+    inner: Arc<Core>,
     /// Shared with the metrics' labels: naming the queue in each costs a count.
     name: Arc<str>,
     prefetch: Option<u16>,
 }
 
 impl TaskQueue {
-    pub(crate) fn new(inner: Arc<Inner>, name: Arc<str>) -> Self {
+    pub(crate) fn new(inner: Arc<Core>, name: Arc<str>) -> Self {
         Self {
             inner,
             name,
@@ -59,14 +59,14 @@ impl TaskQueue {
     /// queue (it is declared by the first send or subscriber).
     pub async fn stats(&self) -> Result<QueueStats> {
         self.inner.check_open()?;
-        self.inner.link.transport.queue_stats(&self.name).await
+        self.inner.conduit.transport.queue_stats(&self.name).await
     }
 
     /// Deletes every task waiting in this queue (not those being handled now); returns how
     /// many. Their senders get no result.
     pub async fn purge(&self) -> Result<u32> {
         self.inner.check_open()?;
-        self.inner.link.transport.purge(&self.name).await
+        self.inner.conduit.transport.purge(&self.name).await
     }
 
     /// Sends every task of this queue's dead-letter queue (see
@@ -79,7 +79,7 @@ impl TaskQueue {
         let inner = &self.inner;
         inner.check_open()?;
         let dead = crate::transport::dead_letter_queue(&self.name);
-        let transport = &inner.link.transport;
+        let transport = &inner.conduit.transport;
         let mut moved = 0;
         let no_dead_letter_queue = |error: Error| match error.kind() {
             ErrorKind::Refused(_) => Error::new(ErrorKind::Refused(format!(
@@ -128,7 +128,7 @@ impl TaskQueue {
         let correlation_id = uuid::Uuid::new_v4().to_string();
         let reply = self.inner.replies.expect(
             correlation_id.clone(),
-            self.inner.link.codec,
+            self.inner.conduit.codec,
             None,
             "task",
         )?;
@@ -150,7 +150,7 @@ impl TaskQueue {
     ) -> Result<()> {
         let inner = &self.inner;
         inner.check_open()?;
-        let body = inner.link.codec.encode(&(body, no_reply))?;
+        let body = inner.conduit.codec.encode(&(body, no_reply))?;
         inner.declare_once(&self.name).await?;
         let message = Outgoing {
             body,
@@ -161,7 +161,7 @@ impl TaskQueue {
             traceparent: None,
         };
         inner
-            .link
+            .conduit
             .send(Route::Task(self.name.clone()), message)
             .await
     }
@@ -179,7 +179,7 @@ impl TaskQueue {
         let id = uuid::Uuid::new_v4().to_string();
         let handler = task_fn(
             subscriber.into_subscriber(&inner.scope(&id)),
-            inner.link.codec,
+            inner.conduit.codec,
         );
         let prefetch = self.prefetch.unwrap_or(inner.settings.task_prefetch);
         // Added as one operation: a caller that gives up has it undone.
@@ -221,7 +221,7 @@ impl TaskQueue {
             .runtime
             .run(wait_for_task(inner, name, timeout))
             .await??;
-        PulledTask::decode(delivery, self.inner.link.clone(), None).await
+        PulledTask::decode(delivery, self.inner.conduit.clone(), None).await
     }
 
     /// Iterates over the tasks in the queue until it is empty. Tasks dropped without an
@@ -238,12 +238,12 @@ impl TaskQueue {
             if let Err(error) = queue.inner.declare_once(&queue.name).await {
                 return Some((Err(error), None));
             }
-            match queue.inner.link.transport.get(&queue.name).await {
+            match queue.inner.conduit.transport.get(&queue.name).await {
                 Ok(None) => None,
                 Ok(Some(delivery)) => {
                     let task = PulledTask::decode(
                         delivery,
-                        queue.inner.link.clone(),
+                        queue.inner.conduit.clone(),
                         Some(parked.clone()),
                     )
                     .await;
@@ -265,18 +265,18 @@ impl fmt::Debug for TaskQueue {
 
 /// Adds a subscriber to this communicator's consumer of `queue`, started on first use.
 async fn add_subscriber(
-    inner: Arc<Inner>,
+    inner: Arc<Core>,
     queue: Arc<str>,
     prefetch: u16,
     id: String,
-    handler: task_queue::TaskFn,
+    handler: task_consumer::TaskFn,
 ) -> Result<String> {
     let actor = inner
         .task_queue_actor(&queue, prefetch, true)
         .await?
         .ok_or_else(Error::closed)?;
     actor
-        .send(task_queue::AddSubscriber {
+        .send(task_consumer::AddSubscriber {
             id: id.clone(),
             handler,
         })
@@ -284,23 +284,23 @@ async fn add_subscriber(
     Ok(id)
 }
 
-async fn remove_subscriber(inner: Arc<Inner>, queue: Arc<str>, id: String) -> Result<()> {
+async fn remove_subscriber(inner: Arc<Core>, queue: Arc<str>, id: String) -> Result<()> {
     let Some(actor) = inner.task_queue_actor(&queue, 0, false).await? else {
         return Err(Error::new(ErrorKind::UnknownSubscriber(id)));
     };
     actor
-        .send(task_queue::RemoveSubscriber { id, dead: false })
+        .send(task_consumer::RemoveSubscriber { id, dead: false })
         .await?
 }
 
 /// Polls the queue until a task comes or the deadline passes.
-async fn wait_for_task(inner: Arc<Inner>, queue: String, timeout: Duration) -> Result<Delivery> {
+async fn wait_for_task(inner: Arc<Core>, queue: String, timeout: Duration) -> Result<Delivery> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut pause = Duration::from_millis(1);
     inner.declare_once(&queue).await?;
     loop {
         inner.check_open()?;
-        if let Some(delivery) = inner.link.transport.get(&queue).await? {
+        if let Some(delivery) = inner.conduit.transport.get(&queue).await? {
             return Ok(delivery);
         }
         let now = tokio::time::Instant::now();
@@ -316,19 +316,6 @@ async fn wait_for_task(inner: Arc<Inner>, queue: String, timeout: Duration) -> R
 /// iteration ends, not at once, or the same task would come straight back.
 type Parking = Arc<Mutex<Vec<Acker>>>;
 
-/// A task queue's counts, as [`TaskQueue::stats`] reads them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct QueueStats {
-    /// Tasks waiting to be delivered.
-    pub ready: u32,
-    /// Tasks delivered and not yet acknowledged; `None` where the broker does not say
-    /// (RabbitMQ over AMQP: its management API or `rabbitmqctl list_queues` does).
-    pub unacknowledged: Option<u32>,
-    /// Consumers of the queue, over every communicator.
-    pub consumers: u32,
-}
-
 /// A task taken from a queue in pull mode. Decide its fate with [`process`](Self::process)
 /// (result sent back, then acked) or [`requeue`](Self::requeue); dropped undecided, it
 /// returns to the queue.
@@ -341,14 +328,18 @@ pub struct PulledTask<T> {
     /// The handling's trace context: a child of the sender's, when it sent one.
     trace: Option<TraceContext>,
     acker: Option<Acker>,
-    link: Link,
+    conduit: Conduit,
     parking: Option<Parking>,
 }
 
 impl<T: DeserializeOwned> PulledTask<T> {
     /// Decodes a delivery; undecodable tasks get an error reply and are discarded (they
     /// would fail the same way for every worker), and the caller gets the `Codec` error.
-    async fn decode(delivery: Delivery, link: Link, parking: Option<Parking>) -> Result<Self> {
+    async fn decode(
+        delivery: Delivery,
+        conduit: Conduit,
+        parking: Option<Parking>,
+    ) -> Result<Self> {
         let Delivery {
             body,
             correlation_id,
@@ -358,7 +349,7 @@ impl<T: DeserializeOwned> PulledTask<T> {
             acker,
             traceparent,
         } = delivery;
-        match link.codec.decode::<TaskEnvelope<T>>(&body) {
+        match conduit.codec.decode::<TaskEnvelope<T>>(&body) {
             Ok((body, no_reply)) => Ok(Self {
                 body,
                 no_reply,
@@ -367,15 +358,15 @@ impl<T: DeserializeOwned> PulledTask<T> {
                 reply_to,
                 trace: traceparent.map(|sender| sender.child()),
                 acker: Some(acker),
-                link,
+                conduit,
                 parking,
             }),
             Err(error) => {
                 tracing::warn!(?correlation_id, %error, "undecodable pulled task discarded");
                 if let Some(reply_to) = reply_to {
                     let text = format!("the task could not be decoded: {error}");
-                    let bytes = exception_reply(link.codec, &text, Some(Host::this_process()));
-                    let _ = link
+                    let bytes = exception_reply(conduit.codec, &text, Some(Host::this_process()));
+                    let _ = conduit
                         .reply(Exchange::Tasks, reply_to, correlation_id, bytes)
                         .await;
                 }
@@ -423,10 +414,10 @@ impl<T> PulledTask<T> {
             return Ok(());
         }
         if let (false, Some(reply_to)) = (self.no_reply, self.reply_to.take()) {
-            let bytes = encode_reply(self.link.codec, outcome, Some(Host::this_process()));
+            let bytes = encode_reply(self.conduit.codec, outcome, Some(Host::this_process()));
             let correlation_id = self.correlation_id.clone();
             let reply = self
-                .link
+                .conduit
                 .reply(Exchange::Tasks, reply_to, correlation_id, bytes);
             if let Err(error) = crate::trace::maybe_scope(self.trace, reply).await {
                 acker.settle(Outcome::Requeue);

@@ -1,4 +1,4 @@
-//! The `TaskQueue` actor: consumes one task queue while it has subscribers, offers each
+//! The `TaskConsumer` actor: consumes one task queue while it has subscribers, offers each
 //! task to them in turn, sends the result back and acks only after the handler finished.
 
 use std::marker::PhantomData;
@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::{Link, encode_reply, exception_reply};
+use super::{Conduit, encode_reply, exception_reply};
 use crate::Codec;
 use crate::codec::envelope::{Host, TaskEnvelope};
 use crate::error::{Error, ErrorKind, Result};
@@ -98,7 +98,7 @@ where
     })
 }
 
-/// What a `TaskQueue` keeps across its restarts, shared with its supervision's factory:
+/// What a `TaskConsumer` keeps across its restarts, shared with its supervision's factory:
 /// the subscribers, the consumer to cancel, whether it is closing, and its counts.
 #[derive(Clone)]
 pub(crate) struct Kept(Arc<Mutex<KeptState>>);
@@ -128,8 +128,8 @@ impl Kept {
 }
 
 /// Consumes one task queue for one communicator.
-pub(crate) struct TaskQueue {
-    link: Link,
+pub(crate) struct TaskConsumer {
+    conduit: Conduit,
     queue: Arc<str>,
     /// Its counters, registered once.
     meters: Arc<QueueMeters>,
@@ -151,12 +151,12 @@ pub(crate) struct TaskQueue {
     stale: Option<String>,
 }
 
-impl TaskQueue {
+impl TaskConsumer {
     /// The queue's actor, as first started or as `kept` left it.
-    pub(crate) fn new(link: Link, queue: String, prefetch: u16, kept: Kept) -> Self {
+    pub(crate) fn new(conduit: Conduit, queue: String, prefetch: u16, kept: Kept) -> Self {
         let state = kept.lock();
         let actor = Self {
-            link,
+            conduit,
             meters: state.meters.clone(),
             queue: queue.into(),
             prefetch,
@@ -183,7 +183,7 @@ impl TaskQueue {
     /// Starts consuming the queue; its deliveries come to this actor as a stream.
     fn consume(&mut self) -> impl ActorFuture<Self, Output = Result<()>> + 'static {
         let consume = self
-            .link
+            .conduit
             .transport
             .consume(Source::Tasks(self.queue.to_string()), self.prefetch);
         consume.into_actor(self).map(|result, actor, ctx| {
@@ -197,7 +197,7 @@ impl TaskQueue {
     }
 }
 
-impl Actor for TaskQueue {
+impl Actor for TaskConsumer {
     type Context = Context<Self>;
 
     /// After a restart, cancels the old consumer on the broker (what it delivered and
@@ -205,7 +205,7 @@ impl Actor for TaskQueue {
     /// kept.
     fn started(&mut self, ctx: &mut Context<Self>) {
         if let Some(tag) = self.stale.take() {
-            let cancel = self.link.transport.cancel(&tag);
+            let cancel = self.conduit.transport.cancel(&tag);
             actix::spawn(async move {
                 let _ = cancel.await;
             });
@@ -215,7 +215,7 @@ impl Actor for TaskQueue {
     }
 }
 
-impl TaskQueue {
+impl TaskConsumer {
     /// After a restart, consumes again for the subscribers it kept — trying again, with
     /// backoff, until it does, or has no subscriber left, or closes: never registered and
     /// deaf.
@@ -250,7 +250,7 @@ pub(crate) struct RemoveSubscriber {
     pub(crate) dead: bool,
 }
 
-impl Handler<AddSubscriber> for TaskQueue {
+impl Handler<AddSubscriber> for TaskConsumer {
     type Result = AtomicResponse<Self, Result<()>>;
 
     fn handle(&mut self, message: AddSubscriber, _: &mut Context<Self>) -> Self::Result {
@@ -262,7 +262,7 @@ impl Handler<AddSubscriber> for TaskQueue {
             return AtomicResponse::new(Box::pin(fut::ready(Err(Error::closed()))));
         }
         Arc::make_mut(&mut self.subscribers).push((message.id, message.handler));
-        self.link.subscribers.add("task", 1);
+        self.conduit.subscribers.add("task", 1);
         self.keep();
         if self.consumer.is_some() {
             return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
@@ -270,7 +270,7 @@ impl Handler<AddSubscriber> for TaskQueue {
         AtomicResponse::new(Box::pin(self.consume().map(|result, actor, _| {
             if result.is_err() {
                 Arc::make_mut(&mut actor.subscribers).pop();
-                actor.link.subscribers.add("task", -1);
+                actor.conduit.subscribers.add("task", -1);
                 actor.keep();
             }
             result
@@ -278,21 +278,21 @@ impl Handler<AddSubscriber> for TaskQueue {
     }
 }
 
-impl Handler<RemoveSubscriber> for TaskQueue {
+impl Handler<RemoveSubscriber> for TaskConsumer {
     type Result = AtomicResponse<Self, Result<()>>;
 
     fn handle(&mut self, message: RemoveSubscriber, _: &mut Context<Self>) -> Self::Result {
         let before = self.subscribers.len();
         Arc::make_mut(&mut self.subscribers).retain(|(id, _)| *id != message.id);
         if self.subscribers.len() < before {
-            self.link.subscribers.add("task", -1);
+            self.conduit.subscribers.add("task", -1);
         }
         if self.subscribers.len() == before && !message.dead {
             let error = Error::new(ErrorKind::UnknownSubscriber(message.id));
             return AtomicResponse::new(Box::pin(fut::ready(Err(error))));
         }
         let cancel = match (&self.consumer, self.subscribers.is_empty()) {
-            (Some(tag), true) => self.link.transport.cancel(tag),
+            (Some(tag), true) => self.conduit.transport.cancel(tag),
             _ => {
                 self.keep();
                 return AtomicResponse::new(Box::pin(fut::ready(Ok(()))));
@@ -309,7 +309,7 @@ impl Handler<RemoveSubscriber> for TaskQueue {
 #[rtype(result = "(usize, usize)")]
 pub(crate) struct Stats;
 
-impl Handler<Stats> for TaskQueue {
+impl Handler<Stats> for TaskConsumer {
     type Result = MessageResult<Stats>;
 
     fn handle(&mut self, _: Stats, _: &mut Context<Self>) -> Self::Result {
@@ -323,7 +323,7 @@ impl Handler<Stats> for TaskQueue {
 #[rtype(result = "watch::Receiver<usize>")]
 pub(crate) struct Drain;
 
-impl Handler<Drain> for TaskQueue {
+impl Handler<Drain> for TaskConsumer {
     type Result = AtomicResponse<Self, watch::Receiver<usize>>;
 
     fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
@@ -334,7 +334,7 @@ impl Handler<Drain> for TaskQueue {
         let Some(tag) = consumer else {
             return AtomicResponse::new(Box::pin(fut::ready(running)));
         };
-        let cancel = self.link.transport.cancel(&tag);
+        let cancel = self.conduit.transport.cancel(&tag);
         let queue = self.queue.clone();
         AtomicResponse::new(Box::pin(cancel.into_actor(self).map(
             move |result, _, _| {
@@ -388,7 +388,7 @@ fn settle(
     acker.settle(outcome);
 }
 
-impl StreamHandler<Delivery> for TaskQueue {
+impl StreamHandler<Delivery> for TaskConsumer {
     fn handle(&mut self, delivery: Delivery, ctx: &mut Context<Self>) {
         self.meters.delivered.increment(1);
         if delivery.redelivered {
@@ -400,7 +400,7 @@ impl StreamHandler<Delivery> for TaskQueue {
             return;
         }
         let subscribers = self.subscribers.clone();
-        let link = self.link.clone();
+        let conduit = self.conduit.clone();
         let queue = self.queue.clone();
         let me = ctx.address();
         let running = Running::start(&self.running, &self.meters);
@@ -418,7 +418,7 @@ impl StreamHandler<Delivery> for TaskQueue {
                 delivery,
                 subscribers,
                 first,
-                link,
+                conduit,
                 queue,
                 &running.meters,
                 me,
@@ -438,10 +438,10 @@ async fn dispatch(
     delivery: Delivery,
     subscribers: Arc<Vec<(String, TaskFn)>>,
     first: usize,
-    link: Link,
+    conduit: Conduit,
     queue: Arc<str>,
     meters: &QueueMeters,
-    me: Addr<TaskQueue>,
+    me: Addr<TaskConsumer>,
 ) {
     let Delivery {
         body,
@@ -476,7 +476,7 @@ async fn dispatch(
             } => {
                 let outcome = match (no_reply, reply_to) {
                     (false, Some(reply_to)) => {
-                        match link
+                        match conduit
                             .reply(Exchange::Tasks, reply_to, correlation_id.clone(), bytes)
                             .await
                         {
@@ -491,13 +491,13 @@ async fn dispatch(
                 };
                 let outcome = match outcome {
                     // Answered, and kept for a look in the dead-letter queue.
-                    Outcome::Ack if panicked && link.dead_lettering => Outcome::Discard,
+                    Outcome::Ack if panicked && conduit.dead_lettering => Outcome::Discard,
                     outcome => outcome,
                 };
                 if panicked {
                     tracing::error!(%queue, subscriber = %id, ?correlation_id, "a task handler panicked; the sender gets the panic as an error");
                 }
-                settle(acker, outcome, meters, link.dead_lettering);
+                settle(acker, outcome, meters, conduit.dead_lettering);
                 return;
             }
             TaskAnswer::Rejected => {
@@ -521,21 +521,21 @@ async fn dispatch(
             meters.undecodable.increment(1);
             if let Some(reply_to) = reply_to {
                 let bytes = exception_reply(
-                    link.codec,
+                    conduit.codec,
                     &format!("the task could not be decoded: {error}"),
                     Some(Host::this_process()),
                 );
-                if let Err(error) = link
+                if let Err(error) = conduit
                     .reply(Exchange::Tasks, reply_to, correlation_id, bytes)
                     .await
                 {
                     tracing::warn!(%queue, %error, "could not report an undecodable task");
                 }
             }
-            settle(acker, Outcome::Discard, meters, link.dead_lettering);
+            settle(acker, Outcome::Discard, meters, conduit.dead_lettering);
         }
         _ if rejected
-            && link
+            && conduit
                 .delivery_limit
                 .is_some_and(|limit| delivery_count >= limit) =>
         {
@@ -543,15 +543,15 @@ async fn dispatch(
             tracing::warn!(%queue, ?correlation_id, delivery_count, "every subscriber rejected the task on its last delivery: dead-lettered");
             if let Some(reply_to) = reply_to {
                 let text = format!("{REJECTED} {delivery_count} time(s) before");
-                let bytes = exception_reply(link.codec, &text, Some(Host::this_process()));
-                if let Err(error) = link
+                let bytes = exception_reply(conduit.codec, &text, Some(Host::this_process()));
+                if let Err(error) = conduit
                     .reply(Exchange::Tasks, reply_to, correlation_id, bytes)
                     .await
                 {
                     tracing::warn!(%queue, %error, "could not report a rejected task");
                 }
             }
-            settle(acker, Outcome::Discard, meters, link.dead_lettering);
+            settle(acker, Outcome::Discard, meters, conduit.dead_lettering);
         }
         _ => {
             if rejected {
@@ -574,4 +574,4 @@ pub(crate) const REJECTED_PAUSE: std::time::Duration = std::time::Duration::from
 /// the sender reads it as [`ErrorKind::Rejected`](crate::ErrorKind::Rejected).
 pub(crate) const REJECTED: &str = "rejected by every subscriber: given up after it was returned";
 
-crate::supervision::test_hooks!(TaskQueue);
+crate::supervision::test_hooks!(TaskConsumer);
