@@ -204,6 +204,11 @@ impl Kiwimq {
             .with_task_exchange(tasks)
             .with_message_exchange(messages)
             .with_task_prefetch(PREFETCH);
+        // kiwiPy's unbounded intake instead of kiwimq's window, to see what the window costs.
+        let settings = match std::env::var("KIWIMQ_BENCH_MESSAGE_PREFETCH") {
+            Ok(count) => settings.with_message_prefetch(count.parse().expect("a count")),
+            Err(_) => settings,
+        };
         Kiwimq { settings }
     }
 

@@ -42,6 +42,8 @@ pub(crate) struct Conduit {
     /// Messages one RPC or broadcast subscriber handles at once
     /// ([`Settings::with_max_in_flight`](crate::Settings::with_max_in_flight)).
     pub(crate) max_in_flight: usize,
+    /// Where closure subscribers' messages are handled.
+    pub(crate) handlers: crate::handlers::HandlerThreads,
     /// This communicator's subscribers, in the process-wide gauge.
     pub(crate) subscribers: Arc<crate::metrics::SubscriberCount>,
 }

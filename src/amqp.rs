@@ -18,6 +18,7 @@
 //! a binding of it), `recovery` (what the root runs after a loss),
 //! `topology` (kiwiPy's exchanges, queues and arguments) and `uri`.
 
+mod ack_batch;
 mod connection;
 mod consumers;
 mod node;
@@ -256,9 +257,10 @@ struct Shared {
     /// identifiers are declared in parallel (10,000: 21 s on one, 15 s on four, 13 s on
     /// eight, on two cores shared with the broker).
     declarers: [Slot; DECLARERS],
-    /// The channels RPC and broadcast consumers share, as kiwiPy's message subscriber does
-    /// (they need no channel of their own: no acks, no prefetch), each with how many
-    /// consumers it was given: thousands of RPC identifiers stay far below `channel_max`.
+    /// The channels the consumers of exclusive RPC identifiers' queues share, each with how
+    /// many consumers it was given: thousands of RPC identifiers stay far below
+    /// `channel_max`. (The RPC queue and the broadcast queue have a channel of their own,
+    /// where their deliveries are acknowledged in batches.)
     shared_channels: tokio::sync::Mutex<Vec<(Weak<ConsumerChannel>, usize)>>,
     /// Where the consumer-side actors run, and so where the RPC queue's calls are routed
     /// to their identifiers: a call then crosses from lapin's I/O loop to the actors'

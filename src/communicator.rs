@@ -164,6 +164,7 @@ impl Communicator {
             delivery_limit: settings.delivery_limit,
             message_prefetch: settings.message_prefetch,
             max_in_flight: settings.max_in_flight,
+            handlers: HandlerThreads::new(settings.handler_threads),
             subscribers: Arc::default(),
         };
         let replies = Replies::new();
@@ -192,7 +193,7 @@ impl Communicator {
             incidents.clone(),
         );
         let inner = Core {
-            handlers: HandlerThreads::new(settings.handler_threads),
+            handlers: conduit.handlers.clone(),
             default_queue: settings.task_queue.as_str().into(),
             settings,
             conduit,

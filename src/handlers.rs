@@ -21,6 +21,11 @@ use futures::channel::oneshot;
 
 use crate::runtime::Runtime;
 
+thread_local! {
+    /// The pool this thread is a handler thread of (its address), or 0.
+    static CURRENT_POOL: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// A poll running this long means its thread is busy computing: messages go elsewhere.
 const STUCK: Duration = Duration::from_millis(1);
 
@@ -103,6 +108,22 @@ impl HandlerThreads {
         }
     }
 
+    /// Runs the handling `make` gives on a handler thread, without waiting for it.
+    pub(crate) fn spawn<F, Fut>(&self, make: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let done = self.run(make);
+        // The handling runs on its thread whether or not its end is awaited.
+        drop(done);
+    }
+
+    /// Whether the current thread is one of these handler threads.
+    pub(crate) fn is_current(&self) -> bool {
+        CURRENT_POOL.with(|current| current.get() == Arc::as_ptr(&self.0) as usize)
+    }
+
     /// The thread the next handler goes to, started when needed; `None` if none could start.
     fn place(&self) -> Option<Arc<HandlerThread>> {
         let pool = &self.0;
@@ -127,6 +148,12 @@ impl HandlerThreads {
                         runtime,
                         in_flight: AtomicUsize::new(0),
                         polling_since: AtomicU64::new(0),
+                    });
+                    // The thread knows it belongs to this pool: a handler already running
+                    // there calls a closure subscriber in place.
+                    let pool_id = Arc::as_ptr(&self.0) as usize;
+                    thread.runtime.arbiter().spawn_fn(move || {
+                        CURRENT_POOL.with(|current| current.set(pool_id));
                     });
                     threads.push(thread.clone());
                     return Some(thread);

@@ -14,7 +14,7 @@ use actix::dev::ToEnvelope;
 use actix::{Actor, Addr, Context, Handler, Message, Recipient};
 use futures::FutureExt;
 use futures::channel::oneshot;
-use futures::future::{BoxFuture, Shared};
+use futures::future::{BoxFuture, LocalBoxFuture, Shared};
 use tokio::sync::broadcast;
 
 use crate::events::ConnectionEvent;
@@ -83,10 +83,10 @@ where
     }
 }
 
-/// A closure subscriber's call: its answer, or none if it could not run (the communicator
-/// is closing).
+/// A closure subscriber's call, in its turn: its answer, or none if it could not run (the
+/// communicator is closing).
 type PooledFn<M> =
-    Arc<dyn Fn(M) -> BoxFuture<'static, Option<<M as Message>::Result>> + Send + Sync>;
+    Arc<dyn Fn(M, Turn) -> LocalBoxFuture<'static, Option<<M as Message>::Result>> + Send + Sync>;
 
 enum Target<M: Message + Send>
 where
@@ -94,8 +94,11 @@ where
 {
     /// An actor the user started: when it dies, it is gone.
     Fixed(Recipient<M>),
-    /// A closure, run on the handler threads.
-    Pooled(PooledFn<M>),
+    /// A closure, run on the handler threads; the end of its latest message's turn.
+    Pooled {
+        call: PooledFn<M>,
+        last_turn: std::sync::Mutex<Shared<oneshot::Receiver<()>>>,
+    },
     /// An actor kiwimq restarts; the subscription ends its supervision when dropped.
     Supervised {
         /// The actor as it runs now: waits while it restarts, none once given up.
@@ -138,17 +141,49 @@ where
         &self.scope.identifier
     }
 
-    /// Hands `message` over and waits for its answer. `notice` is the message's panic
-    /// watch (tasks and RPC requests carry one).
+    /// The next message's turn: a closure is called in the order its turns were taken.
+    pub(crate) fn turn(&self) -> Turn {
+        let Target::Pooled { last_turn, .. } = &self.target else {
+            return Turn::free();
+        };
+        let (ended, end) = oneshot::channel();
+        let previous = std::mem::replace(
+            &mut *last_turn.lock().unwrap_or_else(|p| p.into_inner()),
+            end.shared(),
+        );
+        Turn {
+            previous: Some(previous),
+            ended: Some(ended),
+        }
+    }
+
+    /// Whether its handlers run on the handler threads (a closure): a message's whole
+    /// handling then goes there, in one hop.
+    pub(crate) fn on_handler_threads(&self) -> bool {
+        matches!(self.target, Target::Pooled { .. })
+    }
+
+    /// Hands `message` over, in a turn taken now, and waits for its answer.
     pub(crate) async fn deliver(
         &self,
         message: M,
         notice: Option<&PanicNotice>,
     ) -> Delivered<M::Result> {
+        self.deliver_in(self.turn(), message, notice).await
+    }
+
+    /// Hands `message` over in `turn` and waits for its answer. `notice` is the message's
+    /// panic watch (tasks and RPC requests carry one).
+    pub(crate) async fn deliver_in(
+        &self,
+        turn: Turn,
+        message: M,
+        notice: Option<&PanicNotice>,
+    ) -> Delivered<M::Result> {
         let recipient = match &self.target {
             Target::Fixed(recipient) => recipient.clone(),
-            Target::Pooled(call) => {
-                return match call(message).await {
+            Target::Pooled { call, .. } => {
+                return match call(message, turn).await {
                     Some(answer) => Delivered::Answer(answer),
                     None => Delivered::Interrupted,
                 };
@@ -174,7 +209,7 @@ where
                 }
                 self.died("its actor stopped");
                 match self.target {
-                    Target::Fixed(_) | Target::Pooled(_) => Delivered::Lost,
+                    Target::Fixed(_) | Target::Pooled { .. } => Delivered::Lost,
                     Target::Supervised { .. } => Delivered::Interrupted,
                 }
             }
@@ -226,74 +261,85 @@ where
     fn into_subscriber(self, scope: &Scope) -> Subscriber<M> {
         let closure = Arc::new(std::sync::Mutex::new(self));
         let handlers = scope.handlers.clone();
-        // Each message's turn ends once the closure was called and its future polled once:
-        // both happen in the order the messages came, whichever threads they run on.
-        let last_turn = std::sync::Mutex::new(Turn::done());
-        let call: PooledFn<M> = Arc::new(move |message: M| {
+        let call: PooledFn<M> = Arc::new(move |message: M, turn: Turn| {
             let closure = closure.clone();
-            let (turn, ended) = Turn::next();
-            let previous = std::mem::replace(
-                &mut *last_turn.lock().unwrap_or_else(|p| p.into_inner()),
-                turn,
-            );
-            handlers
-                .run(move || async move {
-                    previous.wait().await;
-                    let trace = message.trace_context();
-                    let called = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        let mut f = closure.lock().unwrap_or_else(|p| p.into_inner());
-                        (*f)(message)
-                    }));
-                    let future = match called {
-                        Ok(future) => future,
-                        Err(panic) => {
-                            drop(ended);
-                            return Err(HandlerError::panicked(&payload_text(&*panic)));
-                        }
-                    };
-                    // What the handler sends continues the message's trace.
-                    let mut answer = pin!(crate::trace::maybe_scope(
-                        trace,
-                        AssertUnwindSafe(future).catch_unwind()
-                    ));
-                    let first = futures::poll!(answer.as_mut());
-                    drop(ended);
-                    let outcome = match first {
-                        Poll::Ready(outcome) => outcome,
-                        Poll::Pending => answer.await,
-                    };
-                    outcome
-                        .unwrap_or_else(|panic| Err(HandlerError::panicked(&payload_text(&*panic))))
-                })
-                .boxed()
+            let handle = move || async move {
+                let mut turn = turn;
+                turn.ready().await;
+                let ended = turn.ended.take();
+                let trace = message.trace_context();
+                let called = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    let mut f = closure.lock().unwrap_or_else(|p| p.into_inner());
+                    (*f)(message)
+                }));
+                let future = match called {
+                    Ok(future) => future,
+                    Err(panic) => {
+                        drop(ended);
+                        return Err(HandlerError::panicked(&payload_text(&*panic)));
+                    }
+                };
+                // What the handler sends continues the message's trace.
+                let mut answer = pin!(crate::trace::maybe_scope(
+                    trace,
+                    AssertUnwindSafe(future).catch_unwind()
+                ));
+                let first = futures::poll!(answer.as_mut());
+                drop(ended);
+                let outcome = match first {
+                    Poll::Ready(outcome) => outcome,
+                    Poll::Pending => answer.await,
+                };
+                outcome.unwrap_or_else(|panic| Err(HandlerError::panicked(&payload_text(&*panic))))
+            };
+            if handlers.is_current() {
+                // Already on a handler thread (the message's whole handling runs there):
+                // no second hop.
+                return handle().map(Some).boxed_local();
+            }
+            handlers.run(handle).boxed_local()
         });
         Subscriber {
-            target: Target::Pooled(call),
+            target: Target::Pooled {
+                call,
+                last_turn: std::sync::Mutex::new(Turn::over()),
+            },
             scope: scope.clone(),
             lost: AtomicBool::new(false),
         }
     }
 }
 
-/// One message's turn at a closure subscriber: the next message's call waits until it ends.
-struct Turn(Shared<oneshot::Receiver<()>>);
+/// One message's turn at a closure subscriber: it waits for the previous message's turn to
+/// end (its call made and its future polled once), and ends its own when dropped — so the
+/// closure is called in the order the messages came, whichever threads they run on.
+pub(crate) struct Turn {
+    /// The previous turn's end, until awaited.
+    previous: Option<Shared<oneshot::Receiver<()>>>,
+    ended: Option<oneshot::Sender<()>>,
+}
 
 impl Turn {
-    /// A turn already over.
-    fn done() -> Self {
+    /// An ended turn's end.
+    fn over() -> Shared<oneshot::Receiver<()>> {
         let (_, rx) = oneshot::channel();
-        Self(rx.shared())
+        rx.shared()
     }
 
-    /// A new turn, and what ends it when dropped.
-    fn next() -> (Self, oneshot::Sender<()>) {
-        let (tx, rx) = oneshot::channel();
-        (Self(rx.shared()), tx)
+    /// Waits until the previous message's turn has ended: a message takes a permit to run
+    /// only then, or messages holding permits could wait for one that waits for a permit.
+    pub(crate) async fn ready(&mut self) {
+        if let Some(previous) = self.previous.take() {
+            let _ = previous.await;
+        }
     }
 
-    /// Waits for the turn to end (its message may never have run: that ends it too).
-    async fn wait(self) {
-        let _ = self.0.await;
+    /// A turn that waits for nothing (subscribers that are not closures).
+    pub(crate) fn free() -> Self {
+        Self {
+            previous: None,
+            ended: None,
+        }
     }
 }
 

@@ -304,6 +304,7 @@ impl Handler<BroadcastHubChild> for Root {
                     queue.clone(),
                     conduit.message_prefetch,
                     conduit.subscribers.clone(),
+                    conduit.handlers.clone(),
                     kept.clone(),
                 )
             },

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use futures::FutureExt;
-use futures::future::{self, BoxFuture};
+use futures::future::LocalBoxFuture;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
@@ -19,9 +19,23 @@ use crate::messages::Broadcast;
 use crate::subscriber::{Delivered, Subscriber};
 use crate::transport::{Delivery, Outcome, Source, Transport};
 
-/// A broadcast subscriber with its type and filter erased.
-/// Its future says whether the subscriber turned out to be gone for good.
-pub(crate) type BroadcastFn = Arc<dyn Fn(bytes::Bytes) -> BoxFuture<'static, Gone> + Send + Sync>;
+/// A broadcast subscriber with its type and filter erased: called as a broadcast arrives
+/// (in order: a closure's turn is taken then), it gives the broadcast's handling, to run
+/// where the subscriber's handlers run — none if the subscriber does not want it. The
+/// handling says whether the subscriber turned out to be gone for good.
+#[derive(Clone)]
+pub(crate) struct BroadcastFn {
+    pub(crate) call: BroadcastCall,
+    /// A closure: its handling runs on a handler thread.
+    pub(crate) on_handler_threads: bool,
+}
+
+/// What a broadcast subscriber is called with as a broadcast arrives.
+pub(crate) type BroadcastCall =
+    Arc<dyn Fn(&bytes::Bytes) -> Option<BroadcastHandling> + Send + Sync>;
+
+/// One broadcast's handling by one subscriber, made on the thread it runs on.
+pub(crate) type BroadcastHandling = Box<dyn FnOnce() -> LocalBoxFuture<'static, Gone> + Send>;
 
 /// Erases a typed broadcast recipient behind its filter. Errors are logged: broadcasts are
 /// fire and forget. At most `max_in_flight` broadcasts are handed to it at once.
@@ -34,14 +48,15 @@ pub(crate) fn broadcast_fn<T>(
 where
     T: DeserializeOwned + Send + 'static,
 {
+    let on_handler_threads = subscriber.on_handler_threads();
     let subscriber = Arc::new(subscriber);
     let in_flight = Arc::new(Semaphore::new(max_in_flight.max(1)));
-    Arc::new(move |bytes: bytes::Bytes| {
-        let envelope: BroadcastEnvelope<T> = match codec.decode_broadcast(&bytes) {
+    let call = Arc::new(move |bytes: &bytes::Bytes| -> Option<BroadcastHandling> {
+        let envelope: BroadcastEnvelope<T> = match codec.decode_broadcast(bytes) {
             Ok(envelope) => envelope,
             Err(error) => {
                 // Only complain when this subscriber would have wanted the broadcast.
-                let header = codec.decode_broadcast::<IgnoredAny>(&bytes);
+                let header = codec.decode_broadcast::<IgnoredAny>(bytes);
                 match header {
                     Ok(h) if !passes(&filter, &h) => {}
                     _ => {
@@ -49,11 +64,11 @@ where
                         crate::metrics::count(crate::metrics::UNDECODABLE, "broadcast");
                     }
                 }
-                return future::ready(false).boxed();
+                return None;
             }
         };
         if !passes(&filter, &envelope) {
-            return future::ready(false).boxed();
+            return None;
         }
         let broadcast = Broadcast {
             body: envelope.body,
@@ -63,28 +78,56 @@ where
         };
         let subscriber = subscriber.clone();
         let in_flight = in_flight.clone();
-        async move {
-            // Never closed: a permit always comes.
-            let _permit = in_flight.acquire_owned().await;
-            let started = std::time::Instant::now();
-            let delivered = subscriber.deliver(broadcast, None).await;
-            crate::metrics::elapsed(crate::metrics::HANDLER_SECONDS, "broadcast", started);
-            match delivered {
-                Delivered::Answer(Ok(())) => {}
-                Delivered::Answer(Err(error)) => {
-                    tracing::error!(subscriber = %subscriber.identifier(), %error, "broadcast subscriber failed");
+        let turn = subscriber.turn();
+        let mut turn = turn;
+        Some(Box::new(move || {
+            async move {
+                turn.ready().await;
+                // Never closed: a permit always comes.
+                let _permit = in_flight.acquire_owned().await;
+                let started = std::time::Instant::now();
+                let delivered = subscriber.deliver_in(turn, broadcast, None).await;
+                crate::metrics::elapsed(crate::metrics::HANDLER_SECONDS, "broadcast", started);
+                match delivered {
+                    Delivered::Answer(Ok(())) => {}
+                    Delivered::Answer(Err(error)) => {
+                        tracing::error!(subscriber = %subscriber.identifier(), %error, "broadcast subscriber failed");
+                    }
+                    Delivered::Panicked(text) => {
+                        tracing::error!(subscriber = %subscriber.identifier(), panic = %text, "broadcast subscriber panicked");
+                    }
+                    // Reported by the subscriber already; a broadcast is not kept.
+                    Delivered::Interrupted => {}
+                    Delivered::Lost => return true,
                 }
-                Delivered::Panicked(text) => {
-                    tracing::error!(subscriber = %subscriber.identifier(), panic = %text, "broadcast subscriber panicked");
-                }
-                // Reported by the subscriber already; a broadcast is not kept.
-                Delivered::Interrupted => {}
-                Delivered::Lost => return true,
+                false
             }
-            false
+            .boxed_local()
+        }))
+    });
+    BroadcastFn {
+        call,
+        on_handler_threads,
+    }
+}
+
+/// A broadcast being handled: acknowledged once every subscriber's handling has ended
+/// (the last one drops it).
+struct Handed {
+    acker: Mutex<Option<crate::transport::Acker>>,
+}
+
+impl Drop for Handed {
+    fn drop(&mut self) {
+        let acker = self
+            .acker
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(acker) = acker {
+            acker.settle(Outcome::Ack);
         }
-        .boxed()
-    })
+    }
 }
 
 /// Whether a broadcast passes a filter, which sees its headers as text: a filter on sender
@@ -122,6 +165,8 @@ pub(crate) struct BroadcastHub {
     prefetch: u16,
     /// This communicator's subscribers, in the process-wide gauge.
     gauge: Arc<crate::metrics::SubscriberCount>,
+    /// Where closure subscribers' broadcasts are handled.
+    handlers: crate::handlers::HandlerThreads,
     /// What a restart starts again from; written whenever it changes.
     kept: Kept,
     /// A restart's predecessor's consumer, to cancel: its stream went with the old context.
@@ -135,6 +180,7 @@ impl BroadcastHub {
         queue: String,
         prefetch: u16,
         gauge: Arc<crate::metrics::SubscriberCount>,
+        handlers: crate::handlers::HandlerThreads,
         kept: Kept,
     ) -> Self {
         let KeptState {
@@ -146,6 +192,7 @@ impl BroadcastHub {
             queue,
             prefetch,
             gauge,
+            handlers,
             subscribers,
             consumer: None,
             kept,
@@ -289,27 +336,40 @@ impl StreamHandler<Delivery> for BroadcastHub {
         tracing::debug!(queue = %self.queue, "broadcast received");
         crate::metrics::count(crate::metrics::DELIVERED, "broadcast");
         let bytes = delivery.body;
-        let handlers: Vec<_> = self
+        let handlings: Vec<_> = self
             .subscribers
             .iter()
-            .map(|(id, handler)| {
-                let id = id.clone();
-                handler(bytes.clone()).map(move |gone| gone.then_some(id))
+            .filter_map(|(id, handler)| {
+                let handling = (handler.call)(&bytes)?;
+                Some((id.clone(), handling, handler.on_handler_threads))
             })
             .collect();
-        let me = ctx.address();
         let (trace, span) =
             crate::trace::handle_span("broadcast", &self.queue, None, false, delivery.traceparent);
-        let acker = delivery.acker;
-        // Handed to every subscriber: the broadcast leaves the prefetch window.
-        let handling = future::join_all(handlers).map(move |gone| {
-            acker.settle(Outcome::Ack);
-            // Reported lost already: no longer offered broadcasts, nor counted.
-            for id in gone.into_iter().flatten() {
-                me.do_send(RemoveSubscriber { id, dead: true });
-            }
+        // Handed to every subscriber, wherever each runs: the broadcast leaves the prefetch
+        // window when the last one's handling ends.
+        let done = Arc::new(Handed {
+            acker: Mutex::new(Some(delivery.acker)),
         });
-        actix::spawn(crate::trace::maybe_scope(trace, handling).instrument(span));
+        let me = ctx.address();
+        for (id, handling, on_handler_threads) in handlings {
+            let (done, me, span) = (done.clone(), me.clone(), span.clone());
+            let handle = move || {
+                let handle = async move {
+                    if handling().await {
+                        // Reported lost already: no longer offered broadcasts, nor counted.
+                        me.do_send(RemoveSubscriber { id, dead: true });
+                    }
+                    drop(done);
+                };
+                crate::trace::maybe_scope(trace, handle).instrument(span)
+            };
+            if on_handler_threads {
+                self.handlers.spawn(handle);
+            } else {
+                actix::spawn(handle());
+            }
+        }
     }
 
     fn finished(&mut self, _: &mut Context<Self>) {}

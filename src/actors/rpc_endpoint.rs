@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use futures::FutureExt;
-use futures::future::BoxFuture;
+use futures::future::LocalBoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
@@ -20,59 +20,89 @@ use crate::panics::PanicWatch;
 use crate::subscriber::{Delivered, Subscriber};
 use crate::transport::{Consumer, Delivery, Exchange, Outcome, Source};
 
-/// An RPC subscriber with its types erased: request bytes in, reply map bytes out — and
-/// whether the subscriber is gone for good.
-pub(crate) type RpcFn =
-    Arc<dyn Fn(bytes::Bytes, Option<String>) -> BoxFuture<'static, (Vec<u8>, Gone)> + Send + Sync>;
+/// An RPC subscriber with its types erased: called as a request arrives (so a closure's
+/// calls keep the requests' order), it gives the request's handling — request bytes in,
+/// reply map bytes out, and whether the subscriber is gone for good — to run where the
+/// subscriber's handlers run.
+#[derive(Clone)]
+pub(crate) struct RpcFn {
+    pub(crate) call: Arc<dyn Fn(bytes::Bytes, Option<String>) -> RpcHandling + Send + Sync>,
+    /// A closure: the handling runs on a handler thread, not on kiwimq's runtime.
+    pub(crate) on_handler_threads: bool,
+}
+
+/// One request's handling, made on the thread it runs on.
+pub(crate) type RpcHandling = Box<dyn FnOnce() -> LocalBoxFuture<'static, (Vec<u8>, Gone)> + Send>;
 
 /// Whether a subscriber turned out to be gone for good while handling a message.
 pub(crate) type Gone = bool;
 
 /// Erases a typed RPC subscriber. Every request gets a reply: bad bytes, a panic and a
 /// dead subscriber become exception replies naming the problem.
-pub(crate) fn rpc_fn<T, R>(subscriber: Subscriber<Rpc<T, R>>, codec: Codec) -> RpcFn
+pub(crate) fn rpc_fn<T, R>(
+    subscriber: Subscriber<Rpc<T, R>>,
+    codec: Codec,
+    max_in_flight: usize,
+) -> RpcFn
 where
     T: DeserializeOwned + Send + 'static,
     R: Serialize + Send + 'static,
 {
+    let on_handler_threads = subscriber.on_handler_threads();
     let subscriber = Arc::new(subscriber);
-    Arc::new(move |body: bytes::Bytes, correlation_id: Option<String>| {
+    // Calls handled at once; the others wait for a permit, unacknowledged, within the
+    // consumer's prefetch window.
+    let in_flight = Arc::new(Semaphore::new(max_in_flight.max(1)));
+    let call = Arc::new(move |body: bytes::Bytes, correlation_id: Option<String>| {
         let subscriber = subscriber.clone();
-        async move {
-            let body: T = match codec.decode(&body) {
-                Ok(body) => body,
-                Err(error) => {
-                    tracing::warn!(?correlation_id, %error, "undecodable RPC request");
-                    crate::metrics::count(crate::metrics::UNDECODABLE, "rpc");
-                    let text = format!("the request could not be decoded: {error}");
-                    return (exception_reply(codec, &text, None), false);
+        let in_flight = in_flight.clone();
+        let mut turn = subscriber.turn();
+        let handling: RpcHandling = Box::new(move || {
+            async move {
+                turn.ready().await;
+                // Never closed: a permit always comes.
+                let _permit = in_flight.acquire_owned().await;
+                let body: T = match codec.decode(&body) {
+                    Ok(body) => body,
+                    Err(error) => {
+                        tracing::warn!(?correlation_id, %error, "undecodable RPC request");
+                        crate::metrics::count(crate::metrics::UNDECODABLE, "rpc");
+                        let text = format!("the request could not be decoded: {error}");
+                        return (exception_reply(codec, &text, None), false);
+                    }
+                };
+                let (watch, notice) = PanicWatch::new();
+                let request = Rpc {
+                    body,
+                    correlation_id,
+                    trace: crate::trace::TraceContext::current(),
+                    result: PhantomData,
+                    _watch: watch,
+                };
+                let started = std::time::Instant::now();
+                let delivered = subscriber.deliver_in(turn, request, Some(&notice)).await;
+                crate::metrics::elapsed(crate::metrics::HANDLER_SECONDS, "rpc", started);
+                let died = "the RPC subscriber died before it handled the request";
+                match delivered {
+                    Delivered::Answer(outcome) => (encode_reply(codec, outcome, None), false),
+                    Delivered::Panicked(text) => {
+                        tracing::error!(identifier = %subscriber.identifier(), "an RPC handler panicked; the caller gets the panic as an error");
+                        let reply =
+                            encode_reply::<R>(codec, Err(HandlerError::Panicked(text)), None);
+                        (reply, false)
+                    }
+                    Delivered::Interrupted => (exception_reply(codec, died, None), false),
+                    Delivered::Lost => (exception_reply(codec, died, None), true),
                 }
-            };
-            let (watch, notice) = PanicWatch::new();
-            let request = Rpc {
-                body,
-                correlation_id,
-                trace: crate::trace::TraceContext::current(),
-                result: PhantomData,
-                _watch: watch,
-            };
-            let started = std::time::Instant::now();
-            let delivered = subscriber.deliver(request, Some(&notice)).await;
-            crate::metrics::elapsed(crate::metrics::HANDLER_SECONDS, "rpc", started);
-            let died = "the RPC subscriber died before it handled the request";
-            match delivered {
-                Delivered::Answer(outcome) => (encode_reply(codec, outcome, None), false),
-                Delivered::Panicked(text) => {
-                    tracing::error!(identifier = %subscriber.identifier(), "an RPC handler panicked; the caller gets the panic as an error");
-                    let reply = encode_reply::<R>(codec, Err(HandlerError::Panicked(text)), None);
-                    (reply, false)
-                }
-                Delivered::Interrupted => (exception_reply(codec, died, None), false),
-                Delivered::Lost => (exception_reply(codec, died, None), true),
             }
-        }
-        .boxed()
-    })
+            .boxed_local()
+        });
+        handling
+    });
+    RpcFn {
+        call,
+        on_handler_threads,
+    }
 }
 
 /// What an `RpcEndpoint` keeps across its restarts: its consumer's tag, to cancel it.
@@ -102,9 +132,6 @@ pub(crate) struct RpcEndpoint {
     kept: Kept,
     /// Restarted: the consumer went with the old context and must be made again.
     resubscribe: bool,
-    /// Calls handled at once ([`Conduit::max_in_flight`]); the others wait for a permit,
-    /// unacknowledged, within the consumer's prefetch window.
-    in_flight: Arc<Semaphore>,
     /// Told when the subscriber is gone for good: the root forgets the identifier.
     forget: Forget,
 }
@@ -132,7 +159,6 @@ impl RpcEndpoint {
             None => true,
         };
         Self {
-            in_flight: Arc::new(Semaphore::new(conduit.max_in_flight)),
             conduit,
             identifier,
             handler,
@@ -212,35 +238,41 @@ impl StreamHandler<Delivery> for RpcEndpoint {
         );
         tracing::debug!(identifier = %self.identifier, ?correlation_id, "RPC received");
         crate::metrics::count(crate::metrics::DELIVERED, "rpc");
-        let answer = (self.handler)(body, correlation_id.clone());
+        let handling = (self.handler.call)(body, correlation_id.clone());
         let conduit = self.conduit.clone();
         let identifier = self.identifier.clone();
-        let in_flight = self.in_flight.clone();
         let forget = self.forget.clone();
-        let answering = async move {
-            // Never closed: a permit always comes.
-            let _permit = in_flight.acquire_owned().await;
-            let (bytes, gone) = answer.await;
-            if gone {
-                // Reported lost already; the identifier is no longer served.
-                forget();
-            }
-            let Some(reply_to) = reply_to else {
-                tracing::warn!(%identifier, ?correlation_id, "RPC without reply_to: the reply is dropped");
+        // Made where it runs: a closure's on a handler thread (one hop, the reply sent from
+        // there), an actor's here.
+        let answering = move || {
+            let answering = async move {
+                let (bytes, gone) = handling().await;
+                if gone {
+                    // Reported lost already; the identifier is no longer served.
+                    forget();
+                }
+                let Some(reply_to) = reply_to else {
+                    tracing::warn!(%identifier, ?correlation_id, "RPC without reply_to: the reply is dropped");
+                    acker.settle(Outcome::Ack);
+                    return;
+                };
+                if let Err(error) = conduit
+                    .reply(Exchange::Messages, reply_to, correlation_id, bytes)
+                    .await
+                {
+                    tracing::warn!(%identifier, %error, "RPC reply failed");
+                }
+                // Answered (or given up): the call leaves the prefetch window. An RPC is
+                // at most once, as in kiwiPy: it is not requeued whatever became of it.
                 acker.settle(Outcome::Ack);
-                return;
             };
-            if let Err(error) = conduit
-                .reply(Exchange::Messages, reply_to, correlation_id, bytes)
-                .await
-            {
-                tracing::warn!(%identifier, %error, "RPC reply failed");
-            }
-            // Answered (or given up): the call leaves the prefetch window. An RPC is
-            // at most once, as in kiwiPy: it is not requeued whatever became of it.
-            acker.settle(Outcome::Ack);
+            crate::trace::maybe_scope(trace, answering).instrument(span)
         };
-        actix::spawn(crate::trace::maybe_scope(trace, answering).instrument(span));
+        if self.handler.on_handler_threads {
+            self.conduit.handlers.spawn(answering);
+        } else {
+            actix::spawn(answering());
+        }
     }
 
     /// A cancelled consumer's stream ends; the endpoint stops once nobody holds its

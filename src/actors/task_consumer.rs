@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use futures::FutureExt;
-use futures::future::BoxFuture;
+use futures::future::LocalBoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -51,8 +51,13 @@ pub(crate) enum TaskAnswer {
     Lost,
 }
 
-/// A task subscriber with its types erased.
-pub(crate) type TaskFn = Arc<dyn Fn(TaskInput) -> BoxFuture<'static, TaskAnswer> + Send + Sync>;
+/// A task subscriber with its types erased; its future is made on the thread it runs on.
+#[derive(Clone)]
+pub(crate) struct TaskFn {
+    pub(crate) call: Arc<dyn Fn(TaskInput) -> LocalBoxFuture<'static, TaskAnswer> + Send + Sync>,
+    /// A closure: a task offered to it first is handled on a handler thread.
+    pub(crate) on_handler_threads: bool,
+}
 
 /// Erases a typed task subscriber.
 pub(crate) fn task_fn<T, R>(subscriber: Subscriber<Task<T, R>>, codec: Codec) -> TaskFn
@@ -60,8 +65,9 @@ where
     T: DeserializeOwned + Send + 'static,
     R: Serialize + Send + 'static,
 {
+    let on_handler_threads = subscriber.on_handler_threads();
     let subscriber = Arc::new(subscriber);
-    Arc::new(move |input: TaskInput| {
+    let call = Arc::new(move |input: TaskInput| {
         let subscriber = subscriber.clone();
         async move {
             let (body, no_reply): TaskEnvelope<T> = match codec.decode(&input.body) {
@@ -94,8 +100,12 @@ where
                 panicked,
             }
         }
-        .boxed()
-    })
+        .boxed_local()
+    });
+    TaskFn {
+        call,
+        on_handler_threads,
+    }
 }
 
 /// What a `TaskConsumer` keeps across its restarts, shared with its supervision's factory:
@@ -413,20 +423,33 @@ impl StreamHandler<Delivery> for TaskConsumer {
             delivery.redelivered,
             delivery.traceparent,
         );
-        let handling = async move {
-            dispatch(
-                delivery,
-                subscribers,
-                first,
-                conduit,
-                queue,
-                &running.meters,
-                me,
-            )
-            .await;
-            drop(running);
+        let on_handler_threads = subscribers
+            .get(first % subscribers.len().max(1))
+            .is_some_and(|(_, handler)| handler.on_handler_threads);
+        let handlers = conduit.handlers.clone();
+        // Made where it runs: offered first to a closure, on a handler thread (one hop, the
+        // reply and the ack sent from there); to an actor, here.
+        let handling = move || {
+            let handling = async move {
+                dispatch(
+                    delivery,
+                    subscribers,
+                    first,
+                    conduit,
+                    queue,
+                    &running.meters,
+                    me,
+                )
+                .await;
+                drop(running);
+            };
+            crate::trace::maybe_scope(trace, handling).instrument(span)
         };
-        actix::spawn(crate::trace::maybe_scope(trace, handling).instrument(span));
+        if on_handler_threads {
+            handlers.spawn(handling);
+        } else {
+            actix::spawn(handling());
+        }
     }
 
     /// A cancelled consumer's stream ends; the actor lives on for the next one.
@@ -468,7 +491,7 @@ async fn dispatch(
         .skip(first % count.max(1))
         .take(count);
     for (id, handler) in in_turn {
-        match handler(input.clone()).await {
+        match (handler.call)(input.clone()).await {
             TaskAnswer::Reply {
                 bytes,
                 no_reply,

@@ -19,6 +19,7 @@ use lapin::protocol::AMQPSoftError;
 use lapin::types::FieldTable;
 use tokio::time::Instant;
 
+use super::ack_batch::AckBatch;
 use super::{
     Attempt, ConsumerChannel, Registration, Shared, amqp_error, amqp_error_refused, explain, lock,
     soft_error,
@@ -62,7 +63,7 @@ impl Shared {
             return self.route_rpc(connection, epoch, identifier).await;
         }
         let queue = self.queue_of(source);
-        let (guard, no_ack) = match source {
+        let (guard, acks) = match source {
             Source::Tasks(queue) => {
                 let guard = self.own_channel(connection).await?;
                 guard
@@ -75,7 +76,7 @@ impl Shared {
                     .declare_task_queue(&guard.channel, queue)
                     .await
                     .map_err(amqp_error_refused)?;
-                (guard, false)
+                (guard, Acks::Each)
             }
             Source::Replies(exchange, queue) => {
                 let guard = self.own_channel(connection).await?;
@@ -84,35 +85,42 @@ impl Shared {
                     .await
                     .map_err(|error| own_queue_refused(error, queue))?;
                 // Acknowledged, so a reply lost in flight with the connection comes again.
-                (guard, false)
+                (guard, Acks::Each)
             }
-            Source::Rpc(_) | Source::Broadcasts(_) => {
+            Source::Broadcasts(queue) => {
+                // A channel of its own, so that its deliveries can be acknowledged in
+                // batches; a refusal there is this declaration's.
+                let guard = self.own_channel(connection).await?;
+                topology
+                    .declare_broadcast_queue(&guard.channel, queue)
+                    .await
+                    .map_err(|error| own_queue_refused(error, queue))?;
+                let acks = self.window(&guard, prefetch).await?;
+                (guard, acks)
+            }
+            Source::Rpc(_) => {
                 let declarer = self
                     .channel_on(self.declarer(&queue), false, connection, epoch)
                     .await?;
-                let declared = match source {
-                    Source::Rpc(identifier) => topology
+                if let Source::Rpc(identifier) = source {
+                    topology
                         .declare_rpc_queue(&declarer, identifier)
                         .await
-                        .map(drop),
-                    _ => topology.declare_broadcast_queue(&declarer, &queue).await,
-                };
-                declared.map_err(|e| self.declare_error(e, source, &queue))?;
-                let guard = self.shared_channel(connection).await?;
-                if prefetch > 0 {
-                    // RabbitMQ applies a non-global prefetch to each consumer started on
-                    // the channel afterwards: this one holds at most `prefetch` unacked.
-                    guard
-                        .channel
-                        .basic_qos(prefetch, BasicQosOptions::default())
-                        .await
-                        .map_err(amqp_error)?;
+                        .map_err(|e| self.declare_error(e, source, &queue))?;
                 }
-                (guard, prefetch == 0)
+                let guard = self.shared_channel(connection).await?;
+                // RabbitMQ applies a non-global prefetch to each consumer started on the
+                // channel afterwards: this one holds at most `prefetch` unacked. On a shared
+                // channel each delivery is acknowledged by itself.
+                let acks = match self.window(&guard, prefetch).await? {
+                    Acks::Batched(_) => Acks::Each,
+                    none => none,
+                };
+                (guard, acks)
             }
         };
         let options = BasicConsumeOptions {
-            no_ack,
+            no_ack: matches!(acks, Acks::Auto),
             ..Default::default()
         };
         let consumer = guard
@@ -125,7 +133,21 @@ impl Shared {
             )
             .await
             .map_err(amqp_error)?;
-        Ok((guard, LapinFeed::Consumer(consumer, no_ack)))
+        Ok((guard, LapinFeed::Consumer(consumer, acks)))
+    }
+
+    /// Sets a consumer's prefetch window on `guard`'s channel; how its deliveries are then
+    /// acknowledged: none (no window), or in batches.
+    pub(super) async fn window(&self, guard: &ConsumerChannel, prefetch: u16) -> Result<Acks> {
+        if prefetch == 0 {
+            return Ok(Acks::Auto);
+        }
+        guard
+            .channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(amqp_error)?;
+        Ok(Acks::Batched(prefetch))
     }
 
     /// A declaration the broker refused. The declaring channel is shared, and every
@@ -213,8 +235,8 @@ impl Shared {
         entry.retry_at = None;
         let shared = Arc::downgrade(self);
         let deliveries = match feed {
-            LapinFeed::Consumer(consumer, no_ack) => {
-                deliveries(shared, tag.to_owned(), consumer, guard, no_ack)
+            LapinFeed::Consumer(consumer, acks) => {
+                deliveries(shared, tag.to_owned(), consumer, guard, acks)
             }
             LapinFeed::Routed(calls) => {
                 let tag = tag.to_owned();
@@ -451,7 +473,7 @@ impl Shared {
                 acker: m.delivery.acker.clone(),
                 _channel: None,
             };
-            convert(m.delivery, Some(acker))
+            convert(m.delivery, Acker::new(acker))
         }))
     }
 }
@@ -475,8 +497,12 @@ pub(super) fn deliveries(
     tag: String,
     consumer: lapin::Consumer,
     guard: Arc<ConsumerChannel>,
-    no_ack: bool,
+    acks: Acks,
 ) -> BoxStream<'static, Delivery> {
+    let batch = match acks {
+        Acks::Batched(prefetch) => Some(AckBatch::new(prefetch, guard.io.clone(), guard.clone())),
+        _ => None,
+    };
     let logged_tag = tag.clone();
     let delivered = consumer
         .take_while(move |item| {
@@ -493,7 +519,11 @@ pub(super) fn deliveries(
             let guard = guard.clone();
             move |item| {
                 let delivery = item.ok().map(|delivery| {
-                    let acker = (!no_ack).then(|| AmqpAck::new(&delivery, &guard));
+                    let acker = match (&batch, acks) {
+                        (_, Acks::Auto) => Acker::auto(),
+                        (Some(batch), _) => Acker::new(batch.enroll(&delivery)),
+                        (None, _) => Acker::new(AmqpAck::new(&delivery, &guard)),
+                    };
                     convert(delivery, acker)
                 });
                 futures::future::ready(delivery)
@@ -504,10 +534,10 @@ pub(super) fn deliveries(
     delivered.chain(ended).boxed()
 }
 
-/// What feeds a consumer on one connection: a lapin consumer (and whether its deliveries
-/// are auto-acked), or the calls the communicator's RPC queue routes to an identifier.
+/// What feeds a consumer on one connection: a lapin consumer (and how its deliveries are
+/// acknowledged), or the calls the communicator's RPC queue routes to an identifier.
 pub(super) enum LapinFeed {
-    Consumer(lapin::Consumer, bool),
+    Consumer(lapin::Consumer, Acks),
     Routed(mpsc::UnboundedReceiver<Delivery>),
 }
 
@@ -548,7 +578,18 @@ pub(super) fn consumer_ended(shared: &Weak<Shared>, tag: &str, guard: &Arc<Consu
     }
 }
 
-pub(super) fn convert(delivery: lapin::message::Delivery, acker: Option<AmqpAck>) -> Delivery {
+/// How a consumer's deliveries are acknowledged.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Acks {
+    /// By the broker on delivery (no window).
+    Auto,
+    /// One by one (task and reply queues, and consumers on shared channels).
+    Each,
+    /// In batches, within a window of this many (see `ack_batch`).
+    Batched(u16),
+}
+
+pub(super) fn convert(delivery: lapin::message::Delivery, acker: Acker) -> Delivery {
     let properties = &delivery.properties;
     let traceparent = properties.headers().as_ref().and_then(|headers| {
         match headers.inner().get("traceparent")? {
@@ -573,7 +614,7 @@ pub(super) fn convert(delivery: lapin::message::Delivery, acker: Option<AmqpAck>
         traceparent,
         redelivered: delivery.redelivered,
         body: delivery.data.into(),
-        acker: acker.map_or_else(Acker::auto, Acker::new),
+        acker,
     }
 }
 

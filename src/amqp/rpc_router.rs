@@ -13,18 +13,19 @@ use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueBindOptions};
 use lapin::types::FieldTable;
 use tokio::time::Instant;
 
-use super::consumers::{AmqpAck, LapinFeed, convert, own_queue_refused};
+use super::ack_batch::AckBatch;
+use super::consumers::{LapinFeed, convert, own_queue_refused};
 
 use super::{Attempt, ConsumerChannel, Shared, amqp_error, amqp_error_refused, lock};
 use crate::error::{Error, Result};
-use crate::transport::{Delivery, Outcome, RPC_TOPIC, Settle, Source, rpc_key};
+use crate::transport::{Acker, Delivery, Outcome, RPC_TOPIC, Source, rpc_key};
 
 /// The consumer of a communicator's RPC queue on one connection: each call goes to its
 /// identifier's stream by the routing key it was sent with.
 pub(super) struct RpcRouter {
     epoch: u64,
-    /// Calls settle themselves (no prefetch window).
-    auto_ack: bool,
+    /// The prefetch window its calls are acknowledged in; none: they settle themselves.
+    window: Option<u16>,
     pub(super) guard: Arc<ConsumerChannel>,
     /// Identifier → its consumer's deliveries on this connection. Emptied when the queue's
     /// consumer ends, which ends each identifier's stream: each is then restored.
@@ -77,7 +78,7 @@ impl Shared {
             .await
             .map_err(amqp_error)?;
         let router = Arc::new(RpcRouter {
-            auto_ack: prefetch == 0,
+            window: (prefetch > 0).then_some(prefetch),
             epoch,
             guard,
             routes: Mutex::default(),
@@ -159,6 +160,10 @@ impl Shared {
 /// queue's consumer ends; then every identifier's stream ends, and each is restored.
 async fn route_calls(router: Arc<RpcRouter>, mut consumer: lapin::Consumer) {
     let prefix = format!("{RPC_TOPIC}.");
+    // Its own channel: the calls are acknowledged in batches.
+    let batch = router
+        .window
+        .map(|prefetch| AckBatch::new(prefetch, router.guard.io.clone(), router.guard.clone()));
     while let Some(item) = consumer.next().await {
         let delivery = match item {
             Ok(delivery) => delivery,
@@ -169,7 +174,10 @@ async fn route_calls(router: Arc<RpcRouter>, mut consumer: lapin::Consumer) {
         };
         let key = delivery.routing_key.as_str();
         let routes = lock(&router.routes);
-        let acker = (!router.auto_ack).then(|| AmqpAck::new(&delivery, &router.guard));
+        let acker = match &batch {
+            Some(batch) => Acker::new(batch.enroll(&delivery)),
+            None => Acker::auto(),
+        };
         match key.strip_prefix(&prefix).and_then(|id| routes.get(id)) {
             Some(route) => {
                 let _ = route.unbounded_send(convert(delivery, acker));
@@ -178,9 +186,7 @@ async fn route_calls(router: Arc<RpcRouter>, mut consumer: lapin::Consumer) {
             // queue is deleted, the call goes unanswered (and leaves the window).
             None => {
                 tracing::debug!(routing_key = %key, "a call for an identifier no longer served");
-                if let Some(acker) = acker {
-                    Box::new(acker).settle(Outcome::Ack);
-                }
+                acker.settle(Outcome::Ack);
             }
         }
     }

@@ -71,6 +71,7 @@ impl Communicator {
         let handler = rpc_fn(
             subscriber.into_subscriber(&inner.scope(&identifier)),
             inner.conduit.codec,
+            inner.conduit.max_in_flight,
         );
         // Claim, consume and start as one operation: a caller that gives up half way has
         // it undone, and the identifier is free again.

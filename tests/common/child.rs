@@ -58,6 +58,13 @@ impl Child {
 
     /// The rest of the first line the child prints that starts with `wanted`.
     pub async fn expect(&mut self, wanted: &str) -> String {
+        self.expect_within(wanted, SOON).await
+    }
+
+    /// The rest of the first line the child prints that starts with `wanted`, within
+    /// `within`.
+    #[allow(dead_code)] // not every test binary that uses children waits long
+    pub async fn expect_within(&mut self, wanted: &str, within: std::time::Duration) -> String {
         let waiting = async {
             while let Some(line) = self.lines.next_line().await.unwrap() {
                 if let Some(rest) = line.strip_prefix(wanted) {
@@ -66,7 +73,7 @@ impl Child {
             }
             panic!("the worker process ended before saying '{wanted}'");
         };
-        tokio::time::timeout(SOON, waiting).await.expect(wanted)
+        tokio::time::timeout(within, waiting).await.expect(wanted)
     }
 
     /// Sends the child `signal` (`-KILL`, `-TERM`).
