@@ -83,27 +83,13 @@ impl HandlerThreads {
         Fut: Future<Output = T> + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let placed = self.place().map(|thread| {
-            thread.in_flight.fetch_add(1, Ordering::AcqRel);
-            let pool = self.0.clone();
-            let on = thread.clone();
-            let spawned = thread.runtime.arbiter().spawn_fn(move || {
-                let handler = Timed {
-                    inner: Box::pin(async move { make().await }),
-                    thread: on.clone(),
-                    pool,
-                };
-                actix_rt::spawn(async move {
-                    let _done = InFlight(on);
-                    let _ = tx.send(handler.await);
-                });
-            });
-            if !spawned {
-                thread.in_flight.fetch_sub(1, Ordering::AcqRel);
-            }
+        let placed = self.start(move || async move {
+            let _ = tx.send(make().await);
         });
         async move {
-            placed?;
+            if !placed {
+                return None;
+            }
             rx.await.ok()
         }
     }
@@ -114,9 +100,33 @@ impl HandlerThreads {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + 'static,
     {
-        let done = self.run(make);
-        // The handling runs on its thread whether or not its end is awaited.
-        drop(done);
+        self.start(make);
+    }
+
+    /// Places the handling `make` gives and starts it there, timed and counted in flight;
+    /// `false` if no thread could take it.
+    fn start<F, Fut>(&self, make: F) -> bool
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + 'static,
+    {
+        let Some(thread) = self.place() else {
+            return false;
+        };
+        thread.in_flight.fetch_add(1, Ordering::AcqRel);
+        let epoch = self.0.epoch;
+        let on = thread.clone();
+        let spawned = thread.runtime.arbiter().spawn_fn(move || {
+            actix_rt::spawn(Timed {
+                inner: Box::pin(async move { make().await }),
+                thread: on,
+                epoch,
+            });
+        });
+        if !spawned {
+            thread.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        spawned
     }
 
     /// Whether the current thread is one of these handler threads.
@@ -189,29 +199,28 @@ impl HandlerThread {
     }
 }
 
-/// Counts a handler out of its thread's in-flight ones, however it ends.
-struct InFlight(Arc<HandlerThread>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A handler whose polls are timed on its thread, so that a poll that does not return is
-/// seen by the placing of the next message.
-struct Timed<T> {
-    inner: Pin<Box<dyn Future<Output = T>>>,
+/// A handler, counted in its thread's in-flight ones until it ends, whose polls are timed
+/// on its thread, so that a poll that does not return is seen by the placing of the next
+/// message.
+struct Timed {
+    inner: Pin<Box<dyn Future<Output = ()>>>,
     thread: Arc<HandlerThread>,
-    pool: Arc<Pool>,
+    /// The pool's clock.
+    epoch: Instant,
 }
 
-impl<T> Future for Timed<T> {
-    type Output = T;
+impl Future for Timed {
+    type Output = ();
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        let polling = &self.thread.polling_since;
-        polling.store(self.pool.now() + 1, Ordering::Release);
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // Unpin (a box and an Arc): the fields borrow apart, nothing is cloned per poll.
+        let Timed {
+            inner,
+            thread,
+            epoch,
+        } = self.get_mut();
+        let since = u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        thread.polling_since.store(since + 1, Ordering::Release);
         // Cleared however the poll ends, a panic included.
         struct Clear<'a>(&'a AtomicU64);
         impl Drop for Clear<'_> {
@@ -219,9 +228,14 @@ impl<T> Future for Timed<T> {
                 self.0.store(0, Ordering::Release);
             }
         }
-        let thread = self.thread.clone();
         let _clear = Clear(&thread.polling_since);
-        self.inner.as_mut().poll(cx)
+        inner.as_mut().poll(cx)
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        self.thread.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
