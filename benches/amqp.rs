@@ -39,6 +39,14 @@ use common::{Body, body, median, percentile_us, rate};
 const WINDOW: usize = 512;
 const PREFETCH: u16 = 100;
 
+/// RPC calls and broadcasts taken from the broker before they are handled, on both sides:
+/// kiwimq's default window (`KIWIMQ_BENCH_MESSAGE_PREFETCH` sets another; 0 is kiwiPy's
+/// auto-ack intake, which raw lapin then does too).
+fn message_prefetch() -> u16 {
+    std::env::var("KIWIMQ_BENCH_MESSAGE_PREFETCH")
+        .map_or(256, |count| count.parse().expect("a count"))
+}
+
 fn url() -> String {
     std::env::var("KIWIMQ_URL")
         .ok()
@@ -203,12 +211,8 @@ impl Kiwimq {
         let settings = Settings::new(url())
             .with_task_exchange(tasks)
             .with_message_exchange(messages)
-            .with_task_prefetch(PREFETCH);
-        // kiwiPy's unbounded intake instead of kiwimq's window, to see what the window costs.
-        let settings = match std::env::var("KIWIMQ_BENCH_MESSAGE_PREFETCH") {
-            Ok(count) => settings.with_message_prefetch(count.parse().expect("a count")),
-            Err(_) => settings,
-        };
+            .with_task_prefetch(PREFETCH)
+            .with_message_prefetch(message_prefetch());
         Kiwimq { settings }
     }
 
@@ -605,6 +609,20 @@ async fn declare_bound(
         .unwrap();
 }
 
+/// Bounds what `channel`'s consumers take from the broker as kiwimq does for RPC calls and
+/// broadcasts (`basic.qos` of the same window, each message acknowledged once handled);
+/// `false` when the window is 0 and messages are taken unacknowledged, as kiwiPy does.
+async fn bound_intake(channel: &Channel) -> bool {
+    let window = message_prefetch();
+    if window > 0 {
+        channel
+            .basic_qos(window, BasicQosOptions::default())
+            .await
+            .unwrap();
+    }
+    window > 0
+}
+
 /// Consumes `queue` under `tag` (empty: the broker names it).
 async fn consume(channel: &Channel, queue: &str, tag: &str, no_ack: bool) -> lapin::Consumer {
     let options = BasicConsumeOptions {
@@ -902,7 +920,8 @@ impl Side for Lapin {
         ]);
         let key = format!("[rpc].{identifier}");
         declare_bound(&channel, &queue, options, arguments, &self.messages, &key).await;
-        let mut requests = consume(&channel, &queue, &identifier, true).await;
+        let acked = bound_intake(&channel).await;
+        let mut requests = consume(&channel, &queue, &identifier, !acked).await;
         let publisher = server.publisher.clone();
         tokio::spawn(async move {
             while let Some(Ok(request)) = requests.next().await {
@@ -914,6 +933,9 @@ impl Side for Lapin {
                         host: None,
                     });
                     let _ = answer(&publisher, &request, &reply, false).await;
+                    if acked {
+                        let _ = request.ack(BasicAckOptions::default()).await;
+                    }
                 });
             }
         });
@@ -971,13 +993,19 @@ impl Side for Lapin {
                 "[broadcast]",
             )
             .await;
-            let mut consumer = consume(&channel, &queue, "", true).await;
+            let acked = bound_intake(&channel).await;
+            let mut consumer = consume(&channel, &queue, "", !acked).await;
             let (counter, finished) = (received.clone(), done.clone());
             tokio::spawn(async move {
                 while let Some(Ok(delivery)) = consumer.next().await {
                     let _: BroadcastMap<Body> = rmp_serde::from_slice(&delivery.data).unwrap();
                     if counter.fetch_add(1, Ordering::Relaxed) + 1 == n * subscribers {
                         finished.notify_one();
+                    }
+                    if acked {
+                        tokio::spawn(async move {
+                            let _ = delivery.ack(BasicAckOptions::default()).await;
+                        });
                     }
                 }
             });
@@ -1199,6 +1227,7 @@ async fn main() {
             "rounds": s.rounds,
             "in_flight": WINDOW,
             "prefetch": PREFETCH,
+            "message_prefetch": message_prefetch(),
         },
         "samples": figures
             .iter()

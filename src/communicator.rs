@@ -164,7 +164,7 @@ impl Communicator {
             delivery_limit: settings.delivery_limit,
             message_prefetch: settings.message_prefetch,
             max_in_flight: settings.max_in_flight,
-            handlers: HandlerThreads::new(settings.handler_threads),
+            handlers: HandlerThreads::shared(settings.handler_threads),
             subscribers: Arc::default(),
         };
         let replies = Replies::new();

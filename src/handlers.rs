@@ -8,12 +8,14 @@
 //! with the fewest handlers in flight — and a new thread is started when every thread is
 //! stuck, up to [`Settings::with_handler_threads`](crate::Settings::with_handler_threads).
 //! Handlers that await (an RPC, a timer, for days) cost no thread: only the ones computing
-//! hold theirs. Threads start on first use, and stop with the communicator.
+//! hold theirs. Threads start on first use. The communicators of a process share one pool
+//! (ten communicators in one program do not start ten sets of threads); its threads stop
+//! when the last communicator using it is gone.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -34,15 +36,18 @@ const STUCK: Duration = Duration::from_millis(1);
 /// is placed.
 const EAGER_THREADS: usize = 2;
 
-/// A communicator's handler threads (see the module docs). Cheap to clone.
+/// The process's pool, while a communicator holds it.
+static SHARED: Mutex<Weak<Pool>> = Mutex::new(Weak::new());
+
+/// A pool of handler threads (see the module docs). Cheap to clone.
 #[derive(Clone, Debug)]
 pub(crate) struct HandlerThreads(Arc<Pool>);
 
 #[derive(Debug)]
 struct Pool {
     threads: Mutex<Vec<Arc<HandlerThread>>>,
-    /// Threads started at most.
-    max: usize,
+    /// Threads started at most: the largest any of the pool's users asked for.
+    max: AtomicUsize,
     /// The clock polls are timed against.
     epoch: Instant,
 }
@@ -61,13 +66,26 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl HandlerThreads {
-    /// A pool that starts at most `max` threads (at least one).
+    /// A pool of its own that starts at most `max` threads (at least one).
     pub(crate) fn new(max: usize) -> Self {
         Self(Arc::new(Pool {
             threads: Mutex::default(),
-            max: max.max(1),
+            max: AtomicUsize::new(max.max(1)),
             epoch: Instant::now(),
         }))
+    }
+
+    /// The process's pool, started if no communicator holds it; it may start `max` threads
+    /// from now on if it could start fewer.
+    pub(crate) fn shared(max: usize) -> Self {
+        let mut shared = lock(&SHARED);
+        if let Some(pool) = shared.upgrade() {
+            pool.max.fetch_max(max.max(1), Ordering::AcqRel);
+            return Self(pool);
+        }
+        let pool = Self::new(max);
+        *shared = Arc::downgrade(&pool.0);
+        pool
     }
 
     /// Runs the handler `make` gives on a handler thread: `make` is called there, so its
@@ -150,7 +168,7 @@ impl HandlerThreads {
                 thread.in_flight.load(Ordering::Acquire) > 0 && threads.len() < EAGER_THREADS
             }
         };
-        if wanted && threads.len() < pool.max {
+        if wanted && threads.len() < pool.max.load(Ordering::Acquire) {
             let name = format!("kiwimq-handlers-{}", threads.len());
             match Runtime::start(&name) {
                 Ok(runtime) => {

@@ -297,8 +297,10 @@ impl Settings {
     /// on kiwimq's own thread: each message's handler goes to a handler thread that is not
     /// busy computing, and another thread starts (up to this many) when every one is. A
     /// handler that awaits holds no thread; only as many handlers as this compute at once
-    /// before the next message waits behind one of them. Supervised actors each have a
-    /// thread of their own; an actor the user started runs where the user started it.
+    /// before the next message waits behind one of them. The communicators of one process
+    /// share these threads (the pool may grow to the largest count any of them asks for).
+    /// Supervised actors each have a thread of their own; an actor the user started runs
+    /// where the user started it.
     #[must_use]
     pub fn with_handler_threads(mut self, threads: usize) -> Self {
         self.handler_threads = threads.max(1);
