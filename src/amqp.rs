@@ -29,27 +29,25 @@ pub(crate) mod tls;
 mod topology;
 mod uri;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use futures::Future;
-use futures::channel::mpsc;
 use futures::future::{BoxFuture, FutureExt};
-use futures::stream::BoxStream;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::{Channel, Connection};
 use tokio::runtime::Handle;
-use tokio::sync::{Notify, broadcast, watch};
-use tokio::time::Instant;
+use tokio::sync::broadcast;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::events::{self, ConnectionEvent};
+use crate::events::ConnectionEvent;
 use crate::settings::Settings;
 use crate::transport::{Consumer, Delivery, Outgoing, QueueStats, Route, Source, Transport};
-use node::Node;
-use rpc_router::RpcRouter;
+use connection::Broker;
+use consumers::{ConsumerChannel, Consumers};
+use publisher::Publisher;
+use rpc_router::RpcRouting;
 use topology::Topology;
 
 /// Connects to RabbitMQ within the connect timeout and declares both exchanges; the
@@ -70,7 +68,7 @@ pub(crate) async fn connect(
             Ok::<_, Error>(connection)
         })
         .await??;
-    shared.state.send_replace(State::Up(connection, 0));
+    shared.broker.state.send_replace(State::Up(connection, 0));
     shared.io.handle.spawn(tick(Arc::downgrade(&shared)));
     Ok(Arc::new(AmqpTransport(shared)))
 }
@@ -193,100 +191,17 @@ fn usable(held: &Option<(u64, Arc<Channel>)>, epoch: u64) -> Option<Arc<Channel>
     }
 }
 
-/// A consumer's channel, closed once it is no longer consumed from and every delivery it
-/// handed out is settled (closing earlier would requeue tasks still being worked on).
-struct ConsumerChannel {
-    channel: Channel,
-    io: Handle,
-}
-
-impl Drop for ConsumerChannel {
-    fn drop(&mut self) {
-        let channel = self.channel.clone();
-        self.io.spawn(async move {
-            if channel.status().connected() {
-                let _ = channel.close(200, "consumer cancelled".into()).await;
-            }
-        });
-    }
-}
-
-/// A registered consumer: what to restore after a loss, and the stream it feeds.
-struct Registration {
-    source: Source,
-    prefetch: u16,
-    /// Where the lapin consumers go, one after another, as deliveries.
-    sender: mpsc::UnboundedSender<BoxStream<'static, Delivery>>,
-    /// The channel consuming now; none while it waits to be restored.
-    active: Option<Arc<ConsumerChannel>>,
-    /// Failed restorations in a row, and when to try again.
-    failures: u32,
-    retry_at: Option<Instant>,
-}
-
-/// Channels declaring the queues of consumers on shared channels.
-const DECLARERS: usize = 8;
-
+/// One RabbitMQ transport's state, in the parts that own it: the broker and the connection
+/// to it ([`Broker`]), the publisher channel ([`Publisher`]), the consumers and the
+/// channels they consume on ([`Consumers`]), the communicator's RPC queue
+/// ([`RpcRouting`]), what is declared ([`Topology`]), and the runtime lapin runs on.
 struct Shared {
-    /// The broker's nodes (one, or a cluster's), connected to one at a time.
-    nodes: Vec<Node>,
-    /// Which node the next connection tries first: the one after the last connected.
-    next_node: AtomicUsize,
-    /// The node of the current (or last) connection.
-    node: Mutex<Option<String>>,
-    /// The broker, as errors name it: its nodes' URIs without passwords.
-    redacted: String,
-    connect_timeout: Duration,
-    send_timeout: Duration,
-    reconnect_delay: (Duration, Duration),
-    /// The largest body a publish may carry; larger ones are refused before sending.
-    max_message_size: usize,
-    /// The RPC queue's prefetch window (0: none, auto-acked).
-    message_prefetch: u16,
+    broker: Broker,
+    publisher: Publisher,
+    consumers: Consumers,
+    rpc: RpcRouting,
     topology: Topology,
     io: IoRuntime,
-    state: watch::Sender<State>,
-    events: broadcast::Sender<ConnectionEvent>,
-    publisher: Slot,
-    /// Held while a publish is numbered and queued: see [`Shared::publish_in_order`].
-    publish_order: Mutex<()>,
-    puller: Slot,
-    /// Declare and delete the queues of consumers on shared channels, whose refusals (an
-    /// identifier taken) must not close a channel others consume on. Several, because the
-    /// broker handles one channel's requests one after another: thousands of RPC
-    /// identifiers are declared in parallel (10,000: 21 s on one, 15 s on four, 13 s on
-    /// eight, on two cores shared with the broker).
-    declarers: [Slot; DECLARERS],
-    /// The channels the consumers of exclusive RPC identifiers' queues share, each with how
-    /// many consumers it was given: thousands of RPC identifiers stay far below
-    /// `channel_max`. (The RPC queue and the broadcast queue have a channel of their own,
-    /// where their deliveries are acknowledged in batches.)
-    shared_channels: tokio::sync::Mutex<Vec<(Weak<ConsumerChannel>, usize)>>,
-    /// Where the consumer-side actors run, and so where the RPC queue's calls are routed
-    /// to their identifiers: a call then crosses from lapin's I/O loop to the actors'
-    /// thread once, as a queue of its own would (routed on the I/O runtime, it crossed
-    /// twice, and the RPC round trip took ~10% longer).
-    actors: actix_rt::ArbiterHandle,
-    /// The communicator's one RPC queue, bound once per identifier it serves (unless each
-    /// identifier has an exclusive queue of its own).
-    rpc_queue: String,
-    /// The RPC queue's consumer on the current connection, and where it sends each
-    /// identifier's calls.
-    rpc_router: tokio::sync::Mutex<Option<Arc<RpcRouter>>>,
-    /// Consumer tag → what it consumes.
-    consumers: Mutex<HashMap<String, Registration>>,
-    /// Task queues declared so far, declared again after a reconnection (a broker restart
-    /// loses non-durable ones).
-    task_queues: Mutex<HashSet<String>>,
-    closed: AtomicBool,
-    /// Why the broker blocks this connection's publishes (a memory or disk alarm), while
-    /// it does: a send that times out meanwhile says so.
-    blocked: Mutex<Option<String>>,
-    /// Asks the recovery to look now: something failed.
-    wake: Notify,
-    /// Ticks every [`TICK`]: deadlines awaited outside the I/O runtime, where tokio's
-    /// timers may not exist.
-    clock: watch::Sender<u64>,
 }
 
 /// The resolution of [`Shared::expiry`].
@@ -300,80 +215,20 @@ async fn tick(shared: Weak<Shared>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        shared.clock.send_modify(|now| *now += 1);
+        shared.broker.clock.send_modify(|now| *now += 1);
     }
 }
 
 impl Shared {
-    /// The declaring channel's slot for a consumer's queue (always the same one for a
-    /// queue, so its declaration and its deletion are in order).
-    fn declarer(&self, queue: &str) -> &Slot {
-        let hash = queue.bytes().fold(0usize, |h, b| {
-            h.wrapping_mul(31).wrapping_add(usize::from(b))
-        });
-        &self.declarers[hash % DECLARERS]
-    }
-
     fn new(settings: &Settings, actors: actix_rt::ArbiterHandle) -> Result<Self> {
-        let nodes = settings
-            .uris()
-            .map(|uri| Node::new(uri, &settings.tls))
-            .collect::<Result<Vec<_>>>()?;
-        node::one_scheme(&nodes)?;
-        let redacted = nodes
-            .iter()
-            .map(|node| node.redacted.as_str())
-            .collect::<Vec<_>>()
-            .join(", ");
         Ok(Self {
-            next_node: AtomicUsize::new(node::random_start(nodes.len())),
-            nodes,
-            node: Mutex::default(),
-            redacted,
-            connect_timeout: settings.connect_timeout,
-            send_timeout: settings.send_timeout,
-            reconnect_delay: settings.reconnect_delay,
-            max_message_size: settings.max_message_size,
-            message_prefetch: settings.message_prefetch,
+            broker: Broker::new(settings)?,
+            publisher: Publisher::new(settings),
+            consumers: Consumers::new(settings),
+            rpc: RpcRouting::new(settings, actors),
             topology: Topology::new(settings),
             io: IoRuntime::start()?,
-            state: watch::Sender::new(State::Down("not connected yet".into())),
-            events: events::channel(),
-            publisher: Slot::default(),
-            publish_order: Mutex::new(()),
-            puller: Slot::default(),
-            declarers: Default::default(),
-            shared_channels: tokio::sync::Mutex::default(),
-            actors,
-            rpc_queue: format!(
-                "{}.rpc-{}",
-                settings.message_exchange,
-                uuid::Uuid::new_v4().simple()
-            ),
-            rpc_router: tokio::sync::Mutex::default(),
-            consumers: Mutex::default(),
-            task_queues: Mutex::default(),
-            closed: AtomicBool::new(false),
-            blocked: Mutex::default(),
-            wake: Notify::new(),
-            clock: watch::Sender::new(0),
         })
-    }
-
-    fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
-    fn check_open(&self) -> Result<()> {
-        if self.is_closed() {
-            return Err(Error::closed());
-        }
-        Ok(())
-    }
-
-    fn emit(&self, event: ConnectionEvent) {
-        // No observer is fine.
-        let _ = self.events.send(event);
     }
 }
 
@@ -516,21 +371,21 @@ impl Transport for AmqpTransport {
     }
 
     fn events(&self) -> broadcast::Sender<ConnectionEvent> {
-        self.0.events.clone()
+        self.0.broker.events.clone()
     }
 
     fn is_connected(&self) -> bool {
-        matches!(&*self.0.state.borrow(), State::Up(..))
+        matches!(&*self.0.broker.state.borrow(), State::Up(..))
     }
 
     fn node(&self) -> Option<String> {
-        lock(&self.0.node).clone()
+        lock(&self.0.broker.node).clone()
     }
 
     fn recover(&self) -> BoxFuture<'static, ()> {
         let shared = self.0.clone();
         async move {
-            let State::Up(connection, _) = shared.state.borrow().clone() else {
+            let State::Up(connection, _) = shared.broker.state.borrow().clone() else {
                 return;
             };
             recovery::run(shared, connection).await;
@@ -542,7 +397,7 @@ impl Transport for AmqpTransport {
 impl Drop for AmqpTransport {
     /// Dropped without `close` (a communicator whose setup failed): stop every task.
     fn drop(&mut self) {
-        self.0.closed.store(true, Ordering::Release);
+        self.0.broker.closed.store(true, Ordering::Release);
         self.0.io.shutdown();
     }
 }

@@ -2,20 +2,97 @@
 //! retrying what a lost connection interrupted, recording a loss and a restoration, and
 //! closing.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::options::{ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio::time::Instant;
 
-use super::{
-    Attempt, ConsumerChannel, Registration, Shared, Slot, State, amqp_error, lock, usable,
-};
+use super::consumers::{ConsumerChannel, Registration};
+use super::node::{self, Node};
+use super::{Attempt, Shared, Slot, State, amqp_error, lock, usable};
 use crate::error::{Error, ErrorKind, Result};
-use crate::events::ConnectionEvent;
+use crate::events::{self, ConnectionEvent};
+use crate::settings::Settings;
 use crate::transport::Source;
+
+/// The broker as this transport sees it: its nodes, the connection to one of them (its
+/// state, its events, why it blocks publishes) and how long to wait for it.
+pub(super) struct Broker {
+    /// The broker's nodes (one, or a cluster's), connected to one at a time.
+    pub(super) nodes: Vec<Node>,
+    /// Which node the next connection tries first: the one after the last connected.
+    pub(super) next_node: AtomicUsize,
+    /// The node of the current (or last) connection.
+    pub(super) node: Mutex<Option<String>>,
+    /// The broker, as errors name it: its nodes' URIs without passwords.
+    pub(super) redacted: String,
+    pub(super) connect_timeout: Duration,
+    /// How long a request (a publish, a declaration, a consume) waits for the connection.
+    pub(super) send_timeout: Duration,
+    pub(super) reconnect_delay: (Duration, Duration),
+    pub(super) state: watch::Sender<State>,
+    pub(super) events: broadcast::Sender<ConnectionEvent>,
+    pub(super) closed: AtomicBool,
+    /// Why the broker blocks this connection's publishes (a memory or disk alarm), while
+    /// it does: a send that times out meanwhile says so.
+    pub(super) blocked: Mutex<Option<String>>,
+    /// Asks the recovery to look now: something failed.
+    pub(super) wake: Notify,
+    /// Ticks every [`TICK`](super::TICK): deadlines awaited outside the I/O runtime, where
+    /// tokio's timers may not exist.
+    pub(super) clock: watch::Sender<u64>,
+}
+
+impl Broker {
+    pub(super) fn new(settings: &Settings) -> Result<Self> {
+        let nodes = settings
+            .uris()
+            .map(|uri| Node::new(uri, &settings.tls))
+            .collect::<Result<Vec<_>>>()?;
+        node::one_scheme(&nodes)?;
+        let redacted = nodes
+            .iter()
+            .map(|node| node.redacted.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(Self {
+            next_node: AtomicUsize::new(node::random_start(nodes.len())),
+            nodes,
+            node: Mutex::default(),
+            redacted,
+            connect_timeout: settings.connect_timeout,
+            send_timeout: settings.send_timeout,
+            reconnect_delay: settings.reconnect_delay,
+            state: watch::Sender::new(State::Down("not connected yet".into())),
+            events: events::channel(),
+            closed: AtomicBool::new(false),
+            blocked: Mutex::default(),
+            wake: Notify::new(),
+            clock: watch::Sender::new(0),
+        })
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// `Closed` once the transport is closed.
+    pub(super) fn check_open(&self) -> Result<()> {
+        if self.is_closed() {
+            return Err(Error::closed());
+        }
+        Ok(())
+    }
+
+    /// Tells the connection's observers (none is fine).
+    pub(super) fn emit(&self, event: ConnectionEvent) {
+        let _ = self.events.send(event);
+    }
+}
 
 /// How long closing waits for the broker's goodbye, plus a millisecond per consumer.
 const CLOSE_PATIENCE: Duration = Duration::from_secs(5);
@@ -25,19 +102,19 @@ impl Shared {
     /// timeout, in turn from the one after the node of the last connection (a random one at
     /// first), and notes which node answered.
     pub(super) async fn open_connection(&self) -> Result<Connection> {
-        let count = self.nodes.len();
-        let start = self.next_node.load(Ordering::Acquire);
+        let count = self.broker.nodes.len();
+        let start = self.broker.next_node.load(Ordering::Acquire);
         let mut failures = Vec::new();
         for index in (start..start + count).map(|i| i % count) {
-            let node = &self.nodes[index];
-            match tokio::time::timeout(self.connect_timeout, node.connect()).await {
+            let node = &self.broker.nodes[index];
+            match tokio::time::timeout(self.broker.connect_timeout, node.connect()).await {
                 Ok(Ok(connection)) => {
-                    self.next_node.store(index + 1, Ordering::Release);
-                    *lock(&self.node) = Some(node.redacted.clone());
+                    self.broker.next_node.store(index + 1, Ordering::Release);
+                    *lock(&self.broker.node) = Some(node.redacted.clone());
                     if count > 1 {
                         tracing::info!(node = %node.redacted, "connected");
                     }
-                    self.emit(ConnectionEvent::Connected {
+                    self.broker.emit(ConnectionEvent::Connected {
                         node: node.redacted.clone(),
                     });
                     return Ok(connection);
@@ -56,7 +133,7 @@ impl Shared {
                 }
                 Err(_) => failures.push(Error::timeout(format!(
                     "no answer from {} within {:?}",
-                    node.redacted, self.connect_timeout
+                    node.redacted, self.broker.connect_timeout
                 ))),
             }
         }
@@ -77,7 +154,7 @@ impl Shared {
             .declare_exchanges(&channel)
             .await
             .map_err(amqp_error)?;
-        let queues: Vec<String> = lock(&self.task_queues).iter().cloned().collect();
+        let queues: Vec<String> = lock(&self.consumers.task_queues).iter().cloned().collect();
         for queue in queues {
             self.topology
                 .declare_task_queue(&channel, &queue)
@@ -90,7 +167,7 @@ impl Shared {
 
     /// The current connection, waiting for it through an outage until `deadline`.
     pub(super) async fn connection(&self, deadline: Instant) -> Result<(Arc<Connection>, u64)> {
-        let mut receiver = self.state.subscribe();
+        let mut receiver = self.broker.state.subscribe();
         let waited = tokio::time::timeout_at(
             deadline,
             receiver.wait_for(|state| !matches!(state, State::Down(_))),
@@ -100,13 +177,13 @@ impl Shared {
             Ok(Ok(state)) => state.clone(),
             Ok(Err(_)) => State::Closed,
             Err(_) => {
-                let reason = match &*self.state.borrow() {
+                let reason = match &*self.broker.state.borrow() {
                     State::Down(reason) => reason.to_string(),
                     _ => "the connection changed while waiting".to_owned(),
                 };
                 return Err(Error::timeout(format!(
                     "no connection to {} within the send timeout ({:?}); last error: {reason}",
-                    self.redacted, self.send_timeout
+                    self.broker.redacted, self.broker.send_timeout
                 )));
             }
         };
@@ -135,8 +212,8 @@ impl Shared {
     /// consumer's: however many queues are consumed, sending and subscribing find their
     /// channels (a connection has `channel_max` of them).
     pub(super) async fn reserve_channels(&self, connection: &Connection, epoch: u64) {
-        let declarers = self.declarers.iter().map(|slot| (slot, false));
-        let slots = std::iter::once((&self.publisher, true)).chain(declarers);
+        let declarers = self.consumers.declarers.iter().map(|slot| (slot, false));
+        let slots = std::iter::once((&self.publisher.channel, true)).chain(declarers);
         let opening =
             slots.map(|(slot, confirm)| self.channel_on(slot, confirm, connection, epoch));
         for opened in futures::future::join_all(opening).await {
@@ -187,16 +264,16 @@ impl Shared {
     {
         let mut pause = Duration::from_millis(25);
         loop {
-            self.check_open()?;
+            self.broker.check_open()?;
             let error = match tokio::time::timeout_at(deadline, attempt()).await {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(Attempt::Final(error))) => return Err(error),
                 Ok(Err(Attempt::Again(error))) => error,
                 Err(_) => return Err(self.unconfirmed(what)),
             };
-            self.check_open()?;
+            self.broker.check_open()?;
             tracing::debug!(%error, "{what} failed; trying again");
-            self.wake.notify_one();
+            self.broker.wake.notify_one();
             if Instant::now() + pause >= deadline {
                 return Err(error);
             }
@@ -207,39 +284,42 @@ impl Shared {
 
     /// Records a lost connection: waiting senders hold, every consumer awaits restoration.
     pub(super) fn lost(&self, reason: &str) {
-        if self.is_closed() {
+        if self.broker.is_closed() {
             return;
         }
-        self.state.send_replace(State::Down(reason.into()));
-        for entry in lock(&self.consumers).values_mut() {
+        self.broker.state.send_replace(State::Down(reason.into()));
+        for entry in lock(&self.consumers.registrations).values_mut() {
             entry.active = None;
             entry.retry_at = None;
         }
-        tracing::warn!(node = ?lock(&self.node), %reason, "connection lost; reconnecting");
-        self.emit(ConnectionEvent::Lost(reason.to_owned()));
+        tracing::warn!(node = ?lock(&self.broker.node), %reason, "connection lost; reconnecting");
+        self.broker.emit(ConnectionEvent::Lost(reason.to_owned()));
     }
 
     /// Records a restored connection: consumers are back, waiting senders go on.
     pub(super) fn restored(&self, connection: Arc<Connection>, epoch: u64, down_for: Duration) {
-        if self.is_closed() {
+        if self.broker.is_closed() {
             return;
         }
         // A new connection: the old one's block (if any) went with it.
-        lock(&self.blocked).take();
-        self.state.send_replace(State::Up(connection, epoch));
-        tracing::info!(node = ?lock(&self.node), ?down_for, "connection restored");
+        lock(&self.broker.blocked).take();
+        self.broker.state.send_replace(State::Up(connection, epoch));
+        tracing::info!(node = ?lock(&self.broker.node), ?down_for, "connection restored");
         ::metrics::counter!(crate::metrics::RECONNECTS).increment(1);
-        self.emit(ConnectionEvent::Restored(down_for));
+        self.broker.emit(ConnectionEvent::Restored(down_for));
     }
 
     pub(super) async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        if self.broker.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let previous = self.state.send_replace(State::Closed);
-        self.emit(ConnectionEvent::Closed);
-        self.wake.notify_one();
-        let entries: Vec<Registration> = lock(&self.consumers).drain().map(|(_, e)| e).collect();
+        let previous = self.broker.state.send_replace(State::Closed);
+        self.broker.emit(ConnectionEvent::Closed);
+        self.broker.wake.notify_one();
+        let entries: Vec<Registration> = lock(&self.consumers.registrations)
+            .drain()
+            .map(|(_, e)| e)
+            .collect();
         let consumers = entries.len();
         let reply_queues: Vec<String> = entries
             .iter()

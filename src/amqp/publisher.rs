@@ -3,8 +3,8 @@
 //! broker's refusals.
 
 use std::pin::pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::Future;
@@ -15,10 +15,30 @@ use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use tokio::time::Instant;
 
 use super::{
-    Attempt, Shared, State, TICK, amqp_error, amqp_error_refused, lock, soft_error, usable,
+    Attempt, Shared, Slot, State, TICK, amqp_error, amqp_error_refused, lock, soft_error, usable,
 };
 use crate::error::{Error, ErrorKind, Result};
+use crate::settings::Settings;
 use crate::transport::{BROADCAST_TOPIC, Exchange, Outgoing, Route, rpc_key};
+
+/// The publisher channel (confirms on), and what every publish obeys.
+pub(super) struct Publisher {
+    pub(super) channel: Slot,
+    /// Held while a publish is numbered and queued: see [`Shared::publish_in_order`].
+    pub(super) order: Mutex<()>,
+    /// The largest body a publish may carry; larger ones are refused before sending.
+    pub(super) max_message_size: usize,
+}
+
+impl Publisher {
+    pub(super) fn new(settings: &Settings) -> Self {
+        Self {
+            channel: Slot::default(),
+            order: Mutex::new(()),
+            max_message_size: settings.max_message_size,
+        }
+    }
+}
 
 impl Shared {
     /// Where a route goes: exchange and routing key.
@@ -40,16 +60,16 @@ impl Shared {
 
     /// The publisher's channel when it is ready now, without waiting or opening anything.
     pub(super) fn ready_publisher(&self) -> Option<Arc<Channel>> {
-        let epoch = match &*self.state.borrow() {
+        let epoch = match &*self.broker.state.borrow() {
             State::Up(_, epoch) => *epoch,
             _ => return None,
         };
-        usable(&*self.publisher.0.try_lock().ok()?, epoch)
+        usable(&*self.publisher.channel.0.try_lock().ok()?, epoch)
     }
 
     /// Resolves `after` from now, give or take a [`TICK`], on any executor.
     pub(super) fn expiry(&self, after: Duration) -> impl Future<Output = ()> + use<> {
-        let mut clock = self.clock.subscribe();
+        let mut clock = self.broker.clock.subscribe();
         let ticks = after.as_millis().div_ceil(TICK.as_millis());
         let target = *clock.borrow() + u64::try_from(ticks).unwrap_or(u64::MAX / 2) + 1;
         async move {
@@ -61,8 +81,8 @@ impl Shared {
     /// the I/O runtime, the common case), else — or when that fails — on the I/O runtime
     /// with waiting and retries. Bounded by the send timeout either way.
     pub(super) async fn send(self: Arc<Self>, route: Route, message: Outgoing) -> Result<()> {
-        self.check_open()?;
-        message.check_size(self.max_message_size)?;
+        self.broker.check_open()?;
+        message.check_size(self.publisher.max_message_size)?;
         let started = std::time::Instant::now();
         if let Some(channel) = self.ready_publisher() {
             let (exchange, routing_key) = self.address(&route);
@@ -79,7 +99,7 @@ impl Shared {
                     .await?;
                 confirm.await
             };
-            let expiry = self.expiry(self.send_timeout);
+            let expiry = self.expiry(self.broker.send_timeout);
             let outcome = match futures::future::select(pin!(attempt), pin!(expiry)).await {
                 Either::Left((outcome, _)) => Some(outcome),
                 Either::Right(_) => None,
@@ -93,12 +113,12 @@ impl Shared {
                         return Err(refused);
                     }
                     tracing::debug!(%error, "publish failed; trying again on the I/O runtime");
-                    self.wake.notify_one();
+                    self.broker.wake.notify_one();
                 }
                 None => return Err(self.unconfirmed("publish")),
             }
         }
-        let left = self.send_timeout.saturating_sub(started.elapsed());
+        let left = self.broker.send_timeout.saturating_sub(started.elapsed());
         let shared = self.clone();
         self.io
             .run(shared.publish(route, message, left))
@@ -132,7 +152,7 @@ impl Shared {
             body,
             properties
         ));
-        let mut order = Some(&self.publish_order);
+        let mut order = Some(&self.publisher.order);
         std::future::poll_fn(|context| match order.take() {
             Some(order) => {
                 let _queueing = lock(order);
@@ -164,7 +184,7 @@ impl Shared {
         if soft_error(error) == Some(AMQPSoftError::NOTFOUND) && self.topology.owns(exchange) {
             let shared = self.clone();
             self.io.handle.spawn(async move {
-                let State::Up(connection, _) = shared.state.borrow().clone() else {
+                let State::Up(connection, _) = shared.broker.state.borrow().clone() else {
                     return;
                 };
                 if let Err(error) = shared.declare_topology(&connection).await {
@@ -178,9 +198,9 @@ impl Shared {
     pub(super) fn unconfirmed(&self, what: &str) -> Error {
         let mut text = format!(
             "{what}: no confirmation from the broker within the send timeout ({:?})",
-            self.send_timeout
+            self.broker.send_timeout
         );
-        if let Some(reason) = &*lock(&self.blocked) {
+        if let Some(reason) = &*lock(&self.broker.blocked) {
             text.push_str(&format!(
                 "; the broker blocks this connection's publishes: {reason} (a memory or disk \
                  alarm: RabbitMQ's vm_memory_high_watermark or disk_free_limit)"
@@ -196,7 +216,7 @@ impl Shared {
         message: Outgoing,
         within: Duration,
     ) -> Result<()> {
-        self.check_open()?;
+        self.broker.check_open()?;
         let deadline = Instant::now() + within;
         let (exchange, routing_key) = self.address(&route);
         let (options, properties) = (publish_options(&message), properties(&message));
@@ -205,7 +225,9 @@ impl Shared {
         let refusals = &refusals;
         let confirmation = self
             .retrying(deadline, "publish", || async {
-                let channel = self.channel(&self.publisher, true, deadline).await?;
+                let channel = self
+                    .channel(&self.publisher.channel, true, deadline)
+                    .await?;
                 let sent = self
                     .publish_in_order(
                         &channel,
@@ -241,10 +263,12 @@ impl Shared {
     }
 
     pub(super) async fn declare_task_queue(self: Arc<Self>, queue: String) -> Result<()> {
-        self.check_open()?;
-        let deadline = Instant::now() + self.send_timeout;
+        self.broker.check_open()?;
+        let deadline = Instant::now() + self.broker.send_timeout;
         self.retrying(deadline, "declare queue", || async {
-            let channel = self.channel(&self.publisher, true, deadline).await?;
+            let channel = self
+                .channel(&self.publisher.channel, true, deadline)
+                .await?;
             self.topology
                 .declare_task_queue(&channel, &queue)
                 .await
@@ -252,7 +276,7 @@ impl Shared {
         })
         .await?;
         // Declared again after a reconnection; one the broker refused is not.
-        lock(&self.task_queues).insert(queue);
+        lock(&self.consumers.task_queues).insert(queue);
         Ok(())
     }
 }

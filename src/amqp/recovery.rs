@@ -46,7 +46,7 @@ pub(super) async fn run(shared: Arc<Shared>, mut connection: Arc<Connection>) {
 async fn watch(shared: &Arc<Shared>, connection: &Connection, epoch: u64) -> Option<String> {
     let mut events = connection.events_listener();
     loop {
-        if shared.is_closed() {
+        if shared.broker.is_closed() {
             return None;
         }
         if !connection.status().connected() {
@@ -54,7 +54,7 @@ async fn watch(shared: &Arc<Shared>, connection: &Connection, epoch: u64) -> Opt
         }
         shared.restore_consumers(connection, epoch, false).await;
         tokio::select! {
-            _ = shared.wake.notified() => {}
+            _ = shared.broker.wake.notified() => {}
             _ = tokio::time::sleep(POLL) => {}
             event = events.next() => match event {
                 // The broker closed one channel (refused a publish, a consumer's ack timed
@@ -65,11 +65,11 @@ async fn watch(shared: &Arc<Shared>, connection: &Connection, epoch: u64) -> Opt
                 Some(Event::Error(error)) => return Some(error.to_string()),
                 Some(Event::ConnectionBlocked(reason)) => {
                     tracing::warn!(%reason, "the broker blocked the connection (it is short of memory or disk); publishes wait");
-                    *super::lock(&shared.blocked) = Some(reason.to_string());
+                    *super::lock(&shared.broker.blocked) = Some(reason.to_string());
                 }
                 Some(Event::ConnectionUnblocked) => {
                     tracing::info!("the broker unblocked the connection");
-                    super::lock(&shared.blocked).take();
+                    super::lock(&shared.broker.blocked).take();
                 }
                 Some(other) => tracing::debug!(event = ?other, "AMQP connection event"),
                 None => return Some("the connection's events ended".to_owned()),
@@ -81,7 +81,7 @@ async fn watch(shared: &Arc<Shared>, connection: &Connection, epoch: u64) -> Opt
 /// Connects again until it works (returns the connection, its topology declared) or the
 /// transport closes (returns nothing).
 async fn reconnect(shared: &Arc<Shared>) -> Option<Arc<Connection>> {
-    let (min, max) = shared.reconnect_delay;
+    let (min, max) = shared.broker.reconnect_delay;
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(min)
         .with_max_delay(max)
@@ -92,7 +92,7 @@ async fn reconnect(shared: &Arc<Shared>) -> Option<Arc<Connection>> {
     loop {
         let delay = delays.next().unwrap_or(max);
         tokio::time::sleep(delay).await;
-        if shared.is_closed() {
+        if shared.broker.is_closed() {
             return None;
         }
         attempt += 1;

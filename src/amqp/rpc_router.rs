@@ -16,9 +16,40 @@ use tokio::time::Instant;
 use super::ack_batch::AckBatch;
 use super::consumers::{LapinFeed, convert, own_queue_refused};
 
-use super::{Attempt, ConsumerChannel, Shared, amqp_error, amqp_error_refused, lock};
+use super::consumers::ConsumerChannel;
+use super::{Attempt, Shared, amqp_error, amqp_error_refused, lock};
 use crate::error::{Error, Result};
+use crate::settings::Settings;
 use crate::transport::{Acker, Delivery, Outcome, RPC_TOPIC, Source, rpc_key};
+
+/// The communicator's RPC queue, and its consumer on the current connection.
+pub(super) struct RpcRouting {
+    /// The communicator's one RPC queue, bound once per identifier it serves (unless each
+    /// identifier has an exclusive queue of its own).
+    pub(super) queue: String,
+    /// The RPC queue's consumer on the current connection, and where it sends each
+    /// identifier's calls.
+    pub(super) router: tokio::sync::Mutex<Option<Arc<RpcRouter>>>,
+    /// Where the consumer-side actors run, and so where the RPC queue's calls are routed
+    /// to their identifiers: a call then crosses from lapin's I/O loop to the actors'
+    /// thread once, as a queue of its own would (routed on the I/O runtime, it crossed
+    /// twice, and the RPC round trip took ~10% longer).
+    pub(super) actors: actix_rt::ArbiterHandle,
+}
+
+impl RpcRouting {
+    pub(super) fn new(settings: &Settings, actors: actix_rt::ArbiterHandle) -> Self {
+        Self {
+            queue: format!(
+                "{}.rpc-{}",
+                settings.message_exchange,
+                uuid::Uuid::new_v4().simple()
+            ),
+            router: tokio::sync::Mutex::default(),
+            actors,
+        }
+    }
+}
 
 /// The consumer of a communicator's RPC queue on one connection: each call goes to its
 /// identifier's stream by the routing key it was sent with.
@@ -40,7 +71,7 @@ impl Shared {
         connection: &Connection,
         epoch: u64,
     ) -> Result<Arc<RpcRouter>> {
-        let mut held = self.rpc_router.lock().await;
+        let mut held = self.rpc.router.lock().await;
         if let Some(router) = &*held
             && router.epoch == epoch
             && router.guard.channel.status().connected()
@@ -48,12 +79,12 @@ impl Shared {
             return Ok(router.clone());
         }
         let guard = self.own_channel(connection).await?;
-        let queue = self.rpc_queue.as_str();
+        let queue = self.rpc.queue.as_str();
         self.topology
             .declare_rpc_router_queue(&guard.channel, queue)
             .await
             .map_err(|error| own_queue_refused(error, queue))?;
-        let prefetch = self.message_prefetch;
+        let prefetch = self.consumers.message_prefetch;
         if prefetch > 0 {
             guard
                 .channel
@@ -83,7 +114,7 @@ impl Shared {
             guard,
             routes: Mutex::default(),
         });
-        if !self.actors.spawn(route_calls(router.clone(), consumer)) {
+        if !self.rpc.actors.spawn(route_calls(router.clone(), consumer)) {
             return Err(Error::closed());
         }
         *held = Some(router.clone());
@@ -103,11 +134,16 @@ impl Shared {
         lock(&router.routes).insert(identifier.to_owned(), sender);
         let bound = async {
             let declarer = self
-                .channel_on(self.declarer(identifier), false, connection, epoch)
+                .channel_on(
+                    self.consumers.declarer(identifier),
+                    false,
+                    connection,
+                    epoch,
+                )
                 .await?;
             declarer
                 .queue_bind(
-                    self.rpc_queue.as_str().into(),
+                    self.rpc.queue.as_str().into(),
                     self.topology.message_exchange.as_str().into(),
                     rpc_key(identifier).into(),
                     QueueBindOptions::default(),
@@ -133,15 +169,15 @@ impl Shared {
         router: &RpcRouter,
     ) -> Result<()> {
         if router.guard.channel.status().connected() {
-            let deadline = Instant::now() + self.send_timeout;
+            let deadline = Instant::now() + self.broker.send_timeout;
             let key = rpc_key(identifier);
             self.retrying(deadline, "unbind", || async {
                 let declarer = self
-                    .channel(self.declarer(identifier), false, deadline)
+                    .channel(self.consumers.declarer(identifier), false, deadline)
                     .await?;
                 declarer
                     .queue_unbind(
-                        self.rpc_queue.as_str().into(),
+                        self.rpc.queue.as_str().into(),
                         self.topology.message_exchange.as_str().into(),
                         key.as_str().into(),
                         FieldTable::default(),
