@@ -296,6 +296,24 @@ mod tests {
         assert!(pool.started() >= 2);
     }
 
+    /// The communicators of a process share one pool while any holds it; it grows to the
+    /// largest count asked for, and a new one starts once every holder is gone.
+    #[test]
+    fn the_process_shares_one_pool_while_it_is_held() {
+        let first = HandlerThreads::shared(2);
+        let second = HandlerThreads::shared(5);
+        assert!(Arc::ptr_eq(&first.0, &second.0));
+        assert_eq!(first.0.max.load(Ordering::Acquire), 5);
+        let weak = Arc::downgrade(&first.0);
+        drop((first, second));
+        // Other tests of this binary may hold the pool meanwhile; only once it is gone
+        // must the next one be new.
+        if weak.upgrade().is_none() {
+            let third = HandlerThreads::shared(1);
+            assert_eq!(third.0.max.load(Ordering::Acquire), 1);
+        }
+    }
+
     /// Handlers that only await share a thread: no thread per message.
     #[actix_rt::test]
     async fn awaiting_handlers_share_threads() {
