@@ -149,9 +149,21 @@ impl Communicator {
             Some(("amqp" | "amqps", _)) => {
                 crate::amqp::connect(&settings, runtime.arbiter().clone()).await?
             }
+            #[cfg(feature = "zeromq")]
+            Some(("zmq" | "zmq+ipc", _)) => {
+                Arc::new(crate::zeromq::ZmqTransport::connect(&settings).await?)
+            }
+            #[cfg(not(feature = "zeromq"))]
+            Some(("zmq" | "zmq+ipc", _)) => {
+                return Err(Error::config(format!(
+                    "'{}': kiwimq was built without the `zeromq` feature",
+                    settings.uri
+                )));
+            }
             _ => {
                 return Err(Error::config(format!(
-                    "unsupported URI '{}': expected mem://[NAME], amqp://… or amqps://…",
+                    "unsupported URI '{}': expected mem://[NAME], amqp://…, amqps://…, \
+                     zmq:///SERVICE_DIR or zmq+ipc:///PATH",
                     settings.uri
                 )));
             }

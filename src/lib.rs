@@ -110,6 +110,8 @@ mod supervised;
 mod supervision;
 mod transport;
 mod tree;
+#[cfg(feature = "zeromq")]
+mod zeromq;
 
 pub use actors::replies::ReplyFuture;
 pub use codec::Codec;

@@ -61,15 +61,23 @@ pub struct Settings {
 pub(crate) const DEFAULT_MAX_MESSAGE_SIZE: usize = 128 * 1024 * 1024;
 
 impl Settings {
-    /// Settings for the broker at `uri`: `mem://`, `mem://NAME`, or `amqp://…`.
+    /// Settings for the broker at `uri`: `mem://`, `mem://NAME`, `amqp://…`, or (feature
+    /// `zeromq`) `zmq:///SERVICE_DIR` / `zmq+ipc:///PATH` — whose codec is JSON.
     pub fn new(uri: impl Into<String>) -> Self {
+        let uri = uri.into();
+        // A ZeroMQ broker carries JSON; everywhere else MessagePack is the default.
+        let codec = if uri.starts_with("zmq") {
+            Codec::Json
+        } else {
+            Codec::default()
+        };
         Self {
-            uri: uri.into(),
+            uri,
             more_uris: Vec::new(),
             tls: TlsOptions::default(),
             quorum_queues: false,
             exclusive_rpc_identifiers: false,
-            codec: Codec::default(),
+            codec,
             message_exchange: "kiwipy.messages".into(),
             task_exchange: "kiwipy.tasks".into(),
             task_queue: "kiwipy.tasks".into(),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use kiwimq::{Broadcast, HandlerError, Rpc, Settings, Task};
 
+pub mod aiida;
 pub mod child;
 pub mod node;
 pub mod proxy;

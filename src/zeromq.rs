@@ -1,0 +1,19 @@
+//! The `zmq://` backend: kiwimq as a client of AiiDA's ZeroMQ broker (aiida-core 2.9,
+//! `aiida/brokers/zeromq`), or of any broker speaking its protocol.
+//!
+//! - `zmq:///ABS/SERVICE_DIR` — a broker's service directory: the client reads the socket's
+//!   place from `broker.sockets` (waiting for it within the connect timeout, as AiiDA's
+//!   clients wait for it) and follows it when a restarted broker writes another one.
+//! - `zmq+ipc:///ABS/router.sock` — one socket, for good.
+//!
+//! The protocol is narrower than AMQP, and the backend says so rather than behave
+//! differently: one task queue (the settings' default; any other name is refused), no pull
+//! mode, no queue counts or purge, and AiiDA's broker drops a worker's task result — a
+//! task sent for its result gets a clear error once the broker has confirmed it (it still
+//! runs). JSON only ([`Codec::Json`](crate::Codec::Json), the default for `zmq://` URIs).
+//! `protocol` holds the messages, `client` the transport.
+
+mod client;
+mod protocol;
+
+pub(crate) use client::ZmqTransport;

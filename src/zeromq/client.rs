@@ -1,0 +1,1188 @@
+//! kiwimq as a client of a ZeroMQ broker: one DEALER socket on an I/O thread of its own,
+//! bridged to the runtime by a shared [`Link`] (an outbox the thread drains, the consumers it
+//! feeds) and a socket pair that wakes it.
+//!
+//! What the broker forgets, the client remembers: every subscription (sent again whenever a
+//! connection is made after a loss) and every task the broker has not yet confirmed (sent
+//! again if it was handed to a connection that was then lost). With `zmq:///SERVICE_DIR` the
+//! thread also watches `broker.sockets`, so a broker that came back in a new socket directory
+//! (AiiDA's does, after a crash) is followed without restarting anything.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::channel::{mpsc, oneshot};
+use futures::future::{self, BoxFuture, FutureExt};
+use serde_json::value::RawValue;
+use tokio::sync::{broadcast, watch};
+
+use super::protocol::{
+    self, Answer, BroadcastEnvelope, Incoming, Outgoing, ReplyEnvelope, TaskEnvelope, kind,
+};
+use crate::error::{Error, ErrorKind, Result};
+use crate::events::{self, ConnectionEvent};
+use crate::settings::Settings;
+use crate::transport::{
+    Acker, Consumer, DeliverFn, Delivery, Exchange, Outcome, QueueStats, Route, Settle, Source,
+    Transport,
+};
+
+/// Where a reply to a received task goes (the `reply_to` of its delivery).
+const TASK_REPLY_TO: &str = "zmq:task_response";
+/// Where a reply to a received RPC goes.
+const RPC_REPLY_TO: &str = "zmq:rpc_response";
+
+/// How often the I/O thread wakes without traffic: to look at `broker.sockets`, and to
+/// finish closing.
+const TICK: Duration = Duration::from_millis(500);
+
+/// The longest `close` waits for the unsubscriptions to leave.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+
+/// What the answer to a task that wants its result says on AiiDA's broker.
+const NO_RESULTS: &str = "the task is queued and will run, but this ZeroMQ broker does not \
+     return task results (AiiDA's broker drops them): send it with task_send_no_reply, or use \
+     kiwimq's broker (`kiwimq broker`), which returns them";
+
+/// Where the broker is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// `zmq+ipc:///ABS/router.sock`: this socket, for good.
+    Fixed(String),
+    /// `zmq:///ABS/SERVICE_DIR`: the socket `broker.sockets` names, now and after restarts.
+    ServiceDir(PathBuf),
+}
+
+impl Endpoint {
+    /// Reads a `zmq://` or `zmq+ipc://` URI; paths must be absolute.
+    pub(crate) fn parse(uri: &str) -> Result<Self> {
+        let (scheme, path) = uri
+            .split_once("://")
+            .ok_or_else(|| Error::config(format!("'{uri}' is not a URI")))?;
+        if !path.starts_with('/') {
+            return Err(Error::config(format!(
+                "'{uri}': a ZeroMQ broker is named by an absolute path \
+                 (zmq:///ABS/SERVICE_DIR or zmq+ipc:///ABS/router.sock)"
+            )));
+        }
+        match scheme {
+            "zmq" => Ok(Self::ServiceDir(PathBuf::from(path))),
+            "zmq+ipc" => Ok(Self::Fixed(format!("ipc://{path}"))),
+            _ => Err(Error::config(format!("'{uri}' is not a zmq:// URI"))),
+        }
+    }
+
+    /// The socket's endpoint now: `None` while a service directory has no `broker.sockets`.
+    fn current(&self) -> Option<String> {
+        match self {
+            Self::Fixed(endpoint) => Some(endpoint.clone()),
+            Self::ServiceDir(dir) => sockets_endpoint(dir),
+        }
+    }
+}
+
+/// The endpoint a broker's `broker.sockets` names: `ipc://<its text>/router.sock`.
+pub(crate) fn sockets_endpoint(service_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(service_dir.join("broker.sockets")).ok()?;
+    let dir = text.trim();
+    (!dir.is_empty()).then(|| format!("ipc://{dir}/router.sock"))
+}
+
+/// A task sent and not yet confirmed by the broker.
+struct Unconfirmed {
+    frame: Arc<Vec<u8>>,
+    /// When it was handed to the socket; a loss after that means sending it again.
+    handed: Option<Instant>,
+    wants_result: bool,
+    correlation_id: Option<String>,
+    done: oneshot::Sender<Result<()>>,
+}
+
+/// A task consumer of this connection.
+struct TaskConsumer {
+    tag: String,
+    prefetch: u16,
+    deliveries: mpsc::UnboundedSender<Delivery>,
+}
+
+/// A message waiting to be sent.
+struct Frame {
+    /// `Arc`, so an unconfirmed task keeps its bytes for free.
+    bytes: Arc<Vec<u8>>,
+    /// The task this sends, to note when it was handed over.
+    task_id: Option<String>,
+}
+
+/// What the I/O thread and the handles share (the outbox apart: see [`Link`]).
+#[derive(Default)]
+struct State {
+    unconfirmed: HashMap<String, Unconfirmed>,
+    tasks: Vec<TaskConsumer>,
+    /// Round robin over `tasks`.
+    next_task: usize,
+    /// By identifier: the consumer's tag and deliveries.
+    rpcs: HashMap<String, (String, mpsc::UnboundedSender<Delivery>)>,
+    broadcasts: Vec<(String, mpsc::UnboundedSender<Delivery>)>,
+    replies: [Option<DeliverFn>; 2],
+    connected: bool,
+    /// When the connection was lost, while it is.
+    lost: Option<Instant>,
+    closing: bool,
+}
+
+impl State {
+    /// The prefetch the connection declares: the sum of its task consumers' (unlimited if
+    /// any is), as the broker keeps one limit per connection.
+    fn task_prefetch(&self) -> Option<u32> {
+        let mut total = 0u32;
+        for consumer in &self.tasks {
+            if consumer.prefetch == 0 {
+                return None;
+            }
+            total = total.saturating_add(u32::from(consumer.prefetch));
+        }
+        Some(total)
+    }
+}
+
+/// The handles' side of the I/O thread.
+pub(crate) struct Link {
+    state: Mutex<State>,
+    /// Frames to send, in order. A lock of its own, taken after `state` or alone, so that
+    /// settling a delivery (which sends) may happen while `state` is held — dropping a
+    /// consumer's channel drops its deliveries, and their ackers requeue them.
+    outbox: Mutex<VecDeque<Frame>>,
+    waker: UnixStream,
+    /// This client's id as a JSON string, the `sender` of what it sends.
+    sender: Box<RawValue>,
+    /// The RPC identifier this client subscribes so that the broker fans broadcasts out to
+    /// it: AiiDA's broker sends them only to clients holding a task or RPC subscription.
+    broadcast_identifier: String,
+}
+
+impl Link {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the I/O thread; a byte already waiting wakes it just as well.
+    fn wake(&self) {
+        let _ = (&self.waker).write(&[1]);
+    }
+
+    fn outbox(&self) -> MutexGuard<'_, VecDeque<Frame>> {
+        self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a frame (the caller wakes the thread).
+    fn push(&self, bytes: Vec<u8>) {
+        self.outbox().push_back(Frame {
+            bytes: Arc::new(bytes),
+            task_id: None,
+        });
+    }
+
+    fn send(&self, frame: Vec<u8>) {
+        self.push(frame);
+        self.wake();
+    }
+
+    fn subscription(&self, kind: &'static str, identifier: &str, prefetch: Option<u32>) -> Vec<u8> {
+        Outgoing::subscription(kind, &self.sender, identifier, prefetch).encode()
+    }
+
+    /// Every subscription this connection holds, as the frames that make them.
+    fn subscriptions(&self, state: &State) -> Vec<Vec<u8>> {
+        let prefetch = state.task_prefetch();
+        let tasks = state
+            .tasks
+            .iter()
+            .map(|c| self.subscription(kind::SUBSCRIBE_TASK, &c.tag, prefetch));
+        let rpcs = state
+            .rpcs
+            .keys()
+            .map(|identifier| self.subscription(kind::SUBSCRIBE_RPC, identifier, None));
+        let broadcasts = (!state.broadcasts.is_empty())
+            .then(|| self.subscription(kind::SUBSCRIBE_RPC, &self.broadcast_identifier, None));
+        tasks.chain(rpcs).chain(broadcasts).collect()
+    }
+}
+
+/// Acks or requeues one task with the broker.
+struct TaskSettle {
+    link: Arc<Link>,
+    task_id: String,
+}
+
+impl Settle for TaskSettle {
+    fn settle(self: Box<Self>, outcome: Outcome) {
+        let kind = match outcome {
+            Outcome::Ack => kind::TASK_ACK,
+            Outcome::Requeue => kind::TASK_NACK,
+            Outcome::Discard => {
+                // The protocol has no dead-letter place: an unusable task is acked so it does
+                // not come back for ever, and said so.
+                tracing::error!(task_id = %self.task_id, "an undecodable task was dropped");
+                kind::TASK_ACK
+            }
+        };
+        let frame = Outgoing {
+            task_id: Some(&self.task_id),
+            ..Outgoing::new(kind, &self.link.sender)
+        }
+        .encode();
+        self.link.send(frame);
+    }
+}
+
+/// One communicator's connection to a ZeroMQ broker.
+pub(crate) struct ZmqTransport {
+    link: Arc<Link>,
+    /// The one task queue the protocol has, by the name the communicator gives it.
+    task_queue: String,
+    send_timeout: Duration,
+    max_message_size: usize,
+    node: String,
+    events: broadcast::Sender<ConnectionEvent>,
+    /// `true` once the I/O thread has ended.
+    ended: watch::Receiver<bool>,
+}
+
+impl ZmqTransport {
+    /// Finds the broker (waiting for a service directory's `broker.sockets`, as AiiDA's
+    /// clients do) and connects within the connect timeout.
+    pub(crate) async fn connect(settings: &Settings) -> Result<Self> {
+        if settings.codec != crate::Codec::Json {
+            return Err(Error::config(format!(
+                "a ZeroMQ broker carries JSON: zmq:// needs Codec::Json (got {})",
+                settings.codec.name()
+            )));
+        }
+        let endpoint = Endpoint::parse(&settings.uri)?;
+        let deadline = Instant::now() + settings.connect_timeout;
+        let first = loop {
+            if let Some(current) = endpoint.current() {
+                break current;
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::connection(format!(
+                    "no ZeroMQ broker in {}: broker.sockets did not appear within {:?} \
+                     (is the AiiDA daemon, `verdi daemon broker` or `kiwimq broker` running?)",
+                    settings.uri, settings.connect_timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let client_id = format!("kiwimq-{}", &protocol::new_id()[..12]);
+        let (waker, wakee) = UnixStream::pair()
+            .and_then(|(a, b)| {
+                a.set_nonblocking(true)?;
+                b.set_nonblocking(true)?;
+                Ok((a, b))
+            })
+            .map_err(|e| Error::connection(format!("cannot make the I/O thread's waker: {e}")))?;
+        let link = Arc::new(Link {
+            state: Mutex::default(),
+            outbox: Mutex::default(),
+            waker,
+            sender: protocol::json_string(&client_id),
+            broadcast_identifier: format!("{client_id}.broadcasts"),
+        });
+        let events = events::channel();
+        let (connected_tx, connected_rx) = oneshot::channel();
+        let (ended_tx, ended) = watch::channel(false);
+        let io = Io::open(
+            &client_id,
+            &first,
+            endpoint,
+            link.clone(),
+            events.clone(),
+            wakee,
+        )?;
+        std::thread::Builder::new()
+            .name("kiwimq-zmq".into())
+            .spawn(move || {
+                io.run(connected_tx);
+                let _ = ended_tx.send(true);
+            })
+            .map_err(|e| Error::connection(format!("cannot start the ZeroMQ I/O thread: {e}")))?;
+        let transport = Self {
+            link,
+            task_queue: settings.task_queue.clone(),
+            send_timeout: settings.send_timeout,
+            max_message_size: settings.max_message_size,
+            node: first.clone(),
+            events,
+            ended,
+        };
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(wait, connected_rx).await {
+            Ok(Ok(())) => Ok(transport),
+            _ => {
+                transport.stop();
+                Err(Error::connection(format!(
+                    "no ZeroMQ broker answers at {first} (within {:?})",
+                    settings.connect_timeout
+                )))
+            }
+        }
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.link.lock().closing {
+            return Err(Error::closed());
+        }
+        Ok(())
+    }
+
+    fn check_queue(&self, queue: &str) -> Result<()> {
+        if queue == self.task_queue {
+            return Ok(());
+        }
+        Err(Error::refused(format!(
+            "a ZeroMQ broker has one task queue ('{}' here): there is no queue '{queue}'",
+            self.task_queue
+        )))
+    }
+
+    /// Tells the I/O thread to finish.
+    fn stop(&self) {
+        self.link.lock().closing = true;
+        self.link.wake();
+    }
+
+    fn publish_task(
+        &self,
+        message: crate::transport::Outgoing,
+    ) -> Result<BoxFuture<'static, Result<()>>> {
+        let TaskEnvelope(body, _no_reply) = TaskEnvelope::parse(&message.body)?;
+        let id = message
+            .correlation_id
+            .clone()
+            .unwrap_or_else(protocol::new_id);
+        let wants_result = message.reply_to.is_some();
+        // Always `no_reply: false`: it is what makes the broker confirm the task is stored.
+        let frame = Arc::new(
+            Outgoing {
+                id: id.clone(),
+                body: Some(body),
+                no_reply: Some(false),
+                ..Outgoing::new(kind::TASK, &self.link.sender)
+            }
+            .encode(),
+        );
+        let (done, confirmed) = oneshot::channel();
+        {
+            let mut state = self.link.lock();
+            state.unconfirmed.insert(
+                id.clone(),
+                Unconfirmed {
+                    frame: frame.clone(),
+                    handed: None,
+                    wants_result,
+                    correlation_id: message.correlation_id,
+                    done,
+                },
+            );
+            self.link.outbox().push_back(Frame {
+                bytes: frame,
+                task_id: Some(id.clone()),
+            });
+        }
+        self.link.wake();
+        let link = self.link.clone();
+        let timeout = self.send_timeout;
+        Ok(async move {
+            match tokio::time::timeout(timeout, confirmed).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(Error::closed()),
+                Err(_) => {
+                    link.lock().unconfirmed.remove(&id);
+                    Err(Error::timeout(format!(
+                        "the ZeroMQ broker's confirm of task {id} (within {timeout:?})"
+                    )))
+                }
+            }
+        }
+        .boxed())
+    }
+
+    fn reply(&self, reply_to: &str, message: &crate::transport::Outgoing) -> Result<()> {
+        let kind = match reply_to {
+            TASK_REPLY_TO => kind::TASK_RESPONSE,
+            RPC_REPLY_TO => kind::RPC_RESPONSE,
+            other => {
+                return Err(Error::refused(format!(
+                    "no reply address '{other}' on a ZeroMQ broker"
+                )));
+            }
+        };
+        let Some(id) = message.correlation_id.as_deref() else {
+            return Err(Error::refused("a reply without the id of its request"));
+        };
+        let (result, error) = match ReplyEnvelope::parse(&message.body)? {
+            Answer::Pending => return Ok(()),
+            Answer::Result(result) => (Some(result), None),
+            Answer::Error(text) => (None, Some(text)),
+        };
+        let mut response = Outgoing {
+            result: Some(result.unwrap_or_else(|| protocol::null())),
+            error: Some(error.as_deref()),
+            ..Outgoing::new(kind, &self.link.sender)
+        };
+        if kind == kind::TASK_RESPONSE {
+            response.task_id = Some(id);
+        } else {
+            response.rpc_id = Some(id);
+        }
+        self.link.send(response.encode());
+        Ok(())
+    }
+}
+
+impl Drop for ZmqTransport {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn refused_here(what: &str) -> Error {
+    Error::refused(format!(
+        "{what}: AiiDA's ZeroMQ broker protocol has no such request"
+    ))
+}
+
+impl Transport for ZmqTransport {
+    fn declare_task_queue(&self, queue: &str) -> BoxFuture<'static, Result<()>> {
+        let result = self.check_open().and_then(|()| self.check_queue(queue));
+        future::ready(result).boxed()
+    }
+
+    fn publish(
+        &self,
+        route: Route,
+        message: crate::transport::Outgoing,
+    ) -> BoxFuture<'static, Result<()>> {
+        let sent = self
+            .check_open()
+            .and_then(|()| message.check_size(self.max_message_size));
+        if let Err(error) = sent {
+            return future::ready(Err(error)).boxed();
+        }
+        let result = match &route {
+            Route::Task(queue) => match self.check_queue(queue) {
+                Ok(()) => {
+                    return self
+                        .publish_task(message)
+                        .unwrap_or_else(|e| future::ready(Err(e)).boxed());
+                }
+                Err(error) => Err(error),
+            },
+            Route::Rpc(identifier) => serde_json::from_slice::<&RawValue>(&message.body)
+                .map_err(|e| Error::codec(format!("an RPC body that is not JSON: {e}")))
+                .map(|body| {
+                    let frame = Outgoing {
+                        id: message
+                            .correlation_id
+                            .clone()
+                            .unwrap_or_else(protocol::new_id),
+                        recipient: Some(identifier),
+                        body: Some(body),
+                        ..Outgoing::new(kind::RPC, &self.link.sender)
+                    }
+                    .encode();
+                    self.link.send(frame);
+                }),
+            Route::Broadcast => BroadcastEnvelope::parse(&message.body).map(|envelope| {
+                let sender = if envelope.sender.get() == "null" {
+                    &self.link.sender
+                } else {
+                    envelope.sender
+                };
+                let frame = Outgoing {
+                    body: Some(envelope.body),
+                    subject: Some(envelope.subject),
+                    correlation_id: Some(envelope.correlation_id),
+                    ..Outgoing::new(kind::BROADCAST, sender)
+                }
+                .encode();
+                self.link.send(frame);
+            }),
+            Route::Reply(reply_to) => self.reply(reply_to, &message),
+        };
+        future::ready(result).boxed()
+    }
+
+    fn consume(&self, source: Source, prefetch: u16) -> BoxFuture<'static, Result<Consumer>> {
+        let result = self.check_open().and_then(|()| {
+            let (deliveries, stream) = mpsc::unbounded();
+            let mut state = self.link.lock();
+            let tag = match source {
+                Source::Tasks(queue) => {
+                    self.check_queue(&queue)?;
+                    let tag = format!("task-{}", &protocol::new_id()[..12]);
+                    state.tasks.push(TaskConsumer {
+                        tag: tag.clone(),
+                        prefetch,
+                        deliveries,
+                    });
+                    // The latest declaration is the connection's limit: all say the total.
+                    let frames = state
+                        .tasks
+                        .iter()
+                        .map(|c| c.tag.clone())
+                        .collect::<Vec<_>>();
+                    let total = state.task_prefetch();
+                    for tag in frames {
+                        let frame = self.link.subscription(kind::SUBSCRIBE_TASK, &tag, total);
+                        self.link.push(frame);
+                    }
+                    tag
+                }
+                Source::Rpc(identifier) => {
+                    if state.rpcs.contains_key(&identifier) {
+                        return Err(Error::new(ErrorKind::DuplicateSubscriber(identifier)));
+                    }
+                    let tag = format!("rpc-{}", &protocol::new_id()[..12]);
+                    let frame = self
+                        .link
+                        .subscription(kind::SUBSCRIBE_RPC, &identifier, None);
+                    self.link.push(frame);
+                    state.rpcs.insert(identifier, (tag.clone(), deliveries));
+                    tag
+                }
+                Source::Broadcasts(_) => {
+                    let tag = format!("broadcast-{}", &protocol::new_id()[..12]);
+                    if state.broadcasts.is_empty() {
+                        let frame = self.link.subscription(
+                            kind::SUBSCRIBE_RPC,
+                            &self.link.broadcast_identifier,
+                            None,
+                        );
+                        self.link.push(frame);
+                    }
+                    state.broadcasts.push((tag.clone(), deliveries));
+                    tag
+                }
+                Source::Replies(..) => {
+                    return Err(Error::refused("replies are consumed with consume_replies"));
+                }
+            };
+            drop(state);
+            self.link.wake();
+            Ok(Consumer {
+                tag,
+                deliveries: stream.boxed(),
+            })
+        });
+        future::ready(result).boxed()
+    }
+
+    fn consume_replies(
+        &self,
+        exchange: Exchange,
+        _queue: String,
+        deliver: DeliverFn,
+    ) -> BoxFuture<'static, Result<BoxFuture<'static, ()>>> {
+        let slot = match exchange {
+            Exchange::Tasks => 0,
+            Exchange::Messages => 1,
+        };
+        self.link.lock().replies[slot] = Some(deliver);
+        let mut ended = self.ended.clone();
+        let reader = async move {
+            let _ = ended.wait_for(|ended| *ended).await;
+        };
+        future::ready(Ok(reader.boxed())).boxed()
+    }
+
+    fn cancel(&self, tag: &str) -> BoxFuture<'static, Result<()>> {
+        let mut state = self.link.lock();
+        if let Some(at) = state.tasks.iter().position(|c| c.tag == tag) {
+            state.tasks.remove(at);
+            let frame = self.link.subscription(kind::UNSUBSCRIBE_TASK, tag, None);
+            self.link.push(frame);
+            // The limit the others declare shrinks with it.
+            let total = state.task_prefetch();
+            if let Some(other) = state.tasks.first().map(|c| c.tag.clone()) {
+                let frame = self.link.subscription(kind::SUBSCRIBE_TASK, &other, total);
+                self.link.push(frame);
+            }
+        } else if let Some(identifier) = state
+            .rpcs
+            .iter()
+            .find(|(_, (t, _))| t == tag)
+            .map(|(identifier, _)| identifier.clone())
+        {
+            state.rpcs.remove(&identifier);
+            let frame = self
+                .link
+                .subscription(kind::UNSUBSCRIBE_RPC, &identifier, None);
+            self.link.push(frame);
+        } else if let Some(at) = state.broadcasts.iter().position(|(t, _)| t == tag) {
+            state.broadcasts.remove(at);
+            if state.broadcasts.is_empty() {
+                let frame = self.link.subscription(
+                    kind::UNSUBSCRIBE_RPC,
+                    &self.link.broadcast_identifier,
+                    None,
+                );
+                self.link.push(frame);
+            }
+        }
+        drop(state);
+        self.link.wake();
+        future::ready(Ok(())).boxed()
+    }
+
+    fn queue_stats(&self, _queue: &str) -> BoxFuture<'static, Result<QueueStats>> {
+        future::ready(Err(refused_here("a task queue's counts"))).boxed()
+    }
+
+    fn purge(&self, _queue: &str) -> BoxFuture<'static, Result<u32>> {
+        future::ready(Err(refused_here("purging the task queue"))).boxed()
+    }
+
+    fn get(&self, _queue: &str) -> BoxFuture<'static, Result<Option<Delivery>>> {
+        future::ready(Err(refused_here(
+            "taking one task (pull mode; subscribe instead)",
+        )))
+        .boxed()
+    }
+
+    fn close(&self) -> BoxFuture<'static, Result<()>> {
+        {
+            let mut state = self.link.lock();
+            if !state.closing {
+                let frames = state
+                    .tasks
+                    .iter()
+                    .map(|c| self.link.subscription(kind::UNSUBSCRIBE_TASK, &c.tag, None))
+                    .chain(
+                        state
+                            .rpcs
+                            .keys()
+                            .map(|i| self.link.subscription(kind::UNSUBSCRIBE_RPC, i, None)),
+                    )
+                    .chain((!state.broadcasts.is_empty()).then(|| {
+                        self.link.subscription(
+                            kind::UNSUBSCRIBE_RPC,
+                            &self.link.broadcast_identifier,
+                            None,
+                        )
+                    }))
+                    .collect::<Vec<_>>();
+                for frame in frames {
+                    self.link.push(frame);
+                }
+                state.tasks.clear();
+                state.rpcs.clear();
+                state.broadcasts.clear();
+                state.closing = true;
+            }
+        }
+        self.link.wake();
+        let mut ended = self.ended.clone();
+        let events = self.events.clone();
+        async move {
+            let _ = ended.wait_for(|ended| *ended).await;
+            let _ = events.send(ConnectionEvent::Closed);
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn events(&self) -> broadcast::Sender<ConnectionEvent> {
+        self.events.clone()
+    }
+
+    fn is_connected(&self) -> bool {
+        let state = self.link.lock();
+        state.connected && !state.closing
+    }
+
+    fn node(&self) -> Option<String> {
+        Some(self.node.clone())
+    }
+
+    fn recover(&self) -> BoxFuture<'static, ()> {
+        // The I/O thread recovers by itself (libzmq reconnects; the thread subscribes
+        // again and follows a moved socket): the root has only to wait for the end.
+        let mut ended = self.ended.clone();
+        async move {
+            let _ = ended.wait_for(|ended| *ended).await;
+        }
+        .boxed()
+    }
+}
+
+/// The I/O thread's own: the sockets (which never leave it) and where it is connected.
+struct Io {
+    _context: zmq::Context,
+    dealer: zmq::Socket,
+    monitor: zmq::Socket,
+    wakee: UnixStream,
+    endpoint: Endpoint,
+    current: String,
+    link: Arc<Link>,
+    events: broadcast::Sender<ConnectionEvent>,
+    /// Whether a connection was ever made (the first is the connect's; later ones are
+    /// recoveries).
+    ever_connected: bool,
+}
+
+fn zmq_error(what: &str, error: zmq::Error) -> Error {
+    Error::connection(format!("ZeroMQ: {what}: {error}"))
+}
+
+impl Io {
+    fn open(
+        client_id: &str,
+        first: &str,
+        endpoint: Endpoint,
+        link: Arc<Link>,
+        events: broadcast::Sender<ConnectionEvent>,
+        wakee: UnixStream,
+    ) -> Result<Self> {
+        let context = zmq::Context::new();
+        let dealer = context
+            .socket(zmq::DEALER)
+            .map_err(|e| zmq_error("a DEALER socket", e))?;
+        let options = || -> std::result::Result<(), zmq::Error> {
+            dealer.set_identity(client_id.as_bytes())?;
+            dealer.set_linger(0)?;
+            dealer.set_reconnect_ivl(100)?;
+            dealer.set_reconnect_ivl_max(1000)?;
+            // As AiiDA's broker does on its side: a broker that stops answering (stopped,
+            // or its machine gone) is noticed within 6 s.
+            dealer.set_heartbeat_ivl(2000)?;
+            dealer.set_heartbeat_timeout(6000)?;
+            Ok(())
+        };
+        options().map_err(|e| zmq_error("socket options", e))?;
+        let monitor_endpoint = format!("inproc://monitor-{client_id}");
+        let watched = zmq::SocketEvent::CONNECTED as i32 | zmq::SocketEvent::DISCONNECTED as i32;
+        dealer
+            .monitor(&monitor_endpoint, watched)
+            .map_err(|e| zmq_error("a socket monitor", e))?;
+        let monitor = context
+            .socket(zmq::PAIR)
+            .map_err(|e| zmq_error("a PAIR socket", e))?;
+        monitor
+            .connect(&monitor_endpoint)
+            .map_err(|e| zmq_error("the socket monitor", e))?;
+        dealer
+            .connect(first)
+            .map_err(|e| zmq_error(&format!("connecting to {first}"), e))?;
+        Ok(Self {
+            _context: context,
+            dealer,
+            monitor,
+            wakee,
+            endpoint,
+            current: first.to_owned(),
+            link,
+            events,
+            ever_connected: false,
+        })
+    }
+
+    fn run(mut self, connected: oneshot::Sender<()>) {
+        let mut connected = Some(connected);
+        let mut closing_since: Option<Instant> = None;
+        let mut last_look = Instant::now();
+        loop {
+            let closing = self.link.lock().closing;
+            let want_out = !self.link.outbox().is_empty();
+            if closing {
+                let since = *closing_since.get_or_insert_with(Instant::now);
+                // Leave once the unsubscriptions are out, or the broker is not there to take
+                // them, or it took too long.
+                if !want_out || !self.link.lock().connected || since.elapsed() > CLOSE_FLUSH {
+                    break;
+                }
+            }
+            let dealer_events = if want_out {
+                zmq::POLLIN | zmq::POLLOUT
+            } else {
+                zmq::POLLIN
+            };
+            let mut items = [
+                self.dealer.as_poll_item(dealer_events),
+                self.monitor.as_poll_item(zmq::POLLIN),
+                zmq::PollItem::from_fd(self.wakee.as_raw_fd(), zmq::POLLIN),
+            ];
+            if let Err(error) = zmq::poll(&mut items, TICK.as_millis() as i64) {
+                if error == zmq::Error::EINTR {
+                    continue;
+                }
+                tracing::error!(%error, "ZeroMQ poll failed; the client stops");
+                break;
+            }
+            let (readable, monitored, woken) = (
+                items[0].is_readable(),
+                items[1].is_readable(),
+                items[2].is_readable(),
+            );
+            if woken {
+                let mut sink = [0u8; 64];
+                while matches!((&self.wakee).read(&mut sink), Ok(n) if n > 0) {}
+            }
+            if monitored {
+                self.read_monitor(&mut connected);
+            }
+            if readable {
+                self.read_messages();
+            }
+            self.write_outbox();
+            if last_look.elapsed() >= TICK {
+                last_look = Instant::now();
+                self.follow_socket();
+            }
+        }
+        let mut state = self.link.lock();
+        state.connected = false;
+        // Whoever still waits for a confirm learns the connection is gone.
+        for (_, unconfirmed) in state.unconfirmed.drain() {
+            let _ = unconfirmed.done.send(Err(Error::closed()));
+        }
+        state.tasks.clear();
+        state.rpcs.clear();
+        state.broadcasts.clear();
+        state.replies = [None, None];
+    }
+
+    /// With a service directory: when `broker.sockets` names another socket (the broker
+    /// restarted elsewhere), moves there.
+    fn follow_socket(&mut self) {
+        let Endpoint::ServiceDir(_) = &self.endpoint else {
+            return;
+        };
+        let Some(now) = self.endpoint.current() else {
+            return;
+        };
+        if now == self.current {
+            return;
+        }
+        tracing::warn!(from = %self.current, to = %now, "the ZeroMQ broker moved; following it");
+        let _ = self.dealer.disconnect(&self.current);
+        if let Err(error) = self.dealer.connect(&now) {
+            tracing::error!(%error, endpoint = %now, "cannot connect to the moved broker");
+            return;
+        }
+        self.current = now;
+        // What the old connection held is gone with it: all of it goes again.
+        let mut state = self.link.lock();
+        let lost = *state.lost.get_or_insert_with(Instant::now);
+        for unconfirmed in state.unconfirmed.values_mut() {
+            unconfirmed.handed.get_or_insert(lost);
+        }
+        if state.connected {
+            state.connected = false;
+            let _ = self
+                .events
+                .send(ConnectionEvent::Lost("the ZeroMQ broker moved".into()));
+        }
+    }
+
+    fn read_monitor(&mut self, connected: &mut Option<oneshot::Sender<()>>) {
+        while let Ok(frames) = self.monitor.recv_multipart(zmq::DONTWAIT) {
+            let Some(event) = frames
+                .first()
+                .filter(|f| f.len() >= 2)
+                .map(|f| zmq::SocketEvent::from_raw(u16::from_le_bytes([f[0], f[1]])))
+            else {
+                continue;
+            };
+            match event {
+                zmq::SocketEvent::CONNECTED => self.on_connected(connected),
+                zmq::SocketEvent::DISCONNECTED => {
+                    let mut state = self.link.lock();
+                    if state.connected {
+                        state.connected = false;
+                        state.lost = Some(Instant::now());
+                        drop(state);
+                        tracing::warn!(endpoint = %self.current, "lost the ZeroMQ broker");
+                        let _ = self
+                            .events
+                            .send(ConnectionEvent::Lost("the ZeroMQ broker went away".into()));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn on_connected(&mut self, connected: &mut Option<oneshot::Sender<()>>) {
+        let mut state = self.link.lock();
+        state.connected = true;
+        let lost = state.lost.take();
+        if self.ever_connected {
+            // A broker that restarted knows nothing of this client: subscribe again, and
+            // send again each task that the lost connection took without a confirm.
+            let mut again: Vec<Frame> = self
+                .link
+                .subscriptions(&state)
+                .into_iter()
+                .map(|bytes| Frame {
+                    bytes: Arc::new(bytes),
+                    task_id: None,
+                })
+                .collect();
+            if let Some(lost) = lost {
+                for (id, unconfirmed) in state.unconfirmed.iter_mut() {
+                    if unconfirmed.handed.is_some_and(|handed| handed <= lost) {
+                        unconfirmed.handed = None;
+                        again.push(Frame {
+                            bytes: unconfirmed.frame.clone(),
+                            task_id: Some(id.clone()),
+                        });
+                    }
+                }
+            }
+            let mut outbox = self.link.outbox();
+            for frame in again.into_iter().rev() {
+                outbox.push_front(frame);
+            }
+            drop(outbox);
+            drop(state);
+            tracing::info!(endpoint = %self.current, "connected to the ZeroMQ broker again");
+            let _ = self.events.send(ConnectionEvent::Connected {
+                node: self.current.clone(),
+            });
+            let down = lost.map(|at| at.elapsed()).unwrap_or_default();
+            let _ = self.events.send(ConnectionEvent::Restored(down));
+        } else {
+            drop(state);
+            self.ever_connected = true;
+            if let Some(connected) = connected.take() {
+                let _ = connected.send(());
+            }
+        }
+    }
+
+    fn write_outbox(&mut self) {
+        let mut handed = Vec::new();
+        {
+            let mut outbox = self.link.outbox();
+            while let Some(frame) = outbox.front() {
+                match self
+                    .dealer
+                    .send_multipart([&b""[..], frame.bytes.as_slice()], zmq::DONTWAIT)
+                {
+                    Ok(()) => {
+                        let frame = outbox.pop_front().expect("the front was there");
+                        handed.extend(frame.task_id);
+                    }
+                    Err(zmq::Error::EAGAIN) => break,
+                    Err(error) => {
+                        tracing::error!(%error, "a message could not be sent to the ZeroMQ broker");
+                        outbox.pop_front();
+                    }
+                }
+            }
+        }
+        if handed.is_empty() {
+            return;
+        }
+        // Tasks handed over: note when, to send them again if this connection is lost
+        // before their confirm.
+        let now = Instant::now();
+        let mut state = self.link.lock();
+        for id in handed {
+            if let Some(unconfirmed) = state.unconfirmed.get_mut(&id) {
+                unconfirmed.handed = Some(now);
+            }
+        }
+    }
+
+    fn read_messages(&mut self) {
+        loop {
+            let frames = match self.dealer.recv_multipart(zmq::DONTWAIT) {
+                Ok(frames) => frames,
+                Err(zmq::Error::EAGAIN) => return,
+                Err(error) => {
+                    tracing::error!(%error, "reading from the ZeroMQ broker failed");
+                    return;
+                }
+            };
+            // `["", json]`, or `[json]` without the delimiter.
+            let Some(payload) = frames.iter().rev().find(|f| !f.is_empty()) else {
+                continue;
+            };
+            match Incoming::parse(payload) {
+                Ok(message) => self.dispatch(message),
+                Err(error) => {
+                    tracing::warn!(%error, "an unreadable message from the broker was dropped")
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, message: Incoming<'_>) {
+        match message.kind.as_deref() {
+            Some(kind::TASK) => self.on_task(message),
+            Some(kind::TASK_RESPONSE) => self.on_task_response(message),
+            Some(kind::RPC) => self.on_rpc(message),
+            Some(kind::RPC_RESPONSE) => {
+                let Some(rpc_id) = message.rpc_id else {
+                    return tracing::warn!("an rpc_response without rpc_id was dropped");
+                };
+                let body = ReplyEnvelope::encode(message.result, message.error.as_deref());
+                self.deliver_reply(1, rpc_id, body);
+            }
+            Some(kind::BROADCAST) => {
+                let envelope = BroadcastEnvelope {
+                    body: message.body.unwrap_or_else(|| protocol::null()),
+                    sender: message.sender.unwrap_or_else(|| protocol::null()),
+                    subject: message.subject.unwrap_or_else(|| protocol::null()),
+                    correlation_id: message.correlation_id.unwrap_or_else(|| protocol::null()),
+                };
+                let body = bytes::Bytes::from(envelope.encode());
+                let mut state = self.link.lock();
+                state.broadcasts.retain(|(_, deliveries)| {
+                    deliveries
+                        .unbounded_send(plain_delivery(body.clone(), None, None))
+                        .is_ok()
+                });
+            }
+            Some(kind::PING) => {}
+            other => {
+                tracing::warn!(kind = ?other, "a message of unknown type from the broker was dropped")
+            }
+        }
+    }
+
+    fn on_task(&mut self, message: Incoming<'_>) {
+        let Some(task_id) = message.id else {
+            return tracing::warn!("a task without id was dropped (it cannot be acked)");
+        };
+        let no_reply = message.no_reply.unwrap_or(false);
+        let body = TaskEnvelope::encode(message.body.unwrap_or_else(|| protocol::null()), no_reply);
+        let mut delivery = Delivery {
+            body: bytes::Bytes::from(body),
+            correlation_id: Some(task_id.clone()),
+            reply_to: (!no_reply).then(|| TASK_REPLY_TO.to_owned()),
+            redelivered: false,
+            delivery_count: 0,
+            traceparent: None,
+            acker: Acker::new(TaskSettle {
+                link: self.link.clone(),
+                task_id,
+            }),
+        };
+        let mut state = self.link.lock();
+        let count = state.tasks.len();
+        for step in 0..count {
+            let at = (state.next_task + step) % count;
+            match state.tasks[at].deliveries.unbounded_send(delivery) {
+                Ok(()) => {
+                    state.next_task = at + 1;
+                    return;
+                }
+                Err(refused) => delivery = refused.into_inner(),
+            }
+        }
+        drop(state);
+        // Nobody here takes tasks any more: dropped, its acker returns it to the broker for
+        // another worker.
+        tracing::debug!("a task arrived with no task consumer here; returned");
+        drop(delivery);
+    }
+
+    fn on_task_response(&mut self, message: Incoming<'_>) {
+        let Some(task_id) = message.task_id else {
+            return tracing::warn!("a task_response without task_id was dropped");
+        };
+        let confirmed = self.link.lock().unconfirmed.remove(&task_id);
+        match confirmed {
+            Some(unconfirmed) => {
+                let outcome = match message.error {
+                    Some(error) => Err(Error::refused(format!(
+                        "the broker refused the task: {error}"
+                    ))),
+                    None => Ok(()),
+                };
+                let refused = outcome.is_err();
+                let _ = unconfirmed.done.send(outcome);
+                if unconfirmed.wants_result && !refused && message.results != Some(true) {
+                    let body = ReplyEnvelope::encode(None, Some(NO_RESULTS));
+                    let correlation_id = unconfirmed.correlation_id.unwrap_or(task_id);
+                    self.deliver_reply(0, correlation_id, body);
+                }
+            }
+            // Not a confirm: a worker's result, which kiwimq's broker passes on.
+            None => {
+                let body = ReplyEnvelope::encode(message.result, message.error.as_deref());
+                self.deliver_reply(0, task_id, body);
+            }
+        }
+    }
+
+    fn on_rpc(&mut self, message: Incoming<'_>) {
+        let Some(rpc_id) = message.id.clone() else {
+            return tracing::warn!("an rpc without id was dropped (it cannot be answered)");
+        };
+        let recipient = message.recipient().unwrap_or_default();
+        let body = message
+            .body
+            .unwrap_or_else(|| protocol::null())
+            .get()
+            .as_bytes();
+        let delivery = plain_delivery(
+            bytes::Bytes::copy_from_slice(body),
+            Some(rpc_id.clone()),
+            Some(RPC_REPLY_TO.to_owned()),
+        );
+        let refused = {
+            let state = self.link.lock();
+            match state.rpcs.get(&recipient) {
+                Some((_, deliveries)) => deliveries.unbounded_send(delivery).is_err(),
+                None => true,
+            }
+        };
+        if refused {
+            // As AiiDA's clients answer a call for an identifier they do not serve.
+            let error = format!("No handler for {recipient}");
+            let frame = Outgoing {
+                rpc_id: Some(&rpc_id),
+                result: Some(protocol::null()),
+                error: Some(Some(&error)),
+                ..Outgoing::new(kind::RPC_RESPONSE, &self.link.sender)
+            }
+            .encode();
+            self.link.send(frame);
+        }
+    }
+
+    fn deliver_reply(&self, slot: usize, correlation_id: String, body: Vec<u8>) {
+        let deliver = self.link.lock().replies[slot].clone();
+        match deliver {
+            Some(deliver) => deliver(plain_delivery(body.into(), Some(correlation_id), None)),
+            None => tracing::debug!(%correlation_id, "a reply with nobody to take it"),
+        }
+    }
+}
+
+/// A delivery that needs no settling.
+fn plain_delivery(
+    body: bytes::Bytes,
+    correlation_id: Option<String>,
+    reply_to: Option<String>,
+) -> Delivery {
+    Delivery {
+        body,
+        correlation_id,
+        reply_to,
+        redelivered: false,
+        delivery_count: 0,
+        traceparent: None,
+        acker: Acker::auto(),
+    }
+}
