@@ -254,3 +254,113 @@ async fn clients_follow_a_crashed_broker_to_its_new_socket() {
     caller.close().await.unwrap();
     worker.close().await.unwrap();
 }
+
+#[actix_rt::test]
+async fn aiidas_python_client_talks_to_kiwimq_both_ways() {
+    use common::aiida::{PythonPeer, endpoint};
+    let broker = AiidaBroker::start().await;
+    let home = broker.service_dir.join("python-home");
+    let comm = connect(&broker.uri()).await;
+
+    // kiwimq → Python: tasks, an RPC, a broadcast.
+    let mut python = PythonPeer::start("serve", &endpoint(&broker.socket_uri()), &[], &home);
+    python.expect("ready").await;
+    for pid in 0..3u64 {
+        let task = serde_json::json!({"task": "continue", "args": {"pid": pid}});
+        comm.task_send_no_reply(&task).await.unwrap();
+    }
+    let mut pids = Vec::new();
+    for _ in 0..3 {
+        let task = python.expect("task").await;
+        pids.push(task[0]["args"]["pid"].as_u64().unwrap());
+    }
+    pids.sort_unstable();
+    assert_eq!(pids, [0, 1, 2]);
+    let answer: serde_json::Value = comm
+        .rpc_send("py-rpc", &serde_json::json!({"intent": "play"}))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer,
+        serde_json::json!({"python_echo": {"intent": "play"}})
+    );
+    comm.broadcast_send(
+        &serde_json::json!({"state": "finished"}),
+        BroadcastOptions::subject("state_changed.running.finished")
+            .with_sender(12)
+            .with_correlation_id("c-1"),
+    )
+    .await
+    .unwrap();
+    let heard = python.expect("broadcast").await;
+    assert_eq!(heard[0], serde_json::json!({"state": "finished"}));
+    assert_eq!(heard[1], 12);
+    assert_eq!(heard[2], "state_changed.running.finished");
+    assert_eq!(heard[3], "c-1");
+    python.finish().await;
+
+    // Python → kiwimq: AiiDA's submit (no-reply tasks), an RPC, a broadcast, a confirm.
+    let tasks = seen::<serde_json::Value>();
+    let record = tasks.clone();
+    comm.add_task_subscriber(move |task: Task<serde_json::Value, ()>| {
+        let record = record.clone();
+        async move {
+            record.lock().unwrap().push(task.body);
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    comm.add_rpc_subscriber(Some("rust-rpc"), |rpc: Rpc<serde_json::Value>| async move {
+        Ok::<_, HandlerError>(serde_json::json!({"rust_echo": rpc.body}))
+    })
+    .await
+    .unwrap();
+    let heard = seen::<(serde_json::Value, String)>();
+    let record = heard.clone();
+    comm.add_broadcast_subscriber(
+        BroadcastFilter::new().subject("state_changed.*"),
+        move |broadcast: Broadcast<serde_json::Value>| {
+            let record = record.clone();
+            async move {
+                let sender = format!("{:?}", broadcast.sender);
+                record.lock().unwrap().push((broadcast.body, sender));
+                Ok(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let mut python = PythonPeer::start("send", &endpoint(&broker.socket_uri()), &["20"], &home);
+    python.expect("tasks sent").await;
+    let rpc = python.expect("rpc").await;
+    assert_eq!(
+        rpc[0],
+        serde_json::json!({"rust_echo": {"intent": "status", "message": null}})
+    );
+    let error = python.expect("rpc error").await;
+    assert!(
+        error[0].as_str().unwrap().contains("Recipient not found"),
+        "{error:?}"
+    );
+    python.expect("broadcast sent").await;
+    assert_eq!(python.expect("task confirmed").await[0], true);
+    python.finish().await;
+    eventually(SOON, "21 tasks and the broadcast", || {
+        count(&tasks) == 21 && count(&heard) == 1
+    })
+    .await;
+    let (body, sender) = heard.lock().unwrap()[0].clone();
+    assert_eq!(body, serde_json::json!({"state": "running"}));
+    assert!(sender.contains('7'), "{sender}");
+    let pids: std::collections::BTreeSet<i64> = tasks
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|t| t["args"]["pid"].as_i64().unwrap())
+        .collect();
+    assert_eq!(pids, (-1..20).collect());
+    comm.close().await.unwrap();
+}

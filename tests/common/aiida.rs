@@ -144,3 +144,67 @@ impl Drop for AiidaBroker {
         }
     }
 }
+
+/// AiiDA's Python client (`ZeromqCommunicator`) as a peer: `interop/aiida_zmq_peer.py`,
+/// read line by line (one JSON array a line).
+pub struct PythonPeer {
+    process: Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl PythonPeer {
+    /// Runs the peer in `mode` against `endpoint` (`ipc://…`) with `args`.
+    pub fn start(mode: &str, endpoint: &str, args: &[&str], home: &Path) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/interop/aiida_zmq_peer.py");
+        let mut process = Command::new(python())
+            .arg(script)
+            .arg(mode)
+            .arg(endpoint)
+            .args(args)
+            .env("AIIDA_PATH", home)
+            .env("PYTHONWARNINGS", "ignore")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the Python peer starts");
+        let lines = tokio::io::BufReader::new(process.stdout.take().unwrap()).lines();
+        Self { process, lines }
+    }
+
+    /// The rest of the first line whose first field is `tag`, within 30 s.
+    pub async fn expect(&mut self, tag: &str) -> Vec<serde_json::Value> {
+        let read = async {
+            while let Some(line) = self.lines.next_line().await.unwrap() {
+                let fields: Vec<serde_json::Value> = match serde_json::from_str(&line) {
+                    Ok(fields) => fields,
+                    Err(_) => continue,
+                };
+                if fields.first().and_then(|f| f.as_str()) == Some(tag) {
+                    return fields[1..].to_vec();
+                }
+            }
+            panic!("the Python peer ended before printing '{tag}'");
+        };
+        tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .unwrap_or_else(|_| panic!("the Python peer did not print '{tag}' in 30 s"))
+    }
+
+    /// Closes its stdin (a serving peer then stops) and waits for it to exit successfully.
+    pub async fn finish(mut self) {
+        drop(self.process.stdin.take());
+        let status = tokio::time::timeout(Duration::from_secs(30), self.process.wait())
+            .await
+            .expect("the Python peer exits")
+            .unwrap();
+        assert!(status.success(), "the Python peer failed: {status}");
+    }
+}
+
+/// The `ipc://` endpoint of a `zmq+ipc://` URI.
+pub fn endpoint(socket_uri: &str) -> String {
+    socket_uri.replacen("zmq+ipc://", "ipc://", 1)
+}
