@@ -112,6 +112,12 @@ mod transport;
 mod tree;
 #[cfg(feature = "zeromq")]
 mod zeromq;
+/// kiwimq's ZeroMQ broker (feature `zeromq`): AiiDA's protocol and files, durable and
+/// restart-proof. [`Broker`](broker::Broker) embeds it; `kiwimq broker` runs it.
+#[cfg(feature = "zeromq")]
+pub mod broker {
+    pub use crate::zeromq::broker::{Broker, RunningBroker};
+}
 
 pub use actors::replies::ReplyFuture;
 pub use codec::Codec;

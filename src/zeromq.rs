@@ -11,9 +11,12 @@
 //! mode, no queue counts or purge, and AiiDA's broker drops a worker's task result — a
 //! task sent for its result gets a clear error once the broker has confirmed it (it still
 //! runs). JSON only ([`Codec::Json`](crate::Codec::Json), the default for `zmq://` URIs).
-//! `protocol` holds the messages, `client` the transport.
+//! `protocol` holds the messages, `client` the transport, `broker` kiwimq's own broker
+//! (`kiwimq broker`) and `store` its durable task queue.
 
+pub(crate) mod broker;
 mod client;
 mod protocol;
+mod store;
 
 pub(crate) use client::ZmqTransport;

@@ -29,7 +29,8 @@ struct Cli {
 #[derive(Debug, Args)]
 struct Connection {
     /// The broker: amqp://user:pass@host[:port][/vhost], amqps://… (TLS options in the
-    /// query), a comma-separated list of a cluster's nodes, or mem:// (this process only).
+    /// query), a comma-separated list of a cluster's nodes, a ZeroMQ broker's
+    /// zmq:///SERVICE_DIR or zmq+ipc:///PATH, or mem:// (this process only).
     #[arg(
         long,
         global = true,
@@ -37,9 +38,10 @@ struct Connection {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     uri: String,
-    /// The codec of bodies: msgpack, json, yaml (kiwiPy's and AiiDA's), or bincode.
-    #[arg(long, global = true, default_value = "msgpack")]
-    codec: Codec,
+    /// The codec of bodies: msgpack, json, yaml (kiwiPy's and AiiDA's), or bincode
+    /// (default msgpack; json on a ZeroMQ broker, which carries only JSON).
+    #[arg(long, global = true)]
+    codec: Option<Codec>,
     /// An exchange prefix, as AiiDA's: exchanges PREFIX.messages and PREFIX.tasks, default
     /// task queue PREFIX.tasks (AiiDA's processes are on --queue PREFIX.process.queue).
     #[arg(long, global = true)]
@@ -87,6 +89,23 @@ enum Command {
     /// Task queues.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Run kiwimq's ZeroMQ broker for a service directory, as `verdi daemon broker` runs
+    /// AiiDA's (same flags and files; an AiiDA daemon uses it instead of starting its own).
+    /// Stops cleanly on SIGINT or SIGTERM. Needs the `zeromq` feature.
+    Broker(BrokerArgs),
+}
+
+#[derive(Debug, Args)]
+struct BrokerArgs {
+    /// The service directory: AiiDA's `<AIIDA_PATH>/.aiida/broker/<UUID>-<profile>/`.
+    #[arg(long, short = 's')]
+    service_dir: std::path::PathBuf,
+    /// Where the log goes (default SERVICE_DIR/broker.log).
+    #[arg(long, short = 'l')]
+    log_file_path: Option<std::path::PathBuf>,
+    /// Seconds a worker that stopped answering keeps its tasks before they go to another.
+    #[arg(long, default_value = "30", value_parser = seconds)]
+    worker_grace: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -172,6 +191,15 @@ enum QueueCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Broker(args) = &cli.command {
+        return match broker(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("kiwimq: {message}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -188,6 +216,56 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `kiwimq broker`: serves until a signal, logging to the log file.
+#[cfg(feature = "zeromq")]
+fn broker(args: &BrokerArgs) -> Outcome {
+    std::fs::create_dir_all(&args.service_dir)
+        .map_err(|e| format!("{}: {e}", args.service_dir.display()))?;
+    let log_path = args
+        .log_file_path
+        .clone()
+        .unwrap_or_else(|| args.service_dir.join("broker.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("{}: {e}", log_path.display()))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::sync::Mutex::new(log))
+        .with_ansi(false)
+        .init();
+    let running = kiwimq::broker::Broker::new(&args.service_dir)
+        .with_worker_grace(args.worker_grace)
+        .start()
+        .map_err(fail)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let mut check = tokio::time::interval(Duration::from_secs(1));
+        let signal = kiwimq::shutdown_signal();
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                () = &mut signal => break,
+                _ = check.tick() => if !running.is_running() { break },
+            }
+        }
+    });
+    running.stop().map_err(fail)
+}
+
+#[cfg(not(feature = "zeromq"))]
+fn broker(_: &BrokerArgs) -> Outcome {
+    Err("this kiwimq was built without the `zeromq` feature: \
+         cargo install --path . --features cli,zeromq"
+        .into())
 }
 
 /// A failure, as the one line printed for it.
@@ -329,6 +407,8 @@ async fn run(cli: Cli) -> Outcome {
             }
             Ok(())
         }
+        // Run by `main` before any connection.
+        Command::Broker(_) => Err("the broker takes no connection".into()),
     };
     let _ = comm.close().await;
     result
@@ -337,11 +417,13 @@ async fn run(cli: Cli) -> Outcome {
 async fn connect(connection: &Connection, timeout: Duration) -> Result<Communicator, String> {
     let mut settings = Settings::new(connection.uri.clone())
         .with_nodes(connection.uri.split(',').map(str::trim))
-        .with_codec(connection.codec)
         .with_connect_timeout(timeout)
         .with_send_timeout(timeout)
         .with_testing_mode(connection.testing_mode)
         .with_kiwipy_testing_queues(connection.kiwipy_testing_queues);
+    if let Some(codec) = connection.codec {
+        settings = settings.with_codec(codec);
+    }
     if let Some(prefix) = &connection.prefix {
         settings = settings
             .with_message_exchange(format!("{prefix}.messages"))

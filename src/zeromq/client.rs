@@ -373,6 +373,7 @@ impl ZmqTransport {
                 id: id.clone(),
                 body: Some(body),
                 no_reply: Some(false),
+                results: wants_result.then_some(true),
                 ..Outgoing::new(kind::TASK, &self.link.sender)
             }
             .encode(),

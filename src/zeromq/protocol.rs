@@ -62,10 +62,16 @@ pub(crate) struct Incoming<'a> {
     pub(crate) subject: Option<&'a RawValue>,
     #[serde(default, borrow)]
     pub(crate) correlation_id: Option<&'a RawValue>,
-    /// Set by kiwimq's broker on a task's confirm: the worker's result follows as a second
-    /// `task_response`. AiiDA's broker never sends it (it drops workers' results).
+    /// On a task: its sender wants the worker's result (kiwimq's clients say so). On a
+    /// confirm: kiwimq's broker will pass that result on. AiiDA's never sends it.
     #[serde(default)]
     pub(crate) results: Option<bool>,
+    /// `subscribe_*`: the subscription's identifier.
+    #[serde(default)]
+    pub(crate) identifier: Option<String>,
+    /// `subscribe_task`: the connection's limit (`null` or ≤ 0 unlimited).
+    #[serde(default)]
+    pub(crate) prefetch_count: Option<i64>,
 }
 
 impl<'a> Incoming<'a> {
@@ -117,6 +123,10 @@ pub(crate) struct Outgoing<'a> {
     /// `subscribe_*`: `null` for unlimited (always present on subscriptions, as AiiDA's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) prefetch_count: Option<Option<u32>>,
+    /// `task`: the sender wants the worker's result (an optional field only kiwimq's broker
+    /// reads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) results: Option<bool>,
 }
 
 /// JSON `null`, as a raw value.
@@ -145,6 +155,7 @@ impl<'a> Outgoing<'a> {
             correlation_id: None,
             identifier: None,
             prefetch_count: None,
+            results: None,
         }
     }
 

@@ -1,0 +1,334 @@
+//! The broker's durable task queue, in AiiDA's layout so that `verdi process repair` and
+//! AiiDA's own tools read it: `storage/tasks/pending/{time_us}_{task_id}.json` waiting,
+//! `storage/tasks/processing/` handed to a worker; ack deletes, nack moves back.
+//!
+//! Unlike AiiDA's, a task is on disk before it is confirmed: written to a temporary file,
+//! synced, renamed, and the directory synced — a batch of them at once, their syncs issued
+//! together so the file system commits them in one journal transaction. A file that does not
+//! decode is moved to `corrupt/` and reported, never deleted; leftover temporary files (never
+//! confirmed) are removed at start.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A task as stored: AiiDA's fields (`id, sender, sender_identity, body, no_reply,
+/// timestamp`) and kiwimq's optional `results`. Tolerates the files `verdi process repair`
+/// writes (`{body, no_reply}` only).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct StoredTask {
+    #[serde(default)]
+    pub(crate) id: Option<String>,
+    #[serde(default)]
+    pub(crate) sender: serde_json::Value,
+    #[serde(default)]
+    pub(crate) sender_identity: Option<String>,
+    #[serde(default)]
+    pub(crate) body: serde_json::Value,
+    #[serde(default)]
+    pub(crate) no_reply: bool,
+    #[serde(default)]
+    pub(crate) timestamp: f64,
+    /// The sender wants the worker's result passed back (kiwimq's clients ask for it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) results: bool,
+}
+
+/// The queue: the names of the waiting files in order, and the processing ones by task id.
+#[derive(Debug)]
+pub(crate) struct Store {
+    pending_dir: PathBuf,
+    processing_dir: PathBuf,
+    corrupt_dir: PathBuf,
+    pending: VecDeque<String>,
+    processing: HashMap<String, String>,
+    /// The last timestamp used in a name, so names stay unique and ordered within a batch.
+    last_us: u128,
+}
+
+/// The task id a file's name carries: `{time_us}_{task_id}.json`.
+fn task_id(name: &str) -> Option<&str> {
+    name.strip_suffix(".json")?
+        .split_once('_')
+        .map(|(_, id)| id)
+}
+
+/// Syncs a directory, so the names created or removed in it survive a crash.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Store {
+    /// Opens (creating) the queue under `tasks_dir`: what was processing goes back to
+    /// pending (its worker's broker is gone), in name order.
+    pub(crate) fn open(tasks_dir: &Path) -> io::Result<Self> {
+        let pending_dir = tasks_dir.join("pending");
+        let processing_dir = tasks_dir.join("processing");
+        let corrupt_dir = tasks_dir.join("corrupt");
+        fs::create_dir_all(&pending_dir)?;
+        fs::create_dir_all(&processing_dir)?;
+        for entry in fs::read_dir(&processing_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if Path::new(&name).extension().is_some_and(|e| e == "json") {
+                fs::rename(entry.path(), pending_dir.join(&name))?;
+            }
+        }
+        let mut pending = Vec::new();
+        for entry in fs::read_dir(&pending_dir)? {
+            let entry = entry?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if name.ends_with(".tmp") {
+                // Never confirmed: its sender was not told it was taken.
+                fs::remove_file(entry.path())?;
+            } else if task_id(&name).is_some() {
+                pending.push(name);
+            }
+        }
+        pending.sort();
+        sync_dir(&pending_dir)?;
+        sync_dir(&processing_dir)?;
+        Ok(Self {
+            pending_dir,
+            processing_dir,
+            corrupt_dir,
+            pending: pending.into(),
+            processing: HashMap::new(),
+            last_us: 0,
+        })
+    }
+
+    /// Tasks waiting.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Tasks handed out and not settled.
+    pub(crate) fn processing(&self) -> usize {
+        self.processing.len()
+    }
+
+    fn name_for(&mut self, task_id: &str) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros();
+        self.last_us = now.max(self.last_us + 1);
+        format!("{}_{task_id}.json", self.last_us)
+    }
+
+    /// Stores a batch of tasks durably, in order; returns once all are on disk.
+    pub(crate) fn push_all(&mut self, tasks: &[StoredTask]) -> io::Result<()> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let mut written = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let id = task.id.as_deref().unwrap_or("unnamed");
+            let name = self.name_for(id);
+            let temporary = self.pending_dir.join(format!("{name}.tmp"));
+            let mut file = File::create(&temporary)?;
+            file.write_all(&serde_json::to_vec(task).map_err(io::Error::other)?)?;
+            written.push((name, temporary, file));
+        }
+        // Issued together, the syncs share the file system's journal commits.
+        let threads = written.len().clamp(1, 8);
+        let chunk = written.len().div_ceil(threads);
+        std::thread::scope(|scope| -> io::Result<()> {
+            let syncs: Vec<_> = written
+                .chunks(chunk)
+                .map(|files| {
+                    scope.spawn(move || files.iter().try_for_each(|(_, _, file)| file.sync_data()))
+                })
+                .collect();
+            for sync in syncs {
+                sync.join()
+                    .map_err(|_| io::Error::other("a sync thread panicked"))??;
+            }
+            Ok(())
+        })?;
+        for (name, temporary, _) in &written {
+            fs::rename(temporary, self.pending_dir.join(name))?;
+        }
+        sync_dir(&self.pending_dir)?;
+        self.pending
+            .extend(written.into_iter().map(|(name, _, _)| name));
+        Ok(())
+    }
+
+    /// Takes the next task into processing. Skips (and quarantines) files that do not
+    /// decode, and files gone from under it.
+    pub(crate) fn pop(&mut self) -> Option<(String, StoredTask)> {
+        while let Some(name) = self.pending.pop_front() {
+            let path = self.pending_dir.join(&name);
+            let id = task_id(&name).unwrap_or_default().to_owned();
+            let bytes = match fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    tracing::warn!(%name, %error, "a pending task file is gone; skipped");
+                    continue;
+                }
+            };
+            match serde_json::from_slice::<StoredTask>(&bytes) {
+                Ok(task) => {
+                    if let Err(error) = fs::rename(&path, self.processing_dir.join(&name)) {
+                        tracing::error!(%name, %error, "cannot move a task to processing");
+                        self.pending.push_front(name);
+                        return None;
+                    }
+                    self.processing.insert(id.clone(), name);
+                    return Some((id, task));
+                }
+                Err(error) => self.quarantine(&name, &path, &error.to_string()),
+            }
+        }
+        None
+    }
+
+    fn quarantine(&self, name: &str, path: &Path, error: &str) {
+        let moved = fs::create_dir_all(&self.corrupt_dir)
+            .and_then(|()| fs::rename(path, self.corrupt_dir.join(name)));
+        match moved {
+            Ok(()) => tracing::error!(
+                %name, %error,
+                "a task file does not decode: moved to storage/tasks/corrupt/ (not run, not deleted)"
+            ),
+            Err(move_error) => tracing::error!(
+                %name, %error, %move_error,
+                "a task file does not decode and cannot be moved aside: left in place"
+            ),
+        }
+    }
+
+    /// Takes a waiting task into processing by id (a holder known from before a restart).
+    pub(crate) fn claim(&mut self, task_id: &str) -> bool {
+        let Some(at) = self
+            .pending
+            .iter()
+            .position(|name| self::task_id(name) == Some(task_id))
+        else {
+            return false;
+        };
+        let name = self.pending.remove(at).expect("the position is in range");
+        match fs::rename(
+            self.pending_dir.join(&name),
+            self.processing_dir.join(&name),
+        ) {
+            Ok(()) => {
+                self.processing.insert(task_id.to_owned(), name);
+                true
+            }
+            Err(error) => {
+                tracing::error!(%name, %error, "cannot move a task to processing");
+                self.pending.insert(at, name);
+                false
+            }
+        }
+    }
+
+    /// Done: the task's file goes. `false` if it was not processing.
+    pub(crate) fn ack(&mut self, task_id: &str) -> bool {
+        let Some(name) = self.processing.remove(task_id) else {
+            return false;
+        };
+        if let Err(error) = fs::remove_file(self.processing_dir.join(&name)) {
+            tracing::warn!(%name, %error, "cannot remove an acked task's file");
+        }
+        true
+    }
+
+    /// Back to the head of the queue. `false` if it was not processing.
+    pub(crate) fn nack(&mut self, task_id: &str) -> bool {
+        let Some(name) = self.processing.remove(task_id) else {
+            return false;
+        };
+        match fs::rename(
+            self.processing_dir.join(&name),
+            self.pending_dir.join(&name),
+        ) {
+            Ok(()) => self.pending.push_front(name),
+            Err(error) => tracing::error!(%name, %error, "cannot return a task to pending"),
+        }
+        true
+    }
+
+    /// Syncs the removals and moves since the last call (acks, nacks, pops), so a crash
+    /// does not bring back many acked tasks.
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        sync_dir(&self.pending_dir)?;
+        sync_dir(&self.processing_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: &str) -> StoredTask {
+        StoredTask {
+            id: Some(id.to_owned()),
+            sender: serde_json::json!("client-1"),
+            sender_identity: None,
+            body: serde_json::json!({"task": "continue", "args": {"pid": 1}}),
+            no_reply: true,
+            timestamp: 0.0,
+            results: false,
+        }
+    }
+
+    fn scratch() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("kiwimq-store-{}", uuid::Uuid::new_v4()));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn tasks_survive_a_reopen_in_order_and_processing_ones_come_back() {
+        let dir = scratch();
+        let mut store = Store::open(&dir).unwrap();
+        store.push_all(&[task("a"), task("b"), task("c")]).unwrap();
+        assert_eq!(store.pop().unwrap().0, "a");
+        assert_eq!(store.processing(), 1);
+        drop(store);
+        let mut store = Store::open(&dir).unwrap();
+        assert_eq!(store.pending(), 3);
+        let order: Vec<_> = std::iter::from_fn(|| store.pop().map(|(id, _)| id)).collect();
+        assert_eq!(order, ["a", "b", "c"]);
+        assert!(store.ack("b"));
+        assert!(!store.ack("b"));
+        assert!(store.nack("c"));
+        assert_eq!(store.pop().unwrap().0, "c");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_broken_file_is_moved_aside_and_a_repaired_one_is_read() {
+        let dir = scratch();
+        let mut store = Store::open(&dir).unwrap();
+        store.push_all(&[task("good")]).unwrap();
+        fs::write(
+            dir.join("pending/0000000000000001_truncated.json"),
+            b"{\"body\": {\"ta",
+        )
+        .unwrap();
+        fs::write(
+            dir.join("pending/0000000000000002_repaired.json"),
+            br#"{"body": {"task": "continue"}, "no_reply": true}"#,
+        )
+        .unwrap();
+        fs::write(dir.join("pending/3_never.json.tmp"), b"{").unwrap();
+        let mut store = Store::open(&dir).unwrap();
+        let (id, repaired) = store.pop().unwrap();
+        assert_eq!(id, "repaired");
+        assert_eq!(repaired.body["task"], "continue");
+        assert_eq!(store.pop().unwrap().0, "good");
+        assert!(store.pop().is_none());
+        assert!(dir.join("corrupt/0000000000000001_truncated.json").exists());
+        assert!(!dir.join("pending/3_never.json.tmp").exists());
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
