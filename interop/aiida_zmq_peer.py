@@ -3,12 +3,17 @@
     python aiida_zmq_peer.py serve ENDPOINT      serves RPC 'py-rpc', takes tasks, hears broadcasts
     python aiida_zmq_peer.py send ENDPOINT N     sends N tasks as AiiDA's submit does, calls
                                                  RPC 'rust-rpc', broadcasts a state change
+    python aiida_zmq_peer.py work ENDPOINT S P   a worker as AiiDA's daemon runs one: takes at
+                                                 most P tasks at a time and acks each S seconds
+                                                 after it arrived (a process running)
 
 Prints one JSON array a line for the test to read; ``serve`` runs until stdin closes.
 """
 
 import json
 import sys
+import threading
+from concurrent.futures import Future
 
 from aiida.brokers.zeromq.communicator import ZeromqCommunicator
 
@@ -48,13 +53,33 @@ def send(comm, count):
     out('task confirmed', confirm.result(timeout=10).result())
 
 
+def work(comm, hold):
+    def task(_comm, body):
+        out('task', body)
+        done = Future()
+
+        def finish():
+            out('done', body)
+            done.set_result(True)
+
+        threading.Timer(hold, finish).start()
+        return done
+
+    comm.add_task_subscriber(task, 'py-worker')
+    out('ready')
+    sys.stdin.read()
+
+
 def main():
     mode, endpoint = sys.argv[1], sys.argv[2]
-    comm = ZeromqCommunicator(endpoint, task_timeout=10)
+    prefetch = int(sys.argv[4]) if mode == 'work' else None
+    comm = ZeromqCommunicator(endpoint, task_timeout=10, task_prefetch_count=prefetch)
     comm.start()
     try:
         if mode == 'serve':
             serve(comm)
+        elif mode == 'work':
+            work(comm, float(sys.argv[3]))
         else:
             send(comm, int(sys.argv[3]))
     finally:

@@ -5,7 +5,11 @@
 
 mod common;
 
-use common::aiida::scratch;
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::aiida::{BrokerProcess, PythonPeer, endpoint, scratch};
+use common::{SOON, Seen, count, eventually, seen};
 use kiwimq::broker::Broker;
 use kiwimq::{HandlerError, Rpc, Settings, Task};
 
@@ -94,4 +98,221 @@ async fn kiwimq_clients_get_task_results_through_kiwimqs_broker() {
     assert!(!dir.join("broker.sockets").exists());
     assert!(dir.join("storage/tasks/pending").is_dir());
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[actix_rt::test]
+async fn aiidas_python_client_talks_to_kiwimq_through_kiwimqs_broker() {
+    let broker = BrokerProcess::kiwimq(30).await;
+    let comm = connect(&broker.uri()).await;
+    let home = broker.service_dir.join("python-home");
+    common::aiida::python_client_both_ways(&comm, &broker.socket_uri(), &home).await;
+    comm.close().await.unwrap();
+}
+
+/// Every distinct body handled, and how many were handled more than once.
+fn tally(handled: &Seen<u64>) -> (usize, usize) {
+    let handled = handled.lock().unwrap();
+    let distinct: HashSet<u64> = handled.iter().copied().collect();
+    (distinct.len(), handled.len() - distinct.len())
+}
+
+#[actix_rt::test]
+async fn a_broker_killed_with_1000_confirmed_tasks_loses_none_and_every_client_resumes() {
+    const TASKS: u64 = 1_000;
+    let mut broker = BrokerProcess::kiwimq(30).await;
+    let worker = Settings::new(broker.uri())
+        .with_task_prefetch(50)
+        .connect()
+        .await
+        .unwrap();
+    let sender = connect(&broker.socket_uri()).await;
+    let handled = seen::<u64>();
+    let record = handled.clone();
+    worker
+        .add_task_subscriber(move |task: Task<u64, ()>| {
+            let record = record.clone();
+            async move {
+                // A little work, so that many tasks are in flight when the broker dies.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                record.lock().unwrap().push(task.body);
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    worker
+        .add_rpc_subscriber(Some("worker"), |rpc: Rpc<u64>| async move {
+            Ok::<_, HandlerError>(rpc.body + 1)
+        })
+        .await
+        .unwrap();
+    // Every send returns once the broker has the task on disk.
+    let sender_ref = &sender;
+    let sends = (0..TASKS).map(|n| async move { sender_ref.task_send_no_reply(&n).await });
+    for sent in futures::future::join_all(sends).await {
+        sent.expect("confirmed");
+    }
+    eventually(SOON, "a third of the tasks handled", || {
+        count(&handled) as u64 >= TASKS / 3
+    })
+    .await;
+    let before = tally(&handled).0;
+    broker.kill().await;
+    let at_kill = broker.stored_tasks();
+    broker.restart().await;
+    eventually(Duration::from_secs(30), "every task handled", || {
+        tally(&handled).0 as u64 == TASKS
+    })
+    .await;
+    eventually(SOON, "the broker's storage empty", || {
+        broker.stored_tasks() == (0, 0)
+    })
+    .await;
+    let (distinct, twice) = tally(&handled);
+    println!(
+        "kiwimq broker kill -9: {TASKS} confirmed, {before} handled before the kill, \
+         {at_kill:?} (pending, processing) on disk at it; after the restart {distinct} handled, \
+         {} lost, {twice} run twice",
+        TASKS as usize - distinct
+    );
+    assert_eq!(twice, 0, "a task ran twice");
+    // Every client goes on without being restarted: tasks, and an RPC both ways.
+    sender.task_send_no_reply(&TASKS).await.unwrap();
+    eventually(SOON, "a task after the restart", || {
+        tally(&handled).0 as u64 == TASKS + 1
+    })
+    .await;
+    let answer: u64 = sender
+        .rpc_send("worker", &1u64)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(answer, 2);
+    sender.close().await.unwrap();
+    worker.close().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn the_tasks_of_a_killed_worker_run_elsewhere() {
+    const TASKS: u64 = 20;
+    let broker = BrokerProcess::kiwimq(2).await;
+    let home = broker.service_dir.join("python-home");
+    // AiiDA's Python worker holds up to 5 tasks and would finish each after an hour.
+    let mut python = PythonPeer::start(
+        "work",
+        &endpoint(&broker.socket_uri()),
+        &["3600", "5"],
+        &home,
+    );
+    python.expect("ready").await;
+    let sender = connect(&broker.uri()).await;
+    for n in 0..5u64 {
+        sender.task_send_no_reply(&n).await.unwrap();
+    }
+    let mut held = HashSet::new();
+    for _ in 0..5 {
+        held.insert(python.expect("task").await[0].as_u64().unwrap());
+    }
+    python.signal("-KILL");
+    let worker = connect(&broker.uri()).await;
+    let handled = seen::<u64>();
+    let record = handled.clone();
+    worker
+        .add_task_subscriber(move |task: Task<u64, ()>| {
+            let record = record.clone();
+            async move {
+                record.lock().unwrap().push(task.body);
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    for n in 5..TASKS {
+        sender.task_send_no_reply(&n).await.unwrap();
+    }
+    eventually(SOON, "every task handled by the worker left", || {
+        tally(&handled).0 as u64 == TASKS
+    })
+    .await;
+    println!(
+        "kiwimq broker, worker kill -9: it held {} tasks; all {TASKS} ran on the other worker",
+        held.len()
+    );
+    eventually(SOON, "the broker's storage empty", || {
+        broker.stored_tasks() == (0, 0)
+    })
+    .await;
+    sender.close().await.unwrap();
+    worker.close().await.unwrap();
+}
+
+#[actix_rt::test]
+async fn a_worker_stalled_12_seconds_runs_no_task_twice() {
+    const TASKS: u64 = 20;
+    let broker = BrokerProcess::kiwimq(30).await;
+    let home = broker.service_dir.join("python-home");
+    // AiiDA's Python worker finishes each task 3 s after it comes, 5 at a time.
+    let mut python = PythonPeer::start("work", &endpoint(&broker.socket_uri()), &["3", "5"], &home);
+    python.expect("ready").await;
+    let sender = connect(&broker.uri()).await;
+    let sender_ref = &sender;
+    let sends = (0..5u64).map(|n| async move { sender_ref.task_send_no_reply(&n).await });
+    for sent in futures::future::join_all(sends).await {
+        sent.unwrap();
+    }
+    let mut stalled = HashSet::new();
+    for _ in 0..5 {
+        stalled.insert(python.expect("task").await[0].as_u64().unwrap());
+    }
+    let done_before = python.printed("done").await;
+    assert!(done_before < 5, "the worker finished before it could stall");
+    python.signal("-STOP");
+    let worker = connect(&broker.uri()).await;
+    let handled = seen::<u64>();
+    let record = handled.clone();
+    worker
+        .add_task_subscriber(move |task: Task<u64, ()>| {
+            let record = record.clone();
+            async move {
+                record.lock().unwrap().push(task.body);
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    for n in 5..TASKS {
+        sender.task_send_no_reply(&n).await.unwrap();
+    }
+    eventually(SOON, "the other tasks handled by the other worker", || {
+        tally(&handled).0 as u64 == TASKS - 5
+    })
+    .await;
+    // The stall itself: 12 s, twice the 6 s after which the broker's heartbeat drops the
+    // connection (AiiDA's broker requeues the stalled worker's tasks then).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    python.signal("-CONT");
+    let mut finished = HashSet::new();
+    while finished.len() < stalled.len() {
+        finished.insert(python.expect("done").await[0].as_u64().unwrap());
+    }
+    assert_eq!(finished, stalled);
+    // Its acks are taken: the storage empties, and nothing it held ran elsewhere.
+    eventually(SOON, "the broker's storage empty", || {
+        broker.stored_tasks() == (0, 0)
+    })
+    .await;
+    let elsewhere: HashSet<u64> = handled.lock().unwrap().iter().copied().collect();
+    let twice = elsewhere.intersection(&stalled).count();
+    println!(
+        "kiwimq broker, worker SIGSTOP 12 s: it held {} tasks ({} unfinished at the stall) and \
+         finished them after SIGCONT; {twice} ran twice",
+        stalled.len(),
+        stalled.len() - done_before
+    );
+    assert_eq!(twice, 0);
+    assert_eq!(tally(&handled), ((TASKS - 5) as usize, 0));
+    python.finish().await;
+    sender.close().await.unwrap();
+    worker.close().await.unwrap();
 }

@@ -864,9 +864,17 @@ impl Server {
     }
 
     fn settle(&mut self, identity: &Identity, task_id: &str, ack: bool) {
-        if self.assignments.get(task_id) != Some(identity) {
-            tracing::warn!(client = %hex(identity), %task_id, "a settle of a task this client does not hold was refused");
-            return;
+        match self.assignments.get(task_id) {
+            Some(holder) if holder == identity => {}
+            Some(holder) => {
+                tracing::warn!(client = %hex(identity), holder = %hex(holder), %task_id, "a settle of a task another client holds was refused");
+                return;
+            }
+            // A settle sent again after a reconnect, of a task already settled.
+            None => {
+                tracing::debug!(client = %hex(identity), %task_id, "a settle of a task no one holds was ignored");
+                return;
+            }
         }
         self.assignments.remove(task_id);
         if let Some(load) = self.load.get_mut(identity) {

@@ -42,6 +42,14 @@ const RPC_REPLY_TO: &str = "zmq:rpc_response";
 /// finish closing.
 const TICK: Duration = Duration::from_millis(500);
 
+/// How long a settle (ack or requeue) is remembered to be sent again after a reconnect: a
+/// broker killed before it wrote a settle down still holds the task for this client, which
+/// would otherwise never settle it again.
+const SETTLE_MEMORY: Duration = Duration::from_secs(10);
+
+/// At most this many recent settles are remembered.
+const SETTLES_KEPT: usize = 100_000;
+
 /// The longest `close` waits for the unsubscriptions to leave.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
@@ -158,6 +166,8 @@ pub(crate) struct Link {
     /// settling a delivery (which sends) may happen while `state` is held — dropping a
     /// consumer's channel drops its deliveries, and their ackers requeue them.
     outbox: Mutex<VecDeque<Frame>>,
+    /// Recent settles, to send again after a reconnect (taken alone, or after `state`).
+    settled: Mutex<VecDeque<(Instant, Arc<Vec<u8>>)>>,
     waker: UnixStream,
     /// This client's id as a JSON string, the `sender` of what it sends.
     sender: Box<RawValue>,
@@ -178,6 +188,10 @@ impl Link {
 
     fn outbox(&self) -> MutexGuard<'_, VecDeque<Frame>> {
         self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn settled(&self) -> MutexGuard<'_, VecDeque<(Instant, Arc<Vec<u8>>)>> {
+        self.settled.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues a frame (the caller wakes the thread).
@@ -237,7 +251,22 @@ impl Settle for TaskSettle {
             ..Outgoing::new(kind, &self.link.sender)
         }
         .encode();
-        self.link.send(frame);
+        let frame = Arc::new(frame);
+        {
+            let mut settled = self.link.settled();
+            let now = Instant::now();
+            while settled.front().is_some_and(|(at, _)| {
+                now.duration_since(*at) > SETTLE_MEMORY || settled.len() >= SETTLES_KEPT
+            }) {
+                settled.pop_front();
+            }
+            settled.push_back((now, frame.clone()));
+        }
+        self.link.outbox().push_back(Frame {
+            bytes: frame,
+            task_id: None,
+        });
+        self.link.wake();
     }
 }
 
@@ -290,6 +319,7 @@ impl ZmqTransport {
         let link = Arc::new(Link {
             state: Mutex::default(),
             outbox: Mutex::default(),
+            settled: Mutex::default(),
             waker,
             sender: protocol::json_string(&client_id),
             broadcast_identifier: format!("{client_id}.broadcasts"),
@@ -936,6 +966,19 @@ impl Io {
                     task_id: None,
                 })
                 .collect();
+            // Settles the broker may not have written down before it went; one it did write
+            // is refused harmlessly.
+            let since = lost.map(|at| at.checked_sub(SETTLE_MEMORY).unwrap_or(at));
+            again.extend(
+                self.link
+                    .settled()
+                    .iter()
+                    .filter(|(at, _)| since.is_some_and(|since| *at >= since))
+                    .map(|(_, bytes)| Frame {
+                        bytes: bytes.clone(),
+                        task_id: None,
+                    }),
+            );
             if let Some(lost) = lost {
                 for (id, unconfirmed) in state.unconfirmed.iter_mut() {
                     if unconfirmed.handed.is_some_and(|handed| handed <= lost) {

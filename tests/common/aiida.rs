@@ -1,5 +1,6 @@
-//! AiiDA's own ZeroMQ broker (aiida-core 2.9.4, `python -m aiida.brokers.zeromq.service`),
-//! started for one test in a service directory of its own and stopped with it.
+//! ZeroMQ brokers as processes — AiiDA's own (aiida-core 2.9.4, `python -m
+//! aiida.brokers.zeromq.service`) and `kiwimq broker` — started for one test in a service
+//! directory of its own and stopped with it, and AiiDA's Python client as a peer.
 //!
 //! The Python environment is `KIWIMQ_AIIDA_VENV` or `target/aiida-venv`, which
 //! `scripts/aiida-venv.sh` makes (the test script runs it). A test that cannot find it fails
@@ -9,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use kiwimq::{Broadcast, BroadcastFilter, BroadcastOptions, Communicator, HandlerError, Rpc, Task};
 use tokio::process::{Child, Command};
+
+use super::{SOON, count, eventually, seen};
 
 /// The Python of the environment holding aiida-core.
 pub fn python() -> PathBuf {
@@ -32,19 +36,42 @@ pub fn scratch(what: &str) -> PathBuf {
     dir
 }
 
-/// One of AiiDA's brokers, running in its own service directory.
-pub struct AiidaBroker {
+/// Which broker a [`BrokerProcess`] runs.
+#[derive(Clone, Copy)]
+pub enum Program {
+    /// AiiDA's own (`python -m aiida.brokers.zeromq.service`).
+    Aiida,
+    /// `kiwimq broker`, giving an unreachable worker this many seconds.
+    Kiwimq { worker_grace: u64 },
+}
+
+/// A ZeroMQ broker process (AiiDA's or kiwimq's), in its own service directory.
+pub struct BrokerProcess {
     pub service_dir: PathBuf,
+    program: Program,
     process: Option<Child>,
-    /// Every socket directory it made (a killed one leaves its own behind).
+    /// Every socket directory it announced (a killed one leaves its own behind).
     sockets_dirs: Vec<String>,
 }
 
-impl AiidaBroker {
-    /// Starts one and waits until it has written `broker.sockets`.
+/// The tests of AiiDA's broker name it so.
+pub type AiidaBroker = BrokerProcess;
+
+impl BrokerProcess {
+    /// Starts AiiDA's broker and waits until it serves.
     pub async fn start() -> Self {
+        Self::start_program(Program::Aiida).await
+    }
+
+    /// Starts `kiwimq broker` and waits until it serves.
+    pub async fn kiwimq(worker_grace: u64) -> Self {
+        Self::start_program(Program::Kiwimq { worker_grace }).await
+    }
+
+    async fn start_program(program: Program) -> Self {
         let mut broker = Self {
-            service_dir: scratch("aiida-broker"),
+            service_dir: scratch("zmq-broker"),
+            program,
             process: None,
             sockets_dirs: Vec::new(),
         };
@@ -70,41 +97,73 @@ impl AiidaBroker {
             .map(|s| s.trim().to_owned())
     }
 
+    /// The process id of the broker running now.
+    pub fn pid(&self) -> u32 {
+        self.process
+            .as_ref()
+            .and_then(Child::id)
+            .expect("a running broker")
+    }
+
+    fn command(&self) -> Command {
+        match self.program {
+            Program::Aiida => {
+                let mut command = Command::new(python());
+                command
+                    .args(["-m", "aiida.brokers.zeromq.service", "--service-dir"])
+                    .arg(&self.service_dir)
+                    .env("AIIDA_PATH", self.service_dir.join("aiida-home"));
+                command
+            }
+            Program::Kiwimq { worker_grace } => {
+                let mut command = Command::new(env!("CARGO_BIN_EXE_kiwimq"));
+                command
+                    .args(["broker", "--service-dir"])
+                    .arg(&self.service_dir)
+                    .arg("--log-file-path")
+                    .arg(self.service_dir.join("broker.log"))
+                    .args(["--worker-grace", &worker_grace.to_string()]);
+                command
+            }
+        }
+    }
+
+    /// Starts the process and waits until its pid file names it and its socket is bound.
     async fn spawn(&mut self) {
-        let before = self.sockets_dir();
-        let home = self.service_dir.join("aiida-home");
-        let process = Command::new(python())
-            .args(["-m", "aiida.brokers.zeromq.service", "--service-dir"])
-            .arg(&self.service_dir)
-            .env("AIIDA_PATH", &home)
+        let process = self
+            .command()
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .expect("AiiDA's broker starts");
+            .expect("the broker starts");
+        let announced = format!("aiida-zeromq-broker {}", process.id().unwrap());
         self.process = Some(process);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let now = self.sockets_dir();
-            let socket_ready = now
-                .as_ref()
-                .is_some_and(|dir| Path::new(dir).join("router.sock").exists());
-            if socket_ready && now != before {
-                self.sockets_dirs.extend(now);
+            let pid = std::fs::read_to_string(self.service_dir.join("broker.pid"));
+            let socket_ready = self
+                .sockets_dir()
+                .is_some_and(|dir| Path::new(&dir).join("router.sock").exists());
+            if socket_ready && pid.is_ok_and(|pid| pid.trim() == announced) {
+                let dir = self.sockets_dir().unwrap();
+                if !self.sockets_dirs.contains(&dir) {
+                    self.sockets_dirs.push(dir);
+                }
                 return;
             }
             if let Some(status) = self.process.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
-                    "AiiDA's broker exited at start ({status}); its log: {}",
+                    "the broker exited at start ({status}); its log: {}",
                     std::fs::read_to_string(self.service_dir.join("broker.log"))
                         .unwrap_or_default()
                 );
             }
             assert!(
                 Instant::now() < deadline,
-                "AiiDA's broker did not start in 60 s"
+                "the broker did not start in 60 s"
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -117,7 +176,7 @@ impl AiidaBroker {
     }
 
     /// Starts it again in the same service directory (AiiDA's picks a new socket
-    /// directory, as its daemon's respawn does).
+    /// directory, as its daemon's respawn does; kiwimq's keeps its own).
     pub async fn restart(&mut self) {
         self.spawn().await;
     }
@@ -133,7 +192,7 @@ impl AiidaBroker {
     }
 }
 
-impl Drop for AiidaBroker {
+impl Drop for BrokerProcess {
     fn drop(&mut self) {
         if let Some(process) = self.process.as_mut() {
             let _ = process.start_kill();
@@ -150,6 +209,8 @@ impl Drop for AiidaBroker {
 pub struct PythonPeer {
     process: Child,
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    /// Lines read while looking for another tag, for a later `expect`.
+    backlog: Vec<Vec<serde_json::Value>>,
 }
 
 impl PythonPeer {
@@ -171,26 +232,58 @@ impl PythonPeer {
             .spawn()
             .expect("the Python peer starts");
         let lines = tokio::io::BufReader::new(process.stdout.take().unwrap()).lines();
-        Self { process, lines }
+        Self {
+            process,
+            lines,
+            backlog: Vec::new(),
+        }
     }
 
-    /// The rest of the first line whose first field is `tag`, within 30 s.
+    /// The rest of the first line not yet taken whose first field is `tag`, within 30 s.
     pub async fn expect(&mut self, tag: &str) -> Vec<serde_json::Value> {
+        let tagged = |fields: &Vec<serde_json::Value>| fields[0].as_str() == Some(tag);
+        if let Some(at) = self.backlog.iter().position(tagged) {
+            return self.backlog.remove(at)[1..].to_vec();
+        }
         let read = async {
             while let Some(line) = self.lines.next_line().await.unwrap() {
                 let fields: Vec<serde_json::Value> = match serde_json::from_str(&line) {
-                    Ok(fields) => fields,
-                    Err(_) => continue,
+                    Ok(fields) if !Vec::is_empty(&fields) => fields,
+                    _ => continue,
                 };
-                if fields.first().and_then(|f| f.as_str()) == Some(tag) {
+                if tagged(&fields) {
                     return fields[1..].to_vec();
                 }
+                self.backlog.push(fields);
             }
             panic!("the Python peer ended before printing '{tag}'");
         };
         tokio::time::timeout(Duration::from_secs(30), read)
             .await
             .unwrap_or_else(|_| panic!("the Python peer did not print '{tag}' in 30 s"))
+    }
+
+    /// How many lines tagged `tag` it has printed that no `expect` took yet (reads what is
+    /// there without waiting).
+    pub async fn printed(&mut self, tag: &str) -> usize {
+        while let Ok(Ok(Some(line))) =
+            tokio::time::timeout(Duration::from_millis(10), self.lines.next_line()).await
+        {
+            if let Ok(fields) = serde_json::from_str::<Vec<serde_json::Value>>(&line)
+                && !fields.is_empty()
+            {
+                self.backlog.push(fields);
+            }
+        }
+        self.backlog
+            .iter()
+            .filter(|fields| fields[0].as_str() == Some(tag))
+            .count()
+    }
+
+    /// Sends it `signal` (`-KILL`, `-STOP`, `-CONT`).
+    pub fn signal(&self, signal: &str) {
+        super::child::send_signal(self.process.id().expect("running"), signal);
     }
 
     /// Closes its stdin (a serving peer then stops) and waits for it to exit successfully.
@@ -207,4 +300,111 @@ impl PythonPeer {
 /// The `ipc://` endpoint of a `zmq+ipc://` URI.
 pub fn endpoint(socket_uri: &str) -> String {
     socket_uri.replacen("zmq+ipc://", "ipc://", 1)
+}
+
+/// AiiDA's Python client and kiwimq's `comm` through the broker at `socket_uri`, every
+/// message type both ways: kiwimq → Python tasks, an RPC and a broadcast; then Python →
+/// kiwimq AiiDA's submit (no-reply tasks), an RPC (and one to nobody), a broadcast and a
+/// confirmed task.
+pub async fn python_client_both_ways(comm: &Communicator, socket_uri: &str, home: &Path) {
+    // kiwimq → Python: tasks, an RPC, a broadcast.
+    let mut python = PythonPeer::start("serve", &endpoint(socket_uri), &[], home);
+    python.expect("ready").await;
+    for pid in 0..3u64 {
+        let task = serde_json::json!({"task": "continue", "args": {"pid": pid}});
+        comm.task_send_no_reply(&task).await.unwrap();
+    }
+    let mut pids = Vec::new();
+    for _ in 0..3 {
+        let task = python.expect("task").await;
+        pids.push(task[0]["args"]["pid"].as_u64().unwrap());
+    }
+    pids.sort_unstable();
+    assert_eq!(pids, [0, 1, 2]);
+    let answer: serde_json::Value = comm
+        .rpc_send("py-rpc", &serde_json::json!({"intent": "play"}))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer,
+        serde_json::json!({"python_echo": {"intent": "play"}})
+    );
+    comm.broadcast_send(
+        &serde_json::json!({"state": "finished"}),
+        BroadcastOptions::subject("state_changed.running.finished")
+            .with_sender(12)
+            .with_correlation_id("c-1"),
+    )
+    .await
+    .unwrap();
+    let heard = python.expect("broadcast").await;
+    assert_eq!(heard[0], serde_json::json!({"state": "finished"}));
+    assert_eq!(heard[1], 12);
+    assert_eq!(heard[2], "state_changed.running.finished");
+    assert_eq!(heard[3], "c-1");
+    python.finish().await;
+
+    // Python → kiwimq: AiiDA's submit (no-reply tasks), an RPC, a broadcast, a confirm.
+    let tasks = seen::<serde_json::Value>();
+    let record = tasks.clone();
+    comm.add_task_subscriber(move |task: Task<serde_json::Value, ()>| {
+        let record = record.clone();
+        async move {
+            record.lock().unwrap().push(task.body);
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    comm.add_rpc_subscriber(Some("rust-rpc"), |rpc: Rpc<serde_json::Value>| async move {
+        Ok::<_, HandlerError>(serde_json::json!({"rust_echo": rpc.body}))
+    })
+    .await
+    .unwrap();
+    let heard = seen::<(serde_json::Value, String)>();
+    let record = heard.clone();
+    comm.add_broadcast_subscriber(
+        BroadcastFilter::new().subject("state_changed.*"),
+        move |broadcast: Broadcast<serde_json::Value>| {
+            let record = record.clone();
+            async move {
+                let sender = format!("{:?}", broadcast.sender);
+                record.lock().unwrap().push((broadcast.body, sender));
+                Ok(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let mut python = PythonPeer::start("send", &endpoint(socket_uri), &["20"], home);
+    python.expect("tasks sent").await;
+    let rpc = python.expect("rpc").await;
+    assert_eq!(
+        rpc[0],
+        serde_json::json!({"rust_echo": {"intent": "status", "message": null}})
+    );
+    let error = python.expect("rpc error").await;
+    assert!(
+        error[0].as_str().unwrap().contains("Recipient not found"),
+        "{error:?}"
+    );
+    python.expect("broadcast sent").await;
+    assert_eq!(python.expect("task confirmed").await[0], true);
+    python.finish().await;
+    eventually(SOON, "21 tasks and the broadcast", || {
+        count(&tasks) == 21 && count(&heard) == 1
+    })
+    .await;
+    let (body, sender) = heard.lock().unwrap()[0].clone();
+    assert_eq!(body, serde_json::json!({"state": "running"}));
+    assert!(sender.contains('7'), "{sender}");
+    let pids: std::collections::BTreeSet<i64> = tasks
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|t| t["args"]["pid"].as_i64().unwrap())
+        .collect();
+    assert_eq!(pids, (-1..20).collect());
 }

@@ -78,11 +78,16 @@ impl Child {
 
     /// Sends the child `signal` (`-KILL`, `-TERM`).
     pub fn signal(&self, signal: &str) {
-        let pid = self.process.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args([signal, &pid])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {signal} {pid}");
+        send_signal(self.process.id().expect("running"), signal);
     }
+}
+
+/// Sends process `pid` `signal` (`-KILL`, `-STOP`, `-CONT`).
+pub fn send_signal(pid: u32, signal: &str) {
+    let pid = pid.to_string();
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid}");
 }
