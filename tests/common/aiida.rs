@@ -68,6 +68,19 @@ impl BrokerProcess {
         Self::start_program(Program::Kiwimq { worker_grace }).await
     }
 
+    /// Starts `kiwimq broker` for the service directory `service_dir` (an AiiDA profile's).
+    pub async fn kiwimq_at(service_dir: PathBuf, worker_grace: u64) -> Self {
+        std::fs::create_dir_all(&service_dir).unwrap();
+        let mut broker = Self {
+            service_dir,
+            program: Program::Kiwimq { worker_grace },
+            process: None,
+            sockets_dirs: Vec::new(),
+        };
+        broker.spawn().await;
+        broker
+    }
+
     async fn start_program(program: Program) -> Self {
         let mut broker = Self {
             service_dir: scratch("zmq-broker"),
@@ -407,4 +420,123 @@ pub async fn python_client_both_ways(comm: &Communicator, socket_uri: &str, home
         .map(|t| t["args"]["pid"].as_i64().unwrap())
         .collect();
     assert_eq!(pids, (-1..20).collect());
+}
+
+/// A live AiiDA profile made by `verdi presto --use-zeromq` (`core.sqlite_dos`, no
+/// PostgreSQL, no RabbitMQ) in a home of its own, with a `bash` code on `localhost`; its
+/// daemon is stopped and its home removed on drop.
+pub struct AiidaProfile {
+    pub home: PathBuf,
+    pub name: String,
+}
+
+impl AiidaProfile {
+    /// Makes the profile.
+    pub async fn create() -> Self {
+        let profile = Self {
+            home: scratch("aiida-profile"),
+            name: "kiwimq".to_owned(),
+        };
+        profile
+            .verdi(&["presto", "--use-zeromq", "--profile-name", &profile.name])
+            .await;
+        profile
+            .verdi(&[
+                "-p",
+                &profile.name,
+                "code",
+                "create",
+                "core.code.installed",
+                "--label",
+                "bash",
+                "--computer",
+                "localhost",
+                "--filepath-executable",
+                "/bin/bash",
+                "-n",
+            ])
+            .await;
+        profile
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let bin = python().parent().unwrap().to_owned();
+        let path = std::env::var("PATH").unwrap_or_default();
+        let mut command = Command::new(program);
+        command
+            .env("AIIDA_PATH", &self.home)
+            .env("PATH", format!("{}:{path}", bin.display()))
+            .env("PYTHONWARNINGS", "ignore")
+            // The daemon imports the tests' workflows from here.
+            .env(
+                "PYTHONPATH",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/interop"),
+            )
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Runs `verdi ARGS` to success; its standard output.
+    pub async fn verdi(&self, args: &[&str]) -> String {
+        let verdi = python().parent().unwrap().join("verdi");
+        let output = tokio::time::timeout(
+            Duration::from_secs(120),
+            self.command(&verdi).args(args).output(),
+        )
+        .await
+        .expect("verdi answers within 120 s")
+        .unwrap();
+        assert!(
+            output.status.success(),
+            "verdi {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Runs `interop/aiida_daemon.py COMMAND PROFILE ARGS`; the JSON it prints.
+    pub async fn script(&self, command: &str, args: &[String]) -> serde_json::Value {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/interop/aiida_daemon.py");
+        let output = tokio::time::timeout(
+            Duration::from_secs(300),
+            self.command(&python())
+                .arg(script)
+                .arg(command)
+                .arg(&self.name)
+                .args(args)
+                .output(),
+        )
+        .await
+        .expect("the AiiDA script answers within 300 s")
+        .unwrap();
+        assert!(
+            output.status.success(),
+            "aiida_daemon.py {command} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("the script prints JSON")
+    }
+
+    /// The profile's broker service directory, where AiiDA's daemon looks for a broker.
+    pub async fn service_dir(&self) -> PathBuf {
+        let dir = self.script("service-dir", &[]).await;
+        PathBuf::from(dir.as_str().expect("a path"))
+    }
+}
+
+impl Drop for AiidaProfile {
+    fn drop(&mut self) {
+        // Synchronously: the daemon's processes must not outlive the test.
+        let verdi = python().parent().unwrap().join("verdi");
+        let _ = std::process::Command::new(verdi)
+            .args(["-p", &self.name, "daemon", "stop"])
+            .env("AIIDA_PATH", &self.home)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if std::env::var_os("KIWIMQ_KEEP_AIIDA").is_none() {
+            let _ = std::fs::remove_dir_all(&self.home);
+        }
+    }
 }
