@@ -18,8 +18,14 @@ from concurrent.futures import Future
 from aiida.brokers.zeromq.communicator import ZeromqCommunicator
 
 
+_printing = threading.Lock()
+
+
 def out(*fields):
-    print(json.dumps(fields), flush=True)
+    # One write a line, under a lock: the worker's timers print from threads of their own.
+    with _printing:
+        sys.stdout.write(json.dumps(fields) + '\n')
+        sys.stdout.flush()
 
 
 def serve(comm):

@@ -12,16 +12,18 @@ use kiwimq::{Codec, Communicator, ConnectionEvent, Settings};
 pub(crate) struct Connection {
     /// The broker URI: amqp://user:pass@host[:port][/vhost][?heartbeat=S], amqps://… with TLS
     /// (?cacertfile=…&certfile=…&keyfile=…&verify=…&server_name_indication=…), a
-    /// comma-separated list of a cluster's nodes, or mem:// for the embedded broker.
+    /// comma-separated list of a cluster's nodes, a ZeroMQ broker's zmq:///SERVICE_DIR (with
+    /// `--features zeromq`), or mem:// for the embedded broker.
     #[arg(
         long,
         env = "KIWIMQ_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub(crate) uri: String,
-    /// The codec: msgpack, json, yaml (kiwiPy's default), or bincode with its feature.
-    #[arg(long, default_value = "msgpack")]
-    pub(crate) codec: Codec,
+    /// The codec: msgpack, json, yaml (kiwiPy's default), or bincode with its feature
+    /// (default msgpack; json on a ZeroMQ broker, which carries only JSON).
+    #[arg(long)]
+    pub(crate) codec: Option<Codec>,
 }
 
 impl Connection {
@@ -29,9 +31,12 @@ impl Connection {
     pub(crate) fn settings(&self) -> Settings {
         init_logging();
         // A comma-separated list is a cluster's nodes.
-        Settings::new(self.uri.clone())
-            .with_nodes(self.uri.split(',').map(str::trim))
-            .with_codec(self.codec)
+        let settings =
+            Settings::new(self.uri.clone()).with_nodes(self.uri.split(',').map(str::trim));
+        match self.codec {
+            Some(codec) => settings.with_codec(codec),
+            None => settings,
+        }
     }
 
     /// Connects with these flags, printing every change of the connection (lost,

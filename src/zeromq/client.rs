@@ -139,6 +139,9 @@ struct State {
     broadcasts: Vec<(String, mpsc::UnboundedSender<Delivery>)>,
     replies: [Option<DeliverFn>; 2],
     connected: bool,
+    /// Subscriptions waiting to be known to the broker: the id of the barrier RPC sent after
+    /// them (see [`ZmqTransport::consume`]).
+    barriers: HashMap<String, oneshot::Sender<()>>,
     /// When the connection was lost, while it is.
     lost: Option<Instant>,
     closing: bool,
@@ -605,14 +608,46 @@ impl Transport for ZmqTransport {
                     return Err(Error::refused("replies are consumed with consume_replies"));
                 }
             };
+            // The protocol does not answer a subscription. A broker handles one client's
+            // messages in order, so the answer to an RPC sent right after it ("Recipient not
+            // found", for an identifier no one holds) says that the subscription is in place:
+            // a message sent once this returns finds the new subscriber.
+            let barrier = protocol::new_id();
+            let (done, known) = oneshot::channel();
+            state.barriers.insert(barrier.clone(), done);
+            let recipient = format!("kiwimq-barrier-{barrier}");
+            let frame = Outgoing {
+                id: barrier.clone(),
+                recipient: Some(&recipient),
+                body: Some(protocol::null()),
+                ..Outgoing::new(kind::RPC, &self.link.sender)
+            }
+            .encode();
+            self.link.push(frame);
             drop(state);
             self.link.wake();
-            Ok(Consumer {
-                tag,
-                deliveries: stream.boxed(),
-            })
+            Ok((
+                Consumer {
+                    tag,
+                    deliveries: stream.boxed(),
+                },
+                barrier,
+                known,
+            ))
         });
-        future::ready(result).boxed()
+        let link = self.link.clone();
+        let within = self.send_timeout;
+        async move {
+            let (consumer, barrier, known) = result?;
+            // Not known within the send timeout (no broker now): the subscription stands and
+            // is sent again on the reconnect.
+            if tokio::time::timeout(within, known).await.is_err() {
+                link.lock().barriers.remove(&barrier);
+                tracing::debug!("a subscription not yet acknowledged by the broker; it stands");
+            }
+            Ok(consumer)
+        }
+        .boxed()
     }
 
     fn consume_replies(
@@ -1078,6 +1113,10 @@ impl Io {
                 let Some(rpc_id) = message.rpc_id else {
                     return tracing::warn!("an rpc_response without rpc_id was dropped");
                 };
+                if let Some(barrier) = self.link.lock().barriers.remove(rpc_id.as_str()) {
+                    let _ = barrier.send(());
+                    return;
+                }
                 let body = ReplyEnvelope::encode(message.result, message.error.as_deref());
                 self.deliver_reply(1, rpc_id, body);
             }
