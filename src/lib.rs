@@ -80,6 +80,9 @@
 //! - `mem/` — the in-process broker (`mem://`), the embedded default.
 //! - `amqp/` — the RabbitMQ backend (`amqp://`): lapin on an I/O runtime of its own, the
 //!   URI, the topology, and the recovery the root runs after a loss.
+//! - `zeromq/` (feature `zeromq`) — AiiDA's ZeroMQ protocol (`zmq://`): `protocol` (the
+//!   messages), `client` (the backend, a DEALER on a thread of its own), `broker` and
+//!   `store` — kiwimq's own broker ([`broker`]) and its durable task directories.
 //! - [`blocking`] — the same communicator for code without async: every call blocks;
 //!   closures run on a bounded pool.
 //! - `events` — [`ConnectionEvent`]: lost, restored, closed.

@@ -10,7 +10,8 @@
 //! differently: one task queue (the settings' default; any other name is refused), no pull
 //! mode, no queue counts or purge, and AiiDA's broker drops a worker's task result — a
 //! task sent for its result gets a clear error once the broker has confirmed it (it still
-//! runs). JSON only ([`Codec::Json`](crate::Codec::Json), the default for `zmq://` URIs).
+//! runs); kiwimq's broker returns it (the optional `results` field, which AiiDA's clients
+//! never send). JSON only ([`Codec::Json`](crate::Codec::Json), the default for `zmq://` URIs).
 //! `protocol` holds the messages, `client` the transport, `broker` kiwimq's own broker
 //! (`kiwimq broker`) and `store` its durable task queue.
 
