@@ -500,7 +500,11 @@ mod tests {
         let mut store = Store::open(&dir).unwrap();
         store.push_all(&[task("a")]).unwrap();
         assert_eq!(store.pop().unwrap().0, "a");
-        let name = fs::read_dir(dir.join("processing")).unwrap().next().unwrap().unwrap();
+        let name = fs::read_dir(dir.join("processing"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
         let inode = name.metadata().unwrap().ino();
         assert!(store.ack("a"));
         assert_eq!(fs::read_dir(dir.join("processing")).unwrap().count(), 0);
