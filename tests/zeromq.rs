@@ -28,18 +28,7 @@ async fn tasks_go_through_aiidas_broker_once_each() {
     let broker = AiidaBroker::start().await;
     let worker = connect(&broker.uri()).await;
     let sender = connect(&broker.socket_uri()).await;
-    let tasks = seen::<u64>();
-    let record = tasks.clone();
-    worker
-        .add_task_subscriber(move |task: Task<u64, ()>| {
-            let record = record.clone();
-            async move {
-                record.lock().unwrap().push(task.body);
-                Ok(())
-            }
-        })
-        .await
-        .unwrap();
+    let tasks = common::recorded_tasks::<u64>(&worker).await;
     for n in 0..50u64 {
         sender.task_send_no_reply(&n).await.unwrap();
     }
@@ -201,18 +190,7 @@ async fn clients_follow_a_crashed_broker_to_its_new_socket() {
     let mut broker = AiidaBroker::start().await;
     let worker = connect(&broker.uri()).await;
     let caller = connect(&broker.uri()).await;
-    let tasks = seen::<u64>();
-    let record = tasks.clone();
-    worker
-        .add_task_subscriber(move |task: Task<u64, ()>| {
-            let record = record.clone();
-            async move {
-                record.lock().unwrap().push(task.body);
-                Ok(())
-            }
-        })
-        .await
-        .unwrap();
+    let tasks = common::recorded_tasks::<u64>(&worker).await;
     worker
         .add_rpc_subscriber(Some("worker"), |rpc: Rpc<u64>| async move {
             Ok::<_, HandlerError>(rpc.body + 1)

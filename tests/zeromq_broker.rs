@@ -216,18 +216,7 @@ async fn the_tasks_of_a_killed_worker_run_elsewhere() {
     }
     python.signal("-KILL");
     let worker = connect(&broker.uri()).await;
-    let handled = seen::<u64>();
-    let record = handled.clone();
-    worker
-        .add_task_subscriber(move |task: Task<u64, ()>| {
-            let record = record.clone();
-            async move {
-                record.lock().unwrap().push(task.body);
-                Ok(())
-            }
-        })
-        .await
-        .unwrap();
+    let handled = common::recorded_tasks::<u64>(&worker).await;
     for n in 5..TASKS {
         sender.task_send_no_reply(&n).await.unwrap();
     }
@@ -269,18 +258,7 @@ async fn a_worker_stalled_12_seconds_runs_no_task_twice() {
     assert!(done_before < 5, "the worker finished before it could stall");
     python.signal("-STOP");
     let worker = connect(&broker.uri()).await;
-    let handled = seen::<u64>();
-    let record = handled.clone();
-    worker
-        .add_task_subscriber(move |task: Task<u64, ()>| {
-            let record = record.clone();
-            async move {
-                record.lock().unwrap().push(task.body);
-                Ok(())
-            }
-        })
-        .await
-        .unwrap();
+    let handled = common::recorded_tasks::<u64>(&worker).await;
     for n in 5..TASKS {
         sender.task_send_no_reply(&n).await.unwrap();
     }

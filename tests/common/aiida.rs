@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use kiwimq::{Broadcast, BroadcastFilter, BroadcastOptions, Communicator, HandlerError, Rpc, Task};
+use kiwimq::{Broadcast, BroadcastFilter, BroadcastOptions, Communicator, HandlerError, Rpc};
 use tokio::process::{Child, Command};
 
 use super::{SOON, count, eventually, seen};
@@ -360,17 +360,7 @@ pub async fn python_client_both_ways(comm: &Communicator, socket_uri: &str, home
     python.finish().await;
 
     // Python → kiwimq: AiiDA's submit (no-reply tasks), an RPC, a broadcast, a confirm.
-    let tasks = seen::<serde_json::Value>();
-    let record = tasks.clone();
-    comm.add_task_subscriber(move |task: Task<serde_json::Value, ()>| {
-        let record = record.clone();
-        async move {
-            record.lock().unwrap().push(task.body);
-            Ok(())
-        }
-    })
-    .await
-    .unwrap();
+    let tasks = super::recorded_tasks::<serde_json::Value>(comm).await;
     comm.add_rpc_subscriber(Some("rust-rpc"), |rpc: Rpc<serde_json::Value>| async move {
         Ok::<_, HandlerError>(serde_json::json!({"rust_echo": rpc.body}))
     })

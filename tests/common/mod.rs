@@ -80,6 +80,26 @@ pub fn count<T>(seen: &Seen<T>) -> usize {
     seen.lock().unwrap().len()
 }
 
+/// Subscribes a closure to `comm`'s default task queue that records each task's body and
+/// returns nothing; what it recorded.
+pub async fn recorded_tasks<T>(comm: &kiwimq::Communicator) -> Seen<T>
+where
+    T: serde::de::DeserializeOwned + Send + 'static,
+{
+    let tasks = seen::<T>();
+    let record = tasks.clone();
+    comm.add_task_subscriber(move |task: Task<T, ()>| {
+        let record = record.clone();
+        async move {
+            record.lock().unwrap().push(task.body);
+            Ok(())
+        }
+    })
+    .await
+    .expect("a task subscriber");
+    tasks
+}
+
 /// A task worker actor: multiplies by `factor` and records what it saw.
 pub struct Multiplier {
     pub factor: i64,
