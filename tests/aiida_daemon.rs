@@ -3,7 +3,8 @@
 //! directory and uses it instead of starting AiiDA's own. Workflows and calculations are
 //! submitted with AiiDA, controlled with kiwimq (status, pause, play, kill), their state
 //! broadcasts heard by kiwimq; then the broker is killed mid-run with `kill -9` and started
-//! again, and everything finishes without `verdi daemon restart`.
+//! again, and everything finishes without `verdi daemon restart`; with the daemon stopped,
+//! `verdi process repair` reads kiwimq's storage and finds it consistent.
 
 mod common;
 
@@ -69,7 +70,7 @@ async fn wait_terminated(profile: &AiidaProfile, pks: &[u64]) -> Vec<(u64, Strin
 async fn a_live_aiida_daemon_runs_on_kiwimqs_broker_through_a_kill_9() {
     let profile = AiidaProfile::create().await;
     let service_dir = profile.service_dir().await;
-    let mut broker = BrokerProcess::kiwimq_at(service_dir.clone(), 30).await;
+    let mut broker = BrokerProcess::kiwimq_at(service_dir.clone(), 5).await;
     profile
         .verdi(&["-p", &profile.name, "daemon", "start", "1"])
         .await;
@@ -171,6 +172,54 @@ async fn a_live_aiida_daemon_runs_on_kiwimqs_broker_through_a_kill_9() {
         );
     }
 
+    // The daemon stopped mid-run, as `verdi process repair` wants it, with kiwimq's broker
+    // serving on: AiiDA's repair reads the broker's storage (and moves its processing/ back
+    // to pending/, as AiiDA's broker does at its start) and finds a task for each active
+    // process. Started again, the daemon's new worker gets the old one's tasks once the
+    // broker's grace (5 s here) is over, and runs them to their end.
+    let long = profile
+        .script("submit", &["1".to_owned(), "15".to_owned()])
+        .await;
+    let long_pks: Vec<u64> = pks(&long, "workflows")
+        .into_iter()
+        .chain(pks(&long, "sleepy"))
+        .collect();
+    let sleepy_pk = pks(&long, "sleepy")[0];
+    status(&comm, sleepy_pk).await;
+    profile
+        .verdi(&["-p", &profile.name, "daemon", "stop"])
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let repair = loop {
+        let (_, repair) = profile
+            .try_verdi(&["-p", &profile.name, "process", "repair", "--dry-run"])
+            .await;
+        if repair.contains("No inconsistencies detected") {
+            break repair;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "verdi process repair found kiwimq's storage inconsistent: {repair}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // …while a process was active: its task is what repair found.
+    let now = profile
+        .script("wait", &["0".to_owned(), sleepy_pk.to_string()])
+        .await;
+    assert_eq!(now[0][1], "waiting", "{now}; repair said: {repair}");
+    assert_ne!(broker.stored_tasks(), (0, 0));
+    profile
+        .verdi(&["-p", &profile.name, "daemon", "start", "1"])
+        .await;
+    for (pk, state, exit_status) in wait_terminated(&profile, &long_pks).await {
+        assert_eq!(
+            (state.as_str(), &exit_status),
+            ("finished", &json!(0)),
+            "process {pk}"
+        );
+    }
+
     // The state broadcasts came through kiwimq: every workflow's end among them.
     eventually(SOON, "the workflows' finished broadcasts", || {
         let heard = heard.lock().unwrap();
@@ -190,7 +239,7 @@ async fn a_live_aiida_daemon_runs_on_kiwimqs_broker_through_a_kill_9() {
         "live AiiDA on kiwimq's broker: {} processes, {at_kill:?} (pending, processing) tasks \
          on disk at the kill -9, all terminated as asked without a daemon restart; {} state \
          broadcasts heard from {} processes",
-        states.len() + later_pks.len(),
+        states.len() + later_pks.len() + long_pks.len(),
         count(&heard),
         senders.len()
     );

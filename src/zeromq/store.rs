@@ -303,6 +303,11 @@ impl Store {
             let id = task_id(&name).unwrap_or_default().to_owned();
             if let Some(task) = self.cached.remove(&name) {
                 if let Err(error) = fs::rename(&path, self.processing_dir.join(&name)) {
+                    if error.kind() == io::ErrorKind::NotFound {
+                        // Removed from under the broker (`verdi process repair` does).
+                        tracing::warn!(%name, "a pending task file is gone; skipped");
+                        continue;
+                    }
                     tracing::error!(%name, %error, "cannot move a task to processing");
                     self.cached.insert(name.clone(), task);
                     self.pending.push_front(name);
@@ -382,7 +387,7 @@ impl Store {
         let Some(name) = self.processing.remove(task_id) else {
             return false;
         };
-        if let Err(error) = self.spares.give_back(&self.processing_dir.join(&name)) {
+        if let Err(error) = self.spares.give_back(&self.held_file(&name)) {
             tracing::warn!(%name, %error, "cannot remove an acked task's file");
         }
         true
@@ -393,14 +398,26 @@ impl Store {
         let Some(name) = self.processing.remove(task_id) else {
             return false;
         };
-        match fs::rename(
-            self.processing_dir.join(&name),
-            self.pending_dir.join(&name),
-        ) {
+        let held = self.held_file(&name);
+        let back = self.pending_dir.join(&name);
+        match fs::rename(&held, &back) {
             Ok(()) => self.pending.push_front(name),
             Err(error) => tracing::error!(%name, %error, "cannot return a task to pending"),
         }
         true
+    }
+
+    /// Where the file of a task handed out is: in `processing/`, unless AiiDA's own tools
+    /// moved it back to `pending/` from under the broker (`verdi process repair` opens the
+    /// queue as AiiDA's broker does at its start, which moves all of `processing/` back).
+    fn held_file(&self, name: &str) -> PathBuf {
+        let processing = self.processing_dir.join(name);
+        let pending = self.pending_dir.join(name);
+        if !processing.exists() && pending.exists() {
+            pending
+        } else {
+            processing
+        }
     }
 
     /// Syncs the removals and moves since the last call (acks, nacks, pops), so a crash
@@ -524,6 +541,38 @@ mod tests {
         assert_eq!(b.body["args"]["pid"], 123456789);
         assert_eq!(store.pop().unwrap().0, "c");
         assert!(store.pop().is_none());
+        drop(store);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn tasks_moved_or_removed_from_under_the_store_are_settled_where_they_are() {
+        let dir = scratch();
+        let mut store = Store::open(&dir).unwrap();
+        store
+            .push_all(&[task("a"), task("b"), task("c"), task("d")])
+            .unwrap();
+        let (a, _) = store.pop().unwrap();
+        let (b, _) = store.pop().unwrap();
+        // As `verdi process repair` does: processing/ back to pending/, and one pending
+        // task removed.
+        for entry in fs::read_dir(dir.join("processing")).unwrap() {
+            let entry = entry.unwrap();
+            fs::rename(entry.path(), dir.join("pending").join(entry.file_name())).unwrap();
+        }
+        let c_file = fs::read_dir(dir.join("pending"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_str().unwrap().ends_with("_c.json"))
+            .unwrap();
+        fs::remove_file(c_file).unwrap();
+        assert!(store.ack(&a));
+        assert!(store.nack(&b));
+        // b comes back; c is gone and skipped; d follows; nothing else.
+        let order: Vec<_> = std::iter::from_fn(|| store.pop().map(|(id, _)| id)).collect();
+        assert_eq!(order, ["b", "d"]);
+        let pending = fs::read_dir(dir.join("pending")).unwrap().count();
+        assert_eq!(pending, 0, "the acked task's file was taken from pending/");
         drop(store);
         fs::remove_dir_all(dir).unwrap();
     }

@@ -468,6 +468,13 @@ impl AiidaProfile {
 
     /// Runs `verdi ARGS` to success; its standard output.
     pub async fn verdi(&self, args: &[&str]) -> String {
+        let (success, output) = self.try_verdi(args).await;
+        assert!(success, "verdi {args:?} failed: {output}");
+        output
+    }
+
+    /// Runs `verdi ARGS`: whether it succeeded, and its standard output and error.
+    pub async fn try_verdi(&self, args: &[&str]) -> (bool, String) {
         let verdi = python().parent().unwrap().join("verdi");
         let output = tokio::time::timeout(
             Duration::from_secs(120),
@@ -476,13 +483,12 @@ impl AiidaProfile {
         .await
         .expect("verdi answers within 120 s")
         .unwrap();
-        assert!(
-            output.status.success(),
-            "verdi {args:?} failed: {}{}",
+        let text = format!(
+            "{}{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        (output.status.success(), text)
     }
 
     /// Runs `interop/aiida_daemon.py COMMAND PROFILE ARGS`; the JSON it prints.
