@@ -297,6 +297,15 @@ fn hex(identity: &[u8]) -> String {
     identity.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// An identity for a log line: as text when it is printable (AiiDA's and kiwimq's clients
+/// name themselves `client-<hex>`), else in hex.
+fn shown(identity: &[u8]) -> String {
+    match std::str::from_utf8(identity) {
+        Ok(text) if text.chars().all(|c| c.is_ascii_graphic()) => text.to_owned(),
+        _ => hex(identity),
+    }
+}
+
 fn unhex(text: &str) -> Option<Identity> {
     (0..text.len())
         .step_by(2)
@@ -621,12 +630,12 @@ impl Server {
             let identity = identity.clone();
             // A client that speaks is reachable.
             if self.unreachable.remove(&identity).is_some() {
-                tracing::info!(client = %hex(&identity), "a client is back");
+                tracing::info!(client = %shown(&identity), "a client is back");
             }
             match Incoming::parse(payload) {
                 Ok(message) => self.handle(identity, message),
                 Err(error) => {
-                    tracing::warn!(client = %hex(&identity), %error, "an unreadable message was dropped");
+                    tracing::warn!(client = %shown(&identity), %error, "an unreadable message was dropped");
                 }
             }
         }
@@ -854,7 +863,7 @@ impl Server {
                 .router
                 .send_multipart([&worker[..], b"", &bytes], zmq::DONTWAIT);
             if let Err(error) = sent {
-                tracing::warn!(worker = %hex(&worker), %error, "a task could not be handed over; back in the queue");
+                tracing::warn!(worker = %shown(&worker), %error, "a task could not be handed over; back in the queue");
                 self.settle(&worker, &task_id, false);
                 if error == zmq::Error::EHOSTUNREACH {
                     self.unreachable.entry(worker).or_insert_with(Instant::now);
@@ -867,12 +876,12 @@ impl Server {
         match self.assignments.get(task_id) {
             Some(holder) if holder == identity => {}
             Some(holder) => {
-                tracing::warn!(client = %hex(identity), holder = %hex(holder), %task_id, "a settle of a task another client holds was refused");
+                tracing::warn!(client = %shown(identity), holder = %shown(holder), %task_id, "a settle of a task another client holds was refused");
                 return;
             }
             // A settle sent again after a reconnect, of a task already settled.
             None => {
-                tracing::debug!(client = %hex(identity), %task_id, "a settle of a task no one holds was ignored");
+                tracing::debug!(client = %shown(identity), %task_id, "a settle of a task no one holds was ignored");
                 return;
             }
         }
@@ -981,7 +990,7 @@ impl Server {
                     .entry(identity.clone())
                     .or_insert_with(Instant::now);
             }
-            Err(error) => tracing::warn!(client = %hex(identity), %error, "a message was not sent"),
+            Err(error) => tracing::warn!(client = %shown(identity), %error, "a message was not sent"),
         }
     }
 
@@ -1004,7 +1013,7 @@ impl Server {
             {
                 Ok(()) | Err(zmq::Error::EAGAIN) => {
                     if self.unreachable.remove(&identity).is_some() {
-                        tracing::info!(client = %hex(&identity), "a client is back");
+                        tracing::info!(client = %shown(&identity), "a client is back");
                         self.mark_available(&identity);
                     }
                 }
@@ -1030,7 +1039,7 @@ impl Server {
             .filter(|(_, holder)| *holder == identity)
             .map(|(task_id, _)| task_id.clone())
             .collect();
-        tracing::warn!(client = %hex(identity), tasks = tasks.len(), "a client gone past its grace: its tasks go back to the queue");
+        tracing::warn!(client = %shown(identity), tasks = tasks.len(), "a client gone past its grace: its tasks go back to the queue");
         for task_id in tasks {
             self.assignments.remove(&task_id);
             self.store.nack(&task_id);
