@@ -990,7 +990,9 @@ impl Server {
                     .entry(identity.clone())
                     .or_insert_with(Instant::now);
             }
-            Err(error) => tracing::warn!(client = %shown(identity), %error, "a message was not sent"),
+            Err(error) => {
+                tracing::warn!(client = %shown(identity), %error, "a message was not sent")
+            }
         }
     }
 
