@@ -6,7 +6,8 @@
 //! - *confirmed*: tasks sent with up to 512 awaiting their confirm at once, per second until
 //!   every confirm is back. kiwimq's broker confirms a task once its file and directory are
 //!   fsynced; AiiDA's before it writes anything to disk.
-//! - *dispatched and acked*: the stored tasks to one worker (prefetch 100), per second until
+//! - *dispatched and acked*: the stored tasks to one worker (prefetch 100;
+//!   `KIWIMQ_BENCH_ZMQ_WORKERS` sets more, each a communicator of its own), per second until
 //!   the broker's storage is empty.
 //! - *RPC p50 / p99*: one call at a time to an RPC subscriber.
 //!
@@ -154,19 +155,23 @@ async fn send_all(sender: &Communicator, tasks: usize) {
     }
 }
 
-/// Drains the `tasks` stored with a worker of its own (prefetch 100); returns it once
-/// every task is handled and the broker's storage is empty.
-async fn drain(broker: &Broker, tasks: usize) -> Communicator {
-    let worker = connect(&broker.uri()).await;
+/// Drains the `tasks` stored with `workers` communicators of their own (prefetch 100 each);
+/// returns them once every task is handled and the broker's storage is empty.
+async fn drain(broker: &Broker, tasks: usize, workers: usize) -> Vec<Communicator> {
     let handled = Arc::new(AtomicUsize::new(0));
-    let counter = handled.clone();
-    worker
-        .add_task_subscriber(move |_: Task<Value, ()>| {
-            counter.fetch_add(1, Ordering::Relaxed);
-            async { Ok(()) }
-        })
-        .await
-        .unwrap();
+    let mut comms = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let worker = connect(&broker.uri()).await;
+        let counter = handled.clone();
+        worker
+            .add_task_subscriber(move |_: Task<Value, ()>| {
+                counter.fetch_add(1, Ordering::Relaxed);
+                async { Ok(()) }
+            })
+            .await
+            .unwrap();
+        comms.push(worker);
+    }
     let deadline = Instant::now() + Duration::from_secs(600);
     while handled.load(Ordering::Relaxed) < tasks || broker.stored() > 0 {
         assert!(
@@ -175,27 +180,29 @@ async fn drain(broker: &Broker, tasks: usize) -> Communicator {
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    worker
+    comms
 }
 
 /// One round on one broker: tasks confirmed per second, dispatched and acked per second,
 /// RPC p50 and p99 in microseconds.
-async fn measure(which: Which, tasks: usize, rpcs: usize) -> [f64; 4] {
+async fn measure(which: Which, tasks: usize, rpcs: usize, workers: usize) -> [f64; 4] {
     let broker = Broker::start(which);
     let sender = connect(&broker.uri()).await;
     // A warm-up of a quarter of the tasks through, unmeasured: a broker measured as it runs
     // for a while, not in its first second (kiwimq's stocks its spare files then).
     send_all(&sender, tasks / 4).await;
-    drain(&broker, tasks / 4).await.close().await.unwrap();
+    for worker in drain(&broker, tasks / 4, workers).await {
+        worker.close().await.unwrap();
+    }
 
     let started = Instant::now();
     send_all(&sender, tasks).await;
     let confirmed = rate(tasks, started.elapsed());
     let started = Instant::now();
-    let worker = drain(&broker, tasks).await;
+    let workers = drain(&broker, tasks, workers).await;
     let drained = rate(tasks, started.elapsed());
 
-    worker
+    workers[0]
         .add_rpc_subscriber(Some("42"), |rpc: Rpc<Value>| async move {
             Ok::<_, HandlerError>(rpc.body)
         })
@@ -209,7 +216,9 @@ async fn measure(which: Which, tasks: usize, rpcs: usize) -> [f64; 4] {
         samples.push(started.elapsed());
     }
     sender.close().await.unwrap();
-    worker.close().await.unwrap();
+    for worker in workers {
+        worker.close().await.unwrap();
+    }
     [
         confirmed,
         drained,
@@ -222,6 +231,7 @@ async fn measure(which: Which, tasks: usize, rpcs: usize) -> [f64; 4] {
 async fn main() {
     let tasks = size("ZMQ_TASKS", 2_000);
     let rpcs = size("ZMQ_RPC", 500);
+    let workers = size("ZMQ_WORKERS", 1).max(1);
     let rounds = size("ROUNDS", 3);
     // `KIWIMQ_BENCH_ZMQ_BROKERS=kiwimq` (or `aiida`) measures one only, to profile it.
     let brokers = match std::env::var("KIWIMQ_BENCH_ZMQ_BROKERS").as_deref() {
@@ -254,7 +264,7 @@ async fn main() {
                 "AiiDA"
             };
             eprintln!("round {}/{rounds}: {name}'s broker", round + 1);
-            let values = measure(which, tasks, rpcs).await;
+            let values = measure(which, tasks, rpcs, workers).await;
             let into = if which == Which::Kiwimq {
                 &mut kiwimq
             } else {
