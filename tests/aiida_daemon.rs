@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::aiida::{AiidaProfile, BrokerProcess};
-use common::{SOON, count, eventually, seen};
+use common::{SOON, count, eventually, retry, seen};
 use kiwimq::{Broadcast, BroadcastFilter, Communicator, Settings};
 use serde_json::{Value, json};
 
@@ -25,17 +25,11 @@ async fn control(comm: &Communicator, pk: u64, body: Value) -> kiwimq::Result<Va
 
 /// The status of process `pk`, once it answers (it does from when a worker runs it).
 async fn status(comm: &Communicator, pk: u64) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        match control(comm, pk, json!({"intent": "status", "message": null})).await {
-            Ok(status) => return status,
-            Err(error) => assert!(
-                tokio::time::Instant::now() < deadline,
-                "process {pk} did not answer a status call in 60 s: {error}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let what = format!("process {pk} answering a status call");
+    retry(Duration::from_secs(60), &what, || {
+        control(comm, pk, json!({"intent": "status", "message": null}))
+    })
+    .await
 }
 
 fn pks(submitted: &Value, which: &str) -> Vec<u64> {
@@ -189,20 +183,21 @@ async fn a_live_aiida_daemon_runs_on_kiwimqs_broker_through_a_kill_9() {
     profile
         .verdi(&["-p", &profile.name, "daemon", "stop"])
         .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let repair = loop {
-        let (_, repair) = profile
-            .try_verdi(&["-p", &profile.name, "process", "repair", "--dry-run"])
-            .await;
-        if repair.contains("No inconsistencies detected") {
-            break repair;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "verdi process repair found kiwimq's storage inconsistent: {repair}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let repair = retry(
+        Duration::from_secs(30),
+        "verdi process repair finding kiwimq's storage consistent",
+        || async {
+            let (_, repair) = profile
+                .try_verdi(&["-p", &profile.name, "process", "repair", "--dry-run"])
+                .await;
+            if repair.contains("No inconsistencies detected") {
+                Ok(repair)
+            } else {
+                Err(repair)
+            }
+        },
+    )
+    .await;
     // …while a process was active: its task is what repair found.
     let now = profile
         .script("wait", &["0".to_owned(), sleepy_pk.to_string()])

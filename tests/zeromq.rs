@@ -207,6 +207,22 @@ async fn clients_follow_a_crashed_broker_to_its_new_socket() {
 
     let old = broker.sockets_dir();
     broker.kill().await;
+    // Subscribing while the broker is down returns at once (nothing can answer it) and
+    // stands: it is sent on the reconnect.
+    eventually(SOON, "the worker sees the broker gone", || {
+        !worker.is_connected()
+    })
+    .await;
+    let subscribed = tokio::time::timeout(
+        Duration::from_secs(5),
+        worker.add_rpc_subscriber(Some("late"), |rpc: Rpc<u64>| async move {
+            Ok::<_, HandlerError>(rpc.body * 10)
+        }),
+    )
+    .await;
+    subscribed
+        .expect("a subscription while disconnected does not wait for the broker")
+        .unwrap();
     broker.restart().await;
     assert_ne!(broker.sockets_dir(), old, "AiiDA's broker moves its socket");
 
@@ -229,6 +245,8 @@ async fn clients_follow_a_crashed_broker_to_its_new_socket() {
         .await
         .unwrap();
     assert_eq!(answer, 42);
+    let late: u64 = caller.rpc_send("late", &4u64).await.unwrap().await.unwrap();
+    assert_eq!(late, 40);
     caller.close().await.unwrap();
     worker.close().await.unwrap();
 }

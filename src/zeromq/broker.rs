@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::protocol::{Incoming, Outgoing, json_string, kind, null};
+use super::protocol::{Incoming, Outgoing, json_string, json_true, kind, null};
 use super::store::{Store, StoredTask};
 use crate::error::{Error, Result};
 
@@ -462,7 +462,7 @@ impl Server {
         };
         server.restore(persisted);
         server.files.announce()?;
-        server.write_status(true);
+        server.write_status();
         tracing::info!(socket = %endpoint, pending = server.store.pending(), "broker serving");
         Ok(server)
     }
@@ -483,12 +483,12 @@ impl Server {
             .into_iter()
             .filter_map(|(identity, limit)| Some((unhex(&identity)?, limit)))
             .collect();
-        for (task_id, identity) in decode(persisted.assignments) {
-            if self.store.claim(&task_id) {
-                *self.load.entry(identity.clone()).or_default() += 1;
-                self.unreachable.entry(identity.clone()).or_insert(now);
-                self.assignments.insert(task_id, identity);
-            }
+        let mut held = decode(persisted.assignments);
+        for task_id in self.store.claim_all(&held) {
+            let identity = held.remove(&task_id).expect("a claimed task was asked for");
+            *self.load.entry(identity.clone()).or_default() += 1;
+            self.unreachable.entry(identity.clone()).or_insert(now);
+            self.assignments.insert(task_id, identity);
         }
         // A route whose task is not held any more waits only the result's time to live.
         self.result_routes = decode(persisted.result_routes)
@@ -500,13 +500,7 @@ impl Server {
             .collect();
         // Everyone known is unreachable until it shows itself (clients reconnect by
         // themselves within a second; a ping then finds them).
-        let known: HashSet<Identity> = self
-            .task_subscribers
-            .values()
-            .chain(self.rpc_subscribers.values())
-            .cloned()
-            .collect();
-        for identity in known {
+        for identity in self.clients(false) {
             self.unreachable.entry(identity).or_insert(now);
         }
     }
@@ -539,13 +533,13 @@ impl Server {
         }
     }
 
-    fn write_status(&self, running: bool) {
+    fn write_status(&self) {
         let timestamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs_f64();
         let status = serde_json::json!({
-            "running": running,
+            "running": true,
             "pending_tasks": self.store.pending(),
             "processing_tasks": self.store.processing(),
             "task_subscribers": self.task_subscribers.len(),
@@ -602,7 +596,7 @@ impl Server {
             self.persist();
             if last_status.elapsed() >= STATUS_INTERVAL {
                 last_status = Instant::now();
-                self.write_status(true);
+                self.write_status();
             }
         };
         self.dirty = true;
@@ -629,9 +623,7 @@ impl Server {
             };
             let identity = identity.clone();
             // A client that speaks is reachable.
-            if self.unreachable.remove(&identity).is_some() {
-                tracing::info!(client = %shown(&identity), "a client is back");
-            }
+            self.back(&identity);
             match Incoming::parse(payload) {
                 Ok(message) => self.handle(identity, message),
                 Err(error) => {
@@ -682,13 +674,7 @@ impl Server {
                     ..Outgoing::new(kind::BROADCAST, message.sender.unwrap_or_else(|| null()))
                 }
                 .encode();
-                let clients: HashSet<Identity> = self
-                    .task_subscribers
-                    .values()
-                    .chain(self.rpc_subscribers.values())
-                    .cloned()
-                    .collect();
-                for client in clients {
+                for client in self.clients(false) {
                     self.send(&client, &bytes);
                 }
             }
@@ -737,10 +723,7 @@ impl Server {
 
     fn on_task(&mut self, from: Identity, message: Incoming<'_>) {
         let id = message.id.clone().unwrap_or_else(super::protocol::new_id);
-        let body = message
-            .body
-            .map(|raw| serde_json::from_str(raw.get()).unwrap_or(serde_json::Value::Null))
-            .unwrap_or(serde_json::Value::Null);
+        let body = message.body.unwrap_or_else(|| null()).to_owned();
         let no_reply = message.no_reply.unwrap_or(false);
         let sender = message
             .sender
@@ -781,19 +764,36 @@ impl Server {
             if !arrival.confirm {
                 continue;
             }
-            let id = arrival.task.id.as_deref().unwrap_or_default();
-            let mut confirm = serde_json::json!({
-                "type": kind::TASK_RESPONSE,
-                "task_id": id,
-                "result": true,
-            });
-            if arrival.task.results {
-                confirm["results"] = serde_json::Value::Bool(true);
+            let confirm = Outgoing {
+                task_id: arrival.task.id.as_deref(),
+                result: Some(json_true()),
+                results: arrival.task.results.then_some(true),
+                ..Outgoing::new(kind::TASK_RESPONSE, &self.sender)
             }
-            let bytes = serde_json::to_vec(&confirm).expect("a confirm serializes");
-            self.send(&arrival.from, &bytes);
+            .encode();
+            self.send(&arrival.from, &confirm);
         }
         Ok(())
+    }
+
+    /// Every client holding a subscription (and, with `holders`, a task), once each.
+    fn clients(&self, holders: bool) -> Vec<Identity> {
+        let held = self.assignments.values().filter(|_| holders);
+        let unique: HashSet<&Identity> = self
+            .task_subscribers
+            .values()
+            .chain(self.rpc_subscribers.values())
+            .chain(held)
+            .collect();
+        unique.into_iter().cloned().collect()
+    }
+
+    /// A client unreachable until now showed itself: it gets tasks again.
+    fn back(&mut self, identity: &Identity) {
+        if self.unreachable.remove(identity).is_some() {
+            tracing::info!(client = %shown(identity), "a client is back");
+            self.mark_available(identity);
+        }
     }
 
     fn has_capacity(&self, identity: &Identity) -> bool {
@@ -834,11 +834,9 @@ impl Server {
                 self.available.push_front(worker);
                 break;
             };
-            let body = serde_json::to_string(&task.body).expect("a value serializes");
-            let body = RawValue::from_string(body).expect("a serialized value is JSON");
             let bytes = Outgoing {
                 id: task_id.clone(),
-                body: Some(&body),
+                body: Some(&task.body),
                 no_reply: Some(task.no_reply),
                 ..Outgoing::new(kind::TASK, &self.sender)
             }
@@ -969,13 +967,14 @@ impl Server {
     }
 
     fn rpc_error(&mut self, caller: &Identity, rpc_id: &str, error: &str) {
-        let frame = serde_json::json!({
-            "type": kind::RPC_RESPONSE,
-            "rpc_id": rpc_id,
-            "error": error,
-        });
-        let bytes = serde_json::to_vec(&frame).expect("a response serializes");
-        self.send(caller, &bytes);
+        let frame = Outgoing {
+            rpc_id: Some(rpc_id),
+            result: Some(null()),
+            error: Some(Some(error)),
+            ..Outgoing::new(kind::RPC_RESPONSE, &self.sender)
+        }
+        .encode();
+        self.send(caller, &frame);
     }
 
     /// Sends without blocking; a client it cannot reach is noted unreachable.
@@ -999,13 +998,7 @@ impl Server {
     /// Pings every client that holds a task or a subscription: the reachable ones are
     /// struck off `unreachable`; those past the grace lose their tasks and subscriptions.
     fn probe(&mut self) {
-        let known: HashSet<Identity> = self
-            .task_subscribers
-            .values()
-            .chain(self.rpc_subscribers.values())
-            .chain(self.assignments.values())
-            .cloned()
-            .collect();
+        let known = self.clients(true);
         let ping = Outgoing::new(kind::PING, &self.sender).encode();
         let now = Instant::now();
         for identity in known {
@@ -1013,12 +1006,7 @@ impl Server {
                 .router
                 .send_multipart([&identity[..], b"", &ping], zmq::DONTWAIT)
             {
-                Ok(()) | Err(zmq::Error::EAGAIN) => {
-                    if self.unreachable.remove(&identity).is_some() {
-                        tracing::info!(client = %shown(&identity), "a client is back");
-                        self.mark_available(&identity);
-                    }
-                }
+                Ok(()) | Err(zmq::Error::EAGAIN) => self.back(&identity),
                 Err(_) => {
                     let since = *self.unreachable.entry(identity.clone()).or_insert(now);
                     if now.duration_since(since) >= self.grace {
@@ -1027,11 +1015,9 @@ impl Server {
                 }
             }
         }
-        self.unreachable.retain(|identity, _| {
-            self.task_subscribers.values().any(|i| i == identity)
-                || self.rpc_subscribers.values().any(|i| i == identity)
-                || self.assignments.values().any(|i| i == identity)
-        });
+        let known: HashSet<Identity> = self.clients(true).into_iter().collect();
+        self.unreachable
+            .retain(|identity, _| known.contains(identity));
     }
 
     fn remove_client(&mut self, identity: &Identity) {
@@ -1043,8 +1029,7 @@ impl Server {
             .collect();
         tracing::warn!(client = %shown(identity), tasks = tasks.len(), "a client gone past its grace: its tasks go back to the queue");
         for task_id in tasks {
-            self.assignments.remove(&task_id);
-            self.store.nack(&task_id);
+            self.settle(identity, &task_id, false);
         }
         self.task_subscribers.retain(|_, holder| holder != identity);
         self.rpc_subscribers.retain(|_, holder| holder != identity);

@@ -148,6 +148,15 @@ struct State {
 }
 
 impl State {
+    /// The connection is gone: notes since when, and lets go of the subscriptions waiting
+    /// for their barrier (they are sent again on the reconnect). Whether it was connected.
+    fn disconnect(&mut self) -> bool {
+        let was = std::mem::replace(&mut self.connected, false);
+        self.lost.get_or_insert_with(Instant::now);
+        self.barriers.clear();
+        was
+    }
+
     /// The prefetch the connection declares: the sum of its task consumers' (unlimited if
     /// any is), as the broker keeps one limit per connection.
     fn task_prefetch(&self) -> Option<u32> {
@@ -612,18 +621,21 @@ impl Transport for ZmqTransport {
             // messages in order, so the answer to an RPC sent right after it ("Recipient not
             // found", for an identifier no one holds) says that the subscription is in place:
             // a message sent once this returns finds the new subscriber.
+            // Not connected: the subscription is sent on the (re)connect; nothing to wait for.
             let barrier = protocol::new_id();
             let (done, known) = oneshot::channel();
-            state.barriers.insert(barrier.clone(), done);
-            let recipient = format!("kiwimq-barrier-{barrier}");
-            let frame = Outgoing {
-                id: barrier.clone(),
-                recipient: Some(&recipient),
-                body: Some(protocol::null()),
-                ..Outgoing::new(kind::RPC, &self.link.sender)
+            if state.connected {
+                state.barriers.insert(barrier.clone(), done);
+                let recipient = format!("kiwimq-barrier-{barrier}");
+                let frame = Outgoing {
+                    id: barrier.clone(),
+                    recipient: Some(&recipient),
+                    body: Some(protocol::null()),
+                    ..Outgoing::new(kind::RPC, &self.link.sender)
+                }
+                .encode();
+                self.link.push(frame);
             }
-            .encode();
-            self.link.push(frame);
             drop(state);
             self.link.wake();
             Ok((
@@ -639,8 +651,9 @@ impl Transport for ZmqTransport {
         let within = self.send_timeout;
         async move {
             let (consumer, barrier, known) = result?;
-            // Not known within the send timeout (no broker now): the subscription stands and
-            // is sent again on the reconnect.
+            // Lost meanwhile, or not connected (the barrier is dropped: `known` ends at once),
+            // or no answer within the send timeout: the subscription stands and is sent again
+            // on the reconnect.
             if tokio::time::timeout(within, known).await.is_err() {
                 link.lock().barriers.remove(&barrier);
                 tracing::debug!("a subscription not yet acknowledged by the broker; it stands");
@@ -949,8 +962,7 @@ impl Io {
         for unconfirmed in state.unconfirmed.values_mut() {
             unconfirmed.handed.get_or_insert(lost);
         }
-        if state.connected {
-            state.connected = false;
+        if state.disconnect() {
             let _ = self
                 .events
                 .send(ConnectionEvent::Lost("the ZeroMQ broker moved".into()));
@@ -970,9 +982,7 @@ impl Io {
                 zmq::SocketEvent::CONNECTED => self.on_connected(connected),
                 zmq::SocketEvent::DISCONNECTED => {
                     let mut state = self.link.lock();
-                    if state.connected {
-                        state.connected = false;
-                        state.lost = Some(Instant::now());
+                    if state.disconnect() {
                         drop(state);
                         tracing::warn!(endpoint = %self.current, "lost the ZeroMQ broker");
                         let _ = self

@@ -137,6 +137,14 @@ pub(crate) fn null() -> &'static RawValue {
     &NULL
 }
 
+/// JSON `true`, as a raw value (a task's confirm).
+pub(crate) fn json_true() -> &'static RawValue {
+    static TRUE: std::sync::LazyLock<Box<RawValue>> = std::sync::LazyLock::new(|| {
+        RawValue::from_string("true".to_owned()).expect("true is JSON")
+    });
+    &TRUE
+}
+
 impl<'a> Outgoing<'a> {
     /// A message of `kind` from `sender`, with a fresh id and nothing else set.
     pub(crate) fn new(kind: &'static str, sender: &'a RawValue) -> Self {

@@ -34,8 +34,9 @@ pub(crate) struct StoredTask {
     pub(crate) sender: serde_json::Value,
     #[serde(default)]
     pub(crate) sender_identity: Option<String>,
-    #[serde(default)]
-    pub(crate) body: serde_json::Value,
+    /// As it came, never parsed: the broker passes it on as it is.
+    #[serde(default = "null_body")]
+    pub(crate) body: Box<serde_json::value::RawValue>,
     #[serde(default)]
     pub(crate) no_reply: bool,
     #[serde(default)]
@@ -120,6 +121,10 @@ impl Spares {
 
 /// At most this many stored tasks are kept in memory to dispatch without a read.
 const CACHED_TASKS: usize = 65_536;
+
+fn null_body() -> Box<serde_json::value::RawValue> {
+    super::protocol::null().to_owned()
+}
 
 /// The queue: the names of the waiting files in order, and the processing ones by task id.
 #[derive(Debug)]
@@ -354,31 +359,34 @@ impl Store {
         }
     }
 
-    /// Takes a waiting task into processing by id (a holder known from before a restart).
-    pub(crate) fn claim(&mut self, task_id: &str) -> bool {
-        let Some(at) = self
-            .pending
-            .iter()
-            .position(|name| self::task_id(name) == Some(task_id))
-        else {
-            return false;
-        };
-        let name = self.pending.remove(at).expect("the position is in range");
-        self.cached.remove(&name);
-        match fs::rename(
-            self.pending_dir.join(&name),
-            self.processing_dir.join(&name),
-        ) {
-            Ok(()) => {
-                self.processing.insert(task_id.to_owned(), name);
-                true
-            }
-            Err(error) => {
-                tracing::error!(%name, %error, "cannot move a task to processing");
-                self.pending.insert(at, name);
-                false
+    /// Takes the waiting tasks among `task_ids` into processing (their holders are known
+    /// from before a restart), in one pass over the queue; the ids taken.
+    pub(crate) fn claim_all<V>(&mut self, task_ids: &HashMap<String, V>) -> Vec<String> {
+        let mut claimed = Vec::new();
+        let mut left = VecDeque::with_capacity(self.pending.len());
+        for name in std::mem::take(&mut self.pending) {
+            let Some(id) = task_id(&name).filter(|id| task_ids.contains_key(*id)) else {
+                left.push_back(name);
+                continue;
+            };
+            let id = id.to_owned();
+            match fs::rename(
+                self.pending_dir.join(&name),
+                self.processing_dir.join(&name),
+            ) {
+                Ok(()) => {
+                    self.cached.remove(&name);
+                    self.processing.insert(id.clone(), name);
+                    claimed.push(id);
+                }
+                Err(error) => {
+                    tracing::error!(%name, %error, "cannot move a task to processing");
+                    left.push_back(name);
+                }
             }
         }
+        self.pending = left;
+        claimed
     }
 
     /// Done: the task's file goes (to `spare/`, for a later task). `false` if it was not
@@ -448,11 +456,19 @@ mod tests {
             id: Some(id.to_owned()),
             sender: serde_json::json!("client-1"),
             sender_identity: None,
-            body: serde_json::json!({"task": "continue", "args": {"pid": 1}}),
+            body: raw(serde_json::json!({"task": "continue", "args": {"pid": 1}})),
             no_reply: true,
             timestamp: 0.0,
             results: false,
         }
+    }
+
+    fn raw(value: serde_json::Value) -> Box<serde_json::value::RawValue> {
+        serde_json::value::to_raw_value(&value).unwrap()
+    }
+
+    fn parsed(body: &serde_json::value::RawValue) -> serde_json::Value {
+        serde_json::from_str(body.get()).unwrap()
     }
 
     fn scratch() -> PathBuf {
@@ -501,7 +517,7 @@ mod tests {
         let mut store = Store::open(&dir).unwrap();
         let (id, repaired) = store.pop().unwrap();
         assert_eq!(id, "repaired");
-        assert_eq!(repaired.body["task"], "continue");
+        assert_eq!(parsed(&repaired.body)["task"], "continue");
         assert_eq!(store.pop().unwrap().0, "good");
         assert!(store.pop().is_none());
         assert!(dir.join("corrupt/0000000000000001_truncated.json").exists());
@@ -531,14 +547,14 @@ mod tests {
             .collect();
         assert!(spares.contains(&inode), "the acked file is a spare");
         let mut longer = task("b");
-        longer.body = serde_json::json!({"task": "continue", "args": {"pid": 123456789}});
+        longer.body = raw(serde_json::json!({"task": "continue", "args": {"pid": 123456789}}));
         store.push_all(&[longer, task("c")]).unwrap();
         drop(store);
         // Read back from the files, not the memory: a spare holds the new task only.
         let mut store = Store::open(&dir).unwrap();
         let (id, b) = store.pop().unwrap();
         assert_eq!(id, "b");
-        assert_eq!(b.body["args"]["pid"], 123456789);
+        assert_eq!(parsed(&b.body)["args"]["pid"], 123456789);
         assert_eq!(store.pop().unwrap().0, "c");
         assert!(store.pop().is_none());
         drop(store);

@@ -66,6 +66,28 @@ pub async fn eventually(within: Duration, what: &str, mut condition: impl FnMut(
     }
 }
 
+/// `attempt` again every 200 ms until it gives `Ok`, for at most `within`: its value, or a
+/// panic naming `what` and the last error. For conditions that must be awaited (a call to
+/// a process, a command to run), where [`eventually`] takes a plain closure.
+pub async fn retry<T, E, F, Fut>(within: Duration, what: &str, mut attempt: F) -> T
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match attempt().await {
+            Ok(value) => return value,
+            Err(error) => assert!(
+                Instant::now() < deadline,
+                "timed out waiting for: {what}; last: {error}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The usual deadline for something that should happen promptly.
 pub const SOON: Duration = Duration::from_secs(10);
 
