@@ -47,6 +47,27 @@ async fn kiwimq_clients_get_task_results_through_kiwimqs_broker() {
     }
     let answer: u64 = client.rpc_send("fib", &9u64).await.unwrap().await.unwrap();
     assert_eq!(answer, 10);
+    // The `kiwimq` command on a zmq:// URI, with no --codec: JSON, the only one it carries.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiwimq"))
+        .args([
+            "--uri",
+            &broker.uri(),
+            "--timeout",
+            "10",
+            "rpc",
+            "call",
+            "fib",
+            "41",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "42");
     let unknown = client
         .rpc_send::<_, u64>("nobody", &1u64)
         .await
