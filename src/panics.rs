@@ -11,6 +11,9 @@
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once, OnceLock};
 
 thread_local! {
@@ -18,6 +21,10 @@ thread_local! {
     static LAST_PANIC: RefCell<(u64, Option<String>)> = const { RefCell::new((0, None)) };
     /// The number of the latest panic a watch took the blame for.
     static BLAMED: Cell<u64> = const { Cell::new(0) };
+    /// The flag of the supervised actor being polled on this thread, if one is: the hook
+    /// raises it, so the actor is known to be dying before its unwinding lets any sender
+    /// see an answer.
+    static POLLED: RefCell<Option<Arc<AtomicBool>>> = const { RefCell::new(None) };
 }
 
 /// Installs, once per process, a panic hook that notes each panic's text on its thread,
@@ -37,9 +44,37 @@ pub(crate) fn install_hook() {
                 let mut last = last.borrow_mut();
                 *last = (last.0 + 1, Some(text));
             });
+            let _ = POLLED.try_with(|polled| {
+                if let Ok(polled) = polled.try_borrow()
+                    && let Some(dying) = &*polled
+                {
+                    dying.store(true, Ordering::Release);
+                }
+            });
             previous(info);
         }));
     });
+}
+
+/// Runs `future` (a supervised actor's context) so that a panic while it is polled raises
+/// `dying` before the thread unwinds: the actor's supervision then hands its address to
+/// nobody, although the mailbox lives on until the unwinding ends — or a request sent in
+/// answer to the panicking one's reply could land in the dying mailbox.
+pub(crate) async fn raising_on_panic<F: Future>(dying: Arc<AtomicBool>, future: F) -> F::Output {
+    /// Puts back the thread's previous flag, on a panic too.
+    struct Polling(Option<Arc<AtomicBool>>);
+    impl Drop for Polling {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            let _ = POLLED.try_with(|polled| *polled.borrow_mut() = previous);
+        }
+    }
+    let mut future = pin!(future);
+    std::future::poll_fn(|cx| {
+        let _polling = Polling(POLLED.with(|polled| polled.replace(Some(dying.clone()))));
+        future.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// A panic payload's text: the `&str` or `String` given to `panic!`.

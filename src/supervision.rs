@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actix::dev::ToEnvelope;
@@ -151,7 +151,8 @@ impl Report {
 /// A supervised actor's state, as its supervision publishes it.
 #[derive(Debug)]
 pub(crate) enum ChildState<A: Actor> {
-    Running(Addr<A>),
+    /// Its address, and whether it is dying (raised by a panic before the unwinding).
+    Running(Addr<A>, Arc<AtomicBool>),
     Restarting,
     /// Given up (reported), or its supervision stopped.
     Over,
@@ -185,13 +186,15 @@ impl<A: Actor<Context = Context<A>>> Child<A> {
         let mut life = self.life.clone();
         let running = life
             .wait_for(|life| match life {
-                ChildState::Running(addr) => addr.connected(),
+                ChildState::Running(addr, dying) => {
+                    addr.connected() && !dying.load(Ordering::Acquire)
+                }
                 ChildState::Restarting => false,
                 ChildState::Over => true,
             })
             .await;
         match running.as_deref() {
-            Ok(ChildState::Running(addr)) => Some(addr.clone()),
+            Ok(ChildState::Running(addr, _)) => Some(addr.clone()),
             _ => None,
         }
     }
@@ -226,7 +229,9 @@ impl<A: Actor<Context = Context<A>>> Child<A> {
         M: Message + Send + 'static,
         M::Result: Send,
     {
-        if let ChildState::Running(addr) = &*self.life.borrow() {
+        if let ChildState::Running(addr, dying) = &*self.life.borrow()
+            && !dying.load(Ordering::Acquire)
+        {
             addr.do_send(message);
         }
     }
@@ -279,8 +284,15 @@ async fn run<A, F>(
         let mut context = Context::<A>::new();
         let ended = match std::panic::catch_unwind(AssertUnwindSafe(|| factory(&mut context))) {
             Ok(actor) => {
-                life.send_replace(ChildState::Running(context.address()));
-                let running = AssertUnwindSafe(context.into_future(actor)).catch_unwind();
+                let dying = Arc::new(AtomicBool::new(false));
+                life.send_replace(ChildState::Running(context.address(), dying.clone()));
+                let running = Box::pin(
+                    AssertUnwindSafe(crate::panics::raising_on_panic(
+                        dying,
+                        context.into_future(actor),
+                    ))
+                    .catch_unwind(),
+                );
                 match select(running, &mut stop).await {
                     Either::Left((Ok(()), _)) => "it stopped".to_owned(),
                     Either::Left((Err(panic), _)) => {
@@ -373,4 +385,79 @@ pub(crate) mod hooks {
     #[derive(actix::Message)]
     #[rtype(result = "()")]
     pub(crate) struct Panic(pub(crate) &'static str);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::runtime::Runtime;
+
+    /// Blocks the thread that drops it until told to go on: holds a panicking actor in the
+    /// middle of its unwinding, where its mailbox still lives.
+    struct HeldWhileUnwinding {
+        dropping: mpsc::Sender<()>,
+        go_on: mpsc::Receiver<()>,
+    }
+
+    impl Drop for HeldWhileUnwinding {
+        fn drop(&mut self) {
+            let _ = self.dropping.send(());
+            let _ = self.go_on.recv_timeout(Duration::from_secs(10));
+        }
+    }
+
+    #[derive(Message)]
+    #[rtype(result = "()")]
+    struct PanicHolding(HeldWhileUnwinding);
+
+    struct Fragile;
+
+    impl Actor for Fragile {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<PanicHolding> for Fragile {
+        type Result = ();
+
+        fn handle(&mut self, PanicHolding(_held): PanicHolding, _: &mut Context<Self>) {
+            panic!("fragile");
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_panicking_actor_hands_its_address_to_nobody_while_it_unwinds() {
+        crate::panics::install_hook();
+        let thread = Runtime::start("kiwimq-test-actor").unwrap();
+        let incidents = Incidents::default();
+        let report = Report {
+            kind: "test",
+            name: "fragile".to_owned(),
+            incidents: incidents.clone(),
+            events: None,
+        };
+        let child = start(thread.arbiter(), Policy::OWN, |_| Fragile, report);
+        let first = child.addr().await.unwrap();
+
+        let (dropping, dropped) = mpsc::channel();
+        let (go_on, held) = mpsc::channel();
+        first.do_send(PanicHolding(HeldWhileUnwinding {
+            dropping,
+            go_on: held,
+        }));
+        dropped.recv_timeout(Duration::from_secs(10)).unwrap();
+        // The actor is unwinding, its mailbox still open: it must not be handed out.
+        assert!(first.connected());
+        let waiting = actix_rt::time::timeout(Duration::from_millis(50), child.addr()).await;
+        assert!(waiting.is_err(), "the dying actor's address was handed out");
+
+        go_on.send(()).unwrap();
+        let second = actix_rt::time::timeout(Duration::from_secs(10), child.addr())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(second != first, "a fresh actor runs after the panic");
+        assert_eq!(incidents.restarts(), 1);
+    }
 }
