@@ -119,6 +119,9 @@ pub(crate) struct Core {
     pub(crate) task_reply_queue: String,
     pub(crate) message_reply_queue: String,
     closed: AtomicBool,
+    /// Who it is and what it did, as its presence announces.
+    pub(crate) identity: crate::presence::Identity,
+    pub(crate) activity: crate::presence::Activity,
     /// Task queues this communicator has declared (sending declares once).
     declared: Mutex<std::collections::HashSet<String>>,
 }
@@ -205,6 +208,8 @@ impl Communicator {
             incidents.clone(),
         );
         let inner = Core {
+            identity: crate::presence::Identity::new(&settings.uri),
+            activity: crate::presence::Activity::default(),
             handlers: conduit.handlers.clone(),
             default_queue: settings.task_queue.as_str().into(),
             settings,
@@ -219,9 +224,16 @@ impl Communicator {
             closed: AtomicBool::new(false),
             declared: Mutex::default(),
         };
-        Ok(Self {
-            inner: Arc::new(inner),
-        })
+        let inner = Arc::new(inner);
+        if let Some(interval) = inner.settings.presence_interval
+            && inner.presence_supported()
+        {
+            let weak = Arc::downgrade(&inner);
+            inner
+                .runtime
+                .spawn(crate::presence::announce_while_open(weak, interval));
+        }
+        Ok(Self { inner })
     }
 
     /// The settings this communicator was connected with.
@@ -348,6 +360,7 @@ impl Communicator {
         let inner = self.inner.clone();
         let close = async move {
             inner.drain().await;
+            inner.say_goodbye().await;
             inner.replies.close();
             bounded_close(inner.conduit.transport.close()).await
         };

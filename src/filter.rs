@@ -63,6 +63,25 @@ impl BroadcastFilter {
     }
 }
 
+/// `subject ~ ^state_changed\..*$, sender ~ ^47$`, as the expressions match; `*` for a
+/// filter that lets everything through.
+impl std::fmt::Display for BroadcastFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = [("subject", &self.subject), ("sender", &self.sender)]
+            .into_iter()
+            .filter_map(|(field, pattern)| {
+                pattern
+                    .as_ref()
+                    .map(|pattern| format!("{field} ~ {}", pattern.as_str()))
+            })
+            .collect();
+        match parts.is_empty() {
+            true => f.write_str("*"),
+            false => f.write_str(&parts.join(", ")),
+        }
+    }
+}
+
 fn passes(pattern: Option<&Regex>, field: Option<&str>) -> bool {
     match (pattern, field) {
         (Some(pattern), Some(field)) => pattern.is_match(field),

@@ -136,6 +136,7 @@ pub use messages::{Broadcast, HandlerError, Rpc, Task};
 pub use transport::QueueStats;
 
 pub mod metrics;
+pub mod presence;
 pub mod trace;
 pub use settings::Settings;
 

@@ -15,8 +15,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::events::{self, ConnectionEvent};
 use crate::settings::Settings;
 use crate::transport::{
-    BROADCAST_TOPIC, Consumer, DeliverFn, Delivery, Exchange, Outgoing, QueueStats, Route, Source,
-    Transport, rpc_key,
+    BROADCAST_TOPIC, Consumer, DeliverFn, Delivery, Exchange, Outgoing, PRESENCE_TOPIC, QueueStats,
+    Route, Source, Transport, rpc_key,
 };
 use broker::{Broker, QueueMode, Sink, Target};
 
@@ -105,6 +105,7 @@ impl Transport for MemTransport {
                 self.broker.publish(Target::Bound(&key), message)
             }
             Route::Broadcast => self.broker.publish(Target::Bound(BROADCAST_TOPIC), message),
+            Route::Presence => self.broker.publish(Target::Bound(PRESENCE_TOPIC), message),
             Route::Reply(queue) => self.broker.publish(Target::Queue(queue), message),
         });
         future::ready(result).boxed()
@@ -137,6 +138,7 @@ impl Transport for MemTransport {
                 (queue, bound(key))
             }
             Source::Broadcasts(queue) => (queue, bound(BROADCAST_TOPIC.to_owned())),
+            Source::Presence(queue) => (queue, bound(PRESENCE_TOPIC.to_owned())),
             Source::Replies(_, queue) => (queue, QueueMode::Exclusive { binding: None }),
         };
         let (tx, mut deliveries) = tokio::sync::mpsc::unbounded_channel();

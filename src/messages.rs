@@ -30,6 +30,8 @@ pub struct Task<T, R = T> {
     pub correlation_id: Option<String>,
     pub(crate) trace: Option<TraceContext>,
     pub(crate) result: PhantomData<fn() -> R>,
+    /// Its place among the communicator's tasks in flight, which its presence shows.
+    pub(crate) progress: Option<crate::presence::Progress>,
     /// Tells the dispatcher whether this task was dropped by its handler's panic (it
     /// works by being dropped: never read).
     pub(crate) _watch: PanicWatch,
@@ -45,6 +47,18 @@ impl<T, R> Task<T, R> {
     /// [`trace::scope`](crate::trace::scope).
     pub fn trace(&self) -> Option<TraceContext> {
         self.trace
+    }
+
+    /// Says how far this task's handling is — `fraction` from 0 to 1 (clamped; a NaN says
+    /// "unknown"), and what it is doing now if `note` is given — for the communicator's
+    /// [presence](crate::presence), which dashboards show beside the task's age. For long
+    /// handlers; cheap enough to call often (a lock and a write). A task handled outside
+    /// a subscription (pulled with [`next_task`](crate::Communicator::next_task)) has no
+    /// place in the presence: this does nothing there.
+    pub fn report_progress(&self, fraction: f64, note: Option<&str>) {
+        if let Some(progress) = &self.progress {
+            progress.report(fraction, note.map(str::to_owned));
+        }
     }
 }
 

@@ -36,6 +36,8 @@ pub struct Settings {
     pub(crate) task_exchange: String,
     pub(crate) task_queue: String,
     pub(crate) task_prefetch: u16,
+    /// How often the communicator announces its presence; none: never.
+    pub(crate) presence_interval: Option<Duration>,
     pub(crate) testing_mode: bool,
     pub(crate) kiwipy_testing_queues: bool,
     pub(crate) consumer_timeout: Option<Duration>,
@@ -82,6 +84,7 @@ impl Settings {
             task_exchange: "kiwipy.tasks".into(),
             task_queue: "kiwipy.tasks".into(),
             task_prefetch: 1,
+            presence_interval: Some(Duration::from_secs(5)),
             testing_mode: false,
             kiwipy_testing_queues: false,
             consumer_timeout: None,
@@ -428,6 +431,14 @@ impl Settings {
         self
     }
 
+    /// How often the communicator announces itself on kiwimq's presence exchange (see
+    /// [`crate::presence`]): every 5 s by default; `None` turns presence off. A watcher
+    /// takes a communicator silent for three intervals for lost. Never on `zmq://`.
+    pub fn with_presence_interval(mut self, interval: Option<Duration>) -> Self {
+        self.presence_interval = interval.filter(|interval| !interval.is_zero());
+        self
+    }
+
     /// The URI these settings connect to (the first node's, with several).
     pub fn uri(&self) -> &str {
         &self.uri
@@ -494,6 +505,7 @@ impl std::fmt::Debug for Settings {
             .field("task_exchange", &self.task_exchange)
             .field("task_queue", &self.task_queue)
             .field("task_prefetch", &self.task_prefetch)
+            .field("presence_interval", &self.presence_interval)
             .field("testing_mode", &self.testing_mode)
             .field("kiwipy_testing_queues", &self.kiwipy_testing_queues)
             .field("consumer_timeout", &self.consumer_timeout)

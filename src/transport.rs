@@ -30,6 +30,9 @@ pub(crate) enum Route {
     /// A reply queue, by the name a request carried in `reply_to`: straight to that queue,
     /// whichever exchange it is bound to.
     Reply(String),
+    /// Every presence watcher (see [`crate::presence`]): on an exchange of kiwimq's own,
+    /// which kiwiPy's and AiiDA's peers never bind.
+    Presence,
 }
 
 impl Route {
@@ -40,6 +43,7 @@ impl Route {
             Route::Rpc(_) => "rpc",
             Route::Broadcast => "broadcast",
             Route::Reply(_) => "reply",
+            Route::Presence => "presence",
         }
     }
 
@@ -49,6 +53,7 @@ impl Route {
             Route::Task(queue) => queue,
             Route::Rpc(identifier) | Route::Reply(identifier) => identifier,
             Route::Broadcast => BROADCAST_TOPIC,
+            Route::Presence => PRESENCE_TOPIC,
         }
     }
 }
@@ -57,6 +62,8 @@ impl Route {
 pub(crate) const RPC_TOPIC: &str = "[rpc]";
 /// The routing key of broadcasts on kiwiPy's message exchange.
 pub(crate) const BROADCAST_TOPIC: &str = "[broadcast]";
+/// The routing key of presence announcements, on kiwimq's own presence exchange.
+pub(crate) const PRESENCE_TOPIC: &str = "[kiwimq.presence]";
 
 /// The routing key of an RPC identifier's calls.
 pub(crate) fn rpc_key(identifier: &str) -> String {
@@ -72,6 +79,9 @@ pub(crate) enum Source {
     Rpc(String),
     /// This communicator's broadcast queue, by name; auto-acked.
     Broadcasts(String),
+    /// A presence watcher's queue, by name: exclusive, auto-acked, bound to the presence
+    /// exchange.
+    Presence(String),
     /// One of this communicator's reply queues (one per exchange), by name; acked by the
     /// consumer once the reply is handed over.
     Replies(Exchange, String),

@@ -19,6 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::messages::{HandlerError, Task};
 use crate::metrics::QueueMeters;
 use crate::panics::PanicWatch;
+use crate::presence::{Activity, Outcome as Ended};
 use crate::subscriber::{Delivered, Subscriber};
 use crate::transport::{Delivery, Exchange, Outcome, Source};
 
@@ -60,7 +61,12 @@ pub(crate) struct TaskFn {
 }
 
 /// Erases a typed task subscriber.
-pub(crate) fn task_fn<T, R>(subscriber: Subscriber<Task<T, R>>, codec: Codec) -> TaskFn
+pub(crate) fn task_fn<T, R>(
+    subscriber: Subscriber<Task<T, R>>,
+    codec: Codec,
+    queue: Arc<str>,
+    activity: Activity,
+) -> TaskFn
 where
     T: DeserializeOwned + Send + 'static,
     R: Serialize + Send + 'static,
@@ -69,6 +75,7 @@ where
     let subscriber = Arc::new(subscriber);
     let call = Arc::new(move |input: TaskInput| {
         let subscriber = subscriber.clone();
+        let (queue, activity) = (queue.clone(), activity.clone());
         async move {
             let (body, no_reply): TaskEnvelope<T> = match codec.decode(&input.body) {
                 Ok(envelope) => envelope,
@@ -76,24 +83,35 @@ where
             };
             let (watch, notice) = PanicWatch::new();
             let started = std::time::Instant::now();
+            let progress = activity.begin(&queue, input.correlation_id.as_deref());
             let task = Task {
                 body,
                 redelivered: input.redelivered,
                 correlation_id: input.correlation_id,
                 trace: crate::trace::TraceContext::current(),
                 result: PhantomData,
+                progress: Some(progress),
                 _watch: watch,
             };
             let delivered = subscriber.deliver(task, Some(&notice)).await;
             crate::metrics::elapsed(crate::metrics::HANDLER_SECONDS, "task", started);
             let outcome = match delivered {
-                Delivered::Answer(Err(HandlerError::Rejected)) => return TaskAnswer::Rejected,
+                Delivered::Answer(Err(HandlerError::Rejected)) => {
+                    activity.ended(&queue, Ended::Rejected);
+                    return TaskAnswer::Rejected;
+                }
                 Delivered::Answer(outcome) => outcome,
                 Delivered::Panicked(text) => Err(HandlerError::Panicked(text)),
                 Delivered::Interrupted => return TaskAnswer::Interrupted,
                 Delivered::Lost => return TaskAnswer::Lost,
             };
             let panicked = matches!(outcome, Err(HandlerError::Panicked(_)));
+            let ended = match &outcome {
+                Ok(_) => Ended::Handled,
+                Err(_) if panicked => Ended::Panicked,
+                Err(_) => Ended::Failed,
+            };
+            activity.ended(&queue, ended);
             TaskAnswer::Reply {
                 bytes: encode_reply(codec, outcome, Some(Host::this_process())),
                 no_reply,
@@ -324,6 +342,24 @@ impl Handler<Stats> for TaskConsumer {
 
     fn handle(&mut self, _: Stats, _: &mut Context<Self>) -> Self::Result {
         MessageResult((self.subscribers.len(), *self.running.borrow()))
+    }
+}
+
+/// Asks for the queue's name, prefetch, subscribers and tasks running, for its presence.
+#[derive(Message)]
+#[rtype(result = "(Arc<str>, u16, usize, usize)")]
+pub(crate) struct Describe;
+
+impl Handler<Describe> for TaskConsumer {
+    type Result = MessageResult<Describe>;
+
+    fn handle(&mut self, _: Describe, _: &mut Context<Self>) -> Self::Result {
+        MessageResult((
+            self.queue.clone(),
+            self.prefetch,
+            self.subscribers.len(),
+            *self.running.borrow(),
+        ))
     }
 }
 

@@ -115,9 +115,10 @@ const RESTORING_AT_ONCE: usize = 256;
 impl Shared {
     pub(super) fn queue_of(&self, source: &Source) -> String {
         match source {
-            Source::Tasks(queue) | Source::Broadcasts(queue) | Source::Replies(_, queue) => {
-                queue.clone()
-            }
+            Source::Tasks(queue)
+            | Source::Broadcasts(queue)
+            | Source::Presence(queue)
+            | Source::Replies(_, queue) => queue.clone(),
             Source::Rpc(identifier) => self.topology.rpc_queue(identifier),
         }
     }
@@ -166,12 +167,16 @@ impl Shared {
                 // Acknowledged, so a reply lost in flight with the connection comes again.
                 (guard, Acks::Each)
             }
-            Source::Broadcasts(queue) => {
+            Source::Broadcasts(queue) | Source::Presence(queue) => {
                 // A channel of its own, so that its deliveries can be acknowledged in
                 // batches; a refusal there is this declaration's.
                 let guard = self.own_channel(connection).await?;
-                topology
-                    .declare_broadcast_queue(&guard.channel, queue)
+                let declaration = match source {
+                    Source::Presence(_) => topology.presence_queue_declaration(queue),
+                    _ => topology.broadcast_queue_declaration(queue),
+                };
+                declaration
+                    .declare(&guard.channel)
                     .await
                     .map_err(|error| own_queue_refused(error, queue))?;
                 let acks = self.window(&guard, prefetch).await?;
@@ -463,7 +468,10 @@ impl Shared {
             .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
             .await
             .map_err(amqp_error)?;
-        if matches!(entry.source, Source::Rpc(_) | Source::Broadcasts(_)) {
+        if matches!(
+            entry.source,
+            Source::Rpc(_) | Source::Broadcasts(_) | Source::Presence(_)
+        ) {
             // On the declaring channel: a refusal must not close the shared one.
             let deadline = Instant::now() + self.broker.send_timeout;
             let queue = self.queue_of(&entry.source);

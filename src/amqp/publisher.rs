@@ -19,7 +19,7 @@ use super::{
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::settings::Settings;
-use crate::transport::{BROADCAST_TOPIC, Exchange, Outgoing, Route, rpc_key};
+use crate::transport::{BROADCAST_TOPIC, Exchange, Outgoing, PRESENCE_TOPIC, Route, rpc_key};
 
 /// The publisher channel (confirms on), and what every publish obeys.
 pub(super) struct Publisher {
@@ -51,6 +51,7 @@ impl Shared {
                 topology.exchange(Exchange::Messages),
                 BROADCAST_TOPIC.to_owned(),
             ),
+            Route::Presence => (&topology.presence_exchange, PRESENCE_TOPIC.to_owned()),
             // Straight to the queue through the default exchange, which always exists and
             // needs no binding: a reply reaches a reply queue that survived a broker restart
             // before its owner reconnected and bound it again.

@@ -13,13 +13,23 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
 use crate::settings::Settings;
-use crate::transport::{BROADCAST_TOPIC, DEAD_LETTER_SUFFIX, Exchange, dead_letter_queue, rpc_key};
+use crate::transport::{
+    BROADCAST_TOPIC, DEAD_LETTER_SUFFIX, Exchange, PRESENCE_TOPIC, dead_letter_queue, rpc_key,
+};
+
+/// kiwimq's presence exchange beside a message exchange: its own, so kiwiPy's and AiiDA's
+/// peers, which bind only kiwiPy's two, never see an announcement.
+pub(crate) fn presence_exchange(message_exchange: &str) -> String {
+    format!("{message_exchange}.kiwimq-presence")
+}
 
 /// Names and arguments derived from the settings.
 #[derive(Debug, Clone)]
 pub(crate) struct Topology {
     pub(crate) task_exchange: String,
     pub(crate) message_exchange: String,
+    /// kiwimq's own exchange of presence announcements.
+    pub(crate) presence_exchange: String,
     testing_mode: bool,
     /// kiwiPy's transient testing-mode task queues instead of durable expiring ones.
     kiwipy_testing_queues: bool,
@@ -93,7 +103,7 @@ impl QueueDeclaration {
     }
 
     /// Declares the queue, then binds it.
-    async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+    pub(crate) async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
         let arguments = table(&self.arguments);
         channel
             .queue_declare(self.name.as_str().into(), self.options, arguments)
@@ -118,6 +128,7 @@ impl Topology {
         Self {
             task_exchange: settings.task_exchange.clone(),
             message_exchange: settings.message_exchange.clone(),
+            presence_exchange: presence_exchange(&settings.message_exchange),
             testing_mode: settings.testing_mode,
             kiwipy_testing_queues: settings.kiwipy_testing_queues,
             task_message_ttl: settings.task_message_ttl,
@@ -133,9 +144,11 @@ impl Topology {
         }
     }
 
-    /// Whether `name` is one of the two exchanges this topology declares.
+    /// Whether `name` is one of the exchanges this topology declares.
     pub(crate) fn owns(&self, name: &str) -> bool {
-        name == self.exchange(Exchange::Tasks) || name == self.exchange(Exchange::Messages)
+        name == self.exchange(Exchange::Tasks)
+            || name == self.exchange(Exchange::Messages)
+            || name == self.presence_exchange
     }
 
     pub(crate) fn exchange(&self, exchange: Exchange) -> &str {
@@ -145,9 +158,14 @@ impl Topology {
         }
     }
 
-    /// Both exchanges: topic, not durable, auto-deleted in testing mode.
+    /// kiwiPy's two exchanges and kiwimq's presence exchange: topic, not durable,
+    /// auto-deleted in testing mode.
     pub(crate) async fn declare_exchanges(&self, channel: &Channel) -> lapin::Result<()> {
-        for name in [&self.task_exchange, &self.message_exchange] {
+        for name in [
+            &self.task_exchange,
+            &self.message_exchange,
+            &self.presence_exchange,
+        ] {
             let options = ExchangeDeclareOptions {
                 auto_delete: self.testing_mode,
                 ..Default::default()
@@ -373,15 +391,11 @@ impl Topology {
             .bound(&self.message_exchange, BROADCAST_TOPIC)
     }
 
-    /// Declares a broadcast queue.
-    pub(crate) async fn declare_broadcast_queue(
-        &self,
-        channel: &Channel,
-        queue: &str,
-    ) -> lapin::Result<()> {
-        self.broadcast_queue_declaration(queue)
-            .declare(channel)
-            .await
+    /// A presence watcher's queue: exclusive, 66 s message TTL, bound to the presence
+    /// exchange.
+    pub(crate) fn presence_queue_declaration(&self, queue: &str) -> QueueDeclaration {
+        self.message_queue(queue, true)
+            .bound(&self.presence_exchange, PRESENCE_TOPIC)
     }
 }
 

@@ -90,6 +90,7 @@ impl Communicator {
         let inner = &self.inner;
         inner.check_open()?;
         let id = new_id();
+        let described = filter.to_string();
         let handler = broadcast_fn(
             subscriber.into_subscriber(&inner.scope(&id)),
             filter,
@@ -99,7 +100,7 @@ impl Communicator {
         // Added as one operation: a caller that gives up has it undone.
         to_completion(
             inner,
-            add(inner.clone(), id, handler),
+            add(inner.clone(), id, handler, described),
             |inner, id| async move {
                 let _ = remove(inner, id).await;
             },
@@ -120,13 +121,14 @@ impl Communicator {
     }
 }
 
-async fn add(inner: Arc<Core>, id: String, handler: BroadcastFn) -> Result<String> {
+async fn add(inner: Arc<Core>, id: String, handler: BroadcastFn, filter: String) -> Result<String> {
     let hub = inner.broadcast_hub().await?;
     hub.send(broadcast_hub::AddSubscriber {
         id: id.clone(),
         handler,
     })
     .await??;
+    inner.activity.filter_added(&id, filter);
     inner.conduit.subscribers.add("broadcast", 1);
     Ok(id)
 }
@@ -142,6 +144,7 @@ async fn remove(inner: Arc<Core>, id: String) -> Result<()> {
     if !removed {
         return Err(Error::new(ErrorKind::UnknownSubscriber(id)));
     }
+    inner.activity.filter_removed(&id);
     inner.conduit.subscribers.add("broadcast", -1);
     Ok(())
 }

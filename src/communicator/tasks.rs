@@ -180,6 +180,8 @@ impl TaskQueue {
         let handler = task_fn(
             subscriber.into_subscriber(&inner.scope(&id)),
             inner.conduit.codec,
+            self.name.clone(),
+            inner.activity.clone(),
         );
         let prefetch = self.prefetch.unwrap_or(inner.settings.task_prefetch);
         // Added as one operation: a caller that gives up has it undone.

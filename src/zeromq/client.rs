@@ -558,6 +558,7 @@ impl Transport for ZmqTransport {
                 self.link.send(frame);
             }),
             Route::Reply(reply_to) => self.reply(reply_to, &message),
+            Route::Presence => Err(presence_refused()),
         };
         future::ready(result).boxed()
     }
@@ -616,6 +617,7 @@ impl Transport for ZmqTransport {
                 Source::Replies(..) => {
                     return Err(Error::refused("replies are consumed with consume_replies"));
                 }
+                Source::Presence(_) => return Err(presence_refused()),
             };
             // The protocol does not answer a subscription. A broker handles one client's
             // messages in order, so the answer to an RPC sent right after it ("Recipient not
@@ -1278,4 +1280,13 @@ fn plain_delivery(
         traceparent: None,
         acker: Acker::auto(),
     }
+}
+
+/// Presence has no channel of kiwimq's own in AiiDA's protocol: every broadcast reaches every
+/// AiiDA client, so announcing there would not be invisible to them.
+fn presence_refused() -> Error {
+    Error::refused(
+        "presence needs an exchange of kiwimq's own, which AiiDA's ZeroMQ protocol lacks \
+         (a broadcast there reaches every AiiDA client): not announced on zmq://",
+    )
 }
