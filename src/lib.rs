@@ -135,6 +135,8 @@ pub use health::Health;
 pub use messages::{Broadcast, HandlerError, Rpc, Task};
 pub use transport::QueueStats;
 
+#[cfg(feature = "dashboard")]
+pub mod dashboard;
 pub mod metrics;
 pub mod presence;
 pub mod trace;

@@ -93,6 +93,29 @@ enum Command {
     /// AiiDA's (same flags and files; an AiiDA daemon uses it instead of starting its own).
     /// Stops cleanly on SIGINT or SIGTERM. Needs the `zeromq` feature.
     Broker(BrokerArgs),
+    /// Serve a live web view of the fleet: workers (from their presence), queues with their
+    /// dead letters, throughput and round trips, an AiiDA profile's processes, a tail of
+    /// broadcasts; a JSON API under /api. Stops on SIGINT or SIGTERM.
+    Dashboard(DashboardArgs),
+}
+
+#[derive(Debug, Args)]
+struct DashboardArgs {
+    /// Where to listen. An address other than a loopback one needs --token.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    bind: std::net::SocketAddr,
+    /// The URL path the dashboard is served under (e.g. /kiwimq).
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// A token every request must carry (?token=… or Authorization: Bearer …).
+    #[arg(long, env = "KIWIMQ_DASHBOARD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Task queues to show besides those the workers consume (repeat for several).
+    #[arg(long = "queue")]
+    queues: Vec<String>,
+    /// Seconds between samples of the queues and updates of the page.
+    #[arg(long, default_value = "2", value_parser = seconds)]
+    sample_every: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -409,6 +432,28 @@ async fn run(cli: Cli) -> Outcome {
         }
         // Run by `main` before any connection.
         Command::Broker(_) => Err("the broker takes no connection".into()),
+        Command::Dashboard(args) => {
+            let mut options = kiwimq::dashboard::DashboardOptions::default()
+                .with_queues(args.queues)
+                .with_sample_every(args.sample_every);
+            if let Some(token) = args.token {
+                options = options.with_token(token);
+            }
+            let path = if args.path == "/" {
+                ""
+            } else {
+                args.path.as_str()
+            };
+            println!(
+                "kiwimq dashboard of {} on http://{}{}/",
+                comm.settings().redacted_uri(),
+                args.bind,
+                path
+            );
+            kiwimq::dashboard::serve(&comm, args.bind, path, options)
+                .await
+                .map_err(fail)
+        }
     };
     let _ = comm.close().await;
     result
@@ -420,7 +465,9 @@ async fn connect(connection: &Connection, timeout: Duration) -> Result<Communica
         .with_connect_timeout(timeout)
         .with_send_timeout(timeout)
         .with_testing_mode(connection.testing_mode)
-        .with_kiwipy_testing_queues(connection.kiwipy_testing_queues);
+        .with_kiwipy_testing_queues(connection.kiwipy_testing_queues)
+        // A command is not a worker: it does not announce itself to dashboards.
+        .with_presence_interval(None);
     if let Some(codec) = connection.codec {
         settings = settings.with_codec(codec);
     }

@@ -1,0 +1,867 @@
+//! A live web view of the fleet: workers (from their [presence](crate::presence)), queues,
+//! throughput and round trips over the last 15 minutes, an AiiDA profile's processes by pk,
+//! and a tail of broadcasts — a page with live updates (server-sent events) and a JSON API
+//! beside it. Needs the `dashboard` feature.
+//!
+//! `kiwimq dashboard --uri … [--bind 127.0.0.1:8080] [--prefix /kiwimq]` serves it; a
+//! service mounts the same in its own actix-web app:
+//!
+//! ```no_run
+//! # async fn run(comm: kiwimq::Communicator) -> std::io::Result<()> {
+//! use kiwimq::dashboard::{Dashboard, DashboardOptions};
+//! let dashboard = Dashboard::start(&comm, DashboardOptions::default()).await.unwrap();
+//! actix_web::HttpServer::new(move || {
+//!     actix_web::App::new().service(dashboard.scope("/kiwimq"))
+//! })
+//! .bind(("127.0.0.1", 8080))?
+//! .run()
+//! .await
+//! # }
+//! ```
+//!
+//! Safe by default: the page and its assets are built into the binary (no CDN, works
+//! offline); `kiwimq dashboard` binds to 127.0.0.1 and refuses another address without a
+//! token ([`DashboardOptions::token`]: then every request carries `Authorization: Bearer
+//! TOKEN` or `?token=TOKEN`); actions (purge, requeue dead letters) are POSTs that carry the
+//! page's CSRF token in `X-CSRF-Token`; the broker URI is shown with its password hidden;
+//! bad input to the API gets a 4xx with a message (JSON `{"error": …}`).
+//!
+//! # The JSON API (under the prefix)
+//!
+//! | | |
+//! |---|---|
+//! | `GET api/overview` | everything the page shows, at once |
+//! | `GET api/workers` | the roster: each communicator's latest presence and standing |
+//! | `GET api/queues` | each queue's ready, in flight, consumers, rates, dead letters |
+//! | `GET api/queues/{name}` | one queue's counts, read from the broker now |
+//! | `GET api/series` | throughput and round trip samples of the last 15 minutes |
+//! | `GET api/processes` | AiiDA processes by pk, with their last state |
+//! | `GET api/broadcasts?subject=GLOB&sender=GLOB&limit=N` | the latest broadcasts |
+//! | `GET api/events` | server-sent events: the overview, at every sample |
+//! | `POST api/queues/{name}/purge` | deletes the queue's ready tasks |
+//! | `POST api/queues/{name}/purge-dead-letters` | deletes its dead letters |
+//! | `POST api/queues/{name}/requeue-dead-letters` | sends its dead letters back to it |
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, web};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::filter::BroadcastFilter;
+use crate::presence::{Member, Roster, Standing};
+use crate::{Broadcast, Communicator, HandlerError, Rpc};
+
+const PAGE: &str = include_str!("dashboard/page.html");
+const SCRIPT: &str = include_str!("dashboard/page.js");
+const STYLE: &str = include_str!("dashboard/page.css");
+
+/// How a [`Dashboard`] runs. Every field has a default.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DashboardOptions {
+    /// A token every request must carry (`Authorization: Bearer TOKEN`, or `?token=TOKEN`,
+    /// which the page passes on); none: no authentication (for 127.0.0.1 only).
+    pub token: Option<String>,
+    /// Task queues to show besides those the workers consume (and the default queue).
+    pub queues: Vec<String>,
+    /// How often the queues are read, the round trip measured and the page updated.
+    pub sample_every: Duration,
+    /// Broadcasts kept for the tail.
+    pub broadcasts_kept: usize,
+}
+
+impl Default for DashboardOptions {
+    fn default() -> Self {
+        Self {
+            token: None,
+            queues: Vec::new(),
+            sample_every: Duration::from_secs(2),
+            broadcasts_kept: 500,
+        }
+    }
+}
+
+impl DashboardOptions {
+    /// Requires `token` of every request.
+    #[must_use]
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Shows these task queues too.
+    #[must_use]
+    pub fn with_queues<I, S>(mut self, queues: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.queues.extend(queues.into_iter().map(Into::into));
+        self
+    }
+
+    /// Samples every `every` (at least 100 ms).
+    #[must_use]
+    pub fn with_sample_every(mut self, every: Duration) -> Self {
+        self.sample_every = every.max(Duration::from_millis(100));
+        self
+    }
+}
+
+/// History kept for the charts.
+const HISTORY: Duration = Duration::from_secs(15 * 60);
+
+/// A running dashboard: watchers of a communicator's fleet, and the web service showing
+/// them ([`scope`](Self::scope)). Cloning is cheap; the watchers stop when the last clone is
+/// dropped.
+#[derive(Clone)]
+pub struct Dashboard {
+    board: Arc<Board>,
+}
+
+impl std::fmt::Debug for Dashboard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dashboard")
+            .field("uri", &self.board.uri)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the watchers gathered.
+struct Board {
+    comm: Communicator,
+    options: DashboardOptions,
+    uri: String,
+    backend: String,
+    csrf: String,
+    /// Where the round trip is measured: an RPC identifier of the dashboard's own.
+    ping: String,
+    state: Mutex<State>,
+    /// The overview as JSON, at each sample: what the live page gets.
+    overview: watch::Sender<Arc<str>>,
+    /// The watchers, stopped with the board.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Board {
+    fn drop(&mut self) {
+        for task in lock(&self.tasks).drain(..) {
+            task.abort();
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    roster: Roster,
+    presence: Option<String>,
+    queues: BTreeMap<String, QueueView>,
+    series: VecDeque<Sample>,
+    processes: BTreeMap<String, ProcessView>,
+    broadcasts: VecDeque<BroadcastView>,
+    /// The previous sample's totals, for rates.
+    last: Option<Previous>,
+}
+
+/// A sample's totals: when, tasks done, and per queue tasks done and held.
+struct Previous {
+    at: Instant,
+    done: u64,
+    queues: BTreeMap<String, (u64, u64)>,
+}
+
+/// One task queue, as the dashboard shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct QueueView {
+    /// Its name.
+    pub name: String,
+    /// Tasks waiting.
+    pub ready: Option<u32>,
+    /// Tasks delivered and being handled (the broker's count where it gives one, else the
+    /// workers' own).
+    pub in_flight: u64,
+    /// Consumers, over every communicator.
+    pub consumers: Option<u32>,
+    /// Tasks in per second, over the last sample.
+    pub rate_in: f64,
+    /// Tasks done per second (every outcome), over the last sample.
+    pub rate_out: f64,
+    /// Its dead letters, where it has a dead-letter queue.
+    pub dead_letters: Option<u32>,
+    /// Why its counts could not be read, if they could not.
+    pub error: Option<String>,
+}
+
+/// One sample of the charts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Sample {
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Tasks done per second over every worker.
+    pub tasks_per_sec: f64,
+    /// The broker round trip of an RPC from the dashboard to itself, in milliseconds;
+    /// none if it failed.
+    pub round_trip_ms: Option<f64>,
+    /// Workers live.
+    pub workers: usize,
+}
+
+/// An AiiDA process, from its `state_changed.<from>.<to>` broadcasts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ProcessView {
+    /// Its pk (the broadcasts' sender).
+    pub pk: String,
+    /// Its last state.
+    pub state: String,
+    /// The state before.
+    pub previous: String,
+    /// When it was heard, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// A broadcast of the tail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BroadcastView {
+    /// When it was heard, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Its subject.
+    pub subject: Option<String>,
+    /// Its sender.
+    pub sender: Option<String>,
+    /// Its body, as JSON text (cut at 2,000 characters).
+    pub body: String,
+}
+
+/// Everything the page shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Overview {
+    /// The broker, its password hidden.
+    pub uri: String,
+    /// `mem`, `amqp` or `zmq`.
+    pub backend: String,
+    /// Why there are no workers to show, if presence is not available.
+    pub presence: Option<String>,
+    /// The roster.
+    pub workers: Vec<Member>,
+    /// The queues.
+    pub queues: Vec<QueueView>,
+    /// The charts' samples, oldest first.
+    pub series: Vec<Sample>,
+    /// AiiDA processes by pk.
+    pub processes: Vec<ProcessView>,
+    /// The latest broadcasts, newest first (at most 100).
+    pub broadcasts: Vec<BroadcastView>,
+    /// When this was made, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+impl Dashboard {
+    /// Starts watching `comm`'s fleet: its presence exchange, every broadcast, the queues,
+    /// and the round trip of an RPC of its own. Call it inside an actix (or tokio) runtime:
+    /// the watchers run there.
+    pub async fn start(comm: &Communicator, options: DashboardOptions) -> Result<Dashboard> {
+        let ping = format!("kiwimq-dashboard-{}", uuid::Uuid::new_v4().simple());
+        comm.add_rpc_subscriber(Some(&ping), |rpc: Rpc<u64>| async move {
+            Ok::<_, HandlerError>(rpc.body)
+        })
+        .await?;
+        let settings = comm.settings();
+        let board = Arc::new(Board {
+            comm: comm.clone(),
+            uri: settings.redacted_uri(),
+            backend: comm.presence().await.backend,
+            csrf: uuid::Uuid::new_v4().simple().to_string(),
+            ping,
+            options,
+            state: Mutex::default(),
+            overview: watch::Sender::new(Arc::from("{}")),
+            tasks: Mutex::default(),
+        });
+        let presence = match comm.watch_presence().await {
+            Ok(stream) => {
+                let weak = Arc::downgrade(&board);
+                Some(tokio::spawn(stream.for_each(move |presence| {
+                    if let Some(board) = weak.upgrade() {
+                        lock(&board.state).roster.heard(presence, Instant::now());
+                    }
+                    futures::future::ready(())
+                })))
+            }
+            Err(error) => {
+                lock(&board.state).presence = Some(error.to_string());
+                None
+            }
+        };
+        let weak = Arc::downgrade(&board);
+        comm.add_broadcast_subscriber(
+            BroadcastFilter::new(),
+            move |broadcast: Broadcast<serde_json::Value>| {
+                if let Some(board) = weak.upgrade() {
+                    board.heard(broadcast);
+                }
+                async { Ok::<_, HandlerError>(()) }
+            },
+        )
+        .await?;
+        let sampler = tokio::spawn(sample(Arc::downgrade(&board)));
+        lock(&board.tasks).extend(presence.into_iter().chain([sampler]));
+        board.sample().await;
+        Ok(Dashboard { board })
+    }
+
+    /// The page, its assets and the JSON API under `prefix` (`""` or `"/kiwimq"`), for an
+    /// actix-web `App`.
+    pub fn scope(&self, prefix: &str) -> actix_web::Scope {
+        let prefix = prefix.trim_end_matches('/');
+        let data = web::Data::new(self.clone());
+        web::scope(prefix)
+            .app_data(data)
+            .route("", web::get().to(page))
+            .route("/", web::get().to(page))
+            .route("/assets/page.js", web::get().to(script))
+            .route("/assets/page.css", web::get().to(style))
+            .route("/api/overview", web::get().to(overview))
+            .route("/api/workers", web::get().to(workers))
+            .route("/api/queues", web::get().to(queues))
+            .route("/api/queues/{name}", web::get().to(queue))
+            .route("/api/queues/{name}/{action}", web::post().to(act))
+            .route("/api/series", web::get().to(series))
+            .route("/api/processes", web::get().to(processes))
+            .route("/api/broadcasts", web::get().to(broadcasts))
+            .route("/api/events", web::get().to(events))
+            .default_service(web::to(not_found))
+    }
+
+    /// The overview now.
+    pub fn overview(&self) -> Overview {
+        self.board.overview()
+    }
+}
+
+impl Board {
+    fn heard(&self, broadcast: Broadcast<serde_json::Value>) {
+        let at_ms = now_ms();
+        let subject = broadcast.subject_text().map(|s| s.into_owned());
+        let sender = broadcast.sender_text().map(|s| s.into_owned());
+        let mut state = lock(&self.state);
+        if let (Some(subject), Some(pk)) = (&subject, &sender)
+            && let Some(change) = subject.strip_prefix("state_changed.")
+        {
+            let (previous, state_now) = change.split_once('.').unwrap_or(("", change));
+            state.processes.insert(
+                pk.clone(),
+                ProcessView {
+                    pk: pk.clone(),
+                    state: state_now.to_owned(),
+                    previous: previous.to_owned(),
+                    at_ms,
+                },
+            );
+        }
+        let mut body = broadcast.body.to_string();
+        if body.len() > 2000 {
+            let mut cut = 2000;
+            while !body.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            body.truncate(cut);
+            body.push('…');
+        }
+        state.broadcasts.push_front(BroadcastView {
+            at_ms,
+            subject,
+            sender,
+            body,
+        });
+        state.broadcasts.truncate(self.options.broadcasts_kept);
+    }
+
+    /// Reads the queues and the round trip, and publishes the overview.
+    async fn sample(&self) {
+        let started = Instant::now();
+        let round_trip = match self.comm.rpc_send::<_, u64>(&self.ping, &1u64).await {
+            Ok(reply) => actix_rt::time::timeout(Duration::from_secs(5), reply)
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .map(|_| started.elapsed().as_secs_f64() * 1000.0),
+            Err(_) => None,
+        };
+        let now = Instant::now();
+        let (members, mut names) = {
+            let mut state = lock(&self.state);
+            let members = state.roster.members(now);
+            let names: BTreeSet<String> = state.queues.keys().cloned().collect();
+            (members, names)
+        };
+        names.extend(self.options.queues.iter().cloned());
+        names.insert(self.comm.settings().task_queue().to_owned());
+        let live: Vec<&Member> = members
+            .iter()
+            .filter(|m| m.standing == Standing::Live)
+            .collect();
+        // Done and running per queue, over the live workers and those just lost.
+        let mut per_queue: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for member in &members {
+            for queue in &member.presence.task_queues {
+                names.insert(queue.name.clone());
+                let entry = per_queue.entry(queue.name.clone()).or_default();
+                entry.0 += queue.counts.total();
+                if member.standing == Standing::Live {
+                    entry.1 += queue.running as u64;
+                }
+            }
+        }
+        let mut views = Vec::with_capacity(names.len());
+        for name in names {
+            views.push(
+                self.read_queue(&name, per_queue.get(&name).map_or(0, |q| q.1))
+                    .await,
+            );
+        }
+        let done: u64 = per_queue.values().map(|q| q.0).sum();
+        let mut state = lock(&self.state);
+        let mut tasks_per_sec = 0.0;
+        if let Some(previous) = &state.last {
+            let seconds = now
+                .saturating_duration_since(previous.at)
+                .as_secs_f64()
+                .max(1e-3);
+            tasks_per_sec = done.saturating_sub(previous.done) as f64 / seconds;
+            for view in &mut views {
+                let (done_now, _) = per_queue.get(&view.name).copied().unwrap_or_default();
+                let Some((done_before, held_before)) = previous.queues.get(&view.name) else {
+                    continue;
+                };
+                let out = done_now.saturating_sub(*done_before) as f64;
+                let held = u64::from(view.ready.unwrap_or(0)) + view.in_flight;
+                let grew = held as f64 - *held_before as f64;
+                view.rate_out = out / seconds;
+                view.rate_in = ((out + grew) / seconds).max(0.0);
+            }
+        }
+        let held: BTreeMap<String, (u64, u64)> = views
+            .iter()
+            .map(|view| {
+                let done = per_queue.get(&view.name).map_or(0, |q| q.0);
+                let held = u64::from(view.ready.unwrap_or(0)) + view.in_flight;
+                (view.name.clone(), (done, held))
+            })
+            .collect();
+        state.last = Some(Previous {
+            at: now,
+            done,
+            queues: held,
+        });
+        state.queues = views.into_iter().map(|v| (v.name.clone(), v)).collect();
+        state.series.push_back(Sample {
+            at_ms: now_ms(),
+            tasks_per_sec,
+            round_trip_ms: round_trip,
+            workers: live.len(),
+        });
+        let kept = (HISTORY.as_secs_f64() / self.options.sample_every.as_secs_f64()) as usize;
+        while state.series.len() > kept.max(1) {
+            state.series.pop_front();
+        }
+        drop(state);
+        let overview = serde_json::to_string(&self.overview()).unwrap_or_default();
+        self.overview.send_replace(Arc::from(overview));
+    }
+
+    async fn read_queue(&self, name: &str, running: u64) -> QueueView {
+        let queue = self.comm.task_queue(name);
+        let mut view = QueueView {
+            name: name.to_owned(),
+            in_flight: running,
+            ..QueueView::default()
+        };
+        match queue.stats().await {
+            Ok(stats) => {
+                view.ready = Some(stats.ready);
+                view.consumers = Some(stats.consumers);
+                if let Some(unacked) = stats.unacknowledged {
+                    view.in_flight = u64::from(unacked);
+                }
+            }
+            Err(error) => view.error = Some(error.to_string()),
+        }
+        view.dead_letters = queue.dead_letters().stats().await.ok().map(|s| s.ready);
+        view
+    }
+
+    fn overview(&self) -> Overview {
+        let mut state = lock(&self.state);
+        let workers = state.roster.members(Instant::now());
+        Overview {
+            uri: self.uri.clone(),
+            backend: self.backend.clone(),
+            presence: state.presence.clone(),
+            workers,
+            queues: state.queues.values().cloned().collect(),
+            series: state.series.iter().copied().collect(),
+            processes: state.processes.values().cloned().collect(),
+            broadcasts: state.broadcasts.iter().take(100).cloned().collect(),
+            at_ms: now_ms(),
+        }
+    }
+}
+
+async fn sample(board: std::sync::Weak<Board>) {
+    loop {
+        let Some(every) = board.upgrade().map(|b| b.options.sample_every) else {
+            return;
+        };
+        actix_rt::time::sleep(every).await;
+        let Some(board) = board.upgrade() else {
+            return;
+        };
+        board.sample().await;
+    }
+}
+
+/// A 4xx or 5xx with a message, as JSON.
+fn problem(status: StatusCode, message: impl std::fmt::Display) -> HttpResponse {
+    HttpResponse::build(status).json(serde_json::json!({ "error": message.to_string() }))
+}
+
+fn error_response(error: &Error) -> HttpResponse {
+    let status = match error.kind() {
+        ErrorKind::Refused(_) | ErrorKind::Unroutable(_) => StatusCode::CONFLICT,
+        ErrorKind::Closed => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    problem(status, error)
+}
+
+/// The request's token, checked: `None` if it may go on, else the refusal.
+fn refused(dashboard: &Dashboard, request: &HttpRequest) -> Option<HttpResponse> {
+    let expected = dashboard.board.options.token.as_deref()?;
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let query = web::Query::<BTreeMap<String, String>>::from_query(request.query_string())
+        .ok()
+        .and_then(|q| q.get("token").cloned());
+    let given = bearer.map(str::to_owned).or(query);
+    match given {
+        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => None,
+        Some(_) => Some(problem(StatusCode::UNAUTHORIZED, "wrong token")),
+        None => Some(
+            HttpResponse::Unauthorized()
+                .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
+                .json(serde_json::json!({
+                    "error": "this dashboard needs a token: ?token=… or Authorization: Bearer …"
+                })),
+        ),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+macro_rules! authorized {
+    ($dashboard:expr, $request:expr) => {
+        if let Some(refusal) = refused(&$dashboard, &$request) {
+            return refusal;
+        }
+    };
+}
+
+fn no_store(mut response: HttpResponse) -> HttpResponse {
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn page(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
+    authorized!(dashboard, request);
+    let path = request.path();
+    // Relative links resolve under the prefix with or without its trailing slash.
+    let base = if path.ends_with('/') {
+        path.to_owned()
+    } else {
+        format!("{path}/")
+    };
+    let html = PAGE
+        .replace("{{csrf}}", &dashboard.board.csrf)
+        .replace("{{base}}", &html_escape(&base))
+        .replace("{{uri}}", &html_escape(&dashboard.board.uri));
+    no_store(
+        HttpResponse::Ok()
+            .content_type("text/html; charset=utf-8")
+            .insert_header((
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+            ))
+            .insert_header((header::X_FRAME_OPTIONS, "DENY"))
+            .body(html),
+    )
+}
+
+fn html_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+async fn script(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
+    authorized!(dashboard, request);
+    HttpResponse::Ok()
+        .content_type("text/javascript; charset=utf-8")
+        .body(SCRIPT)
+}
+
+async fn style(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
+    authorized!(dashboard, request);
+    HttpResponse::Ok()
+        .content_type("text/css; charset=utf-8")
+        .body(STYLE)
+}
+
+async fn overview(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
+    authorized!(dashboard, request);
+    no_store(HttpResponse::Ok().json(dashboard.overview()))
+}
+
+async fn workers(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
+    authorized!(dashboard, request);
+    let overview = dashboard.overview();
+    no_store(HttpResponse::Ok().json(serde_json::json!({
+        "presence": overview.presence,
+        "workers": overview.workers,
+    })))
+}
+
+async fn queues(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
+    authorized!(dashboard, request);
+    no_store(HttpResponse::Ok().json(dashboard.overview().queues))
+}
+
+async fn series(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
+    authorized!(dashboard, request);
+    no_store(HttpResponse::Ok().json(dashboard.overview().series))
+}
+
+async fn processes(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
+    authorized!(dashboard, request);
+    no_store(HttpResponse::Ok().json(dashboard.overview().processes))
+}
+
+/// A queue name from a path: not empty, at most 255 bytes (AMQP's limit), no control
+/// characters.
+fn queue_name(name: &str) -> std::result::Result<&str, Box<HttpResponse>> {
+    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+        return Err(Box::new(problem(
+            StatusCode::BAD_REQUEST,
+            "a queue name is 1 to 255 bytes without control characters",
+        )));
+    }
+    Ok(name)
+}
+
+async fn queue(
+    dashboard: web::Data<Dashboard>,
+    request: HttpRequest,
+    name: web::Path<String>,
+) -> HttpResponse {
+    authorized!(dashboard, request);
+    let name = match queue_name(&name) {
+        Ok(name) => name,
+        Err(response) => return *response,
+    };
+    let running = {
+        let state = lock(&dashboard.board.state);
+        state.queues.get(name).map_or(0, |q| q.in_flight)
+    };
+    let view = dashboard.board.read_queue(name, running).await;
+    match &view.error {
+        Some(error) => problem(StatusCode::NOT_FOUND, error),
+        None => no_store(HttpResponse::Ok().json(view)),
+    }
+}
+
+/// `?subject=GLOB&sender=GLOB&limit=N`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TailQuery {
+    subject: Option<String>,
+    sender: Option<String>,
+    limit: Option<usize>,
+    #[serde(rename = "token")]
+    _token: Option<String>,
+}
+
+async fn broadcasts(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
+    authorized!(dashboard, request);
+    let query = match web::Query::<TailQuery>::from_query(request.query_string()) {
+        Ok(query) => query.into_inner(),
+        Err(error) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!("{error} (expected subject=GLOB, sender=GLOB, limit=1..=500)"),
+            );
+        }
+    };
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return problem(StatusCode::BAD_REQUEST, "limit is from 1 to 500");
+    }
+    let mut filter = BroadcastFilter::new();
+    if let Some(subject) = &query.subject {
+        filter = filter.subject(subject);
+    }
+    if let Some(sender) = &query.sender {
+        filter = filter.sender(sender);
+    }
+    let state = lock(&dashboard.board.state);
+    let tail: Vec<&BroadcastView> = state
+        .broadcasts
+        .iter()
+        .filter(|b| {
+            let subject_ok = query.subject.is_none() || b.subject.is_some();
+            let sender_ok = query.sender.is_none() || b.sender.is_some();
+            subject_ok && sender_ok && filter.matches(b.subject.as_deref(), b.sender.as_deref())
+        })
+        .take(limit)
+        .collect();
+    no_store(HttpResponse::Ok().json(tail))
+}
+
+async fn act(
+    dashboard: web::Data<Dashboard>,
+    request: HttpRequest,
+    path: web::Path<(String, String)>,
+) -> HttpResponse {
+    authorized!(dashboard, request);
+    let csrf = request
+        .headers()
+        .get("x-csrf-token")
+        .and_then(|v| v.to_str().ok());
+    if !csrf.is_some_and(|csrf| constant_time_eq(csrf.as_bytes(), dashboard.board.csrf.as_bytes()))
+    {
+        return problem(
+            StatusCode::FORBIDDEN,
+            "an action needs the page's CSRF token in the X-CSRF-Token header",
+        );
+    }
+    let (name, action) = path.into_inner();
+    let name = match queue_name(&name) {
+        Ok(name) => name,
+        Err(response) => return *response,
+    };
+    let queue = dashboard.board.comm.task_queue(name);
+    let done = match action.as_str() {
+        "purge" => queue.purge().await,
+        "purge-dead-letters" => queue.dead_letters().purge().await,
+        "requeue-dead-letters" => queue.requeue_dead_letters().await,
+        other => {
+            return problem(
+                StatusCode::NOT_FOUND,
+                format!("no action '{other}': purge, purge-dead-letters or requeue-dead-letters"),
+            );
+        }
+    };
+    match done {
+        Ok(count) => {
+            tracing::info!(queue = name, %action, count, "dashboard action");
+            let board = dashboard.board.clone();
+            actix_rt::spawn(async move { board.sample().await });
+            HttpResponse::Ok()
+                .json(serde_json::json!({ "queue": name, "action": action, "count": count }))
+        }
+        Err(error) => error_response(&error),
+    }
+}
+
+async fn events(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
+    authorized!(dashboard, request);
+    let mut overview = dashboard.board.overview.subscribe();
+    overview.mark_changed();
+    let stream = futures::stream::unfold(overview, |mut overview| async move {
+        overview.changed().await.ok()?;
+        let data = overview.borrow_and_update().clone();
+        let event = web::Bytes::from(format!("event: overview\ndata: {data}\n\n"));
+        Some((Ok::<_, actix_web::Error>(event), overview))
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .streaming(stream)
+}
+
+async fn not_found(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
+    authorized!(dashboard, request);
+    problem(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no such page or API: {} {}",
+            request.method(),
+            request.path()
+        ),
+    )
+}
+
+/// Serves a dashboard of `comm` on `bind` under `prefix` until the process is told to stop
+/// (SIGINT or SIGTERM): what `kiwimq dashboard` runs. Refuses an address other than a
+/// loopback one without a token.
+pub async fn serve(
+    comm: &Communicator,
+    bind: std::net::SocketAddr,
+    prefix: &str,
+    options: DashboardOptions,
+) -> Result<()> {
+    if !bind.ip().is_loopback() && options.token.is_none() {
+        return Err(Error::config(format!(
+            "refusing to serve the dashboard on {bind} without a token: anyone who reaches it \
+             could purge queues (give --token, or bind to 127.0.0.1)"
+        )));
+    }
+    let dashboard = Dashboard::start(comm, options).await?;
+    let prefix = prefix.to_owned();
+    let server =
+        actix_web::HttpServer::new(move || actix_web::App::new().service(dashboard.scope(&prefix)))
+            .workers(1)
+            .disable_signals()
+            .bind(bind)
+            .map_err(|e| Error::config(format!("cannot listen on {bind}: {e}")))?
+            .run();
+    let handle = server.handle();
+    actix_rt::spawn(async move {
+        crate::shutdown_signal().await;
+        handle.stop(true).await;
+    });
+    server
+        .await
+        .map_err(|e| Error::connection(format!("the dashboard's server failed: {e}")))
+}
