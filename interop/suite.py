@@ -314,6 +314,70 @@ def rust_calls_python(codec):
             comm.close()
 
 
+def presence_unseen_by_kiwipy():
+    """A kiwimq peer announces its presence on an exchange of kiwimq's own: a watcher bound
+    there hears it, while a kiwiPy peer (a catch-all broadcast subscriber and an RPC
+    subscriber) hears nothing, and no queue of kiwiPy's is bound to that exchange."""
+    import asyncio
+
+    import aio_pika
+
+    codec = "msgpack"
+    with VirtualHost("presence") as url:
+        heard = []
+
+        def everything(_comm, body, sender, subject, correlation_id):
+            heard.append((body, sender, subject))
+
+        comm = communicator(url, codec)
+        try:
+            comm.add_broadcast_subscriber(everything)
+            comm.add_rpc_subscriber(lambda _comm, msg: msg, "py-listener")
+
+            async def watch(pid):
+                connection = await aio_pika.connect(url)
+                try:
+                    channel = await connection.channel()
+                    exchange = await channel.get_exchange("kiwipy.messages.kiwimq-presence")
+                    queue = await channel.declare_queue(exclusive=True)
+                    await queue.bind(exchange, routing_key="[kiwimq.presence]")
+                    deadline = time.monotonic() + TIMEOUT
+                    while time.monotonic() < deadline:
+                        message = await queue.get(fail=False, no_ack=True)
+                        if message is None:
+                            await asyncio.sleep(0.1)
+                            continue
+                        presence = json.loads(message.body)
+                        if presence.get("pid") == pid:
+                            return presence
+                    return None
+                finally:
+                    await connection.close()
+
+            peer = Peer(url, codec, "serve")
+            ready = peer.wait_for("READY")
+            check("presence: the Rust peer serves", ready, peer.lines)
+            presence = asyncio.run(watch(peer.process.pid)) if ready else None
+            check(
+                "presence: announced on kiwimq's own exchange (kiwipy.messages.kiwimq-presence)",
+                presence is not None and presence.get("backend") == "amqp",
+                presence,
+            )
+            bindings = subprocess.run(
+                ["rabbitmqctl", "-q", "list_bindings", "-p", url.rsplit("/", 1)[1],
+                 "source_name", "destination_name", "routing_key"],
+                check=True, capture_output=True, text=True,
+            ).stdout.splitlines()
+            kiwipy_bound = [b for b in bindings if "kiwimq-presence" in b and "amq.gen" not in b]
+            check("presence: no kiwiPy queue is bound to the presence exchange", not kiwipy_bound, kiwipy_bound)
+            code = peer.finish()
+            check("presence: the Rust peer closed cleanly", code == 0, f"exit {code}: {peer.lines}")
+            time.sleep(0.3)  # let anything wrongly routed arrive, to be caught
+            check("presence: a kiwiPy broadcast subscriber heard nothing of it", heard == [], heard)
+        finally:
+            comm.close()
+
+
 def main():
     for codec in CODECS:
         for run in (python_calls_rust, rust_calls_python):
@@ -321,6 +385,10 @@ def main():
                 run(codec)
             except Exception as error:  # noqa: BLE001 - report, go on with the next codec
                 check(f"{codec}: {run.__name__}", False, f"{type(error).__name__}: {error}")
+    try:
+        presence_unseen_by_kiwipy()
+    except Exception as error:  # noqa: BLE001 - report it as a failed check
+        check("presence_unseen_by_kiwipy", False, f"{type(error).__name__}: {error}")
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 
