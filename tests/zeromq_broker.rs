@@ -315,3 +315,65 @@ async fn a_worker_stalled_12_seconds_runs_no_task_twice() {
     sender.close().await.unwrap();
     worker.close().await.unwrap();
 }
+
+/// The dashboard on a ZeroMQ profile: the task queue's counts (from `broker.status`),
+/// processes by pk from their state broadcasts, and why no workers are shown.
+#[actix_rt::test]
+async fn the_dashboard_shows_a_zeromq_profile() {
+    use kiwimq::BroadcastOptions;
+    use kiwimq::dashboard::{Dashboard, DashboardOptions, Overview};
+
+    let dir = scratch("kiwimq-dashboard");
+    let broker = Broker::new(&dir).start().unwrap();
+    let comm = connect(&broker.uri()).await;
+    let options = DashboardOptions::default().with_sample_every(Duration::from_millis(200));
+    let dashboard = Dashboard::start(&comm, options).await.unwrap();
+    let queue = comm.default_task_queue().name().to_owned();
+    let until = async |what: &str, condition: &dyn Fn(&Overview) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let overview = dashboard.overview();
+            if condition(&overview) {
+                return overview;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {overview:?}"
+            );
+            actix_rt::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let ready = |overview: &Overview| {
+        overview
+            .queues
+            .iter()
+            .find(|q| q.name == queue)
+            .and_then(|q| q.ready)
+    };
+    for n in 0..3u64 {
+        comm.task_send_no_reply(&n).await.unwrap();
+    }
+    until("three tasks waiting", &|o| ready(o) == Some(3)).await;
+    comm.broadcast_send(
+        &serde_json::Value::Null,
+        BroadcastOptions::subject("state_changed.running.finished").with_sender(12),
+    )
+    .await
+    .unwrap();
+    let overview = until("process 12", &|o| {
+        o.processes
+            .iter()
+            .any(|p| p.pk == "12" && p.state == "finished")
+    })
+    .await;
+    assert!(overview.workers.is_empty());
+    let why = overview.presence.clone().unwrap_or_default();
+    assert!(why.contains("ZeroMQ"), "{why}");
+    comm.add_task_subscriber(|task: Task<u64>| async move { Ok::<_, HandlerError>(task.body) })
+        .await
+        .unwrap();
+    until("the queue drained", &|o| ready(o) == Some(0)).await;
+    drop(dashboard);
+    comm.close().await.unwrap();
+    broker.stop().unwrap();
+}

@@ -290,6 +290,9 @@ pub(crate) struct ZmqTransport {
     send_timeout: Duration,
     max_message_size: usize,
     node: String,
+    /// The broker's service directory, whose `broker.status` gives the task queue's counts;
+    /// none for `zmq+ipc://`.
+    service_dir: Option<PathBuf>,
     events: broadcast::Sender<ConnectionEvent>,
     /// `true` once the I/O thread has ended.
     ended: watch::Receiver<bool>,
@@ -306,6 +309,10 @@ impl ZmqTransport {
             )));
         }
         let endpoint = Endpoint::parse(&settings.uri)?;
+        let service_dir = match &endpoint {
+            Endpoint::ServiceDir(dir) => Some(dir.clone()),
+            Endpoint::Fixed(_) => None,
+        };
         let deadline = Instant::now() + settings.connect_timeout;
         let first = loop {
             if let Some(current) = endpoint.current() {
@@ -360,6 +367,7 @@ impl ZmqTransport {
             send_timeout: settings.send_timeout,
             max_message_size: settings.max_message_size,
             node: first.clone(),
+            service_dir,
             events,
             ended,
         };
@@ -493,6 +501,27 @@ impl Drop for ZmqTransport {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The task queue's counts in a service directory's `broker.status` (AiiDA's format: its
+/// `pending_tasks`, `processing_tasks` and `task_subscribers`), at most 5 s old.
+fn status_counts(dir: &Path) -> Result<QueueStats> {
+    let path = dir.join("broker.status");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::refused(format!("{}: {e}", path.display())))?;
+    let status: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::codec(format!("{}: {e}", path.display())))?;
+    let count = |field: &str| {
+        status[field]
+            .as_u64()
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+            .ok_or_else(|| Error::codec(format!("{}: no count '{field}'", path.display())))
+    };
+    Ok(QueueStats {
+        ready: count("pending_tasks")?,
+        unacknowledged: Some(count("processing_tasks")?),
+        consumers: count("task_subscribers")?,
+    })
 }
 
 fn refused_here(what: &str) -> Error {
@@ -722,8 +751,17 @@ impl Transport for ZmqTransport {
         future::ready(Ok(())).boxed()
     }
 
-    fn queue_stats(&self, _queue: &str) -> BoxFuture<'static, Result<QueueStats>> {
-        future::ready(Err(refused_here("a task queue's counts"))).boxed()
+    /// The protocol has no such request; both AiiDA's broker and kiwimq's write the counts
+    /// to `broker.status` every 5 s, which a `zmq:///SERVICE_DIR` communicator reads.
+    fn queue_stats(&self, queue: &str) -> BoxFuture<'static, Result<QueueStats>> {
+        let result = self.check_open().and_then(|()| self.check_queue(queue));
+        let result = result.and_then(|()| match &self.service_dir {
+            Some(dir) => status_counts(dir),
+            None => Err(refused_here(
+                "a task queue's counts (zmq:///SERVICE_DIR reads them from broker.status)",
+            )),
+        });
+        future::ready(result).boxed()
     }
 
     fn purge(&self, _queue: &str) -> BoxFuture<'static, Result<u32>> {
