@@ -74,6 +74,9 @@
 //! - `tree` — the `Root` actor and how it starts its children.
 //! - `handlers` — the handler threads closure subscribers run on.
 //! - `fleet` — [`Fleet`], a worker process's main loop; `health` — [`Health`].
+//! - [`presence`] — each communicator's announcement of itself, and the roster a watcher
+//!   keeps; `dashboard` (feature `dashboard`) — the fleet's live web view and JSON API,
+//!   its page in `dashboard/`.
 //! - `actors/` — the consumer-side actors every backend shares: `TaskConsumer`,
 //!   `RpcEndpoint`, `BroadcastHub`, and the reply router.
 //! - `transport` — the seam to a backend: an AMQP-shaped interface over bytes.
@@ -82,7 +85,7 @@
 //!   URI, the topology, and the recovery the root runs after a loss.
 //! - `zeromq/` (feature `zeromq`) — AiiDA's ZeroMQ protocol (`zmq://`): `protocol` (the
 //!   messages), `client` (the backend, a DEALER on a thread of its own), `broker` and
-//!   `store` — kiwimq's own broker ([`broker`]) and its durable task directories.
+//!   `store` — kiwimq's own broker (`kiwimq::broker`) and its durable task directories.
 //! - [`blocking`] — the same communicator for code without async: every call blocks;
 //!   closures run on a bounded pool.
 //! - `events` — [`ConnectionEvent`]: lost, restored, closed.

@@ -1,6 +1,6 @@
 //! kiwimq's metrics, through the [`metrics`](https://docs.rs/metrics) facade: whatever
 //! recorder the program installs (Prometheus with the `prometheus` feature, see
-//! [`install_prometheus`]) receives them; without one they cost a check each.
+//! `install_prometheus`) receives them; without one they cost a check each.
 //!
 //! Counters carry `kind` (`task`, `rpc`, `broadcast`, `reply`) and, for tasks, `queue`.
 //! Install the recorder before connecting: kiwimq keeps some handles it registers.

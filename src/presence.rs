@@ -1,5 +1,5 @@
 //! Presence: each communicator says, every few seconds, who it is and what it is doing —
-//! for a dashboard ([`kiwimq dashboard`](crate#the-kiwimq-command)) or a script watching
+//! for a dashboard (`kiwimq dashboard`, the `dashboard` feature) or a script watching
 //! the fleet with [`Communicator::watch_presence`].
 //!
 //! An announcement ([`Presence`], JSON) goes to an exchange of kiwimq's own beside the
