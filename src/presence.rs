@@ -236,10 +236,42 @@ pub(crate) struct Activity(Arc<ActivityState>);
 
 #[derive(Debug, Default)]
 struct ActivityState {
-    counts: Mutex<HashMap<Arc<str>, TaskCounts>>,
-    in_flight: Mutex<BTreeMap<u64, Running>>,
+    /// Each queue's counts, taken once per subscriber: counting takes no lock.
+    counts: Mutex<HashMap<Arc<str>, Arc<Tally>>>,
+    in_flight: Mutex<HashMap<u64, Running, foldhash::fast::RandomState>>,
     next: AtomicU64,
     broadcast_filters: Mutex<BTreeMap<String, String>>,
+}
+
+/// One queue's outcomes so far.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    handled: AtomicU64,
+    failed: AtomicU64,
+    panicked: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl Tally {
+    /// Counts a task ended so.
+    pub(crate) fn ended(&self, outcome: Outcome) {
+        let count = match outcome {
+            Outcome::Handled => &self.handled,
+            Outcome::Failed => &self.failed,
+            Outcome::Panicked => &self.panicked,
+            Outcome::Rejected => &self.rejected,
+        };
+        count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn counts(&self) -> TaskCounts {
+        TaskCounts {
+            handled: self.handled.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            panicked: self.panicked.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -284,16 +316,12 @@ impl Activity {
         }
     }
 
-    /// Counts a task of `queue` ended so.
-    pub(crate) fn ended(&self, queue: &Arc<str>, outcome: Outcome) {
-        let mut counts = lock(&self.0.counts);
-        let counts = counts.entry(queue.clone()).or_default();
-        match outcome {
-            Outcome::Handled => counts.handled += 1,
-            Outcome::Failed => counts.failed += 1,
-            Outcome::Panicked => counts.panicked += 1,
-            Outcome::Rejected => counts.rejected += 1,
-        }
+    /// Where the outcomes of `queue`'s tasks are counted.
+    pub(crate) fn tally(&self, queue: &Arc<str>) -> Arc<Tally> {
+        lock(&self.0.counts)
+            .entry(queue.clone())
+            .or_default()
+            .clone()
     }
 
     /// Notes a broadcast subscriber's filter.
@@ -306,21 +334,28 @@ impl Activity {
     }
 
     fn counts(&self, queue: &str) -> TaskCounts {
-        lock(&self.0.counts).get(queue).copied().unwrap_or_default()
+        lock(&self.0.counts)
+            .get(queue)
+            .map(|tally| tally.counts())
+            .unwrap_or_default()
     }
 
     fn total(&self) -> TaskCounts {
         let mut total = TaskCounts::default();
-        for counts in lock(&self.0.counts).values() {
-            total.add(counts);
+        for tally in lock(&self.0.counts).values() {
+            total.add(&tally.counts());
         }
         total
     }
 
+    /// The tasks in flight, oldest first.
     fn in_flight(&self, now: Instant) -> Vec<InFlightTask> {
-        lock(&self.0.in_flight)
-            .values()
-            .map(|running| InFlightTask {
+        let in_flight = lock(&self.0.in_flight);
+        let mut running: Vec<(&u64, &Running)> = in_flight.iter().collect();
+        running.sort_by_key(|(id, _)| **id);
+        running
+            .into_iter()
+            .map(|(_, running)| InFlightTask {
                 queue: running.queue.to_string(),
                 correlation_id: running.correlation_id.clone(),
                 age_secs: now.saturating_duration_since(running.started).as_secs_f64(),

@@ -71,11 +71,12 @@ where
     T: DeserializeOwned + Send + 'static,
     R: Serialize + Send + 'static,
 {
+    let tally = activity.tally(&queue);
     let on_handler_threads = subscriber.on_handler_threads();
     let subscriber = Arc::new(subscriber);
     let call = Arc::new(move |input: TaskInput| {
         let subscriber = subscriber.clone();
-        let (queue, activity) = (queue.clone(), activity.clone());
+        let (queue, activity, tally) = (queue.clone(), activity.clone(), tally.clone());
         async move {
             let (body, no_reply): TaskEnvelope<T> = match codec.decode(&input.body) {
                 Ok(envelope) => envelope,
@@ -97,7 +98,7 @@ where
             crate::metrics::elapsed(crate::metrics::HANDLER_SECONDS, "task", started);
             let outcome = match delivered {
                 Delivered::Answer(Err(HandlerError::Rejected)) => {
-                    activity.ended(&queue, Ended::Rejected);
+                    tally.ended(Ended::Rejected);
                     return TaskAnswer::Rejected;
                 }
                 Delivered::Answer(outcome) => outcome,
@@ -111,7 +112,7 @@ where
                 Err(_) if panicked => Ended::Panicked,
                 Err(_) => Ended::Failed,
             };
-            activity.ended(&queue, ended);
+            tally.ended(ended);
             TaskAnswer::Reply {
                 bytes: encode_reply(codec, outcome, Some(Host::this_process())),
                 no_reply,
