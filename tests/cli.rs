@@ -430,3 +430,79 @@ async fn a_task_sent_to_a_new_queue_says_it_made_the_queue() {
     assert_eq!(queue.purge().await.unwrap(), 2);
     comm.close().await.unwrap();
 }
+
+/// A GET of `path` on 127.0.0.1:`port`: the status code and the body.
+async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    Ok((status, body.to_owned()))
+}
+
+#[actix_rt::test]
+async fn the_dashboard_command_serves_the_fleet_and_refuses_an_open_bind_without_a_token() {
+    let (settings, prefix) = private();
+    let worker = settings
+        .with_presence_interval(Some(Duration::from_millis(200)))
+        .connect()
+        .await
+        .unwrap();
+    let queue = worker.default_task_queue().name().to_owned();
+    worker
+        .add_task_subscriber(|task: Task<u32>| async move { Ok(task.body) })
+        .await
+        .unwrap();
+    let port = common::free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let mut dashboard = kiwimq(
+        &prefix,
+        &["dashboard", "--bind", &bind, "--sample-every", "0.2"],
+    )
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    let pid = std::process::id();
+    let workers = common::retry(SOON, "the dashboard's worker list", || async {
+        let (status, body) = http_get(port, "/api/workers").await?;
+        let workers: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| std::io::Error::other(format!("{status}: {e}: {body}")))?;
+        match workers["workers"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|m| m["presence"]["pid"] == pid))
+        {
+            true => Ok(workers),
+            false => Err(std::io::Error::other(format!("not yet: {body}"))),
+        }
+    })
+    .await;
+    // The command's own connection does not announce itself: only this test's worker.
+    assert_eq!(workers["workers"].as_array().unwrap().len(), 1, "{workers}");
+    let (status, page) = http_get(port, "/").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(page.contains("kiwimq-csrf") && !page.contains("guest:guest@"));
+    let (status, queues) = http_get(port, "/api/queues").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(queues.contains(&queue), "{queues}");
+    let (status, _) = http_get(port, "/api/broadcasts?limit=9999").await.unwrap();
+    assert_eq!(status, 400);
+    dashboard.start_kill().unwrap();
+    let _ = dashboard.wait().await;
+
+    let open = run(&prefix, &["dashboard", "--bind", "0.0.0.0:0"]).await;
+    assert!(!open.status.success());
+    assert!(
+        stderr(&open).contains("without a token"),
+        "{}",
+        stderr(&open)
+    );
+    worker.close().await.unwrap();
+}
