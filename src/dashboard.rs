@@ -44,7 +44,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
@@ -55,7 +55,7 @@ use tokio::sync::watch;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::filter::BroadcastFilter;
-use crate::presence::{Member, Roster, Standing};
+use crate::presence::{Member, Roster, Standing, now_ms};
 use crate::{Broadcast, Communicator, HandlerError, Rpc};
 
 const PAGE: &str = include_str!("dashboard/page.html");
@@ -269,14 +269,6 @@ pub struct Overview {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| {
-            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-        })
 }
 
 impl Dashboard {

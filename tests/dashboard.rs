@@ -281,28 +281,7 @@ async fn serving_elsewhere_than_loopback_needs_a_token() {
     comm.close().await.unwrap();
 }
 
-macro_rules! tests {
-    ($backend:ident: $($name:ident),* $(,)?) => {
-        $(
-            #[actix_rt::test]
-            async fn $name() {
-                super::$name(super::Backend::$backend).await;
-            }
-        )*
-    };
-}
-
-macro_rules! suite {
-    ($($module:ident => $backend:ident),*) => {
-        $(
-            mod $module {
-                tests!($backend:
-                    the_api_shows_the_fleet_and_refuses_bad_input,
-                    a_token_is_required_when_set,
-                );
-            }
-        )*
-    };
-}
-
-suite!(mem => Mem, amqp => Amqp);
+on_both_backends!(
+    the_api_shows_the_fleet_and_refuses_bad_input,
+    a_token_is_required_when_set,
+);

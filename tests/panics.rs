@@ -443,35 +443,14 @@ async fn an_actor_under_actix_supervisor_keeps_serving_across_its_restarts(backe
     comm.close().await.unwrap();
 }
 
-macro_rules! tests {
-    ($backend:ident: $($name:ident),* $(,)?) => {
-        $(
-            #[actix_rt::test]
-            async fn $name() {
-                super::$name(super::Backend::$backend).await;
-            }
-        )*
-    };
-}
-
-macro_rules! suite {
-    ($($module:ident => $backend:ident),*) => {
-        $(
-            mod $module {
-                tests!($backend:
-                    an_actor_that_panics_answers_remote_and_is_reported_lost,
-                    a_lost_rpc_or_broadcast_actor_is_forgotten,
-                    tasks_queued_behind_a_panic_are_handled_elsewhere,
-                    a_closure_that_panics_answers_remote_and_keeps_serving,
-                    a_supervised_actor_is_started_afresh_after_a_panic,
-                    a_supervised_rpc_actor_answers_a_panic_and_serves_again,
-                    a_supervised_actor_past_its_restart_limit_is_reported_lost,
-                    a_panicking_task_goes_to_the_dead_letter_queue_with_a_delivery_limit,
-                    an_actor_under_actix_supervisor_keeps_serving_across_its_restarts,
-                );
-            }
-        )*
-    };
-}
-
-suite!(mem => Mem, amqp => Amqp);
+on_both_backends!(
+    an_actor_that_panics_answers_remote_and_is_reported_lost,
+    a_lost_rpc_or_broadcast_actor_is_forgotten,
+    tasks_queued_behind_a_panic_are_handled_elsewhere,
+    a_closure_that_panics_answers_remote_and_keeps_serving,
+    a_supervised_actor_is_started_afresh_after_a_panic,
+    a_supervised_rpc_actor_answers_a_panic_and_serves_again,
+    a_supervised_actor_past_its_restart_limit_is_reported_lost,
+    a_panicking_task_goes_to_the_dead_letter_queue_with_a_delivery_limit,
+    an_actor_under_actix_supervisor_keeps_serving_across_its_restarts,
+);

@@ -233,29 +233,8 @@ async fn presence_off_announces_nothing(backend: Backend) {
     watcher.close().await.unwrap();
 }
 
-macro_rules! tests {
-    ($backend:ident: $($name:ident),* $(,)?) => {
-        $(
-            #[actix_rt::test]
-            async fn $name() {
-                super::$name(super::Backend::$backend).await;
-            }
-        )*
-    };
-}
-
-macro_rules! suite {
-    ($($module:ident => $backend:ident),*) => {
-        $(
-            mod $module {
-                tests!($backend:
-                    every_field_is_announced_and_heard,
-                    a_silent_communicator_is_taken_for_lost,
-                    presence_off_announces_nothing,
-                );
-            }
-        )*
-    };
-}
-
-suite!(mem => Mem, amqp => Amqp);
+on_both_backends!(
+    every_field_is_announced_and_heard,
+    a_silent_communicator_is_taken_for_lost,
+    presence_off_announces_nothing,
+);

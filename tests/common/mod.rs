@@ -212,3 +212,27 @@ pub fn example(name: &str) -> std::path::PathBuf {
         .expect("target/<profile>");
     profile.join("examples").join(name)
 }
+
+/// Runs each `async fn NAME(backend: Backend)` of the test file on both backends, as
+/// `mem::NAME` and `amqp::NAME`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod mem {
+            $(
+                #[actix_rt::test]
+                async fn $name() {
+                    super::$name(super::Backend::Mem).await;
+                }
+            )*
+        }
+        mod amqp {
+            $(
+                #[actix_rt::test]
+                async fn $name() {
+                    super::$name(super::Backend::Amqp).await;
+                }
+            )*
+        }
+    };
+}
