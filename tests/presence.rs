@@ -233,6 +233,38 @@ async fn presence_off_announces_nothing(backend: Backend) {
     watcher.close().await.unwrap();
 }
 
+/// A watcher whose connection is cut goes on hearing the fleet once it is restored, and a
+/// worker whose connection is cut goes on announcing itself.
+#[actix_rt::test]
+async fn presence_is_heard_again_after_a_connection_cut() {
+    use common::proxy::{Proxy, upstream};
+    let proxy = Proxy::start(&upstream()).await;
+    let settings = amqp_settings(&proxy.url(&amqp_url()))
+        .with_reconnect_delay(Duration::from_millis(20), Duration::from_millis(200));
+    let watcher = connect(&settings).await;
+    let mut watch = watcher.watch_presence().await.unwrap();
+    let worker = connect(&settings).await;
+    let id = worker.presence().await.id;
+    heard(&mut watch, &id, "an announcement before the cut", |_| true).await;
+    let cut = proxy.cut();
+    assert!(cut >= 2, "both connections cut ({cut})");
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    heard(&mut watch, &id, "an announcement after the cut", |p| {
+        p.sent_at_ms > after + 100 && p.connected
+    })
+    .await;
+    worker.close().await.unwrap();
+    heard(&mut watch, &id, "the last word after the cut", |p| {
+        p.closing
+    })
+    .await;
+    drop(watch);
+    watcher.close().await.unwrap();
+}
+
 on_both_backends!(
     every_field_is_announced_and_heard,
     a_silent_communicator_is_taken_for_lost,
