@@ -13,9 +13,10 @@
 //! takes it for lost ([`Presence::is_lost`]).
 //!
 //! On by default, every 5 s: [`Settings::with_presence_interval`](crate::Settings::with_presence_interval)
-//! changes the interval or turns it off. AiiDA's ZeroMQ protocol has no channel that its
-//! clients would not hear, so a `zmq://` communicator announces nothing (and watching is
-//! refused with a clear error).
+//! changes the interval or turns it off. On ZeroMQ, kiwimq's broker carries announcements in
+//! message types of its own, which it forwards to watchers only; AiiDA's broker has no
+//! channel its clients would not hear (every broadcast reaches every AiiDA client), so a
+//! communicator on it announces nothing, and watching is refused with a clear error.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -533,9 +534,10 @@ impl Core {
         }
     }
 
-    /// Whether its backend has a channel for presence (every one but `zmq://`).
+    /// Whether its backend has a channel for presence (every one but a `zmq://` connection
+    /// to AiiDA's broker).
     pub(crate) fn presence_supported(&self) -> bool {
-        self.identity.backend != "zmq"
+        self.conduit.transport.carries_presence()
     }
 }
 
@@ -580,7 +582,7 @@ impl Communicator {
 
     /// Every announcement on the broker from now on, this communicator's own included, as
     /// long as the stream is held; an undecodable one is skipped with a warning. `Refused`
-    /// on `zmq://` (see the module docs).
+    /// on AiiDA's ZeroMQ broker (see the module docs).
     pub async fn watch_presence(&self) -> Result<BoxStream<'static, Presence>> {
         let inner = &self.inner;
         inner.check_open()?;

@@ -433,7 +433,8 @@ impl Settings {
 
     /// How often the communicator announces itself on kiwimq's presence exchange (see
     /// [`crate::presence`]): every 5 s by default; `None` turns presence off. A watcher
-    /// takes a communicator silent for three intervals for lost. Never on `zmq://`.
+    /// takes a communicator silent for three intervals for lost. On ZeroMQ only through
+    /// kiwimq's broker.
     pub fn with_presence_interval(mut self, interval: Option<Duration>) -> Self {
         self.presence_interval = interval.filter(|interval| !interval.is_zero());
         self

@@ -265,6 +265,12 @@ pub(crate) trait Transport: Send + Sync + 'static {
     /// Whether the connection is up now.
     fn is_connected(&self) -> bool;
 
+    /// Whether it has a channel for presence that no kiwiPy or AiiDA peer hears (every
+    /// backend but a ZeroMQ connection to AiiDA's broker).
+    fn carries_presence(&self) -> bool {
+        true
+    }
+
     /// Refuses the next `count` consumes, as a broker refusing for a while would (a test
     /// hook of the in-process backend).
     #[cfg(test)]

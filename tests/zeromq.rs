@@ -161,6 +161,17 @@ async fn what_the_protocol_lacks_is_refused_clearly() {
     assert!(matches!(stats.kind(), ErrorKind::Refused(_)), "{stats}");
     assert!(stats.to_string().contains("broker.status"), "{stats}");
     bare.close().await.unwrap();
+    // Presence: every broadcast of AiiDA's broker reaches every AiiDA client, and it has no
+    // channel of kiwimq's own.
+    let presence = comm.watch_presence().await.err().expect("refused");
+    assert!(
+        matches!(presence.kind(), ErrorKind::Refused(_)),
+        "{presence}"
+    );
+    assert!(
+        presence.to_string().contains("kiwimq's broker"),
+        "{presence}"
+    );
     comm.close().await.unwrap();
     let closed = comm.task_send_no_reply(&1).await.unwrap_err();
     assert!(matches!(closed.kind(), ErrorKind::Closed), "{closed}");

@@ -316,8 +316,9 @@ async fn a_worker_stalled_12_seconds_runs_no_task_twice() {
     worker.close().await.unwrap();
 }
 
-/// The dashboard on a ZeroMQ profile: the task queue's counts (from `broker.status`),
-/// processes by pk from their state broadcasts, and why no workers are shown.
+/// The dashboard on a ZeroMQ profile served by kiwimq's broker: the task queue's counts
+/// (from `broker.status`), processes by pk from their state broadcasts, and the workers'
+/// presence, which kiwimq's broker carries in message types of its own.
 #[actix_rt::test]
 async fn the_dashboard_shows_a_zeromq_profile() {
     use kiwimq::BroadcastOptions;
@@ -325,7 +326,11 @@ async fn the_dashboard_shows_a_zeromq_profile() {
 
     let dir = scratch("kiwimq-dashboard");
     let broker = Broker::new(&dir).start().unwrap();
-    let comm = connect(&broker.uri()).await;
+    let comm = Settings::new(broker.uri())
+        .with_presence_interval(None)
+        .connect()
+        .await
+        .unwrap();
     let options = DashboardOptions::default().with_sample_every(Duration::from_millis(200));
     let dashboard = Dashboard::start(&comm, options).await.unwrap();
     let queue = comm.default_task_queue().name().to_owned();
@@ -366,13 +371,29 @@ async fn the_dashboard_shows_a_zeromq_profile() {
             .any(|p| p.pk == "12" && p.state == "finished")
     })
     .await;
-    assert!(overview.workers.is_empty());
-    let why = overview.presence.clone().unwrap_or_default();
-    assert!(why.contains("ZeroMQ"), "{why}");
-    comm.add_task_subscriber(|task: Task<u64>| async move { Ok::<_, HandlerError>(task.body) })
+    assert!(overview.presence.is_none(), "{:?}", overview.presence);
+    let worker = Settings::new(broker.uri())
+        .with_presence_interval(Some(Duration::from_millis(200)))
+        .connect()
+        .await
+        .unwrap();
+    worker
+        .add_task_subscriber(|task: Task<u64>| async move { Ok::<_, HandlerError>(task.body) })
         .await
         .unwrap();
     until("the queue drained", &|o| ready(o) == Some(0)).await;
+    let overview = until("the worker and its three tasks", &|o| {
+        o.workers.iter().any(|m| m.presence.counts.handled == 3)
+    })
+    .await;
+    assert_eq!(overview.workers.len(), 1, "{:?}", overview.workers);
+    assert_eq!(overview.workers[0].presence.backend, "zmq");
+    // Its last word goes through the broker too.
+    worker.close().await.unwrap();
+    until("the worker's last word", &|o| {
+        o.workers.iter().all(|m| m.presence.closing)
+    })
+    .await;
     drop(dashboard);
     comm.close().await.unwrap();
     broker.stop().unwrap();

@@ -370,6 +370,9 @@ struct Server {
 
     task_subscribers: HashMap<String, Identity>,
     rpc_subscribers: HashMap<String, Identity>,
+    /// Clients that watch presence announcements (kiwimq's own message types; not kept
+    /// across a restart: a watcher subscribes again as it reconnects).
+    presence_watchers: std::collections::HashSet<Identity>,
     prefetch: HashMap<Identity, Option<u32>>,
     load: HashMap<Identity, u32>,
     available: VecDeque<Identity>,
@@ -448,6 +451,7 @@ impl Server {
             sender: json_string("broker"),
             task_subscribers: HashMap::new(),
             rpc_subscribers: HashMap::new(),
+            presence_watchers: std::collections::HashSet::new(),
             prefetch: HashMap::new(),
             load: HashMap::new(),
             available: VecDeque::new(),
@@ -717,6 +721,24 @@ impl Server {
                 }
             }
             Some(kind::PING) => {}
+            Some(kind::PRESENCE) => {
+                let bytes = Outgoing {
+                    body: Some(message.body.unwrap_or_else(|| null())),
+                    id: message.id.clone().unwrap_or_default(),
+                    ..Outgoing::new(kind::PRESENCE, message.sender.unwrap_or_else(|| null()))
+                }
+                .encode();
+                let watchers: Vec<Identity> = self.presence_watchers.iter().cloned().collect();
+                for watcher in watchers {
+                    self.send(&watcher, &bytes);
+                }
+            }
+            Some(kind::WATCH_PRESENCE) => {
+                self.presence_watchers.insert(identity);
+            }
+            Some(kind::UNWATCH_PRESENCE) => {
+                self.presence_watchers.remove(&identity);
+            }
             other => tracing::warn!(kind = ?other, "a message of unknown type was dropped"),
         }
     }
@@ -1033,6 +1055,7 @@ impl Server {
         }
         self.task_subscribers.retain(|_, holder| holder != identity);
         self.rpc_subscribers.retain(|_, holder| holder != identity);
+        self.presence_watchers.remove(identity);
         self.prefetch.remove(identity);
         self.load.remove(identity);
         self.available.retain(|i| i != identity);

@@ -137,6 +137,8 @@ struct State {
     /// By identifier: the consumer's tag and deliveries.
     rpcs: HashMap<String, (String, mpsc::UnboundedSender<Delivery>)>,
     broadcasts: Vec<(String, mpsc::UnboundedSender<Delivery>)>,
+    /// Presence watchers (on kiwimq's broker only).
+    presence: Vec<(String, mpsc::UnboundedSender<Delivery>)>,
     replies: [Option<DeliverFn>; 2],
     connected: bool,
     /// Subscriptions waiting to be known to the broker: the id of the barrier RPC sent after
@@ -236,7 +238,13 @@ impl Link {
             .map(|identifier| self.subscription(kind::SUBSCRIBE_RPC, identifier, None));
         let broadcasts = (!state.broadcasts.is_empty())
             .then(|| self.subscription(kind::SUBSCRIBE_RPC, &self.broadcast_identifier, None));
-        tasks.chain(rpcs).chain(broadcasts).collect()
+        let presence = (!state.presence.is_empty())
+            .then(|| self.subscription(kind::WATCH_PRESENCE, &self.broadcast_identifier, None));
+        tasks
+            .chain(rpcs)
+            .chain(broadcasts)
+            .chain(presence)
+            .collect()
     }
 }
 
@@ -293,6 +301,8 @@ pub(crate) struct ZmqTransport {
     /// The broker's service directory, whose `broker.status` gives the task queue's counts;
     /// none for `zmq+ipc://`.
     service_dir: Option<PathBuf>,
+    /// The broker is kiwimq's (its `broker.status` says so), which carries presence.
+    kiwimq_broker: bool,
     events: broadcast::Sender<ConnectionEvent>,
     /// `true` once the I/O thread has ended.
     ended: watch::Receiver<bool>,
@@ -361,19 +371,27 @@ impl ZmqTransport {
                 let _ = ended_tx.send(true);
             })
             .map_err(|e| Error::connection(format!("cannot start the ZeroMQ I/O thread: {e}")))?;
-        let transport = Self {
+        let mut transport = Self {
             link,
             task_queue: settings.task_queue.clone(),
             send_timeout: settings.send_timeout,
             max_message_size: settings.max_message_size,
             node: first.clone(),
+            kiwimq_broker: false,
             service_dir,
             events,
             ended,
         };
         let wait = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(wait, connected_rx).await {
-            Ok(Ok(())) => Ok(transport),
+            Ok(Ok(())) => {
+                // A broker that answers has written its status.
+                transport.kiwimq_broker = transport
+                    .service_dir
+                    .as_deref()
+                    .is_some_and(is_kiwimq_broker);
+                Ok(transport)
+            }
             _ => {
                 transport.stop();
                 Err(Error::connection(format!(
@@ -587,6 +605,18 @@ impl Transport for ZmqTransport {
                 self.link.send(frame);
             }),
             Route::Reply(reply_to) => self.reply(reply_to, &message),
+            Route::Presence if self.kiwimq_broker => {
+                serde_json::from_slice::<&RawValue>(&message.body)
+                    .map_err(|e| Error::codec(format!("a presence that is not JSON: {e}")))
+                    .map(|body| {
+                        let frame = Outgoing {
+                            body: Some(body),
+                            ..Outgoing::new(kind::PRESENCE, &self.link.sender)
+                        }
+                        .encode();
+                        self.link.send(frame);
+                    })
+            }
             Route::Presence => Err(presence_refused()),
         };
         future::ready(result).boxed()
@@ -645,6 +675,19 @@ impl Transport for ZmqTransport {
                 }
                 Source::Replies(..) => {
                     return Err(Error::refused("replies are consumed with consume_replies"));
+                }
+                Source::Presence(_) if self.kiwimq_broker => {
+                    let tag = format!("presence-{}", &protocol::new_id()[..12]);
+                    if state.presence.is_empty() {
+                        let frame = self.link.subscription(
+                            kind::WATCH_PRESENCE,
+                            &self.link.broadcast_identifier,
+                            None,
+                        );
+                        self.link.push(frame);
+                    }
+                    state.presence.push((tag.clone(), deliveries));
+                    tag
                 }
                 Source::Presence(_) => return Err(presence_refused()),
             };
@@ -745,6 +788,16 @@ impl Transport for ZmqTransport {
                 );
                 self.link.push(frame);
             }
+        } else if let Some(at) = state.presence.iter().position(|(t, _)| t == tag) {
+            state.presence.remove(at);
+            if state.presence.is_empty() {
+                let frame = self.link.subscription(
+                    kind::UNWATCH_PRESENCE,
+                    &self.link.broadcast_identifier,
+                    None,
+                );
+                self.link.push(frame);
+            }
         }
         drop(state);
         self.link.wake();
@@ -753,6 +806,10 @@ impl Transport for ZmqTransport {
 
     /// The protocol has no such request; both AiiDA's broker and kiwimq's write the counts
     /// to `broker.status` every 5 s, which a `zmq:///SERVICE_DIR` communicator reads.
+    fn carries_presence(&self) -> bool {
+        self.kiwimq_broker
+    }
+
     fn queue_stats(&self, queue: &str) -> BoxFuture<'static, Result<QueueStats>> {
         let result = self.check_open().and_then(|()| self.check_queue(queue));
         let result = result.and_then(|()| match &self.service_dir {
@@ -796,6 +853,13 @@ impl Transport for ZmqTransport {
                             None,
                         )
                     }))
+                    .chain((!state.presence.is_empty()).then(|| {
+                        self.link.subscription(
+                            kind::UNWATCH_PRESENCE,
+                            &self.link.broadcast_identifier,
+                            None,
+                        )
+                    }))
                     .collect::<Vec<_>>();
                 for frame in frames {
                     self.link.push(frame);
@@ -803,6 +867,7 @@ impl Transport for ZmqTransport {
                 state.tasks.clear();
                 state.rpcs.clear();
                 state.broadcasts.clear();
+                state.presence.clear();
                 state.closing = true;
             }
         }
@@ -974,6 +1039,7 @@ impl Io {
         state.tasks.clear();
         state.rpcs.clear();
         state.broadcasts.clear();
+        state.presence.clear();
         state.replies = [None, None];
     }
 
@@ -1185,6 +1251,16 @@ impl Io {
                         .is_ok()
                 });
             }
+            Some(kind::PRESENCE) => {
+                let body = message.body.unwrap_or_else(|| protocol::null());
+                let body = bytes::Bytes::copy_from_slice(body.get().as_bytes());
+                let mut state = self.link.lock();
+                state.presence.retain(|(_, deliveries)| {
+                    deliveries
+                        .unbounded_send(plain_delivery(body.clone(), None, None))
+                        .is_ok()
+                });
+            }
             Some(kind::PING) => {}
             other => {
                 tracing::warn!(kind = ?other, "a message of unknown type from the broker was dropped")
@@ -1321,10 +1397,22 @@ fn plain_delivery(
 }
 
 /// Presence has no channel of kiwimq's own in AiiDA's protocol: every broadcast reaches every
-/// AiiDA client, so announcing there would not be invisible to them.
+/// AiiDA client, so announcing there would not be invisible to them. kiwimq's broker carries
+/// it in message types of its own.
 fn presence_refused() -> Error {
     Error::refused(
-        "presence needs an exchange of kiwimq's own, which AiiDA's ZeroMQ protocol lacks \
-         (a broadcast there reaches every AiiDA client): not announced on zmq://",
+        "presence needs a channel of kiwimq's own, which AiiDA's ZeroMQ broker lacks (a \
+         broadcast there reaches every AiiDA client): only kiwimq's broker carries it, \
+         reached as zmq:///SERVICE_DIR",
     )
+}
+
+/// Whether the broker of `dir` is kiwimq's: its `broker.status` says `"broker": "kiwimq"`
+/// (AiiDA's has no such field). Written before the broker serves, so it is there once a
+/// connection is.
+fn is_kiwimq_broker(dir: &Path) -> bool {
+    std::fs::read(dir.join("broker.status"))
+        .ok()
+        .and_then(|text| serde_json::from_slice::<serde_json::Value>(&text).ok())
+        .is_some_and(|status| status["broker"] == "kiwimq")
 }

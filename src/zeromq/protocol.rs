@@ -26,6 +26,12 @@ pub(crate) mod kind {
     pub(crate) const UNSUBSCRIBE_TASK: &str = "unsubscribe_task";
     pub(crate) const UNSUBSCRIBE_RPC: &str = "unsubscribe_rpc";
     pub(crate) const PING: &str = "ping";
+    /// kiwimq's own, which AiiDA's clients never send and kiwimq's broker alone carries: a
+    /// communicator's presence announcement (its body), forwarded to the watchers.
+    pub(crate) const PRESENCE: &str = "kiwimq_presence";
+    /// kiwimq's own: the sender wants every presence announcement, or no longer.
+    pub(crate) const WATCH_PRESENCE: &str = "kiwimq_watch_presence";
+    pub(crate) const UNWATCH_PRESENCE: &str = "kiwimq_unwatch_presence";
 }
 
 /// A message id as AiiDA makes them: a random UUID in simple (hex) form.
