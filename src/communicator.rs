@@ -391,8 +391,9 @@ impl Communicator {
 /// Runs `operation` to its end on the communicator's runtime, whatever becomes of the
 /// caller's future: a caller that stops waiting (a timeout, a `select!`, a drop) cannot cut
 /// a change of subscribers half way (an identifier claimed but never consumed, a binding
-/// left without its endpoint). When it succeeded and nobody waits for its result any more,
-/// `undo` takes it back, so the caller that gave up leaves nothing behind.
+/// left without its endpoint). When it succeeded and the caller never took its result —
+/// gone before it ended, or after it ended but before the result was read — `undo` takes it
+/// back, so the caller that gave up leaves nothing behind.
 pub(crate) async fn to_completion<T, Op, Undo, UndoFut>(
     inner: &Arc<Core>,
     operation: Op,
@@ -407,18 +408,46 @@ where
     let (tx, rx) = futures::channel::oneshot::channel();
     // A weak handle: an operation under way does not keep a dropped communicator open.
     let owner = Arc::downgrade(inner);
+    let undo: UndoFn<T> = Box::new(move |inner, value| Box::pin(undo(inner, value)));
     let spawned = inner.runtime.spawn(async move {
-        let outcome = operation.await;
-        if let Err(Ok(value)) = tx.send(outcome)
-            && let Some(inner) = owner.upgrade()
-        {
-            undo(inner, value).await;
-        }
+        let outcome = operation.await.map(|value| Unclaimed {
+            value: Some(value),
+            undo: Some(undo),
+            owner,
+        });
+        // Not received: the result is dropped here, and undone.
+        let _ = tx.send(outcome);
     });
     if !spawned {
         return Err(Error::closed());
     }
-    rx.await.map_err(|_| Error::closed())?
+    let mut unclaimed = rx.await.map_err(|_| Error::closed())??;
+    Ok(unclaimed
+        .value
+        .take()
+        .expect("an unclaimed result holds its value"))
+}
+
+/// What takes an operation's result back.
+type UndoFn<T> = Box<dyn FnOnce(Arc<Core>, T) -> futures::future::BoxFuture<'static, ()> + Send>;
+
+/// An operation's result on its way to its caller: undone, on the communicator's runtime,
+/// if dropped before the caller takes it (in the channel, with the caller gone).
+struct Unclaimed<T: Send + 'static> {
+    value: Option<T>,
+    undo: Option<UndoFn<T>>,
+    owner: std::sync::Weak<Core>,
+}
+
+impl<T: Send + 'static> Drop for Unclaimed<T> {
+    fn drop(&mut self) {
+        if let (Some(value), Some(undo), Some(inner)) =
+            (self.value.take(), self.undo.take(), self.owner.upgrade())
+        {
+            let undone = undo(inner.clone(), value);
+            inner.runtime.spawn(undone);
+        }
+    }
 }
 
 impl Core {

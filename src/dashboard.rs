@@ -118,6 +118,9 @@ impl DashboardOptions {
 /// History kept for the charts.
 const HISTORY: Duration = Duration::from_secs(15 * 60);
 
+/// Processes kept: the longest silent ones go first (an AiiDA profile may run millions).
+const PROCESSES_KEPT: usize = 10_000;
+
 /// A running dashboard: watchers of a communicator's fleet, and the web service showing
 /// them ([`scope`](Self::scope)). Cloning is cheap; the watchers stop when the last clone is
 /// dropped.
@@ -148,13 +151,35 @@ struct Board {
     overview: watch::Sender<Arc<str>>,
     /// The watchers, stopped with the board.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Its broadcast subscriber, removed with the board (its ping identifier too).
+    broadcasts: Mutex<Option<String>>,
+    pinging: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Board {
+    /// Stops the watchers and removes the board's subscribers — also when
+    /// [`Dashboard::start`] was dropped half way: it registers them with the board.
     fn drop(&mut self) {
         for task in lock(&self.tasks).drain(..) {
             task.abort();
         }
+        let comm = self.comm.clone();
+        let ping = self
+            .pinging
+            .load(std::sync::atomic::Ordering::Acquire)
+            .then(|| self.ping.clone());
+        let broadcasts = lock(&self.broadcasts).take();
+        if ping.is_none() && broadcasts.is_none() {
+            return;
+        }
+        self.comm.inner.runtime.spawn(async move {
+            if let Some(ping) = ping {
+                let _ = comm.remove_rpc_subscriber(&ping).await;
+            }
+            if let Some(id) = broadcasts {
+                let _ = comm.remove_broadcast_subscriber(&id).await;
+            }
+        });
     }
 }
 
@@ -274,25 +299,32 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Dashboard {
     /// Starts watching `comm`'s fleet: its presence exchange, every broadcast, the queues,
     /// and the round trip of an RPC of its own. Call it inside an actix (or tokio) runtime:
-    /// the watchers run there.
+    /// the watchers run there. It adds an RPC subscriber (`kiwimq-dashboard-…`) and a
+    /// broadcast subscriber to `comm`; both go when the last clone of the dashboard is
+    /// dropped, or when this future is dropped before it resolves.
     pub async fn start(comm: &Communicator, options: DashboardOptions) -> Result<Dashboard> {
-        let ping = format!("kiwimq-dashboard-{}", uuid::Uuid::new_v4().simple());
-        comm.add_rpc_subscriber(Some(&ping), |rpc: Rpc<u64>| async move {
-            Ok::<_, HandlerError>(rpc.body)
-        })
-        .await?;
-        let settings = comm.settings();
+        // Made first, so that whatever is registered below goes with it, even if this
+        // future is dropped half way.
         let board = Arc::new(Board {
             comm: comm.clone(),
-            uri: settings.redacted_uri(),
-            backend: comm.presence().await.backend,
+            uri: comm.settings().redacted_uri(),
+            backend: comm.inner.identity.backend().to_owned(),
             csrf: uuid::Uuid::new_v4().simple().to_string(),
-            ping,
+            ping: format!("kiwimq-dashboard-{}", uuid::Uuid::new_v4().simple()),
             options,
             state: Mutex::default(),
             overview: watch::Sender::new(Arc::from("{}")),
             tasks: Mutex::default(),
+            broadcasts: Mutex::default(),
+            pinging: std::sync::atomic::AtomicBool::new(false),
         });
+        comm.add_rpc_subscriber(Some(&board.ping), |rpc: Rpc<u64>| async move {
+            Ok::<_, HandlerError>(rpc.body)
+        })
+        .await?;
+        board
+            .pinging
+            .store(true, std::sync::atomic::Ordering::Release);
         let presence = match comm.watch_presence().await {
             Ok(stream) => {
                 let weak = Arc::downgrade(&board);
@@ -308,19 +340,24 @@ impl Dashboard {
                 None
             }
         };
+        if let Some(presence) = presence {
+            lock(&board.tasks).push(presence);
+        }
         let weak = Arc::downgrade(&board);
-        comm.add_broadcast_subscriber(
-            BroadcastFilter::new(),
-            move |broadcast: Broadcast<serde_json::Value>| {
-                if let Some(board) = weak.upgrade() {
-                    board.heard(broadcast);
-                }
-                async { Ok::<_, HandlerError>(()) }
-            },
-        )
-        .await?;
+        let heard = comm
+            .add_broadcast_subscriber(
+                BroadcastFilter::new(),
+                move |broadcast: Broadcast<serde_json::Value>| {
+                    if let Some(board) = weak.upgrade() {
+                        board.heard(broadcast);
+                    }
+                    async { Ok::<_, HandlerError>(()) }
+                },
+            )
+            .await?;
+        *lock(&board.broadcasts) = Some(heard);
         let sampler = tokio::spawn(sample(Arc::downgrade(&board)));
-        lock(&board.tasks).extend(presence.into_iter().chain([sampler]));
+        lock(&board.tasks).push(sampler);
         board.sample().await;
         Ok(Dashboard { board })
     }
@@ -373,6 +410,15 @@ impl Board {
                     at_ms,
                 },
             );
+            if state.processes.len() > PROCESSES_KEPT
+                && let Some(oldest) = state
+                    .processes
+                    .values()
+                    .min_by_key(|p| p.at_ms)
+                    .map(|p| p.pk.clone())
+            {
+                state.processes.remove(&oldest);
+            }
         }
         let mut body = broadcast.body.to_string();
         if body.len() > 2000 {

@@ -61,17 +61,29 @@ pub(crate) fn install_hook() {
 /// nobody, although the mailbox lives on until the unwinding ends — or a request sent in
 /// answer to the panicking one's reply could land in the dying mailbox.
 pub(crate) async fn raising_on_panic<F: Future>(dying: Arc<AtomicBool>, future: F) -> F::Output {
-    /// Puts back the thread's previous flag, on a panic too.
-    struct Polling(Option<Arc<AtomicBool>>);
-    impl Drop for Polling {
+    /// While a poll runs, the thread holds the actor's flag (moved in, not cloned: this is
+    /// every message's path) and this the thread's previous one; they swap back after the
+    /// poll, on a panic too.
+    struct Polling<'a> {
+        mine: &'a mut Option<Arc<AtomicBool>>,
+        previous: Option<Arc<AtomicBool>>,
+    }
+    impl Drop for Polling<'_> {
         fn drop(&mut self) {
-            let previous = self.0.take();
-            let _ = POLLED.try_with(|polled| *polled.borrow_mut() = previous);
+            let previous = self.previous.take();
+            if let Ok(mine) = POLLED.try_with(|polled| polled.replace(previous)) {
+                *self.mine = mine;
+            }
         }
     }
+    let mut mine = Some(dying);
     let mut future = pin!(future);
     std::future::poll_fn(|cx| {
-        let _polling = Polling(POLLED.with(|polled| polled.replace(Some(dying.clone()))));
+        let previous = POLLED.with(|polled| polled.replace(mine.take()));
+        let _polling = Polling {
+            mine: &mut mine,
+            previous,
+        };
         future.as_mut().poll(cx)
     })
     .await

@@ -409,6 +409,11 @@ pub(crate) struct Identity {
 }
 
 impl Identity {
+    /// `mem`, `amqp` or `zmq`.
+    pub(crate) fn backend(&self) -> &str {
+        &self.backend
+    }
+
     pub(crate) fn new(uri: &str) -> Self {
         let backend = uri.split_once("://").map_or("", |(scheme, _)| scheme);
         let backend = match backend {
@@ -514,13 +519,7 @@ impl Core {
 
     /// Sends one announcement. Nobody watching is fine.
     async fn announce(&self, presence: &Presence) -> Result<()> {
-        let body = serde_json::to_vec(presence)
-            .map_err(|e| crate::Error::codec(format!("a presence that is not JSON: {e}")))?;
-        let message = Outgoing {
-            body,
-            ..Outgoing::default()
-        };
-        self.conduit.send(Route::Presence, message).await
+        announce(&self.conduit, presence).await
     }
 
     /// The last word, sent by [`Communicator::close`].
@@ -541,6 +540,17 @@ impl Core {
     }
 }
 
+/// Sends one announcement through `conduit`.
+async fn announce(conduit: &crate::actors::Conduit, presence: &Presence) -> Result<()> {
+    let body = serde_json::to_vec(presence)
+        .map_err(|e| crate::Error::codec(format!("a presence that is not JSON: {e}")))?;
+    let message = Outgoing {
+        body,
+        ..Outgoing::default()
+    };
+    conduit.send(Route::Presence, message).await
+}
+
 /// A communicator's queues `(name, prefetch, subscribers, running)` and identifiers.
 #[derive(Debug, Default)]
 pub(crate) struct Subscriptions {
@@ -552,7 +562,7 @@ pub(crate) struct Subscriptions {
 /// never keeps a communicator open.
 pub(crate) async fn announce_while_open(core: std::sync::Weak<Core>, interval: Duration) {
     loop {
-        {
+        let (presence, conduit) = {
             let Some(core) = core.upgrade() else {
                 return;
             };
@@ -560,13 +570,18 @@ pub(crate) async fn announce_while_open(core: std::sync::Weak<Core>, interval: D
                 return;
             }
             let presence = core.presence_now(core.subscriptions().await, false);
-            if let Err(error) = core.announce(&presence).await {
-                if matches!(error.kind(), ErrorKind::Closed) {
-                    return;
-                }
-                tracing::debug!(%error, "a presence announcement was not sent");
+            (presence, core.conduit.clone())
+        };
+        // Sent without the communicator: a publish that waits for its confirm (up to the
+        // send timeout, with the broker away) does not keep a dropped one open; its
+        // transport is closed then, and the send fails `Closed`.
+        if let Err(error) = announce(&conduit, &presence).await {
+            if matches!(error.kind(), ErrorKind::Closed) {
+                return;
             }
+            tracing::debug!(%error, "a presence announcement was not sent");
         }
+        drop(conduit);
         actix_rt::time::sleep(interval).await;
     }
 }
@@ -582,7 +597,11 @@ impl Communicator {
 
     /// Every announcement on the broker from now on, this communicator's own included, as
     /// long as the stream is held; an undecodable one is skipped with a warning. `Refused`
-    /// on AiiDA's ZeroMQ broker (see the module docs).
+    /// on AiiDA's ZeroMQ broker (see the module docs). At most the message prefetch
+    /// ([`Settings::with_message_prefetch`](crate::Settings::with_message_prefetch)) of
+    /// announcements wait in the stream; more wait in the broker while it is not read
+    /// (for 66 s, the presence queue's message TTL). Dropping the stream, or this future
+    /// before it resolves, removes the watcher's queue.
     pub async fn watch_presence(&self) -> Result<BoxStream<'static, Presence>> {
         let inner = &self.inner;
         inner.check_open()?;
@@ -591,15 +610,20 @@ impl Communicator {
             inner.settings.message_exchange,
             uuid::Uuid::new_v4().simple()
         );
-        let consumer = inner
+        let consume = inner
             .conduit
             .transport
-            .consume(Source::Presence(queue), 0)
-            .await?;
-        let transport = inner.conduit.transport.clone();
-        let tag = consumer.tag;
-        let cancel = CancelOnDrop(Some((transport, tag)));
-        let stream = consumer.deliveries.filter_map(move |delivery| {
+            .consume(Source::Presence(queue), inner.conduit.message_prefetch);
+        let owner = Arc::downgrade(inner);
+        // Consumed as one operation: a caller that gives up has the consumer cancelled.
+        let consumer = crate::communicator::to_completion(
+            inner,
+            async move { consume.await.map(|c| Unwatched::new(owner, c)) },
+            |_, unwatched| async move { drop(unwatched) },
+        )
+        .await?;
+        let Unwatched { consumer, cancel } = consumer;
+        let stream = consumer.filter_map(move |delivery| {
             let _held = &cancel;
             let presence = serde_json::from_slice::<Presence>(&delivery.body);
             delivery.acker.settle(crate::transport::Outcome::Ack);
@@ -615,20 +639,113 @@ impl Communicator {
     }
 }
 
-/// Cancels a watcher's consumer (its queue goes with it) when its stream is dropped.
-struct CancelOnDrop(Option<(Arc<dyn crate::transport::Transport>, String)>);
+/// A watcher's deliveries, and what cancels its consumer when they are dropped.
+struct Unwatched {
+    consumer: BoxStream<'static, crate::transport::Delivery>,
+    cancel: CancelOnDrop,
+}
+
+impl Unwatched {
+    fn new(owner: std::sync::Weak<Core>, consumer: crate::transport::Consumer) -> Self {
+        Self {
+            consumer: consumer.deliveries,
+            cancel: CancelOnDrop {
+                owner,
+                tag: Some(consumer.tag),
+            },
+        }
+    }
+}
+
+/// Cancels a watcher's consumer (its queue goes with it) when its stream is dropped, on the
+/// communicator's runtime; held weakly: a watch does not keep a communicator open (a
+/// closing one drops its consumers anyway).
+struct CancelOnDrop {
+    owner: std::sync::Weak<Core>,
+    tag: Option<String>,
+}
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        if let Some((transport, tag)) = self.0.take() {
-            let cancel = transport.cancel(&tag);
-            // Nothing awaits it here; a closing transport drops its consumers anyway.
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn(cancel)),
-                Err(_) => drop(std::thread::spawn(move || {
-                    futures::executor::block_on(cancel)
-                })),
-            }
+        if let (Some(tag), Some(core)) = (self.tag.take(), self.owner.upgrade()) {
+            let cancel = core.conduit.transport.cancel(&tag);
+            core.runtime.spawn(async move {
+                if let Err(error) = cancel.await {
+                    tracing::debug!(%error, "a presence watcher's consumer was not cancelled");
+                }
+            });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_is_clamped_and_a_nan_says_unknown() {
+        let activity = Activity::default();
+        let queue: Arc<str> = "q".into();
+        let progress = activity.begin(&queue, Some("c1"));
+        let read = || activity.in_flight(Instant::now())[0].clone();
+        progress.report(1.7, Some("almost".to_owned()));
+        assert_eq!(
+            (read().progress, read().note.as_deref()),
+            (Some(1.0), Some("almost"))
+        );
+        progress.report(-3.0, None);
+        assert_eq!(
+            (read().progress, read().note.as_deref()),
+            (Some(0.0), Some("almost"))
+        );
+        progress.report(f64::NAN, None);
+        assert_eq!(read().progress, None);
+        assert_eq!(read().correlation_id.as_deref(), Some("c1"));
+        drop(progress);
+        assert!(activity.in_flight(Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn a_roster_forgets_a_member_silent_longer_than_it_keeps_them() {
+        let mut roster = Roster::default();
+        let heard = Instant::now();
+        let presence = Presence {
+            id: "a".into(),
+            host: "h".into(),
+            pid: 1,
+            program: "p".into(),
+            version: "0".into(),
+            backend: "mem".into(),
+            node: "mem://".into(),
+            connected: true,
+            sent_at_ms: 0,
+            uptime_secs: 0.0,
+            interval_secs: 1.0,
+            task_queues: Vec::new(),
+            rpc_identifiers: 0,
+            broadcast_filters: Vec::new(),
+            in_flight: Vec::new(),
+            counts: TaskCounts::default(),
+            restarts: 0,
+            subscribers_lost: 0,
+            pending_results: 0,
+            closing: false,
+        };
+        roster.heard(presence, heard);
+        let standing = |roster: &mut Roster, after: Duration| {
+            roster.members(heard + after).first().map(|m| m.standing)
+        };
+        assert_eq!(
+            standing(&mut roster, Duration::from_secs(2)),
+            Some(Standing::Live)
+        );
+        assert_eq!(
+            standing(&mut roster, Duration::from_secs(4)),
+            Some(Standing::Lost)
+        );
+        assert_eq!(
+            standing(&mut roster, Roster::KEPT + Duration::from_secs(1)),
+            None
+        );
     }
 }

@@ -281,7 +281,46 @@ async fn serving_elsewhere_than_loopback_needs_a_token() {
     comm.close().await.unwrap();
 }
 
+/// A dashboard dropped — or its start dropped at any point — takes its RPC and broadcast
+/// subscribers with it.
+async fn a_dropped_dashboard_leaves_no_subscriber_behind(backend: Backend) {
+    let comm = connect(&settings(backend)).await;
+    let before = comm.health().await;
+    let subscribers = async || {
+        let health = comm.health().await;
+        (health.rpc_subscribers, health.broadcast_subscribers)
+    };
+    let dashboard = Dashboard::start(&comm, DashboardOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        subscribers().await,
+        (before.rpc_subscribers + 1, before.broadcast_subscribers + 1)
+    );
+    drop(dashboard);
+    let at_first = (before.rpc_subscribers, before.broadcast_subscribers);
+    until("the dashboard's subscribers removed", subscribers, |s| {
+        *s == at_first
+    })
+    .await;
+    for polls in 1..12 {
+        let mut start = std::pin::pin!(Dashboard::start(&comm, DashboardOptions::default()));
+        for _ in 0..polls {
+            if futures::poll!(start.as_mut()).is_ready() {
+                break;
+            }
+            actix_rt::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    until("every start's subscribers removed", subscribers, |s| {
+        *s == at_first
+    })
+    .await;
+    comm.close().await.unwrap();
+}
+
 on_both_backends!(
+    a_dropped_dashboard_leaves_no_subscriber_behind,
     the_api_shows_the_fleet_and_refuses_bad_input,
     a_token_is_required_when_set,
 );
