@@ -3,9 +3,10 @@
 //! Both sides use the same queue kinds and arguments (kiwiPy's: durable task queues with a
 //! message TTL, exclusive RPC queues, broadcast queues), persistent 1 KiB bodies in kiwiPy's
 //! envelopes encoded with MessagePack, publisher confirms, mandatory task publishes, manual
-//! acks and prefetch 100. Each figure runs `KIWIMQ_BENCH_ROUNDS` times (default 3),
-//! alternating the two implementations (kiwimq first in even rounds, lapin first in odd
-//! ones) to cancel drift; the median is reported.
+//! acks and prefetch 100. Each piece of work runs `KIWIMQ_BENCH_ROUNDS` times (default 3),
+//! on both sides back to back — kiwimq first in every other pair — so the two figures of a
+//! pair see the same machine; a round's ratio compares its pair, and the median of the
+//! rounds' ratios is reported beside their range.
 //!
 //! `cargo bench --bench amqp`. Broker: `KIWIMQ_URL` (an `amqp://` URI) or the local RabbitMQ. Sizes:
 //! `KIWIMQ_BENCH_PUBLISH`, `_CONSUME`, `_PULL`, `_ROUNDTRIPS`, `_CONCURRENT`, `_SENDERS`,
@@ -161,7 +162,7 @@ trait Side {
     async fn broadcast(&self, n: usize, subscribers: usize) -> Duration;
 }
 
-/// Every figure, in the order [`measure`] returns them, and whether it is a rate (higher is
+/// Every figure, in the order [`WORKS`] yields them, and whether it is a rate (higher is
 /// better) rather than a latency.
 const FIGURES: [(&str, bool); 10] = [
     ("publish_msgs_per_s", true),
@@ -176,27 +177,70 @@ const FIGURES: [(&str, bool); 10] = [
     ("broadcast10_msgs_per_s", true),
 ];
 
-/// One round of every figure for `side`, in the order of [`FIGURES`].
-async fn measure(side: &impl Side, tag: &str, names: &Names, s: Sizes) -> Vec<f64> {
+/// One piece of the benchmark's work. Each is run by both sides back to back before the
+/// next begins, so that the two figures of a pair see the same machine.
+#[derive(Clone, Copy)]
+enum Work {
+    Publish,
+    Consume,
+    Pull,
+    Roundtrips,
+    Concurrent,
+    Rpc,
+    Broadcast,
+    Broadcast10,
+}
+
+/// The work in the order of [`FIGURES`] (round trips and RPC give two figures each).
+const WORKS: [Work; 8] = [
+    Work::Publish,
+    Work::Consume,
+    Work::Pull,
+    Work::Roundtrips,
+    Work::Concurrent,
+    Work::Rpc,
+    Work::Broadcast,
+    Work::Broadcast10,
+];
+
+/// `work` done once by `side`: its figures, in the order of [`FIGURES`].
+async fn measure(side: &impl Side, work: Work, tag: &str, names: &Names, s: Sizes) -> Vec<f64> {
     let queue = |what: &str| names.queue(&format!("{tag}-{what}"));
-    let mut roundtrips = side.roundtrips(&queue("rt"), s.roundtrips, names).await;
-    let mut rpc = side.rpc(s.rpc, names).await;
-    vec![
-        rate(s.publish, side.publish(&queue("pub"), s.publish).await),
-        rate(s.consume, side.consume(&queue("con"), s.consume).await),
-        rate(s.pull, side.pull(&queue("pull"), s.pull).await),
-        percentile_us(&mut roundtrips, 50),
-        percentile_us(&mut roundtrips, 99),
-        rate(
+    match work {
+        Work::Publish => vec![rate(
+            s.publish,
+            side.publish(&queue("pub"), s.publish).await,
+        )],
+        Work::Consume => vec![rate(
+            s.consume,
+            side.consume(&queue("con"), s.consume).await,
+        )],
+        Work::Pull => vec![rate(s.pull, side.pull(&queue("pull"), s.pull).await)],
+        Work::Roundtrips => {
+            let mut samples = side.roundtrips(&queue("rt"), s.roundtrips, names).await;
+            vec![
+                percentile_us(&mut samples, 50),
+                percentile_us(&mut samples, 99),
+            ]
+        }
+        Work::Concurrent => vec![rate(
             s.concurrent,
             side.concurrent(&queue("conc"), s.concurrent, s.senders, names)
                 .await,
-        ),
-        percentile_us(&mut rpc, 50),
-        percentile_us(&mut rpc, 99),
-        rate(s.broadcasts, side.broadcast(s.broadcasts, 1).await),
-        rate(s.broadcasts10, side.broadcast(s.broadcasts10, 10).await),
-    ]
+        )],
+        Work::Rpc => {
+            let mut samples = side.rpc(s.rpc, names).await;
+            vec![
+                percentile_us(&mut samples, 50),
+                percentile_us(&mut samples, 99),
+            ]
+        }
+        Work::Broadcast => vec![rate(s.broadcasts, side.broadcast(s.broadcasts, 1).await)],
+        Work::Broadcast10 => vec![rate(
+            s.broadcasts10,
+            side.broadcast(s.broadcasts10, 10).await,
+        )],
+    }
 }
 
 // ---- kiwimq ----------------------------------------------------------------------------
@@ -1062,9 +1106,19 @@ fn gethostname() -> String {
 /// One figure's samples per implementation, and whether higher is better.
 struct Figure {
     name: &'static str,
+    /// One sample a round, each measured right beside the other side's of the same round.
     kiwimq: Vec<f64>,
     lapin: Vec<f64>,
     rate: bool,
+}
+
+impl Figure {
+    /// kiwimq against lapin in each round: kiwimq/lapin for a rate, lapin/kiwimq for a
+    /// latency, so 1.0 is parity and higher is better for kiwimq.
+    fn ratios(&self) -> Vec<f64> {
+        let ratio = |(k, l): (&f64, &f64)| if self.rate { k / l } else { l / k };
+        self.kiwimq.iter().zip(&self.lapin).map(ratio).collect()
+    }
 }
 
 fn broker_version() -> String {
@@ -1104,25 +1158,23 @@ async fn main() {
     let s = sizes;
     let started = Instant::now();
     for round in 0..s.rounds {
-        // kiwimq first in even rounds, lapin first in odd ones.
-        for run_kiwimq in [round % 2 == 0, round % 2 != 0] {
-            eprintln!(
-                "round {}/{}: {}",
-                round + 1,
-                s.rounds,
-                if run_kiwimq { "kiwimq" } else { "lapin" }
-            );
-            let values = if run_kiwimq {
-                measure(&kiwimq, "k", &names, s).await
+        eprintln!("round {}/{}", round + 1, s.rounds);
+        let mut figures_left = figures.iter_mut();
+        for (index, work) in WORKS.into_iter().enumerate() {
+            // Each side goes first in every other pair, so neither always meets a broker
+            // still busy with the other's leftovers.
+            let kiwimq_first = (round + index) % 2 == 0;
+            let (k, l) = if kiwimq_first {
+                let k = measure(&kiwimq, work, "k", &names, s).await;
+                (k, measure(&lapin, work, "l", &names, s).await)
             } else {
-                measure(&lapin, "l", &names, s).await
+                let l = measure(&lapin, work, "l", &names, s).await;
+                (measure(&kiwimq, work, "k", &names, s).await, l)
             };
-            for (figure, value) in figures.iter_mut().zip(values) {
-                if run_kiwimq {
-                    figure.kiwimq.push(value);
-                } else {
-                    figure.lapin.push(value);
-                }
+            for (k, l) in k.into_iter().zip(l) {
+                let figure = figures_left.next().expect("a figure per value");
+                figure.kiwimq.push(k);
+                figure.lapin.push(l);
             }
         }
     }
@@ -1134,7 +1186,8 @@ async fn main() {
 
     let broker = broker_version();
     println!(
-        "\nkiwimq vs raw lapin on {broker}, {} B bodies, median of {} alternating rounds ({:.0?})\n",
+        "\nkiwimq vs raw lapin on {broker}, {} B bodies, {} rounds, each figure's two sides back to back; \
+         ratio = the median of the rounds' ratios ({:.0?})\n",
         common::BODY_BYTES,
         s.rounds,
         started.elapsed()
@@ -1148,10 +1201,21 @@ async fn main() {
     for figure in &figures {
         let k = median(figure.kiwimq.clone());
         let l = median(figure.lapin.clone());
-        let ratio = if figure.rate { k / l } else { l / k };
+        // The median of the rounds' ratios: each pair was measured back to back, so a
+        // round the machine was slow in moves both of its figures, not one.
+        let ratios = figure.ratios();
+        let ratio = median(ratios.clone());
+        let (lowest, highest) = ratios
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
         rows.push((
             figure.name.to_string(),
-            vec![format!("{k:.0}"), format!("{l:.0}"), format!("{ratio:.2}")],
+            vec![
+                format!("{k:.0}"),
+                format!("{l:.0}"),
+                format!("{ratio:.2}"),
+                format!("{lowest:.2}–{highest:.2}"),
+            ],
         ));
         kiwimq_json.insert(figure.name.into(), serde_json::json!(k.round()));
         lapin_json.insert(figure.name.into(), serde_json::json!(l.round()));
@@ -1162,7 +1226,7 @@ async fn main() {
     }
     rows.push((
         format!("rss_mb_with_{}_pending", s.pending),
-        vec![format!("{rss:.0}"), "-".into(), "-".into()],
+        vec![format!("{rss:.0}"), "-".into(), "-".into(), "-".into()],
     ));
     for (name, value) in [
         (
@@ -1182,7 +1246,7 @@ async fn main() {
             format!("{many_p50:.0}"),
         ),
     ] {
-        rows.push((name, vec![value, "-".into(), "-".into()]));
+        rows.push((name, vec![value, "-".into(), "-".into(), "-".into()]));
     }
     kiwimq_json.insert("rpc_subscribers_add_s".into(), serde_json::json!(many_add));
     kiwimq_json.insert(
@@ -1205,7 +1269,7 @@ async fn main() {
         "rss_growth_mb_with_pending_results".into(),
         serde_json::json!((rss_growth * 10.0).round() / 10.0),
     );
-    common::print_table(&["kiwimq", "lapin", "ratio"], &rows);
+    common::print_table(&["kiwimq", "lapin", "ratio", "rounds"], &rows);
     let report = serde_json::json!({
         "kiwimq": kiwimq_json,
         "lapin": lapin_json,
@@ -1231,7 +1295,7 @@ async fn main() {
         },
         "samples": figures
             .iter()
-            .map(|f| (f.name.to_string(), serde_json::json!({"kiwimq": f.kiwimq, "lapin": f.lapin})))
+            .map(|f| (f.name.to_string(), serde_json::json!({"kiwimq": f.kiwimq, "lapin": f.lapin, "ratios": f.ratios()})))
             .collect::<serde_json::Map<_, _>>(),
     });
     common::write_report("kiwimq-bench.json", &report);
