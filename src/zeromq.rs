@@ -13,10 +13,12 @@
 //! runs); kiwimq's broker returns it (the optional `results` field, which AiiDA's clients
 //! never send). JSON only ([`Codec::Json`](crate::Codec::Json), the default for `zmq://` URIs).
 //! `protocol` holds the messages, `client` the transport, `broker` kiwimq's own broker
-//! (`kiwimq broker`) and `store` its durable task queue.
+//! (`kiwimq broker`), `store` its durable task queue and `journal` the write-ahead journal
+//! that confirms its tasks.
 
 pub(crate) mod broker;
 mod client;
+mod journal;
 mod protocol;
 mod store;
 

@@ -214,6 +214,53 @@ async fn a_broker_killed_with_1000_confirmed_tasks_loses_none_and_every_client_r
     worker.close().await.unwrap();
 }
 
+/// A task is confirmed once it is in the broker's journal; its file follows. A broker killed
+/// between the two writes the file from the journal at its next start.
+#[actix_rt::test]
+async fn a_broker_killed_right_after_its_confirms_keeps_every_task_of_its_journal() {
+    const TASKS: u64 = 3_000;
+    let mut broker = BrokerProcess::kiwimq(30).await;
+    let sender = connect(&broker.socket_uri()).await;
+    let sender_ref = &sender;
+    let sends = (0..TASKS).map(|n| async move { sender_ref.task_send_no_reply(&n).await });
+    for sent in futures::future::join_all(sends).await {
+        sent.expect("confirmed");
+    }
+    broker.kill().await;
+    // Task files only: a temporary one being written does not count.
+    let files = std::fs::read_dir(broker.service_dir.join("storage/tasks/pending"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        })
+        .count();
+    broker.restart().await;
+    let worker = connect(&broker.uri()).await;
+    let handled = common::recorded_tasks::<u64>(&worker).await;
+    eventually(
+        Duration::from_secs(60),
+        "every confirmed task handled",
+        || tally(&handled).0 as u64 == TASKS,
+    )
+    .await;
+    eventually(SOON, "the broker's storage empty", || {
+        broker.stored_tasks() == (0, 0)
+    })
+    .await;
+    let (distinct, twice) = tally(&handled);
+    println!(
+        "kiwimq broker kill -9 right after {TASKS} confirms: {files} task files in pending/ at \
+         the kill, {} only in the journal; after the restart {distinct} handled, {} lost, \
+         {twice} run twice",
+        TASKS as usize - files.min(TASKS as usize),
+        TASKS as usize - distinct
+    );
+    assert_eq!(twice, 0, "a task ran twice");
+    sender.close().await.unwrap();
+    worker.close().await.unwrap();
+}
+
 #[actix_rt::test]
 async fn the_tasks_of_a_killed_worker_run_elsewhere() {
     const TASKS: u64 = 20;
@@ -397,4 +444,61 @@ async fn the_dashboard_shows_a_zeromq_profile() {
     drop(dashboard);
     comm.close().await.unwrap();
     broker.stop().unwrap();
+}
+
+/// A task's id names its file: one that cannot (a path, say) is refused with an error, and
+/// is neither stored nor in the way of the tasks read with it.
+#[test]
+fn a_task_whose_id_cannot_name_a_file_is_refused_and_the_others_are_stored() {
+    let dir = scratch("kiwimq-broker-ids");
+    let broker = Broker::new(&dir).start().unwrap();
+    let context = zmq::Context::new();
+    let client = context.socket(zmq::DEALER).unwrap();
+    client.set_identity(b"client-bad-ids").unwrap();
+    client.set_rcvtimeo(10_000).unwrap();
+    let endpoint = broker.socket_uri().replacen("zmq+ipc://", "ipc://", 1);
+    client.connect(&endpoint).unwrap();
+    let task = |id: &str| {
+        serde_json::json!({"type": "task", "id": id, "sender": "raw", "body": {"n": 1}, "no_reply": false})
+            .to_string()
+    };
+    for id in ["../../escaped", "good-1"] {
+        client
+            .send_multipart([&b""[..], task(id).as_bytes()], 0)
+            .unwrap();
+    }
+    let mut answers = std::collections::HashMap::new();
+    while answers.len() < 2 {
+        let frames = client.recv_multipart(0).expect("an answer within 10 s");
+        let answer: serde_json::Value = serde_json::from_slice(frames.last().unwrap()).unwrap();
+        if answer["type"] == "task_response" {
+            answers.insert(answer["task_id"].as_str().unwrap().to_owned(), answer);
+        }
+    }
+    let refused = &answers["../../escaped"];
+    assert_eq!(refused["result"], false);
+    assert!(
+        refused["error"].as_str().unwrap().contains("task id"),
+        "{refused}"
+    );
+    assert_eq!(answers["good-1"]["result"], true);
+    assert!(answers["good-1"]["error"].is_null());
+    let stored = |dir: &std::path::Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".json"))
+            .collect::<Vec<_>>()
+    };
+    let pending = dir.join("storage/tasks/pending");
+    let deadline = std::time::Instant::now() + SOON;
+    while stored(&pending).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let names = stored(&pending);
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].ends_with("_good-1.json"), "{names:?}");
+    assert!(!dir.join("escaped").exists() && !dir.join("storage/escaped").exists());
+    broker.stop().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
 }

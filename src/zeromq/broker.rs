@@ -30,7 +30,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::protocol::{Incoming, Outgoing, json_string, json_true, kind, null};
+use super::journal::Wake;
+use super::protocol::{Incoming, Outgoing, json_false, json_string, json_true, kind, null};
 use super::store::{Store, StoredTask};
 use crate::error::{Error, Result};
 
@@ -102,7 +103,12 @@ impl Broker {
             })
             .map_err(|e| io_error("a waker", e))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let server = Server::open(&self, wakee, stop.clone())?;
+        let wake_store = waker.try_clone().map_err(|e| io_error("a waker", e))?;
+        // The store's materializer wakes the loop when more stored tasks can go out.
+        let wake: Wake = Box::new(move || {
+            let _ = (&wake_store).write(&[1]);
+        });
+        let server = Server::open(&self, wakee, wake, stop.clone())?;
         let socket = server.files.socket.clone();
         let thread = std::thread::Builder::new()
             .name("kiwimq-broker".into())
@@ -390,7 +396,12 @@ struct Server {
 }
 
 impl Server {
-    fn open(options: &Broker, wakee: UnixStream, stop: Arc<AtomicBool>) -> Result<Self> {
+    fn open(
+        options: &Broker,
+        wakee: UnixStream,
+        wake: Wake,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self> {
         let dir = &options.service_dir;
         std::fs::create_dir_all(dir).map_err(|e| io_error("the service directory", e))?;
         let files = ServiceFiles::new(dir);
@@ -402,8 +413,8 @@ impl Server {
             )));
         }
         let storage = dir.join("storage");
-        let store =
-            Store::open(&storage.join("tasks")).map_err(|e| io_error("the task storage", e))?;
+        let store = Store::open(&storage.join("tasks"), wake)
+            .map_err(|e| io_error("the task storage", e))?;
         let state_file = storage.join("broker-state.json");
         let persisted: Persisted = std::fs::read(&state_file)
             .ok()
@@ -605,6 +616,11 @@ impl Server {
         };
         self.dirty = true;
         self.persist();
+        if !self.store.flush(Duration::from_secs(30)) {
+            tracing::warn!(
+                "stored tasks not yet in pending/ are left in the journal for the next start"
+            );
+        }
         let _ = self.store.sync();
         self.files.remove();
         tracing::info!("broker stopped");
@@ -745,6 +761,20 @@ impl Server {
 
     fn on_task(&mut self, from: Identity, message: Incoming<'_>) {
         let id = message.id.clone().unwrap_or_else(super::protocol::new_id);
+        if !usable_task_id(&id) {
+            // Its file could not be named after it (AiiDA's ids are `uuid4().hex`).
+            let refusal = Outgoing {
+                task_id: Some(&id),
+                result: Some(json_false()),
+                error: Some(Some(
+                    "a task id must be 1 to 128 ASCII letters, digits, '-' or '_'",
+                )),
+                ..Outgoing::new(kind::TASK_RESPONSE, &self.sender)
+            }
+            .encode();
+            tracing::warn!(client = %shown(&from), task_id = %id, "a task with an id that cannot name its file was refused");
+            return self.send(&from, &refusal);
+        }
         let body = message.body.unwrap_or_else(|| null()).to_owned();
         let no_reply = message.no_reply.unwrap_or(false);
         let sender = message
@@ -1088,6 +1118,14 @@ impl Server {
 }
 
 /// The identifier a subscription names (AiiDA falls back on the sender).
+/// Whether a task can be stored under `id`: it names the task's file.
+fn usable_task_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 fn message_identifier(message: &Incoming<'_>) -> Option<String> {
     message
         .identifier

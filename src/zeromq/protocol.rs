@@ -151,6 +151,14 @@ pub(crate) fn json_true() -> &'static RawValue {
     &TRUE
 }
 
+/// JSON `false`, as a raw value (a task refused).
+pub(crate) fn json_false() -> &'static RawValue {
+    static FALSE: std::sync::LazyLock<Box<RawValue>> = std::sync::LazyLock::new(|| {
+        RawValue::from_string("false".to_owned()).expect("false is JSON")
+    });
+    &FALSE
+}
+
 impl<'a> Outgoing<'a> {
     /// A message of `kind` from `sender`, with a fresh id and nothing else set.
     pub(crate) fn new(kind: &'static str, sender: &'a RawValue) -> Self {

@@ -16,12 +16,14 @@
 //! them back.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::journal::{self, Journal, Wake};
 
 /// A task as stored: AiiDA's fields (`id, sender, sender_identity, body, no_reply,
 /// timestamp`) and kiwimq's optional `results`. Tolerates the files `verdi process repair`
@@ -51,7 +53,7 @@ const SPARES_KEPT: usize = 1024;
 
 /// Empty files for new tasks to be written into, and the thread that makes them.
 #[derive(Debug)]
-struct Spares {
+pub(super) struct Spares {
     dir: PathBuf,
     pool: Mutex<Vec<PathBuf>>,
     /// Signalled when the pool runs low, and at the end.
@@ -61,6 +63,33 @@ struct Spares {
 }
 
 impl Spares {
+    /// The spares under `dir` (created), as a last run left them.
+    pub(super) fn open(dir: &Path) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        // A spare's content is nothing: one a crash left half written is as good as any.
+        let mut pool = Vec::new();
+        let mut next = 0u64;
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            let number = path
+                .file_stem()
+                .and_then(|stem| stem.to_str()?.parse::<u64>().ok());
+            next = next.max(number.map_or(0, |n| n + 1));
+            if pool.len() < SPARES_KEPT {
+                pool.push(path);
+            } else {
+                fs::remove_file(path)?;
+            }
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            pool: Mutex::new(pool),
+            low: Condvar::new(),
+            next: AtomicU64::new(next),
+            stop: AtomicBool::new(false),
+        })
+    }
+
     fn pool(&self) -> MutexGuard<'_, Vec<PathBuf>> {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -71,7 +100,7 @@ impl Spares {
     }
 
     /// A spare, if one is ready.
-    fn take(&self) -> Option<PathBuf> {
+    pub(super) fn take(&self) -> Option<PathBuf> {
         let mut pool = self.pool();
         let spare = pool.pop();
         if pool.len() < SPARES_KEPT / 2 {
@@ -140,6 +169,10 @@ pub(crate) struct Store {
     cached: HashMap<String, StoredTask>,
     /// The last timestamp used in a name, so names stay unique and ordered within a batch.
     last_us: u128,
+    /// Where a stored task is confirmed first; its file follows.
+    journal: Journal,
+    /// Pending tasks whose file is not written yet, with their place in the journal.
+    unwritten: HashMap<String, u64>,
 }
 
 /// The task id a file's name carries: `{time_us}_{task_id}.json`.
@@ -150,43 +183,22 @@ fn task_id(name: &str) -> Option<&str> {
 }
 
 /// Syncs a directory, so the names created or removed in it survive a crash.
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
 impl Store {
     /// Opens (creating) the queue under `tasks_dir`: what was processing goes back to
-    /// pending (its worker's broker is gone), in name order.
-    pub(crate) fn open(tasks_dir: &Path) -> io::Result<Self> {
+    /// pending (its worker's broker is gone), the journal's unwritten tasks are written,
+    /// all in name order. `wake` is called whenever more stored tasks can be handed out.
+    pub(crate) fn open(tasks_dir: &Path, wake: Wake) -> io::Result<Self> {
         let pending_dir = tasks_dir.join("pending");
         let processing_dir = tasks_dir.join("processing");
         let corrupt_dir = tasks_dir.join("corrupt");
         let spare_dir = tasks_dir.join("spare");
         fs::create_dir_all(&pending_dir)?;
         fs::create_dir_all(&processing_dir)?;
-        fs::create_dir_all(&spare_dir)?;
-        // A spare's content is nothing: one a crash left half written is as good as any.
-        let mut pool = Vec::new();
-        let mut next = 0u64;
-        for entry in fs::read_dir(&spare_dir)? {
-            let path = entry?.path();
-            let number = path
-                .file_stem()
-                .and_then(|stem| stem.to_str()?.parse::<u64>().ok());
-            next = next.max(number.map_or(0, |n| n + 1));
-            if pool.len() < SPARES_KEPT {
-                pool.push(path);
-            } else {
-                fs::remove_file(path)?;
-            }
-        }
-        let spares = Arc::new(Spares {
-            dir: spare_dir.clone(),
-            pool: Mutex::new(pool),
-            low: Condvar::new(),
-            next: AtomicU64::new(next),
-            stop: AtomicBool::new(false),
-        });
+        let spares = Arc::new(Spares::open(&spare_dir)?);
         let stocker = spares.clone();
         let stocking = std::thread::Builder::new()
             .name("kiwimq-spares".into())
@@ -198,6 +210,9 @@ impl Store {
                 fs::rename(entry.path(), pending_dir.join(&name))?;
             }
         }
+        let journal_file = tasks_dir.join("journal");
+        journal::replay(&journal_file, &pending_dir)?;
+        let journal = Journal::start(&journal_file, pending_dir.clone(), spares.clone(), wake)?;
         let mut pending = Vec::new();
         for entry in fs::read_dir(&pending_dir)? {
             let entry = entry?;
@@ -224,6 +239,8 @@ impl Store {
             stocking: Some(stocking),
             cached: HashMap::new(),
             last_us: 0,
+            journal,
+            unwritten: HashMap::new(),
         })
     }
 
@@ -246,64 +263,49 @@ impl Store {
         format!("{}_{task_id}.json", self.last_us)
     }
 
-    /// Stores a batch of tasks durably, in order; returns once all are on disk.
+    /// Stores a batch of tasks durably, in order; returns once all are on disk (in the
+    /// journal: their files follow, and each is handed out only once it has one).
     pub(crate) fn push_all(&mut self, tasks: &[StoredTask]) -> io::Result<()> {
         if tasks.is_empty() {
             return Ok(());
         }
-        let mut written = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            let id = task.id.as_deref().unwrap_or("unnamed");
-            let name = self.name_for(id);
-            // A spare is written over where it is (a crash leaves it a spare); a new file
-            // is made as a temporary one (a crash leaves a `.tmp`, removed at start).
-            let (path, mut file) = match self.spares.take() {
-                Some(spare) => {
-                    let file = OpenOptions::new().write(true).truncate(true).open(&spare)?;
-                    (spare, file)
-                }
-                None => {
-                    let temporary = self.pending_dir.join(format!("{name}.tmp"));
-                    let file = File::create(&temporary)?;
-                    (temporary, file)
-                }
-            };
-            file.write_all(&serde_json::to_vec(task).map_err(io::Error::other)?)?;
-            written.push((name, path, file));
-        }
-        // Issued together, the syncs share the file system's journal commits.
-        let threads = written.len().clamp(1, 8);
-        let chunk = written.len().div_ceil(threads);
-        std::thread::scope(|scope| -> io::Result<()> {
-            let syncs: Vec<_> = written
-                .chunks(chunk)
-                .map(|files| {
-                    scope.spawn(move || files.iter().try_for_each(|(_, _, file)| file.sync_data()))
-                })
-                .collect();
-            for sync in syncs {
-                sync.join()
-                    .map_err(|_| io::Error::other("a sync thread panicked"))??;
-            }
-            Ok(())
-        })?;
-        for (name, path, _) in &written {
-            fs::rename(path, self.pending_dir.join(name))?;
-        }
-        sync_dir(&self.pending_dir)?;
-        for ((name, _, _), task) in written.into_iter().zip(tasks) {
+        let names: Vec<String> = tasks
+            .iter()
+            .map(|task| self.name_for(task.id.as_deref().unwrap_or("unnamed")))
+            .collect();
+        let seqs = self.journal.append(tasks, &names)?;
+        for ((name, seq), task) in names.into_iter().zip(seqs).zip(tasks) {
             if self.cached.len() < CACHED_TASKS {
                 self.cached.insert(name.clone(), task.clone());
             }
+            self.unwritten.insert(name.clone(), seq);
             self.pending.push_back(name);
         }
         Ok(())
     }
 
+    /// Waits (up to `timeout`) until every task stored has its file; whether they do.
+    pub(crate) fn flush(&self, timeout: Duration) -> bool {
+        self.journal.flush(timeout)
+    }
+
     /// Takes the next task into processing. Skips (and quarantines) files that do not
     /// decode, and files gone from under it.
     pub(crate) fn pop(&mut self) -> Option<(String, StoredTask)> {
+        let marked = if self.unwritten.is_empty() {
+            u64::MAX
+        } else {
+            self.journal.marked()
+        };
         while let Some(name) = self.pending.pop_front() {
+            if let Some(seq) = self.unwritten.remove(&name)
+                && seq > marked
+            {
+                // Its file is still being written: a task goes out only from `pending/`.
+                self.unwritten.insert(name.clone(), seq);
+                self.pending.push_front(name);
+                return None;
+            }
             let path = self.pending_dir.join(&name);
             let id = task_id(&name).unwrap_or_default().to_owned();
             if let Some(task) = self.cached.remove(&name) {
@@ -463,6 +465,16 @@ mod tests {
         }
     }
 
+    /// Stores `tasks` and waits until their files are written, as the broker's dispatch does.
+    fn push(store: &mut Store, tasks: &[StoredTask]) -> io::Result<()> {
+        store.push_all(tasks)?;
+        assert!(
+            store.flush(Duration::from_secs(10)),
+            "the files are written"
+        );
+        Ok(())
+    }
+
     fn raw(value: serde_json::Value) -> Box<serde_json::value::RawValue> {
         serde_json::value::to_raw_value(&value).unwrap()
     }
@@ -480,12 +492,12 @@ mod tests {
     #[test]
     fn tasks_survive_a_reopen_in_order_and_processing_ones_come_back() {
         let dir = scratch();
-        let mut store = Store::open(&dir).unwrap();
-        store.push_all(&[task("a"), task("b"), task("c")]).unwrap();
+        let mut store = Store::open(&dir, Box::new(|| {})).unwrap();
+        push(&mut store, &[task("a"), task("b"), task("c")]).unwrap();
         assert_eq!(store.pop().unwrap().0, "a");
         assert_eq!(store.processing(), 1);
         drop(store);
-        let mut store = Store::open(&dir).unwrap();
+        let mut store = Store::open(&dir, Box::new(|| {})).unwrap();
         assert_eq!(store.pending(), 3);
         let order: Vec<_> = std::iter::from_fn(|| store.pop().map(|(id, _)| id)).collect();
         assert_eq!(order, ["a", "b", "c"]);
@@ -500,8 +512,8 @@ mod tests {
     #[test]
     fn a_broken_file_is_moved_aside_and_a_repaired_one_is_read() {
         let dir = scratch();
-        let mut store = Store::open(&dir).unwrap();
-        store.push_all(&[task("good")]).unwrap();
+        let mut store = Store::open(&dir, Box::new(|| {})).unwrap();
+        push(&mut store, &[task("good")]).unwrap();
         fs::write(
             dir.join("pending/0000000000000001_truncated.json"),
             b"{\"body\": {\"ta",
@@ -514,7 +526,7 @@ mod tests {
         .unwrap();
         fs::write(dir.join("pending/3_never.json.tmp"), b"{").unwrap();
         drop(store);
-        let mut store = Store::open(&dir).unwrap();
+        let mut store = Store::open(&dir, Box::new(|| {})).unwrap();
         let (id, repaired) = store.pop().unwrap();
         assert_eq!(id, "repaired");
         assert_eq!(parsed(&repaired.body)["task"], "continue");
@@ -530,8 +542,8 @@ mod tests {
     fn an_acked_tasks_file_is_written_over_for_the_next() {
         use std::os::unix::fs::MetadataExt;
         let dir = scratch();
-        let mut store = Store::open(&dir).unwrap();
-        store.push_all(&[task("a")]).unwrap();
+        let mut store = Store::open(&dir, Box::new(|| {})).unwrap();
+        push(&mut store, &[task("a")]).unwrap();
         assert_eq!(store.pop().unwrap().0, "a");
         let name = fs::read_dir(dir.join("processing"))
             .unwrap()
@@ -548,10 +560,10 @@ mod tests {
         assert!(spares.contains(&inode), "the acked file is a spare");
         let mut longer = task("b");
         longer.body = raw(serde_json::json!({"task": "continue", "args": {"pid": 123456789}}));
-        store.push_all(&[longer, task("c")]).unwrap();
+        push(&mut store, &[longer, task("c")]).unwrap();
         drop(store);
         // Read back from the files, not the memory: a spare holds the new task only.
-        let mut store = Store::open(&dir).unwrap();
+        let mut store = Store::open(&dir, Box::new(|| {})).unwrap();
         let (id, b) = store.pop().unwrap();
         assert_eq!(id, "b");
         assert_eq!(parsed(&b.body)["args"]["pid"], 123456789);
@@ -564,10 +576,8 @@ mod tests {
     #[test]
     fn tasks_moved_or_removed_from_under_the_store_are_settled_where_they_are() {
         let dir = scratch();
-        let mut store = Store::open(&dir).unwrap();
-        store
-            .push_all(&[task("a"), task("b"), task("c"), task("d")])
-            .unwrap();
+        let mut store = Store::open(&dir, Box::new(|| {})).unwrap();
+        push(&mut store, &[task("a"), task("b"), task("c"), task("d")]).unwrap();
         let (a, _) = store.pop().unwrap();
         let (b, _) = store.pop().unwrap();
         // As `verdi process repair` does: processing/ back to pending/, and one pending

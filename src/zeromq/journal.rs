@@ -1,0 +1,475 @@
+//! The broker's write-ahead journal, `storage/tasks/journal`, owned by the [`Store`]: a
+//! batch of tasks is confirmed once its lines are appended here and synced — one sync for
+//! the whole batch. Each task's file in AiiDA's `pending/` is written afterwards by the
+//! materializer (a thread of the store's own), which syncs a batch of files and their
+//! directory and then appends a mark: every task up to it has its file. A task is handed to
+//! a worker only once it is marked, so a task above the last mark was never dispatched, and
+//! one at or below it whose file is gone was settled. The journal is emptied whenever every
+//! line in it is marked.
+//!
+//! At start, [`replay`] writes again each task above the last mark whose file in `pending/`
+//! is missing or does not decode (a crash between the confirm and the file), then empties
+//! the journal. A last line cut short by a crash was never synced, so never confirmed: it
+//! is skipped.
+//!
+//! [`Store`]: super::store::Store
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::store::{Spares, StoredTask, sync_dir};
+
+/// Called when the materializer has marked more tasks: the broker's loop can dispatch them.
+pub(crate) type Wake = Box<dyn Fn() + Send>;
+
+/// At most this many tasks are written and synced by the materializer in one go.
+const MATERIALIZED_AT_ONCE: usize = 4096;
+
+/// One task on its way to `pending/`: its place in the journal, its file name, its bytes.
+#[derive(Debug)]
+struct Entry {
+    seq: u64,
+    name: String,
+    bytes: Vec<u8>,
+}
+
+/// A line of the journal: a task (`seq`, `name`, `task`) or a mark (`synced`).
+#[derive(serde::Deserialize)]
+struct Line {
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    task: Option<Box<serde_json::value::RawValue>>,
+    #[serde(default)]
+    synced: Option<u64>,
+}
+
+/// The journal file, its length, and the last task appended to it.
+#[derive(Debug)]
+struct Appender {
+    file: File,
+    len: u64,
+    appended: u64,
+}
+
+impl Appender {
+    /// Appends `lines` (whole lines) and, if `sync`, waits until they are on disk. On an
+    /// error the file is cut back to its last whole line, so that the next lines are not
+    /// glued to a part of these.
+    fn append(&mut self, lines: &[u8], sync: bool) -> io::Result<()> {
+        let written = self
+            .file
+            .write_all(lines)
+            .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
+        match written {
+            Ok(()) => {
+                self.len += lines.len() as u64;
+                Ok(())
+            }
+            Err(error) => {
+                let _ = self.file.set_len(self.len);
+                Err(error)
+            }
+        }
+    }
+
+    /// Empties the journal.
+    fn clear(&mut self) -> io::Result<()> {
+        self.file.set_len(0)?;
+        self.len = 0;
+        Ok(())
+    }
+}
+
+/// What the broker's thread and the materializer share.
+#[derive(Debug)]
+struct Shared {
+    appender: Mutex<Appender>,
+    /// The last task whose file is written and synced.
+    marked: Mutex<u64>,
+    marked_changed: Condvar,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn appender(&self) -> MutexGuard<'_, Appender> {
+        self.appender.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn marked(&self) -> MutexGuard<'_, u64> {
+        self.marked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that every task up to `seq` has its file: a mark line, or an empty journal
+    /// when nothing was appended after it. Neither is synced: lost to a power cut, the tasks
+    /// below are written again at start (a settled one may then run again), never lost.
+    fn mark(&self, seq: u64) -> io::Result<()> {
+        let mut appender = self.appender();
+        if appender.appended == seq {
+            appender.clear()?;
+        } else {
+            appender.append(format!("{{\"synced\":{seq}}}\n").as_bytes(), false)?;
+        }
+        drop(appender);
+        *self.marked() = seq;
+        self.marked_changed.notify_all();
+        Ok(())
+    }
+}
+
+/// The journal and its materializer.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    shared: Arc<Shared>,
+    entries: Option<Sender<Vec<Entry>>>,
+    materializer: Option<JoinHandle<()>>,
+}
+
+impl Journal {
+    /// Opens the journal at `path` (empty: [`replay`] has run) and starts the materializer,
+    /// which writes tasks into `pending_dir` over `spares` and calls `wake` after each mark.
+    pub(crate) fn start(
+        path: &Path,
+        pending_dir: PathBuf,
+        spares: Arc<Spares>,
+        wake: Wake,
+    ) -> io::Result<Self> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let shared = Arc::new(Shared {
+            appender: Mutex::new(Appender {
+                len: file.metadata()?.len(),
+                file,
+                appended: 0,
+            }),
+            marked: Mutex::new(0),
+            marked_changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let (entries, received) = mpsc::channel();
+        let materializer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("kiwimq-tasks".into())
+                .spawn(move || materialize(&shared, &received, &pending_dir, &spares, &wake))?
+        };
+        Ok(Self {
+            shared,
+            entries: Some(entries),
+            materializer: Some(materializer),
+        })
+    }
+
+    /// Appends `tasks` (named `names`) and returns once they are on disk, with the place
+    /// of each in the journal; their files follow.
+    pub(crate) fn append(&self, tasks: &[StoredTask], names: &[String]) -> io::Result<Vec<u64>> {
+        let mut lines = Vec::with_capacity(tasks.len() * 256);
+        let mut entries = Vec::with_capacity(tasks.len());
+        let mut appender = self.shared.appender();
+        let mut seq = appender.appended;
+        for (task, name) in tasks.iter().zip(names) {
+            seq += 1;
+            let bytes = serde_json::to_vec(task).map_err(io::Error::other)?;
+            let quoted = serde_json::to_string(name).map_err(io::Error::other)?;
+            write!(lines, "{{\"seq\":{seq},\"name\":{quoted},\"task\":")?;
+            lines.extend_from_slice(&bytes);
+            lines.extend_from_slice(b"}\n");
+            entries.push(Entry {
+                seq,
+                name: name.clone(),
+                bytes,
+            });
+        }
+        appender.append(&lines, true)?;
+        appender.appended = seq;
+        drop(appender);
+        let seqs = entries.iter().map(|e| e.seq).collect();
+        if let Some(sender) = &self.entries {
+            sender
+                .send(entries)
+                .map_err(|_| io::Error::other("the materializer is gone"))?;
+        }
+        Ok(seqs)
+    }
+
+    /// The last task whose file is written: tasks up to it may be handed out.
+    pub(crate) fn marked(&self) -> u64 {
+        *self.shared.marked()
+    }
+
+    /// Waits (up to `timeout`) until every task appended has its file; whether they do.
+    pub(crate) fn flush(&self, timeout: Duration) -> bool {
+        let appended = self.shared.appender().appended;
+        let marked = self.shared.marked();
+        let (marked, _) = self
+            .shared
+            .marked_changed
+            .wait_timeout_while(marked, timeout, |marked| *marked < appended)
+            .unwrap_or_else(|p| p.into_inner());
+        *marked >= appended
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        // The materializer writes what it was given, then ends with the channel.
+        self.entries = None;
+        if let Some(materializer) = self.materializer.take() {
+            if !self.flush(Duration::from_secs(30)) {
+                // A disk that refuses: the journal keeps the tasks for the next start.
+                self.shared.stop.store(true, Ordering::Release);
+            }
+            let _ = materializer.join();
+        }
+    }
+}
+
+/// The materializer: writes each batch of journaled tasks into `pending/`, syncs them, and
+/// marks them, until the journal goes.
+fn materialize(
+    shared: &Shared,
+    received: &Receiver<Vec<Entry>>,
+    pending_dir: &Path,
+    spares: &Spares,
+    wake: &Wake,
+) {
+    while let Ok(mut batch) = received.recv() {
+        while batch.len() < MATERIALIZED_AT_ONCE {
+            match received.try_recv() {
+                Ok(more) => batch.extend(more),
+                Err(_) => break,
+            }
+        }
+        while let Err(error) = write_files(pending_dir, spares, &batch) {
+            tracing::error!(
+                %error, count = batch.len(),
+                "confirmed tasks cannot be written to pending/ (the journal keeps them); trying again in 1 s"
+            );
+            if shared.stop.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let Some(last) = batch.last().map(|entry| entry.seq) else {
+            continue;
+        };
+        if let Err(error) = shared.mark(last) {
+            // The files are there; only the next start's replay repeats work.
+            tracing::warn!(%error, "cannot mark tasks written in the journal");
+            *shared.marked() = last;
+            shared.marked_changed.notify_all();
+        }
+        wake();
+    }
+}
+
+/// Writes `entries` into `pending_dir` durably: over spares (or temporary files when none
+/// is ready), synced together, renamed to their names, and the directory synced.
+fn write_files(pending_dir: &Path, spares: &Spares, entries: &[Entry]) -> io::Result<()> {
+    let mut written = Vec::with_capacity(entries.len());
+    for entry in entries {
+        // A spare is written over where it is (a crash leaves it a spare); a new file is
+        // made as a temporary one (a crash leaves a `.tmp`, removed at start).
+        let (path, mut file) = match spares.take() {
+            Some(spare) => {
+                let file = OpenOptions::new().write(true).truncate(true).open(&spare)?;
+                (spare, file)
+            }
+            None => {
+                let temporary = pending_dir.join(format!("{}.tmp", entry.name));
+                let file = File::create(&temporary)?;
+                (temporary, file)
+            }
+        };
+        file.write_all(&entry.bytes)?;
+        written.push((&entry.name, path, file));
+    }
+    // Issued together, the syncs share the file system's commits.
+    let threads = written.len().clamp(1, 8);
+    let chunk = written.len().div_ceil(threads);
+    std::thread::scope(|scope| -> io::Result<()> {
+        let syncs: Vec<_> = written
+            .chunks(chunk)
+            .map(|files| {
+                scope.spawn(move || files.iter().try_for_each(|(_, _, file)| file.sync_data()))
+            })
+            .collect();
+        for sync in syncs {
+            sync.join()
+                .map_err(|_| io::Error::other("a sync thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    for (name, path, _) in &written {
+        fs::rename(path, pending_dir.join(name))?;
+    }
+    sync_dir(pending_dir)
+}
+
+/// Brings the journal at `path` (if any) into `pending_dir` after a stop: each task above
+/// the last mark whose file is missing or does not decode is written again, durably; then
+/// the journal is emptied. Returns how many were written again.
+pub(crate) fn replay(path: &Path, pending_dir: &Path) -> io::Result<usize> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(error) => return Err(error),
+    };
+    let mut tasks = Vec::new();
+    let mut marked = 0;
+    for (number, line) in BufReader::new(file).split(b'\n').enumerate() {
+        let line = line?;
+        match serde_json::from_slice::<Line>(&line) {
+            Ok(Line {
+                synced: Some(seq), ..
+            }) => marked = marked.max(seq),
+            Ok(Line {
+                seq: Some(seq),
+                name: Some(name),
+                task: Some(task),
+                ..
+            }) => tasks.push((seq, name, task)),
+            _ if line.is_empty() => {}
+            // Cut short by a crash before its sync: never confirmed.
+            _ => tracing::warn!(
+                line = number + 1,
+                "a journal line that does not read was skipped"
+            ),
+        }
+    }
+    let mut restored = 0;
+    for (_, name, task) in tasks.into_iter().filter(|(seq, ..)| *seq > marked) {
+        if name.contains(['/', '\\']) || name.starts_with('.') {
+            tracing::warn!(%name, "a journaled task with an unusable name was skipped");
+            continue;
+        }
+        let file = pending_dir.join(&name);
+        let intact = fs::read(&file)
+            .ok()
+            .is_some_and(|bytes| serde_json::from_slice::<StoredTask>(&bytes).is_ok());
+        if intact {
+            continue;
+        }
+        let temporary = pending_dir.join(format!("{name}.tmp"));
+        let mut written = File::create(&temporary)?;
+        written.write_all(task.get().as_bytes())?;
+        written.sync_data()?;
+        fs::rename(&temporary, &file)?;
+        restored += 1;
+    }
+    sync_dir(pending_dir)?;
+    let journal = OpenOptions::new().write(true).open(path)?;
+    journal.set_len(0)?;
+    journal.sync_all()?;
+    if restored > 0 {
+        tracing::warn!(
+            restored,
+            "confirmed tasks the last run had not written to pending/ were written from the journal"
+        );
+    }
+    Ok(restored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch() -> (PathBuf, PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("kiwimq-journal-{}", uuid::Uuid::new_v4()));
+        let pending = dir.join("pending");
+        fs::create_dir_all(&pending).unwrap();
+        (dir.join("journal"), pending, dir)
+    }
+
+    fn line(seq: u64, name: &str, pid: u32) -> String {
+        format!(
+            "{{\"seq\":{seq},\"name\":\"{name}\",\"task\":{{\"id\":\"{pid}\",\"body\":{{\"task\":\"continue\",\"args\":{{\"pid\":{pid}}}}},\"no_reply\":true}}}}\n"
+        )
+    }
+
+    fn read(file: &Path) -> StoredTask {
+        serde_json::from_slice(&fs::read(file).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_confirmed_task_without_its_file_is_written_at_start() {
+        let (journal, pending, dir) = scratch();
+        fs::write(&journal, line(1, "10_a.json", 1) + &line(2, "11_b.json", 2)).unwrap();
+        assert_eq!(replay(&journal, &pending).unwrap(), 2);
+        assert_eq!(read(&pending.join("10_a.json")).id.as_deref(), Some("1"));
+        assert_eq!(read(&pending.join("11_b.json")).id.as_deref(), Some("2"));
+        assert_eq!(
+            fs::metadata(&journal).unwrap().len(),
+            0,
+            "the journal is emptied"
+        );
+        assert_eq!(replay(&journal, &pending).unwrap(), 0);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_marked_task_whose_file_is_gone_was_settled_and_stays_gone() {
+        let (journal, pending, dir) = scratch();
+        let text = line(1, "10_a.json", 1) + "{\"synced\":1}\n" + &line(2, "11_b.json", 2);
+        fs::write(&journal, text).unwrap();
+        assert_eq!(replay(&journal, &pending).unwrap(), 1);
+        assert!(
+            !pending.join("10_a.json").exists(),
+            "a settled task is not brought back"
+        );
+        assert!(pending.join("11_b.json").exists());
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_half_written_file_is_written_again_and_a_line_cut_short_is_skipped() {
+        let (journal, pending, dir) = scratch();
+        fs::write(pending.join("10_a.json"), b"{\"body\": {\"ta").unwrap();
+        // A spare truncated for it, the crash before its bytes.
+        fs::write(pending.join("11_b.json"), b"").unwrap();
+        let cut = &line(3, "12_c.json", 3)[..30];
+        let text = line(1, "10_a.json", 1) + &line(2, "11_b.json", 2) + cut;
+        fs::write(&journal, text).unwrap();
+        assert_eq!(replay(&journal, &pending).unwrap(), 2);
+        assert_eq!(read(&pending.join("10_a.json")).id.as_deref(), Some("1"));
+        assert_eq!(read(&pending.join("11_b.json")).id.as_deref(), Some("2"));
+        assert!(
+            !pending.join("12_c.json").exists(),
+            "never synced, never confirmed"
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_journal_is_emptied_once_every_task_has_its_file() {
+        let (journal_file, pending, dir) = scratch();
+        let spares = Arc::new(Spares::open(&dir.join("spare")).unwrap());
+        let journal =
+            Journal::start(&journal_file, pending.clone(), spares, Box::new(|| {})).unwrap();
+        let task = |id: &str| StoredTask {
+            id: Some(id.to_owned()),
+            sender: serde_json::Value::Null,
+            sender_identity: None,
+            body: serde_json::value::to_raw_value(&serde_json::json!({"pid": 1})).unwrap(),
+            no_reply: true,
+            timestamp: 0.0,
+            results: false,
+        };
+        let names = ["1_a.json".to_owned(), "2_b.json".to_owned()];
+        let seqs = journal.append(&[task("a"), task("b")], &names).unwrap();
+        assert_eq!(seqs, [1, 2]);
+        assert!(journal.flush(Duration::from_secs(10)));
+        assert_eq!(journal.marked(), 2);
+        assert_eq!(read(&pending.join("2_b.json")).id.as_deref(), Some("b"));
+        assert_eq!(fs::metadata(&journal_file).unwrap().len(), 0);
+        drop(journal);
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
