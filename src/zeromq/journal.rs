@@ -28,8 +28,11 @@ use super::store::{Spares, StoredTask, sync_dir};
 /// Called when the materializer has marked more tasks: the broker's loop can dispatch them.
 pub(crate) type Wake = Box<dyn Fn() + Send>;
 
-/// At most this many tasks are written and synced by the materializer in one go.
-const MATERIALIZED_AT_ONCE: usize = 4096;
+/// At most this many tasks are written and synced by the materializer in one go. A batch
+/// goes out to workers once it is marked, so smaller batches let dispatch overlap the
+/// writing of the next (measured: 4,096 at once halved the rate of 2,000 tasks sent to
+/// acked against 512).
+const MATERIALIZED_AT_ONCE: usize = 512;
 
 /// One task on its way to `pending/`: its place in the journal, its file name, its bytes.
 #[derive(Debug)]
