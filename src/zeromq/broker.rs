@@ -4,7 +4,8 @@
 //! own and starts none), `broker.sockets` and `broker.status` (every 5 s) in AiiDA's formats,
 //! and keeps tasks in AiiDA's `storage/tasks/{pending,processing}` layout. Beyond AiiDA's:
 //!
-//! - a task is on disk (file and directory synced) before it is confirmed;
+//! - a task is on disk before it is confirmed (in the store's journal, one sync for a
+//!   batch), and its file and directory are synced before it is handed out;
 //! - the socket is at the same path after every restart, and the subscriptions, prefetch
 //!   limits and task assignments are kept in `storage/broker-state.json`: clients that
 //!   reconnect with their identity (libzmq does by itself) go on, their acks accepted;

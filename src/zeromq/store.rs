@@ -2,13 +2,14 @@
 //! AiiDA's own tools read it: `storage/tasks/pending/{time_us}_{task_id}.json` waiting,
 //! `storage/tasks/processing/` handed to a worker; ack deletes, nack moves back.
 //!
-//! Unlike AiiDA's, a task is on disk before it is confirmed: written to a temporary file,
-//! synced, renamed, and the directory synced — a batch of them at once, their syncs issued
-//! together so the file system commits them in one journal transaction. A file that does not
-//! decode is moved to `corrupt/` and reported, never deleted; leftover temporary files (never
-//! confirmed) are removed at start.
+//! Unlike AiiDA's, a task is on disk before it is confirmed: in the write-ahead journal
+//! (`journal`), one sync for a batch. Its file follows — written, synced, renamed into
+//! `pending/`, the directory synced, a batch at once — and only then can it be handed out.
+//! A file that does not decode is moved to `corrupt/` and reported, never deleted;
+//! leftover temporary files are removed at start, after the journal has written again
+//! every confirmed task whose file was not finished.
 //!
-//! Task files are not created on the way to a confirm: creating a file costs ext4 an inode
+//! Task files are not created on the way to a worker: creating a file costs ext4 an inode
 //! allocation, which under a queue's churn (many files just deleted) is the dearest step of
 //! a store, dearer than its sync. A thread of its own keeps `spare/` stocked with empty
 //! files, an acked task's file goes back there, and a new task is written over a spare. The
