@@ -34,6 +34,14 @@ pub(crate) type Wake = Box<dyn Fn() + Send>;
 /// acked against 512).
 const MATERIALIZED_AT_ONCE: usize = 512;
 
+/// Past this length the journal waits for the materializer to catch up (which empties it)
+/// before it takes more: a stream of tasks that never lets it catch up would otherwise grow
+/// it without end.
+const JOURNAL_LIMIT: u64 = 16 << 20;
+
+/// How long an append waits for the materializer to catch up before it goes on anyway.
+const CATCH_UP: Duration = Duration::from_secs(60);
+
 /// One task on its way to `pending/`: its place in the journal, its file name, its bytes.
 #[derive(Debug)]
 struct Entry {
@@ -173,6 +181,11 @@ impl Journal {
     /// Appends `tasks` (named `names`) and returns once they are on disk, with the place
     /// of each in the journal; their files follow.
     pub(crate) fn append(&self, tasks: &[StoredTask], names: &[String]) -> io::Result<Vec<u64>> {
+        if self.shared.appender().len > JOURNAL_LIMIT && !self.flush(CATCH_UP) {
+            tracing::warn!(
+                "the journal is past its limit and its tasks' files are not written yet; it grows on"
+            );
+        }
         let mut lines = Vec::with_capacity(tasks.len() * 256);
         let mut entries = Vec::with_capacity(tasks.len());
         let mut appender = self.shared.appender();
@@ -205,6 +218,11 @@ impl Journal {
     /// The last task whose file is written: tasks up to it may be handed out.
     pub(crate) fn marked(&self) -> u64 {
         *self.shared.marked()
+    }
+
+    /// The last task appended.
+    pub(crate) fn appended(&self) -> u64 {
+        self.shared.appender().appended
     }
 
     /// Waits (up to `timeout`) until every task appended has its file; whether they do.

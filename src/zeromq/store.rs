@@ -293,11 +293,15 @@ impl Store {
     /// Takes the next task into processing. Skips (and quarantines) files that do not
     /// decode, and files gone from under it.
     pub(crate) fn pop(&mut self) -> Option<(String, StoredTask)> {
-        let marked = if self.unwritten.is_empty() {
-            u64::MAX
-        } else {
-            self.journal.marked()
-        };
+        let mut marked = u64::MAX;
+        if !self.unwritten.is_empty() {
+            marked = self.journal.marked();
+            if marked >= self.journal.appended() {
+                // Every file is written: nothing left to wait for.
+                self.unwritten.clear();
+                marked = u64::MAX;
+            }
+        }
         while let Some(name) = self.pending.pop_front() {
             if let Some(seq) = self.unwritten.remove(&name)
                 && seq > marked
