@@ -137,6 +137,26 @@ fn tally(handled: &Seen<u64>) -> (usize, usize) {
     (distinct.len(), handled.len() - distinct.len())
 }
 
+/// Waits until `tasks` distinct tasks are handled and the broker's storage is empty; the
+/// distinct tasks handled, and how many ran more than once.
+async fn handled_once_each(
+    broker: &BrokerProcess,
+    handled: &Seen<u64>,
+    tasks: u64,
+) -> (usize, usize) {
+    eventually(
+        Duration::from_secs(60),
+        "every confirmed task handled",
+        || tally(handled).0 as u64 == tasks,
+    )
+    .await;
+    eventually(SOON, "the broker's storage empty", || {
+        broker.stored_tasks() == (0, 0)
+    })
+    .await;
+    tally(handled)
+}
+
 #[actix_rt::test]
 async fn a_broker_killed_with_1000_confirmed_tasks_loses_none_and_every_client_resumes() {
     const TASKS: u64 = 1_000;
@@ -181,15 +201,7 @@ async fn a_broker_killed_with_1000_confirmed_tasks_loses_none_and_every_client_r
     broker.kill().await;
     let at_kill = broker.stored_tasks();
     broker.restart().await;
-    eventually(Duration::from_secs(30), "every task handled", || {
-        tally(&handled).0 as u64 == TASKS
-    })
-    .await;
-    eventually(SOON, "the broker's storage empty", || {
-        broker.stored_tasks() == (0, 0)
-    })
-    .await;
-    let (distinct, twice) = tally(&handled);
+    let (distinct, twice) = handled_once_each(&broker, &handled, TASKS).await;
     println!(
         "kiwimq broker kill -9: {TASKS} confirmed, {before} handled before the kill, \
          {at_kill:?} (pending, processing) on disk at it; after the restart {distinct} handled, \
@@ -238,17 +250,7 @@ async fn a_broker_killed_right_after_its_confirms_keeps_every_task_of_its_journa
     broker.restart().await;
     let worker = connect(&broker.uri()).await;
     let handled = common::recorded_tasks::<u64>(&worker).await;
-    eventually(
-        Duration::from_secs(60),
-        "every confirmed task handled",
-        || tally(&handled).0 as u64 == TASKS,
-    )
-    .await;
-    eventually(SOON, "the broker's storage empty", || {
-        broker.stored_tasks() == (0, 0)
-    })
-    .await;
-    let (distinct, twice) = tally(&handled);
+    let (distinct, twice) = handled_once_each(&broker, &handled, TASKS).await;
     println!(
         "kiwimq broker kill -9 right after {TASKS} confirms: {files} task files in pending/ at \
          the kill, {} only in the journal; after the restart {distinct} handled, {} lost, \
@@ -501,4 +503,102 @@ fn a_task_whose_id_cannot_name_a_file_is_refused_and_the_others_are_stored() {
     assert!(!dir.join("escaped").exists() && !dir.join("storage/escaped").exists());
     broker.stop().unwrap();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A DEALER speaking the protocol by hand, as a worker would.
+struct RawWorker {
+    _context: zmq::Context,
+    socket: zmq::Socket,
+}
+
+impl RawWorker {
+    fn connect(broker: &BrokerProcess, identity: &str) -> Self {
+        let context = zmq::Context::new();
+        let socket = context.socket(zmq::DEALER).unwrap();
+        socket.set_identity(identity.as_bytes()).unwrap();
+        socket.set_rcvtimeo(500).unwrap();
+        socket.set_reconnect_ivl(50).unwrap();
+        let endpoint = broker.socket_uri().replacen("zmq+ipc://", "ipc://", 1);
+        socket.connect(&endpoint).unwrap();
+        Self {
+            _context: context,
+            socket,
+        }
+    }
+
+    fn send(&self, message: serde_json::Value) {
+        let bytes = message.to_string();
+        self.socket
+            .send_multipart([&b""[..], bytes.as_bytes()], 0)
+            .unwrap();
+    }
+
+    fn subscribe(&self) {
+        self.send(
+            serde_json::json!({"type": "subscribe_task", "id": "s", "sender": "raw",
+            "identifier": "raw-tasks", "prefetch_count": 10}),
+        );
+    }
+
+    /// The next task handed to it within 10 s: its id. (The broker's pings come between.)
+    fn next_task(&self) -> Option<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            let Ok(frames) = self.socket.recv_multipart(0) else {
+                continue;
+            };
+            let message: serde_json::Value =
+                serde_json::from_slice(frames.last().unwrap()).unwrap();
+            if message["type"] == "task" {
+                return Some(message["id"].as_str().unwrap().to_owned());
+            }
+        }
+        None
+    }
+}
+
+/// The broker writes down who holds a task before it hands it over, so a restarted broker
+/// takes it back as that client's; but a hand-over cut short by a `kill -9` never reached
+/// the client. A kiwimq client says on its reconnect which tasks it holds; the others it
+/// was thought to hold go back to the queue at once instead of waiting for ever.
+#[actix_rt::test]
+async fn tasks_a_client_never_got_before_a_broker_restart_are_requeued_when_it_says_so() {
+    let mut broker = BrokerProcess::kiwimq(30).await;
+    let worker = RawWorker::connect(&broker, "client-raw-holder");
+    worker.subscribe();
+    let sender = connect(&broker.uri()).await;
+    for n in 0..3u64 {
+        sender.task_send_no_reply(&n).await.unwrap();
+    }
+    let handed: Vec<String> = (0..3)
+        .map(|_| worker.next_task().expect("a task"))
+        .collect();
+    broker.kill().await;
+    broker.restart().await;
+    // Back, it holds the first only: the other two never reached it.
+    worker.subscribe();
+    worker.send(
+        serde_json::json!({"type": "kiwimq_holding", "id": "h", "sender": "raw",
+        "task_ids": [handed[0]]}),
+    );
+    let mut again: Vec<String> = (0..2)
+        .map(|_| worker.next_task().expect("a requeued task within 10 s"))
+        .collect();
+    again.sort();
+    let mut expected = handed[1..].to_vec();
+    expected.sort();
+    assert_eq!(again, expected, "the tasks it did not hold, and only those");
+    worker.send(
+        serde_json::json!({"type": "task_ack", "id": "a", "sender": "raw", "task_id": handed[0]}),
+    );
+    for task_id in &again {
+        worker.send(
+            serde_json::json!({"type": "task_ack", "id": "a", "sender": "raw", "task_id": task_id}),
+        );
+    }
+    eventually(SOON, "the broker's storage empty", || {
+        broker.stored_tasks() == (0, 0)
+    })
+    .await;
+    sender.close().await.unwrap();
 }

@@ -388,6 +388,10 @@ struct Server {
     pending_rpcs: HashMap<String, (Identity, Instant)>,
     /// Clients found unreachable, since when; their tasks are kept until the grace ends.
     unreachable: HashMap<Identity, Instant>,
+    /// The tasks taken back at start as each client's (from before a restart), until the
+    /// client says which it holds: one handed over just before the stop may never have
+    /// reached it. Only kiwimq's clients say; AiiDA's keep theirs until they settle them.
+    restored_holds: HashMap<Identity, HashSet<String>>,
     arrivals: Vec<Arrival>,
     dirty: bool,
     /// The state changed only by settles and expiries: written at the next tick (a lost
@@ -471,6 +475,7 @@ impl Server {
             result_routes: HashMap::new(),
             pending_rpcs: HashMap::new(),
             unreachable: HashMap::new(),
+            restored_holds: HashMap::new(),
             arrivals: Vec::new(),
             dirty: false,
             settled: false,
@@ -504,6 +509,10 @@ impl Server {
             let identity = held.remove(&task_id).expect("a claimed task was asked for");
             *self.load.entry(identity.clone()).or_default() += 1;
             self.unreachable.entry(identity.clone()).or_insert(now);
+            self.restored_holds
+                .entry(identity.clone())
+                .or_default()
+                .insert(task_id.clone());
             self.assignments.insert(task_id, identity);
         }
         // A route whose task is not held any more waits only the result's time to live.
@@ -750,6 +759,7 @@ impl Server {
                     self.send(&watcher, &bytes);
                 }
             }
+            Some(kind::HOLDING) => self.on_holding(&identity, message.task_ids.unwrap_or_default()),
             Some(kind::WATCH_PRESENCE) => {
                 self.presence_watchers.insert(identity);
             }
@@ -952,6 +962,32 @@ impl Server {
         }
     }
 
+    /// A client back after a restart says which tasks it holds: those taken back as its own
+    /// that it does not hold never reached it, and go back to the queue.
+    fn on_holding(&mut self, identity: &Identity, holding: Vec<String>) {
+        let Some(restored) = self.restored_holds.remove(identity) else {
+            return;
+        };
+        let holding: HashSet<String> = holding.into_iter().collect();
+        let lost: Vec<String> = restored
+            .into_iter()
+            .filter(|task_id| {
+                !holding.contains(task_id) && self.assignments.get(task_id) == Some(identity)
+            })
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        tracing::info!(
+            client = %shown(identity), count = lost.len(),
+            "tasks handed to a client just before the broker stopped never reached it; requeued"
+        );
+        for task_id in lost {
+            self.settle(identity, &task_id, false);
+        }
+        self.dirty = true;
+    }
+
     /// A worker's result: to the sender that asked for it, else dropped (as AiiDA's).
     fn on_result(&mut self, message: Incoming<'_>) {
         let Some(task_id) = message.task_id.as_deref() else {
@@ -1091,6 +1127,7 @@ impl Server {
         self.load.remove(identity);
         self.available.retain(|i| i != identity);
         self.unreachable.remove(identity);
+        self.restored_holds.remove(identity);
         self.settled = true;
     }
 

@@ -8,11 +8,12 @@
 //! thread also watches `broker.sockets`, so a broker that came back in a new socket directory
 //! (AiiDA's does, after a crash) is followed without restarting anything.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -182,6 +183,11 @@ pub(crate) struct Link {
     outbox: Mutex<VecDeque<Frame>>,
     /// Recent settles, to send again after a reconnect (taken alone, or after `state`).
     settled: Mutex<VecDeque<(Instant, Arc<Vec<u8>>)>>,
+    /// The tasks handed to this client and not settled, to tell a restarted kiwimq broker
+    /// which of those it thinks this client holds really reached it (taken alone).
+    held: Mutex<HashSet<String>>,
+    /// Whether the broker is kiwimq's, which reads kiwimq's own message types.
+    kiwimq_broker: AtomicBool,
     waker: UnixStream,
     /// This client's id as a JSON string, the `sender` of what it sends.
     sender: Box<RawValue>,
@@ -206,6 +212,10 @@ impl Link {
 
     fn settled(&self) -> MutexGuard<'_, VecDeque<(Instant, Arc<Vec<u8>>)>> {
         self.settled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues a frame (the caller wakes the thread).
@@ -256,6 +266,7 @@ struct TaskSettle {
 
 impl Settle for TaskSettle {
     fn settle(self: Box<Self>, outcome: Outcome) {
+        self.link.held().remove(&self.task_id);
         let kind = match outcome {
             Outcome::Ack => kind::TASK_ACK,
             Outcome::Requeue => kind::TASK_NACK,
@@ -349,6 +360,8 @@ impl ZmqTransport {
             state: Mutex::default(),
             outbox: Mutex::default(),
             settled: Mutex::default(),
+            held: Mutex::default(),
+            kiwimq_broker: AtomicBool::new(false),
             waker,
             sender: protocol::json_string(&client_id),
             broadcast_identifier: format!("{client_id}.broadcasts"),
@@ -390,6 +403,10 @@ impl ZmqTransport {
                     .service_dir
                     .as_deref()
                     .is_some_and(is_kiwimq_broker);
+                transport
+                    .link
+                    .kiwimq_broker
+                    .store(transport.kiwimq_broker, Ordering::Release);
                 Ok(transport)
             }
             _ => {
@@ -1018,11 +1035,13 @@ impl Io {
                 let mut sink = [0u8; 64];
                 while matches!((&self.wakee).read(&mut sink), Ok(n) if n > 0) {}
             }
-            if monitored {
-                self.read_monitor(&mut connected);
-            }
+            // Messages first: what the last connection brought is handled before a reconnect
+            // tells the broker which tasks this client holds.
             if readable {
                 self.read_messages();
+            }
+            if monitored {
+                self.read_monitor(&mut connected);
             }
             self.write_outbox();
             if last_look.elapsed() >= TICK {
@@ -1130,6 +1149,21 @@ impl Io {
                         task_id: None,
                     }),
             );
+            // Which tasks reached this client: kiwimq's broker requeues those it took back
+            // as this client's that did not (a hand-over cut short by its stop).
+            if self.link.kiwimq_broker.load(Ordering::Acquire) {
+                let held = self.link.held();
+                let holding = Outgoing {
+                    task_ids: Some(held.iter().map(String::as_str).collect()),
+                    ..Outgoing::new(kind::HOLDING, &self.link.sender)
+                }
+                .encode();
+                drop(held);
+                again.push(Frame {
+                    bytes: Arc::new(holding),
+                    task_id: None,
+                });
+            }
             if let Some(lost) = lost {
                 for (id, unconfirmed) in state.unconfirmed.iter_mut() {
                     if unconfirmed.handed.is_some_and(|handed| handed <= lost) {
@@ -1272,6 +1306,7 @@ impl Io {
         let Some(task_id) = message.id else {
             return tracing::warn!("a task without id was dropped (it cannot be acked)");
         };
+        self.link.held().insert(task_id.clone());
         let no_reply = message.no_reply.unwrap_or(false);
         let body = TaskEnvelope::encode(message.body.unwrap_or_else(|| protocol::null()), no_reply);
         let mut delivery = Delivery {

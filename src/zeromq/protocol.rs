@@ -32,6 +32,10 @@ pub(crate) mod kind {
     /// kiwimq's own: the sender wants every presence announcement, or no longer.
     pub(crate) const WATCH_PRESENCE: &str = "kiwimq_watch_presence";
     pub(crate) const UNWATCH_PRESENCE: &str = "kiwimq_unwatch_presence";
+    /// kiwimq's own, sent by a client to kiwimq's broker on every reconnect: the ids of the
+    /// tasks it holds (`task_ids`). A task the broker took back from before its restart as
+    /// this client's, and that the client does not hold, never reached it: it is requeued.
+    pub(crate) const HOLDING: &str = "kiwimq_holding";
 }
 
 /// A message id as AiiDA makes them: a random UUID in simple (hex) form.
@@ -78,6 +82,9 @@ pub(crate) struct Incoming<'a> {
     /// `subscribe_task`: the connection's limit (`null` or ≤ 0 unlimited).
     #[serde(default)]
     pub(crate) prefetch_count: Option<i64>,
+    /// `kiwimq_holding`: the tasks the sender holds.
+    #[serde(default)]
+    pub(crate) task_ids: Option<Vec<String>>,
 }
 
 impl<'a> Incoming<'a> {
@@ -133,6 +140,9 @@ pub(crate) struct Outgoing<'a> {
     /// reads).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) results: Option<bool>,
+    /// `kiwimq_holding`: the tasks the sender holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) task_ids: Option<Vec<&'a str>>,
 }
 
 /// JSON `null`, as a raw value.
@@ -178,6 +188,7 @@ impl<'a> Outgoing<'a> {
             identifier: None,
             prefetch_count: None,
             results: None,
+            task_ids: None,
         }
     }
 
