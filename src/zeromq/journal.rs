@@ -493,4 +493,55 @@ mod tests {
         drop(journal);
         fs::remove_dir_all(dir).unwrap();
     }
+
+    #[test]
+    fn past_its_limit_the_journal_waits_for_the_files_and_is_emptied() {
+        let (journal_file, pending, dir) = scratch();
+        let spares = Arc::new(Spares::open(&dir.join("spare")).unwrap());
+        let journal = Arc::new(
+            Journal::start(&journal_file, pending, spares.clone(), Box::new(|| {})).unwrap(),
+        );
+        let big = |n: usize| StoredTask {
+            id: Some(n.to_string()),
+            sender: serde_json::Value::Null,
+            sender_identity: None,
+            body: serde_json::value::to_raw_value(&"x".repeat(64 << 10)).unwrap(),
+            no_reply: true,
+            timestamp: 0.0,
+            results: false,
+        };
+        // The materializer stalls on the spares while this is held: nothing gets written.
+        let stalled = spares.pool();
+        let mut n = 0;
+        while fs::metadata(&journal_file).unwrap().len() <= JOURNAL_LIMIT {
+            n += 1;
+            journal
+                .append(&[big(n)], &[format!("{n}_{n}.json")])
+                .unwrap();
+        }
+        let appender = {
+            let journal = journal.clone();
+            let file = journal_file.clone();
+            std::thread::spawn(move || {
+                journal.append(&[big(0)], &["0_0.json".to_owned()]).unwrap();
+                fs::metadata(&file).unwrap().len()
+            })
+        };
+        let watched = std::time::Instant::now();
+        while watched.elapsed() < Duration::from_millis(300) {
+            assert!(
+                !appender.is_finished(),
+                "an append past the limit went on with no file written"
+            );
+            std::thread::yield_now();
+        }
+        drop(stalled);
+        let after = appender.join().unwrap();
+        assert!(
+            after < 80 << 10,
+            "the journal was emptied before the append: {after} bytes"
+        );
+        drop(journal);
+        fs::remove_dir_all(dir).unwrap();
+    }
 }

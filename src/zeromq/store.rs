@@ -91,7 +91,7 @@ impl Spares {
         })
     }
 
-    fn pool(&self) -> MutexGuard<'_, Vec<PathBuf>> {
+    pub(super) fn pool(&self) -> MutexGuard<'_, Vec<PathBuf>> {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
