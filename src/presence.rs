@@ -409,7 +409,8 @@ pub(crate) struct Identity {
 }
 
 impl Identity {
-    /// `mem`, `amqp` or `zmq`.
+    /// `mem`, `amqp` or `zmq` (the dashboard shows it).
+    #[cfg(feature = "dashboard")]
     pub(crate) fn backend(&self) -> &str {
         &self.backend
     }
