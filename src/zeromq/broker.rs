@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::journal::Wake;
-use super::protocol::{Incoming, Outgoing, json_false, json_string, json_true, kind, null};
+use super::protocol::{Incoming, Outgoing, json_string, kind, null};
 use super::store::{Store, StoredTask};
 use crate::error::{Error, Result};
 
@@ -671,7 +671,6 @@ impl Server {
                 if let Some(task_id) = message.task_id {
                     self.settle(&identity, &task_id, ack);
                 }
-                self.mark_available(&identity);
             }
             Some(kind::TASK_RESPONSE) => self.on_result(message),
             Some(kind::RPC) => self.on_rpc(identity, message),
@@ -772,11 +771,11 @@ impl Server {
 
     fn on_task(&mut self, from: Identity, message: Incoming<'_>) {
         let id = message.id.clone().unwrap_or_else(super::protocol::new_id);
-        if !usable_task_id(&id) {
+        if !super::store::usable_task_id(&id) {
             // Its file could not be named after it (AiiDA's ids are `uuid4().hex`).
             let refusal = Outgoing {
                 task_id: Some(&id),
-                result: Some(json_false()),
+                result: Some(RawValue::FALSE),
                 error: Some(Some(
                     "a task id must be 1 to 128 ASCII letters, digits, '-' or '_'",
                 )),
@@ -829,7 +828,7 @@ impl Server {
             }
             let confirm = Outgoing {
                 task_id: arrival.task.id.as_deref(),
-                result: Some(json_true()),
+                result: Some(RawValue::TRUE),
                 results: arrival.task.results.then_some(true),
                 ..Outgoing::new(kind::TASK_RESPONSE, &self.sender)
             }
@@ -950,6 +949,8 @@ impl Server {
         if let Some(load) = self.load.get_mut(identity) {
             *load = load.saturating_sub(1);
         }
+        // A slot is free again, whoever settled (the worker, or the broker for it).
+        self.mark_available(identity);
         self.settled = true;
         if ack {
             self.store.ack(task_id);
@@ -1156,14 +1157,6 @@ impl Server {
 }
 
 /// The identifier a subscription names (AiiDA falls back on the sender).
-/// Whether a task can be stored under `id`: it names the task's file.
-fn usable_task_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 fn message_identifier(message: &Incoming<'_>) -> Option<String> {
     message
         .identifier

@@ -184,9 +184,11 @@ pub(crate) struct Link {
     /// Recent settles, to send again after a reconnect (taken alone, or after `state`).
     settled: Mutex<VecDeque<(Instant, Arc<Vec<u8>>)>>,
     /// The tasks handed to this client and not settled, to tell a restarted kiwimq broker
-    /// which of those it thinks this client holds really reached it (taken alone).
+    /// which of those it thinks this client holds really reached it (taken alone, or after
+    /// `state`).
     held: Mutex<HashSet<String>>,
-    /// Whether the broker is kiwimq's, which reads kiwimq's own message types.
+    /// Whether the broker is kiwimq's (its `broker.status` says so, read once at connect),
+    /// which reads kiwimq's own message types: presence, and which tasks a client holds.
     kiwimq_broker: AtomicBool,
     waker: UnixStream,
     /// This client's id as a JSON string, the `sender` of what it sends.
@@ -212,6 +214,10 @@ impl Link {
 
     fn settled(&self) -> MutexGuard<'_, VecDeque<(Instant, Arc<Vec<u8>>)>> {
         self.settled.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_kiwimq_broker(&self) -> bool {
+        self.kiwimq_broker.load(Ordering::Acquire)
     }
 
     fn held(&self) -> MutexGuard<'_, HashSet<String>> {
@@ -312,8 +318,6 @@ pub(crate) struct ZmqTransport {
     /// The broker's service directory, whose `broker.status` gives the task queue's counts;
     /// none for `zmq+ipc://`.
     service_dir: Option<PathBuf>,
-    /// The broker is kiwimq's (its `broker.status` says so), which carries presence.
-    kiwimq_broker: bool,
     events: broadcast::Sender<ConnectionEvent>,
     /// `true` once the I/O thread has ended.
     ended: watch::Receiver<bool>,
@@ -384,13 +388,12 @@ impl ZmqTransport {
                 let _ = ended_tx.send(true);
             })
             .map_err(|e| Error::connection(format!("cannot start the ZeroMQ I/O thread: {e}")))?;
-        let mut transport = Self {
+        let transport = Self {
             link,
             task_queue: settings.task_queue.clone(),
             send_timeout: settings.send_timeout,
             max_message_size: settings.max_message_size,
             node: first.clone(),
-            kiwimq_broker: false,
             service_dir,
             events,
             ended,
@@ -399,14 +402,14 @@ impl ZmqTransport {
         match tokio::time::timeout(wait, connected_rx).await {
             Ok(Ok(())) => {
                 // A broker that answers has written its status.
-                transport.kiwimq_broker = transport
+                let kiwimq_broker = transport
                     .service_dir
                     .as_deref()
                     .is_some_and(is_kiwimq_broker);
                 transport
                     .link
                     .kiwimq_broker
-                    .store(transport.kiwimq_broker, Ordering::Release);
+                    .store(kiwimq_broker, Ordering::Release);
                 Ok(transport)
             }
             _ => {
@@ -622,7 +625,7 @@ impl Transport for ZmqTransport {
                 self.link.send(frame);
             }),
             Route::Reply(reply_to) => self.reply(reply_to, &message),
-            Route::Presence if self.kiwimq_broker => {
+            Route::Presence if self.link.is_kiwimq_broker() => {
                 serde_json::from_slice::<&RawValue>(&message.body)
                     .map_err(|e| Error::codec(format!("a presence that is not JSON: {e}")))
                     .map(|body| {
@@ -693,7 +696,7 @@ impl Transport for ZmqTransport {
                 Source::Replies(..) => {
                     return Err(Error::refused("replies are consumed with consume_replies"));
                 }
-                Source::Presence(_) if self.kiwimq_broker => {
+                Source::Presence(_) if self.link.is_kiwimq_broker() => {
                     let tag = format!("presence-{}", &protocol::new_id()[..12]);
                     if state.presence.is_empty() {
                         let frame = self.link.subscription(
@@ -824,7 +827,7 @@ impl Transport for ZmqTransport {
     /// The protocol has no such request; both AiiDA's broker and kiwimq's write the counts
     /// to `broker.status` every 5 s, which a `zmq:///SERVICE_DIR` communicator reads.
     fn carries_presence(&self) -> bool {
-        self.kiwimq_broker
+        self.link.is_kiwimq_broker()
     }
 
     fn queue_stats(&self, queue: &str) -> BoxFuture<'static, Result<QueueStats>> {
@@ -1151,7 +1154,7 @@ impl Io {
             );
             // Which tasks reached this client: kiwimq's broker requeues those it took back
             // as this client's that did not (a hand-over cut short by its stop).
-            if self.link.kiwimq_broker.load(Ordering::Acquire) {
+            if self.link.is_kiwimq_broker() {
                 let held = self.link.held();
                 let holding = Outgoing {
                     task_ids: Some(held.iter().map(String::as_str).collect()),

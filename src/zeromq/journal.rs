@@ -23,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::store::{Spares, StoredTask, sync_dir};
+use super::store::{Spares, StoredTask, sync_dir, task_id, usable_task_id};
 
 /// Called when the materializer has marked more tasks: the broker's loop can dispatch them.
 pub(crate) type Wake = Box<dyn Fn() + Send>;
@@ -282,8 +282,9 @@ fn materialize(
             continue;
         };
         if let Err(error) = shared.mark(last) {
-            // The files are there; only the next start's replay repeats work.
-            tracing::warn!(%error, "cannot mark tasks written in the journal");
+            // The files are there, so they may go out; but a start before the next mark
+            // would write again those of them settled by then, and run them again.
+            tracing::warn!(%error, "cannot mark tasks written in the journal; a restart may run some again");
             *shared.marked() = last;
             shared.marked_changed.notify_all();
         }
@@ -367,7 +368,7 @@ pub(crate) fn replay(path: &Path, pending_dir: &Path) -> io::Result<usize> {
     }
     let mut restored = 0;
     for (_, name, task) in tasks.into_iter().filter(|(seq, ..)| *seq > marked) {
-        if name.contains(['/', '\\']) || name.starts_with('.') {
+        if !task_id(&name).is_some_and(usable_task_id) {
             tracing::warn!(%name, "a journaled task with an unusable name was skipped");
             continue;
         }

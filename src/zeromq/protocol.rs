@@ -147,26 +147,7 @@ pub(crate) struct Outgoing<'a> {
 
 /// JSON `null`, as a raw value.
 pub(crate) fn null() -> &'static RawValue {
-    static NULL: std::sync::LazyLock<Box<RawValue>> = std::sync::LazyLock::new(|| {
-        RawValue::from_string("null".to_owned()).expect("null is JSON")
-    });
-    &NULL
-}
-
-/// JSON `true`, as a raw value (a task's confirm).
-pub(crate) fn json_true() -> &'static RawValue {
-    static TRUE: std::sync::LazyLock<Box<RawValue>> = std::sync::LazyLock::new(|| {
-        RawValue::from_string("true".to_owned()).expect("true is JSON")
-    });
-    &TRUE
-}
-
-/// JSON `false`, as a raw value (a task refused).
-pub(crate) fn json_false() -> &'static RawValue {
-    static FALSE: std::sync::LazyLock<Box<RawValue>> = std::sync::LazyLock::new(|| {
-        RawValue::from_string("false".to_owned()).expect("false is JSON")
-    });
-    &FALSE
+    RawValue::NULL
 }
 
 impl<'a> Outgoing<'a> {

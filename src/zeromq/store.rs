@@ -176,8 +176,17 @@ pub(crate) struct Store {
     unwritten: HashMap<String, u64>,
 }
 
+/// Whether a task can be stored under `id`: it names the task's file (AiiDA's ids are
+/// `uuid4().hex`).
+pub(crate) fn usable_task_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// The task id a file's name carries: `{time_us}_{task_id}.json`.
-fn task_id(name: &str) -> Option<&str> {
+pub(super) fn task_id(name: &str) -> Option<&str> {
     name.strip_suffix(".json")?
         .split_once('_')
         .map(|(_, id)| id)
@@ -510,6 +519,27 @@ mod tests {
         assert!(!store.ack("b"));
         assert!(store.nack("c"));
         assert_eq!(store.pop().unwrap().0, "c");
+        drop(store);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_task_goes_out_only_once_its_file_is_written() {
+        let dir = scratch();
+        let mut store = Store::open(&dir, Box::new(|| {})).unwrap();
+        let spares = store.spares.clone();
+        // The journal's materializer waits on the spares while this is held.
+        let stalled = spares.pool();
+        store.push_all(&[task("a")]).unwrap();
+        assert_eq!(store.pending(), 1);
+        assert!(
+            store.pop().is_none(),
+            "handed out before its file was written"
+        );
+        drop(stalled);
+        assert!(store.flush(Duration::from_secs(10)));
+        assert_eq!(store.pop().unwrap().0, "a");
+        assert!(dir.join("processing").read_dir().unwrap().next().is_some());
         drop(store);
         fs::remove_dir_all(dir).unwrap();
     }
