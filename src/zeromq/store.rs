@@ -453,13 +453,20 @@ impl Store {
     }
 }
 
-impl Drop for Store {
-    fn drop(&mut self) {
+impl Store {
+    /// Ends the thread that stocks spares, and waits for it.
+    fn stop_stocking(&mut self) {
         self.spares.stop.store(true, Ordering::Release);
         self.spares.low.notify_one();
         if let Some(stocking) = self.stocking.take() {
             let _ = stocking.join();
         }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.stop_stocking();
     }
 }
 
@@ -586,6 +593,9 @@ mod tests {
             .unwrap()
             .unwrap();
         let inode = name.metadata().unwrap().ino();
+        // A full pool would take no file back: with the stocker stopped, make room for one.
+        store.stop_stocking();
+        store.spares.take();
         assert!(store.ack("a"));
         assert_eq!(fs::read_dir(dir.join("processing")).unwrap().count(), 0);
         let spares: Vec<u64> = fs::read_dir(dir.join("spare"))
