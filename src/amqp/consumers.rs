@@ -560,10 +560,7 @@ impl Shared {
         drop(channel);
         Ok(message.map(|m| {
             // The puller channel is shared and stays open: no guard.
-            let acker = AmqpAck {
-                acker: m.delivery.acker.clone(),
-                _channel: None,
-            };
+            let acker = AmqpAck::Acker(m.delivery.acker.clone());
             convert(m.delivery, Acker::new(acker))
         }))
     }
@@ -725,41 +722,77 @@ fn delivery_count(value: &lapin::types::AMQPValue) -> Option<u32> {
     u32::try_from(count).ok()
 }
 
-/// Settles one delivery on its channel.
-pub(super) struct AmqpAck {
-    acker: lapin::Acker,
-    /// Keeps the consumer's channel open until this delivery is settled.
-    _channel: Option<Arc<ConsumerChannel>>,
+/// How one delivery is settled: on its consumer's own channel, or through lapin's acker.
+pub(super) enum AmqpAck {
+    /// A consumer's delivery, settled by a frame on its channel, queued from the settling
+    /// thread: no hop through lapin's runtime (a thread woken per delivery) as the acker
+    /// takes. The channel is kept open until then; once it is gone the frame is refused,
+    /// never sent on another channel.
+    OnChannel {
+        channel: Arc<ConsumerChannel>,
+        tag: u64,
+    },
+    /// A delivery of the shared puller channel, settled by lapin's acker.
+    Acker(lapin::Acker),
 }
 
 impl AmqpAck {
     /// Settles `delivery`, which came on `guard`'s channel, kept open until then.
     pub(super) fn new(delivery: &lapin::message::Delivery, guard: &Arc<ConsumerChannel>) -> Self {
-        Self {
-            acker: delivery.acker.clone(),
-            _channel: Some(guard.clone()),
+        Self::OnChannel {
+            channel: guard.clone(),
+            tag: delivery.delivery_tag,
+        }
+    }
+
+    /// The ack, nack or reject `outcome` asks for, sent on `channel` for delivery `tag`.
+    async fn on_channel(channel: &Channel, tag: u64, outcome: Outcome) -> lapin::Result<bool> {
+        match outcome {
+            Outcome::Ack => channel.basic_ack(tag, BasicAckOptions::default()).await,
+            Outcome::Requeue => {
+                let options = BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                };
+                channel.basic_nack(tag, options).await
+            }
+            Outcome::Discard => {
+                let options = BasicRejectOptions { requeue: false };
+                channel.basic_reject(tag, options).await
+            }
+        }
+        .map(|()| true)
+    }
+
+    /// The same through lapin's acker: `false` if its channel is gone.
+    async fn by_acker(acker: &lapin::Acker, outcome: Outcome) -> lapin::Result<bool> {
+        match outcome {
+            Outcome::Ack => acker.ack(BasicAckOptions::default()).await,
+            Outcome::Requeue => {
+                let options = BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                };
+                acker.nack(options).await
+            }
+            Outcome::Discard => acker.reject(BasicRejectOptions { requeue: false }).await,
         }
     }
 }
 
 impl Settle for AmqpAck {
     /// Hands the ack, nack or reject to lapin right here: the first poll of lapin's future
-    /// queues the command, so nothing is spawned per delivery. Only a refusal known at once
-    /// (the delivery's channel is gone) is reported; what happens to the frame later is the
-    /// connection's story, and an unsettled delivery comes again anyway.
+    /// queues the frame (or the acker's command), so nothing is spawned per delivery. Only
+    /// a refusal known at once (the delivery's channel is gone) is reported; what happens
+    /// to the frame later is the connection's story, and an unsettled delivery comes again
+    /// anyway.
     fn settle(self: Box<Self>, outcome: Outcome) {
-        let AmqpAck { acker, _channel } = *self;
         let settling = async move {
-            match outcome {
-                Outcome::Ack => acker.ack(BasicAckOptions::default()).await,
-                Outcome::Requeue => {
-                    let options = BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    };
-                    acker.nack(options).await
+            match *self {
+                AmqpAck::OnChannel { channel, tag } => {
+                    Self::on_channel(&channel.channel, tag, outcome).await
                 }
-                Outcome::Discard => acker.reject(BasicRejectOptions { requeue: false }).await,
+                AmqpAck::Acker(acker) => Self::by_acker(&acker, outcome).await,
             }
         };
         let mut context = std::task::Context::from_waker(futures::task::noop_waker_ref());
