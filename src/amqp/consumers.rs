@@ -557,10 +557,12 @@ impl Shared {
                 Ok((channel, message))
             })
             .await?;
-        drop(channel);
         Ok(message.map(|m| {
-            // The puller channel is shared and stays open: no guard.
-            let acker = AmqpAck::Acker(m.delivery.acker.clone());
+            // The puller channel is shared and stays open: no guard closes it.
+            let acker = AmqpAck {
+                channel: SettledOn::Shared(channel),
+                tag: m.delivery.delivery_tag,
+            };
             convert(m.delivery, Acker::new(acker))
         }))
     }
@@ -722,89 +724,69 @@ fn delivery_count(value: &lapin::types::AMQPValue) -> Option<u32> {
     u32::try_from(count).ok()
 }
 
-/// How one delivery is settled: on its consumer's own channel, or through lapin's acker.
-pub(super) enum AmqpAck {
-    /// A consumer's delivery, settled by a frame on its channel, queued from the settling
-    /// thread: no hop through lapin's runtime (a thread woken per delivery) as the acker
-    /// takes. The channel is kept open until then; once it is gone the frame is refused,
-    /// never sent on another channel.
-    OnChannel {
-        channel: Arc<ConsumerChannel>,
-        tag: u64,
-    },
-    /// A delivery of the shared puller channel, settled by lapin's acker.
-    Acker(lapin::Acker),
+/// Settles one delivery with a frame on the channel it came on, queued from the settling
+/// thread. lapin's `Acker` would send the frame from lapin's runtime, a thread woken for
+/// every delivery. The channel is the one object it came on: once that is gone the frame is
+/// refused, never sent on a channel opened after it, where the tag names another delivery.
+pub(super) struct AmqpAck {
+    channel: SettledOn,
+    tag: u64,
+}
+
+/// The channel a delivery came on, held until it is settled.
+pub(super) enum SettledOn {
+    /// A consumer's channel of its own, kept open until its deliveries are settled.
+    Consumer(Arc<ConsumerChannel>),
+    /// The shared puller channel.
+    Shared(Arc<Channel>),
 }
 
 impl AmqpAck {
     /// Settles `delivery`, which came on `guard`'s channel, kept open until then.
     pub(super) fn new(delivery: &lapin::message::Delivery, guard: &Arc<ConsumerChannel>) -> Self {
-        Self::OnChannel {
-            channel: guard.clone(),
+        Self {
+            channel: SettledOn::Consumer(guard.clone()),
             tag: delivery.delivery_tag,
         }
     }
 
-    /// The ack, nack or reject `outcome` asks for, sent on `channel` for delivery `tag`.
-    async fn on_channel(channel: &Channel, tag: u64, outcome: Outcome) -> lapin::Result<bool> {
+    /// The ack, nack or reject `outcome` asks for.
+    async fn send(&self, outcome: Outcome) -> lapin::Result<()> {
+        let channel = match &self.channel {
+            SettledOn::Consumer(guard) => &guard.channel,
+            SettledOn::Shared(channel) => channel,
+        };
         match outcome {
-            Outcome::Ack => channel.basic_ack(tag, BasicAckOptions::default()).await,
+            Outcome::Ack => {
+                channel
+                    .basic_ack(self.tag, BasicAckOptions::default())
+                    .await
+            }
             Outcome::Requeue => {
                 let options = BasicNackOptions {
                     requeue: true,
                     ..Default::default()
                 };
-                channel.basic_nack(tag, options).await
+                channel.basic_nack(self.tag, options).await
             }
             Outcome::Discard => {
                 let options = BasicRejectOptions { requeue: false };
-                channel.basic_reject(tag, options).await
+                channel.basic_reject(self.tag, options).await
             }
-        }
-        .map(|()| true)
-    }
-
-    /// The same through lapin's acker: `false` if its channel is gone.
-    async fn by_acker(acker: &lapin::Acker, outcome: Outcome) -> lapin::Result<bool> {
-        match outcome {
-            Outcome::Ack => acker.ack(BasicAckOptions::default()).await,
-            Outcome::Requeue => {
-                let options = BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                };
-                acker.nack(options).await
-            }
-            Outcome::Discard => acker.reject(BasicRejectOptions { requeue: false }).await,
         }
     }
 }
 
 impl Settle for AmqpAck {
     /// Hands the ack, nack or reject to lapin right here: the first poll of lapin's future
-    /// queues the frame (or the acker's command), so nothing is spawned per delivery. Only
-    /// a refusal known at once (the delivery's channel is gone) is reported; what happens
-    /// to the frame later is the connection's story, and an unsettled delivery comes again
-    /// anyway.
+    /// queues the frame, so nothing is spawned per delivery. Only a refusal known at once
+    /// (the delivery's channel is gone) is reported; what happens to the frame later is the
+    /// connection's story, and an unsettled delivery comes again anyway.
     fn settle(self: Box<Self>, outcome: Outcome) {
-        let settling = async move {
-            match *self {
-                AmqpAck::OnChannel { channel, tag } => {
-                    Self::on_channel(&channel.channel, tag, outcome).await
-                }
-                AmqpAck::Acker(acker) => Self::by_acker(&acker, outcome).await,
-            }
-        };
+        let settling = async move { self.send(outcome).await };
         let mut context = std::task::Context::from_waker(futures::task::noop_waker_ref());
-        match pin!(settling).poll(&mut context) {
-            std::task::Poll::Ready(Ok(false)) => tracing::warn!(
-                ?outcome,
-                "delivery not settled: its channel is gone, the broker will redeliver it"
-            ),
-            std::task::Poll::Ready(Err(error)) => {
-                tracing::warn!(?outcome, %error, "settling a delivery failed; the broker will redeliver it")
-            }
-            _ => {}
+        if let std::task::Poll::Ready(Err(error)) = pin!(settling).poll(&mut context) {
+            tracing::warn!(?outcome, %error, "delivery not settled: its channel is gone, the broker will redeliver it");
         }
     }
 }
@@ -814,6 +796,99 @@ mod tests {
     use lapin::protocol::{AMQPError, AMQPErrorKind};
 
     use super::*;
+
+    /// A delivery settled after its channel closed is refused: the frame never goes on the
+    /// channel the consumer has now, where its tag names another delivery. On the shared
+    /// broker, a queue of the test's own.
+    #[tokio::test]
+    async fn a_settle_after_its_channel_closed_never_lands_on_the_next_channel() {
+        use lapin::options::{
+            BasicPublishOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
+        };
+        let uri = std::env::var("KIWIMQ_URL")
+            .ok()
+            .filter(|uri| uri.starts_with("amqp://"))
+            .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        let connection = Connection::connect(&uri, lapin::ConnectionProperties::default())
+            .await
+            .expect("the test broker answers");
+        let queue = format!("kiwimq-test-settle-{}", uuid::Uuid::new_v4().simple());
+        let setup = connection.create_channel().await.unwrap();
+        // Gone a minute after its last use even if the test fails before it deletes it.
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-expires".into(),
+            lapin::types::AMQPValue::LongUInt(60_000),
+        );
+        setup
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::default(),
+                arguments,
+            )
+            .await
+            .unwrap();
+        for body in [b"first", b"other"] {
+            setup
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    Default::default(),
+                )
+                .await
+                .unwrap();
+        }
+        // One delivery at a time, so a stray ack of the next channel's tag would let a
+        // second one through, and the next channel's own ack of that tag would be refused.
+        let take = async |channel: &Channel| {
+            channel
+                .basic_qos(1, BasicQosOptions::default())
+                .await
+                .unwrap();
+            let mut consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            consumer.next().await.unwrap().unwrap()
+        };
+        let first = connection.create_channel().await.unwrap();
+        let stale = take(&first).await;
+        let guard = Arc::new(ConsumerChannel {
+            channel: first.clone(),
+            io: Handle::current(),
+        });
+        let settle = Box::new(AmqpAck::new(&stale, &guard));
+        first.close(200, "test".into()).await.unwrap();
+        let next = connection.create_channel().await.unwrap();
+        let taken = take(&next).await;
+        assert_eq!(
+            taken.delivery_tag, stale.delivery_tag,
+            "the same tag, another delivery"
+        );
+        settle.settle(Outcome::Ack);
+        // The next channel's own ack of its tag goes through only if that tag was not
+        // acknowledged already (the broker would close the channel: unknown delivery tag);
+        // qos is a round trip after it on the same channel.
+        next.basic_ack(taken.delivery_tag, BasicAckOptions::default())
+            .await
+            .unwrap();
+        next.basic_qos(1, BasicQosOptions::default())
+            .await
+            .expect("the next channel is open: its tag was acknowledged once");
+        setup
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+        drop(guard);
+        connection.close(200, "done".into()).await.unwrap();
+    }
 
     fn refusal(soft: AMQPSoftError, text: &str) -> lapin::Error {
         let error = AMQPError::new(AMQPErrorKind::Soft(soft), text.into());
