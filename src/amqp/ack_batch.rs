@@ -9,12 +9,11 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use futures::StreamExt;
-use futures::channel::mpsc;
 use lapin::options::BasicAckOptions;
 use tokio::runtime::Handle;
 
 use super::ConsumerChannel;
+use super::consumers::queue_now;
 use crate::transport::{Outcome, Settle};
 
 /// How long a handled delivery waits at most for others to share its acknowledgement.
@@ -25,23 +24,22 @@ pub(super) struct AckBatch {
     state: Mutex<State>,
     /// Deliveries acknowledged together at most: a quarter of the window.
     batch: usize,
-    /// Where acknowledgements are sent from: the connection's I/O runtime.
+    /// Where the flush timer runs: the connection's I/O runtime.
     io: Handle,
-    /// To the task that sends the acknowledgements, one after another: in order, each
-    /// awaited (a later one covers an earlier; the other way round the broker would refuse
-    /// the unknown tag and close the channel).
-    acks: mpsc::UnboundedSender<lapin::Acker>,
-    /// The consumer's channel, open while deliveries wait to be acknowledged.
-    _channel: Arc<ConsumerChannel>,
+    /// The consumer's channel, open while deliveries wait to be acknowledged; the
+    /// acknowledgements are frames queued on it under the state's lock, so in order (a
+    /// later one covers an earlier; the other way round the broker would refuse the unknown
+    /// tag and close the channel).
+    channel: Arc<ConsumerChannel>,
 }
 
 struct State {
     /// The number of the oldest delivery not yet acknowledged.
     front: u64,
-    /// From `front` on: each delivery's acker once handled, none while it is handled.
-    pending: VecDeque<Option<lapin::Acker>>,
+    /// From `front` on: each delivery's tag once handled, none while it is handled.
+    pending: VecDeque<Option<u64>>,
     /// The newest delivery of the handled run from `front`, to acknowledge with `multiple`.
-    ready: Option<lapin::Acker>,
+    ready: Option<u64>,
     /// How many deliveries `ready` acknowledges.
     ready_count: usize,
     /// A flush is on its way.
@@ -55,16 +53,7 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 impl AckBatch {
     /// A batch for a consumer with this prefetch window on `channel`.
     pub(super) fn new(prefetch: u16, io: Handle, channel: Arc<ConsumerChannel>) -> Arc<Self> {
-        let (acks, mut sending) = mpsc::unbounded::<lapin::Acker>();
-        io.spawn(async move {
-            while let Some(acker) = sending.next().await {
-                if let Err(error) = acker.ack(BasicAckOptions { multiple: true }).await {
-                    tracing::debug!(%error, "acknowledging a batch failed: its channel is gone");
-                }
-            }
-        });
         Arc::new(Self {
-            acks,
             state: Mutex::new(State {
                 front: 0,
                 pending: VecDeque::new(),
@@ -74,7 +63,7 @@ impl AckBatch {
             }),
             batch: usize::from(prefetch / 4).max(1),
             io,
-            _channel: channel,
+            channel,
         })
     }
 
@@ -87,13 +76,13 @@ impl AckBatch {
         BatchedAck {
             batch: self.clone(),
             number,
-            acker: Some(delivery.acker.clone()),
+            tag: Some(delivery.delivery_tag),
         }
     }
 
     /// Delivery `number` is handled: the run from the front grows, and is acknowledged when
     /// long enough or soon.
-    fn handled(self: &Arc<Self>, number: u64, acker: lapin::Acker) {
+    fn handled(self: &Arc<Self>, number: u64, tag: u64) {
         let mut state = lock(&self.state);
         let Some(slot) = number
             .checked_sub(state.front)
@@ -101,7 +90,7 @@ impl AckBatch {
         else {
             return;
         };
-        *slot = Some(acker);
+        *slot = Some(tag);
         while let Some(Some(_)) = state.pending.front() {
             state.ready = state.pending.pop_front().flatten();
             state.front += 1;
@@ -123,15 +112,22 @@ impl AckBatch {
         }
     }
 
-    /// Acknowledges every delivery up to `ready`'s.
-    fn acknowledge(&self, ready: Option<lapin::Acker>) {
-        if let Some(acker) = ready {
-            let _ = self.acks.unbounded_send(acker);
+    /// Acknowledges every delivery up to `ready`'s (called under the state's lock).
+    fn acknowledge(&self, ready: Option<u64>) {
+        let Some(tag) = ready else {
+            return;
+        };
+        let acknowledging = self
+            .channel
+            .channel
+            .basic_ack(tag, BasicAckOptions { multiple: true });
+        if let Some(error) = queue_now(acknowledging) {
+            tracing::debug!(%error, "acknowledging a batch failed: its channel is gone");
         }
     }
 }
 
-fn take_ready(state: &mut State) -> Option<lapin::Acker> {
+fn take_ready(state: &mut State) -> Option<u64> {
     state.ready_count = 0;
     state.ready.take()
 }
@@ -140,14 +136,14 @@ fn take_ready(state: &mut State) -> Option<lapin::Acker> {
 pub(super) struct BatchedAck {
     batch: Arc<AckBatch>,
     number: u64,
-    acker: Option<lapin::Acker>,
+    tag: Option<u64>,
 }
 
 impl Settle for BatchedAck {
     /// At most once: any outcome marks the delivery handled.
     fn settle(mut self: Box<Self>, _: Outcome) {
-        if let Some(acker) = self.acker.take() {
-            self.batch.handled(self.number, acker);
+        if let Some(tag) = self.tag.take() {
+            self.batch.handled(self.number, tag);
         }
     }
 }

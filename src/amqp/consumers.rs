@@ -783,11 +783,19 @@ impl Settle for AmqpAck {
     /// (the delivery's channel is gone) is reported; what happens to the frame later is the
     /// connection's story, and an unsettled delivery comes again anyway.
     fn settle(self: Box<Self>, outcome: Outcome) {
-        let settling = async move { self.send(outcome).await };
-        let mut context = std::task::Context::from_waker(futures::task::noop_waker_ref());
-        if let std::task::Poll::Ready(Err(error)) = pin!(settling).poll(&mut context) {
+        if let Some(error) = queue_now(async move { self.send(outcome).await }) {
             tracing::warn!(?outcome, %error, "delivery not settled: its channel is gone, the broker will redeliver it");
         }
+    }
+}
+
+/// Polls lapin's ack, nack or reject once, which queues its frame: the broker answers none,
+/// so nothing is left to await. The error if the channel refused it at once (it is gone).
+pub(super) fn queue_now(settling: impl Future<Output = lapin::Result<()>>) -> Option<lapin::Error> {
+    let mut context = std::task::Context::from_waker(futures::task::noop_waker_ref());
+    match pin!(settling).poll(&mut context) {
+        std::task::Poll::Ready(Err(error)) => Some(error),
+        _ => None,
     }
 }
 
