@@ -47,7 +47,7 @@ use super::journal::Wake;
 use super::protocol::{Incoming, Outgoing, json_string, kind, null};
 use super::rpc_router::{RpcRouter, Unanswered};
 use super::service::{HANDOVER, KIWIMQ, ServiceFiles, ServiceLock, ServiceStatus, unix_now};
-use super::state::{HandOver, PersistedState, hex, unhex};
+use super::state::{Change, HandOver, PersistedState, StateLog, hex, unhex};
 use super::store::{Lookup, Store, StoredTask};
 use crate::error::{Error, Result};
 /// How often `broker.status` is rewritten, as AiiDA's broker does.
@@ -312,6 +312,8 @@ struct Server {
     stop: Arc<AtomicBool>,
     files: ServiceFiles,
     state_file: PathBuf,
+    /// The changes since the last snapshot of `state_file`.
+    log: StateLog,
     store: Store,
     grace: Duration,
     restore_lease: Duration,
@@ -335,11 +337,9 @@ struct Server {
     arrivals: Vec<Arrival>,
     /// Arrivals of this round by task id.
     arrival_ids: HashMap<String, usize>,
+    /// The state changed since the last snapshot (the log holds what changed): a snapshot
+    /// is written at the next tick.
     dirty: bool,
-    /// The state changed only by settles and expiries: written at the next tick (a lost
-    /// settle is harmless on restore, where only tasks still stored are taken back).
-    settled: bool,
-    last_persist: Instant,
 }
 
 impl Server {
@@ -358,7 +358,9 @@ impl Server {
         let store = Store::open(&storage.join("tasks"), wake)
             .map_err(|e| io_error("the task storage", e))?;
         let state_file = storage.join("broker-state.json");
-        let persisted = PersistedState::load(&state_file);
+        let log_file = storage.join("broker-state.log");
+        let persisted = PersistedState::restore(&state_file, &log_file);
+        let log = StateLog::open(&log_file).map_err(|e| io_error("broker-state.log", e))?;
         files.prepare_socket_dir()?;
         let context = zmq::Context::new();
         let router = context
@@ -398,6 +400,7 @@ impl Server {
             stop,
             files,
             state_file,
+            log,
             store,
             grace: options.worker_grace,
             restore_lease: options.restore_lease,
@@ -413,8 +416,6 @@ impl Server {
             arrivals: Vec::new(),
             arrival_ids: HashMap::new(),
             dirty: true,
-            settled: false,
-            last_persist: Instant::now(),
         };
         server.restore(persisted);
         server.persist();
@@ -523,14 +524,12 @@ impl Server {
         }
     }
 
+    /// Writes a snapshot of the state, durably, if it changed; then empties the log.
     fn persist(&mut self) {
-        let due = self.settled && self.last_persist.elapsed() >= TICK;
-        if !self.dirty && !due {
+        if !self.dirty && self.log.lines() == 0 {
             return;
         }
         self.dirty = false;
-        self.settled = false;
-        self.last_persist = Instant::now();
         let encode = |map: &HashMap<String, ClientId>| -> HashMap<String, String> {
             map.iter().map(|(k, v)| (k.clone(), hex(v))).collect()
         };
@@ -570,9 +569,20 @@ impl Server {
                 .map(|(k, (v, _))| (k.clone(), hex(v)))
                 .collect(),
         };
-        if let Err(error) = state.save(&self.state_file) {
-            tracing::error!(%error, "cannot write broker-state.json");
+        match state.save(&self.state_file) {
+            Ok(()) => {
+                if let Err(error) = self.log.clear() {
+                    tracing::error!(%error, "cannot empty broker-state.log");
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot write broker-state.json"),
         }
+    }
+
+    /// Writes a change down before it shows outside, and marks a snapshot due.
+    fn record(&mut self, change: Change) {
+        self.log.record(std::slice::from_ref(&change));
+        self.dirty = true;
     }
 
     fn write_status(&self) {
@@ -626,8 +636,8 @@ impl Server {
                 if let Err(error) = self.store.sync() {
                     tracing::warn!(%error, "cannot sync the task directories");
                 }
+                self.persist();
             }
-            self.persist();
             if last_status.elapsed() >= STATUS_INTERVAL {
                 last_status = Instant::now();
                 self.write_status();
@@ -705,28 +715,41 @@ impl Server {
                     .prefetch_count
                     .filter(|n| *n > 0)
                     .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+                self.record(Change::SubscribeTask {
+                    identifier: identifier.clone(),
+                    client: hex(&identity),
+                    limit,
+                });
                 self.dispatcher.subscribe(identifier, &identity, limit);
-                self.dirty = true;
             }
             Some(kind::SUBSCRIBE_RPC) => {
                 if let Some(identifier) = message_identifier(&message) {
+                    self.record(Change::SubscribeRpc {
+                        identifier: identifier.clone(),
+                        client: hex(&identity),
+                    });
                     self.claim_by_rpc(&identity, &identifier);
                     self.rpcs.subscribe(identifier, identity);
-                    self.dirty = true;
                 }
             }
             Some(kind::UNSUBSCRIBE_TASK) => {
-                if let Some(identifier) = message_identifier(&message)
-                    && self.dispatcher.unsubscribe(&identifier, &identity)
-                {
-                    self.dirty = true;
+                if let Some(identifier) = message_identifier(&message) {
+                    self.record(Change::UnsubscribeTask {
+                        identifier: identifier.clone(),
+                        client: hex(&identity),
+                    });
+                    self.dispatcher.unsubscribe(&identifier, &identity);
                 }
             }
             Some(kind::UNSUBSCRIBE_RPC) => {
                 if let Some(identifier) = message_identifier(&message)
-                    && self.rpcs.unsubscribe(&identifier, &identity)
+                    && self.rpcs.serves(&identity, &identifier)
                 {
-                    self.dirty = true;
+                    self.record(Change::UnsubscribeRpc {
+                        identifier: identifier.clone(),
+                        client: hex(&identity),
+                    });
+                    self.rpcs.unsubscribe(&identifier, &identity);
                 }
             }
             Some(kind::PING) => {}
@@ -930,6 +953,7 @@ impl Server {
     /// restart that the task is taken and waits for its worker rather than running it twice.
     fn dispatch(&mut self) {
         let mut handed = Vec::new();
+        let mut changes = Vec::new();
         while self.store.pending() > 0 {
             let unreachable = &self.unreachable;
             let Some(worker) = self
@@ -956,19 +980,30 @@ impl Server {
                 ..Outgoing::new(kind::TASK, &self.sender)
             }
             .encode();
-            self.handed_at.insert(task_id.clone(), unix_now());
-            if task.results
-                && let Some(sender) = task.sender_identity.as_deref().and_then(unhex)
-            {
+            let at = unix_now();
+            self.handed_at.insert(task_id.clone(), at);
+            let route = task
+                .results
+                .then(|| task.sender_identity.as_deref().and_then(unhex))
+                .flatten();
+            changes.push(Change::Assign {
+                task: task_id.clone(),
+                client: hex(&worker),
+                delivery,
+                at,
+                route: route.as_deref().map(hex),
+            });
+            if let Some(sender) = route {
                 self.result_routes.insert(task_id.clone(), (sender, None));
             }
-            self.dirty = true;
             handed.push((worker, task_id, delivery, bytes));
         }
         if handed.is_empty() {
             return;
         }
-        self.persist();
+        // Written down before the tasks leave.
+        self.log.record(&changes);
+        self.dirty = true;
         for (worker, task_id, delivery, bytes) in handed {
             let sent = self
                 .router
@@ -1004,7 +1039,9 @@ impl Server {
     fn settled_task(&mut self, task_id: &str, ack: bool) {
         self.handed_at.remove(task_id);
         self.lease_pids.remove(task_id);
-        self.settled = true;
+        self.record(Change::Release {
+            task: task_id.to_owned(),
+        });
         if ack {
             self.store.ack(task_id);
             self.acked.insert(task_id);
@@ -1038,7 +1075,6 @@ impl Server {
             "tasks handed to a client just before the broker stopped never reached it; requeued"
         );
         self.requeue_released(lost);
-        self.dirty = true;
     }
 
     /// A client serves a process's RPC: a leased task continuing that process is its own.
@@ -1064,7 +1100,7 @@ impl Server {
         let Some((sender, _)) = self.result_routes.remove(task_id) else {
             return;
         };
-        self.settled = true;
+        self.dirty = true;
         let frame = Outgoing {
             task_id: Some(task_id),
             result: Some(message.result.unwrap_or_else(|| null())),
@@ -1199,6 +1235,9 @@ impl Server {
         let tasks = self.dispatcher.remove_client(identity);
         tracing::warn!(client = %shown(identity), tasks = tasks.len(), "a client gone past its grace: its tasks go back to the queue");
         self.requeue_released(tasks);
+        self.record(Change::RemoveClient {
+            client: hex(identity),
+        });
         for (rpc_id, caller) in self.rpcs.remove_client(identity) {
             self.rpc_error(
                 &caller,
@@ -1208,7 +1247,6 @@ impl Server {
         }
         self.presence_watchers.remove(identity);
         self.unreachable.remove(identity);
-        self.settled = true;
     }
 
     /// Answers expired RPCs with an error, requeues the leased tasks not claimed in time,
@@ -1227,7 +1265,6 @@ impl Server {
                     "tasks handed over as the last run stopped were not claimed within the lease: requeued"
                 );
                 self.requeue_released(ended);
-                self.dirty = true;
             }
         }
         let before = self.result_routes.len();
@@ -1235,7 +1272,7 @@ impl Server {
             acked.is_none_or(|at| now.duration_since(at) < RESULT_ROUTE_TTL)
         });
         if self.result_routes.len() != before {
-            self.settled = true;
+            self.dirty = true;
         }
         self.acked.prune(now);
     }

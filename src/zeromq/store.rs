@@ -52,6 +52,8 @@ pub(crate) struct StoredTask {
 
 /// Spare files kept ready.
 const SPARES_KEPT: usize = 1024;
+/// The largest settled task file kept as a spare (a file system's block).
+const SPARE_BYTES: u64 = 4096;
 
 /// Empty files for new tasks to be written into, and the thread that makes them.
 #[derive(Debug)]
@@ -111,9 +113,13 @@ impl Spares {
         spare
     }
 
-    /// Makes `path` (a settled task's file) a spare, or removes it when enough are kept.
+    /// Makes `path` (a settled task's file) a spare, or removes it when enough are kept or
+    /// it is large: a spare keeps its blocks until it is written over, so only small files
+    /// are kept (at most `SPARES_KEPT` × `SPARE_BYTES` of disk) and a full disk gets the
+    /// room of settled tasks back.
     fn give_back(&self, path: &Path) -> io::Result<()> {
-        if self.pool().len() >= SPARES_KEPT {
+        let large = fs::metadata(path).is_ok_and(|meta| meta.len() > SPARE_BYTES);
+        if large || self.pool().len() >= SPARES_KEPT {
             return fs::remove_file(path);
         }
         let spare = self.name();
