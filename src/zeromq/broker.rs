@@ -47,7 +47,9 @@ use super::journal::Wake;
 use super::protocol::{Incoming, Outgoing, json_string, kind, null};
 use super::rpc_router::{RpcRouter, Unanswered};
 use super::service::{HANDOVER, KIWIMQ, ServiceFiles, ServiceLock, ServiceStatus, unix_now};
-use super::state::{Change, HandOver, PersistedState, StateLog, hex, unhex};
+use super::state::{
+    ACKED_KEPT as ACKED_SAVED, Change, HandOver, PersistedState, StateLog, hex, unhex,
+};
 use super::store::{Lookup, Store, StoredTask};
 use crate::error::{Error, Result};
 /// How often `broker.status` is rewritten, as AiiDA's broker does.
@@ -273,6 +275,16 @@ impl RecentIds {
     fn contains(&self, id: &str) -> bool {
         self.ids.contains(id)
     }
+
+    /// The newest `count` ids, oldest first.
+    fn newest(&self, count: usize) -> Vec<String> {
+        let skip = self.order.len().saturating_sub(count);
+        self.order
+            .iter()
+            .skip(skip)
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
 }
 
 /// What a task id that arrives again is.
@@ -436,6 +448,9 @@ impl Server {
                 .filter_map(|(key, identity)| Some((key, unhex(&identity)?)))
                 .collect()
         };
+        for id in &persisted.recently_acked {
+            self.acked.insert(id);
+        }
         for (identifier, client) in decode(persisted.task_subscribers) {
             self.dispatcher.restore_subscription(identifier, client);
         }
@@ -568,6 +583,7 @@ impl Server {
                 .iter()
                 .map(|(k, (v, _))| (k.clone(), hex(v)))
                 .collect(),
+            recently_acked: self.acked.newest(ACKED_SAVED),
         };
         match state.save(&self.state_file) {
             Ok(()) => {
@@ -1041,6 +1057,7 @@ impl Server {
         self.lease_pids.remove(task_id);
         self.record(Change::Release {
             task: task_id.to_owned(),
+            acked: ack,
         });
         if ack {
             self.store.ack(task_id);

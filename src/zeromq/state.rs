@@ -54,7 +54,14 @@ pub(crate) struct PersistedState {
     /// Task id → the identity (hex) its result goes back to.
     #[serde(default)]
     pub(crate) result_routes: HashMap<String, String>,
+    /// The ids of the tasks acked last (at most [`ACKED_KEPT`]), oldest first: a task sent
+    /// again after its confirm was lost to a stop is confirmed again, not run again.
+    #[serde(default)]
+    pub(crate) recently_acked: Vec<String>,
 }
+
+/// How many ids of acked tasks the state keeps across a restart.
+pub(crate) const ACKED_KEPT: usize = 10_000;
 
 /// One change to the state, as a line of `broker-state.log`. Identities in hex.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,9 +93,11 @@ pub(crate) enum Change {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         route: Option<String>,
     },
-    /// A task no one holds any more (settled, or back in the queue).
+    /// A task no one holds any more (settled — `acked` — or back in the queue).
     Release {
         task: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        acked: bool,
     },
     /// A client gone: its subscriptions and limit.
     RemoveClient {
@@ -139,9 +148,16 @@ impl PersistedState {
                 }
                 self.assignments.insert(task, client);
             }
-            Change::Release { task } => {
+            Change::Release { task, acked } => {
                 self.assignments.remove(&task);
                 self.deliveries.remove(&task);
+                if acked {
+                    if self.recently_acked.len() >= ACKED_KEPT {
+                        let over = self.recently_acked.len() + 1 - ACKED_KEPT;
+                        self.recently_acked.drain(..over);
+                    }
+                    self.recently_acked.push(task);
+                }
             }
             Change::RemoveClient { client } => {
                 self.task_subscribers.retain(|_, c| *c != client);
@@ -332,7 +348,10 @@ mod tests {
             route: None,
         };
         log.record(&[assign("a", 5), assign("b", 6)]);
-        log.record(&[Change::Release { task: "a".into() }]);
+        log.record(&[Change::Release {
+            task: "a".into(),
+            acked: true,
+        }]);
         drop(log);
         let mut text = std::fs::read(&log_path).unwrap();
         text.extend_from_slice(br#"{"change":"assign","task":"c","cli"#);
@@ -343,6 +362,7 @@ mod tests {
         assert_eq!(state.assignments.keys().collect::<Vec<_>>(), ["b"]);
         assert_eq!(state.deliveries["b"].delivery, 6);
         assert_eq!(state.next_delivery, 7);
+        assert_eq!(state.recently_acked, ["a"]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
