@@ -255,8 +255,12 @@ const SECONDS_BUCKETS: &[f64] = &[
 /// gives the text to serve at `/metrics`.
 #[cfg(feature = "prometheus")]
 pub fn install_prometheus() -> crate::Result<metrics_exporter_prometheus::PrometheusHandle> {
-    use std::sync::OnceLock;
+    use std::sync::{Mutex, OnceLock};
     static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
+    // Held while installing: two first calls at once would otherwise both try, and the
+    // second fail, the process's recorder being set by the first.
+    static INSTALLING: Mutex<()> = Mutex::new(());
+    let _installing = INSTALLING.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
     }
