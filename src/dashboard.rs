@@ -121,6 +121,17 @@ const HISTORY: Duration = Duration::from_secs(15 * 60);
 /// Processes kept: the longest silent ones go first (an AiiDA profile may run millions).
 const PROCESSES_KEPT: usize = 10_000;
 
+/// Queues sampled at most: those given in the options, the default queue, then those of the
+/// workers heard from most recently. Each costs two reads of the broker at every sample.
+const QUEUES_SAMPLED: usize = 200;
+
+/// The longest subject, sender, pk or state kept of a broadcast, in bytes (cut there, with
+/// `…`); a body is cut at [`BODY_KEPT`].
+const TEXT_KEPT: usize = 500;
+
+/// The longest broadcast body kept, in bytes of JSON (cut there, with `…`).
+const BODY_KEPT: usize = 2000;
+
 /// A running dashboard: watchers of a communicator's fleet, and the web service showing
 /// them ([`scope`](Self::scope)). Cloning is cheap; the watchers stop when the last clone is
 /// dropped.
@@ -183,16 +194,66 @@ impl Drop for Board {
     }
 }
 
+/// What the dashboard keeps, each part bounded in count and bytes (see the module docs).
 #[derive(Default)]
 struct State {
     roster: Roster,
     presence: Option<String>,
+    /// The queues of the last sample: at most [`QUEUES_SAMPLED`].
     queues: BTreeMap<String, QueueView>,
+    /// At most [`HISTORY`] over the sample interval.
     series: VecDeque<Sample>,
-    processes: BTreeMap<String, ProcessView>,
+    processes: Processes,
+    /// At most [`DashboardOptions::broadcasts_kept`], each cut to [`BODY_KEPT`] and
+    /// [`TEXT_KEPT`].
     broadcasts: VecDeque<BroadcastView>,
     /// The previous sample's totals, for rates.
     last: Option<Previous>,
+}
+
+/// AiiDA processes by pk, at most [`PROCESSES_KEPT`]: the one heard from longest ago goes
+/// first.
+#[derive(Default)]
+struct Processes {
+    by_pk: BTreeMap<String, (ProcessView, u64)>,
+    /// The pks by when they were last heard, oldest first.
+    order: BTreeMap<u64, String>,
+    next: u64,
+}
+
+impl Processes {
+    fn heard(&mut self, view: ProcessView) {
+        let place = self.next;
+        self.next += 1;
+        if let Some((_, before)) = self.by_pk.remove(&view.pk) {
+            self.order.remove(&before);
+        }
+        self.order.insert(place, view.pk.clone());
+        self.by_pk.insert(view.pk.clone(), (view, place));
+        while self.by_pk.len() > PROCESSES_KEPT {
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
+            self.by_pk.remove(&oldest);
+        }
+    }
+
+    fn views(&self) -> Vec<ProcessView> {
+        self.by_pk.values().map(|(view, _)| view.clone()).collect()
+    }
+}
+
+/// `text` cut to at most `max` bytes (at a character's boundary), marked with `…`.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut at = max;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.truncate(at);
+        text.push('…');
+    }
+    text
 }
 
 /// A sample's totals: when, tasks done, and per queue tasks done and held.
@@ -260,11 +321,11 @@ pub struct ProcessView {
 pub struct BroadcastView {
     /// When it was heard, in milliseconds since the Unix epoch.
     pub at_ms: u64,
-    /// Its subject.
+    /// Its subject (cut at 500 bytes).
     pub subject: Option<String>,
-    /// Its sender.
+    /// Its sender (cut at 500 bytes).
     pub sender: Option<String>,
-    /// Its body, as JSON text (cut at 2,000 characters).
+    /// Its body, as JSON text (cut at 2,000 bytes).
     pub body: String,
 }
 
@@ -330,7 +391,11 @@ impl Dashboard {
                 let weak = Arc::downgrade(&board);
                 Some(tokio::spawn(stream.for_each(move |presence| {
                     if let Some(board) = weak.upgrade() {
-                        lock(&board.state).roster.heard(presence, Instant::now());
+                        let heard = lock(&board.state).roster.heard(presence, Instant::now());
+                        if let Err(refusal) = heard {
+                            crate::metrics::presence_refused(refusal.reason());
+                            tracing::warn!(%refusal, "a presence announcement refused");
+                        }
                     }
                     futures::future::ready(())
                 })))
@@ -389,46 +454,61 @@ impl Dashboard {
     pub fn overview(&self) -> Overview {
         self.board.overview()
     }
+
+    /// What the dashboard holds now, to check against its bounds.
+    pub fn footprint(&self) -> Footprint {
+        let state = lock(&self.board.state);
+        Footprint {
+            workers: state.roster.len(),
+            worker_bytes: state.roster.bytes(),
+            queues: state.queues.len(),
+            samples: state.series.len(),
+            processes: state.processes.by_pk.len(),
+            broadcasts: state.broadcasts.len(),
+        }
+    }
+}
+
+/// What a [`Dashboard`] holds, each part with its bound (the module docs list them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Footprint {
+    /// Workers on the roster: at most [`Roster::MAX_MEMBERS`].
+    pub workers: usize,
+    /// Bytes of their announcements: at most [`Roster::MAX_BYTES`].
+    pub worker_bytes: usize,
+    /// Queues sampled: at most 200, besides those given in the options.
+    pub queues: usize,
+    /// Samples of the charts: at most 15 minutes over the sample interval.
+    pub samples: usize,
+    /// AiiDA processes: at most 10,000.
+    pub processes: usize,
+    /// Broadcasts of the tail: at most [`DashboardOptions::broadcasts_kept`].
+    pub broadcasts: usize,
 }
 
 impl Board {
     fn heard(&self, broadcast: Broadcast<serde_json::Value>) {
         let at_ms = now_ms();
-        let subject = broadcast.subject_text().map(|s| s.into_owned());
-        let sender = broadcast.sender_text().map(|s| s.into_owned());
+        let subject = broadcast
+            .subject_text()
+            .map(|s| cut(s.into_owned(), TEXT_KEPT));
+        let sender = broadcast
+            .sender_text()
+            .map(|s| cut(s.into_owned(), TEXT_KEPT));
         let mut state = lock(&self.state);
         if let (Some(subject), Some(pk)) = (&subject, &sender)
             && let Some(change) = subject.strip_prefix("state_changed.")
         {
             let (previous, state_now) = change.split_once('.').unwrap_or(("", change));
-            state.processes.insert(
-                pk.clone(),
-                ProcessView {
-                    pk: pk.clone(),
-                    state: state_now.to_owned(),
-                    previous: previous.to_owned(),
-                    at_ms,
-                },
-            );
-            if state.processes.len() > PROCESSES_KEPT
-                && let Some(oldest) = state
-                    .processes
-                    .values()
-                    .min_by_key(|p| p.at_ms)
-                    .map(|p| p.pk.clone())
-            {
-                state.processes.remove(&oldest);
-            }
+            state.processes.heard(ProcessView {
+                pk: pk.clone(),
+                state: state_now.to_owned(),
+                previous: previous.to_owned(),
+                at_ms,
+            });
         }
-        let mut body = broadcast.body.to_string();
-        if body.len() > 2000 {
-            let mut cut = 2000;
-            while !body.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            body.truncate(cut);
-            body.push('…');
-        }
+        let body = cut(broadcast.body.to_string(), BODY_KEPT);
         state.broadcasts.push_front(BroadcastView {
             at_ms,
             subject,
@@ -436,6 +516,25 @@ impl Board {
             body,
         });
         state.broadcasts.truncate(self.options.broadcasts_kept);
+    }
+
+    /// The queues to sample: those of the options, the default one, then those of the
+    /// members heard from most recently, [`QUEUES_SAMPLED`] at most.
+    fn queues_to_sample(&self, members: &[Member]) -> BTreeSet<String> {
+        let mut names: BTreeSet<String> = self.options.queues.iter().cloned().collect();
+        names.insert(self.comm.settings().task_queue().to_owned());
+        let mut recent: Vec<&Member> = members.iter().collect();
+        recent.sort_by(|a, b| a.silent_secs.total_cmp(&b.silent_secs));
+        let announced = recent
+            .into_iter()
+            .flat_map(|member| &member.presence.task_queues);
+        for queue in announced {
+            if names.len() >= QUEUES_SAMPLED.max(self.options.queues.len() + 1) {
+                break;
+            }
+            names.insert(queue.name.clone());
+        }
+        names
     }
 
     /// Reads the queues and the round trip, and publishes the overview.
@@ -450,27 +549,25 @@ impl Board {
             Err(_) => None,
         };
         let now = Instant::now();
-        let (members, mut names) = {
-            let mut state = lock(&self.state);
-            let members = state.roster.members(now);
-            let names: BTreeSet<String> = state.queues.keys().cloned().collect();
-            (members, names)
-        };
-        names.extend(self.options.queues.iter().cloned());
-        names.insert(self.comm.settings().task_queue().to_owned());
+        let members = lock(&self.state).roster.members(now);
+        let names = self.queues_to_sample(&members);
         let live: Vec<&Member> = members
             .iter()
             .filter(|m| m.standing == Standing::Live)
             .collect();
         // Done and running per queue, over the live workers and those just lost.
         let mut per_queue: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        // Saturating: the counts come from the network.
         for member in &members {
             for queue in &member.presence.task_queues {
-                names.insert(queue.name.clone());
+                if !names.contains(&queue.name) {
+                    continue;
+                }
                 let entry = per_queue.entry(queue.name.clone()).or_default();
-                entry.0 += queue.counts.total();
+                entry.0 = entry.0.saturating_add(queue.counts.total());
                 if member.standing == Standing::Live {
-                    entry.1 += queue.running as u64;
+                    let running = u64::try_from(queue.running).unwrap_or(u64::MAX);
+                    entry.1 = entry.1.saturating_add(running);
                 }
             }
         }
@@ -481,7 +578,9 @@ impl Board {
                     .await,
             );
         }
-        let done: u64 = per_queue.values().map(|q| q.0).sum();
+        let done = per_queue
+            .values()
+            .fold(0u64, |done, q| done.saturating_add(q.0));
         let mut state = lock(&self.state);
         let mut tasks_per_sec = 0.0;
         if let Some(previous) = &state.last {
@@ -496,7 +595,7 @@ impl Board {
                     continue;
                 };
                 let out = done_now.saturating_sub(*done_before) as f64;
-                let held = u64::from(view.ready.unwrap_or(0)) + view.in_flight;
+                let held = u64::from(view.ready.unwrap_or(0)).saturating_add(view.in_flight);
                 let grew = held as f64 - *held_before as f64;
                 view.rate_out = out / seconds;
                 view.rate_in = ((out + grew) / seconds).max(0.0);
@@ -506,7 +605,7 @@ impl Board {
             .iter()
             .map(|view| {
                 let done = per_queue.get(&view.name).map_or(0, |q| q.0);
-                let held = u64::from(view.ready.unwrap_or(0)) + view.in_flight;
+                let held = u64::from(view.ready.unwrap_or(0)).saturating_add(view.in_flight);
                 (view.name.clone(), (done, held))
             })
             .collect();
@@ -562,7 +661,7 @@ impl Board {
             workers,
             queues: state.queues.values().cloned().collect(),
             series: state.series.iter().copied().collect(),
-            processes: state.processes.values().cloned().collect(),
+            processes: state.processes.views(),
             broadcasts: state.broadcasts.iter().take(100).cloned().collect(),
             at_ms: now_ms(),
         }
@@ -719,7 +818,7 @@ async fn processes(dashboard: web::Data<Dashboard>, request: HttpRequest) -> Htt
 /// A queue name from a path: not empty, at most 255 bytes (AMQP's limit), no control
 /// characters.
 fn queue_name(name: &str) -> std::result::Result<&str, Box<HttpResponse>> {
-    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+    if !crate::presence::is_queue_name(name) {
         return Err(Box::new(problem(
             StatusCode::BAD_REQUEST,
             "a queue name is 1 to 255 bytes without control characters",

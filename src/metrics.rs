@@ -17,6 +17,7 @@
 //! | `kiwimq_tasks_dead_lettered_total` | counter | tasks sent to the dead-letter queue |
 //! | `kiwimq_messages_undecodable_total` | counter | bodies no subscriber could decode |
 //! | `kiwimq_reconnects_total` | counter | connections restored after a loss |
+//! | `kiwimq_presence_refused_total` | counter | presence announcements a watcher refused, by `reason` (`too_large`, `undecodable`, `out_of_range`) |
 //! | `kiwimq_tasks_running` | gauge | tasks being handled now |
 //! | `kiwimq_results_pending` | gauge | task and RPC results awaited |
 //! | `kiwimq_subscribers` | gauge | subscribers, by `kind` |
@@ -46,6 +47,8 @@ pub const DEAD_LETTERED: &str = "kiwimq_tasks_dead_lettered_total";
 pub const UNDECODABLE: &str = "kiwimq_messages_undecodable_total";
 /// Connections restored after a loss.
 pub const RECONNECTS: &str = "kiwimq_reconnects_total";
+/// Presence announcements refused by a watcher, by `reason`.
+pub const PRESENCE_REFUSED: &str = "kiwimq_presence_refused_total";
 /// Tasks being handled now.
 pub const TASKS_RUNNING: &str = "kiwimq_tasks_running";
 /// Results awaited.
@@ -60,6 +63,12 @@ pub const ROUND_TRIP_SECONDS: &str = "kiwimq_round_trip_seconds";
 /// A task counter for `queue`.
 pub(crate) fn task(name: &'static str, queue: &Arc<str>) {
     ::metrics::counter!(name, "kind" => "task", "queue" => queue.clone()).increment(1);
+}
+
+/// Counts a presence announcement refused for `reason` (see
+/// [`InvalidPresence::reason`](crate::presence::InvalidPresence::reason)).
+pub(crate) fn presence_refused(reason: &'static str) {
+    ::metrics::counter!(PRESENCE_REFUSED, "reason" => reason).increment(1);
 }
 
 /// The metrics labelled by kind alone, registered once per process (at first use: the

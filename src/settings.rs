@@ -434,9 +434,13 @@ impl Settings {
     /// How often the communicator announces itself on kiwimq's presence exchange (see
     /// [`crate::presence`]): every 5 s by default; `None` turns presence off. A watcher
     /// takes a communicator silent for three intervals for lost. On ZeroMQ only through
-    /// kiwimq's broker.
+    /// kiwimq's broker. At most a day (longer is a day): watchers refuse a longer one
+    /// ([`Presence::MAX_INTERVAL_SECS`](crate::presence::Presence::MAX_INTERVAL_SECS)).
     pub fn with_presence_interval(mut self, interval: Option<Duration>) -> Self {
-        self.presence_interval = interval.filter(|interval| !interval.is_zero());
+        let longest = Duration::from_secs_f64(crate::presence::Presence::MAX_INTERVAL_SECS);
+        self.presence_interval = interval
+            .filter(|interval| !interval.is_zero())
+            .map(|interval| interval.min(longest));
         self
     }
 

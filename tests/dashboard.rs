@@ -1,6 +1,9 @@
 //! The dashboard's JSON API, mounted in-process in an actix-web app, on both backends: what
 //! it shows of a running fleet (workers, queues, dead letters, processes, broadcasts) and
-//! how it refuses bad input, a missing token and a missing CSRF token.
+//! how it refuses bad input, a missing token and a missing CSRF token; on a real socket,
+//! how it refuses another site's Host and Origin; and, with announcements forged on
+//! RabbitMQ as anyone who may publish there can, that none makes it panic and a flood of
+//! them leaves it within its bounds.
 
 mod common;
 
@@ -319,8 +322,302 @@ async fn a_dropped_dashboard_leaves_no_subscriber_behind(backend: Backend) {
     comm.close().await.unwrap();
 }
 
+/// Long subjects and senders are cut as bodies are: the tail's bytes are bounded.
+async fn the_tail_keeps_at_most_its_bytes(backend: Backend) {
+    let comm = connect(&settings(backend)).await;
+    let dashboard = Dashboard::start(&comm, DashboardOptions::default())
+        .await
+        .unwrap();
+    let long = "x".repeat(100_000);
+    comm.broadcast_send(
+        &long,
+        BroadcastOptions::subject(format!("state_changed.created.{long}"))
+            .with_sender(long.as_str()),
+    )
+    .await
+    .unwrap();
+    let overview = until(
+        "the long broadcast",
+        async || dashboard.overview(),
+        |o| !o.broadcasts.is_empty() && !o.processes.is_empty(),
+    )
+    .await;
+    let heard = &overview.broadcasts[0];
+    let lengths = (
+        heard.subject.as_ref().map_or(0, String::len),
+        heard.sender.as_ref().map_or(0, String::len),
+        heard.body.len(),
+    );
+    println!("a broadcast of 3 x 100,000 bytes kept as {lengths:?} bytes");
+    assert!(
+        lengths.0 <= 503 && lengths.1 <= 503 && lengths.2 <= 2003,
+        "{lengths:?}"
+    );
+    let process = &overview.processes[0];
+    assert!(process.pk.len() <= 503 && process.state.len() <= 503);
+    drop(dashboard);
+    comm.close().await.unwrap();
+}
+
+/// What anyone who may publish on the broker can send the dashboard: raw announcements on
+/// its presence exchange.
+struct Forger {
+    _connection: lapin::Connection,
+    channel: lapin::Channel,
+    exchange: String,
+}
+
+impl Forger {
+    async fn connect(settings: &kiwimq::Settings) -> Forger {
+        let connection =
+            lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+                .await
+                .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        Forger {
+            _connection: connection,
+            channel,
+            exchange: format!("{}.kiwimq-presence", settings.message_exchange()),
+        }
+    }
+
+    async fn publish(&self, body: &[u8]) {
+        self.channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                "[kiwimq.presence]".into(),
+                lapin::options::BasicPublishOptions::default(),
+                body,
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// An announcement as a kiwimq communicator sends it, with `id` and one queue.
+fn forged(id: &str, queue: &str) -> Value {
+    serde_json::json!({
+        "id": id, "host": "forged-host", "pid": 4242, "program": "forger",
+        "version": "0.1.0", "backend": "amqp", "node": "127.0.0.1:5672", "connected": true,
+        "sent_at_ms": 1_765_000_000_000u64, "uptime_secs": 12.5, "interval_secs": 5.0,
+        "task_queues": [{"name": queue, "prefetch": 1, "subscribers": 1, "running": 0,
+            "counts": {"handled": 1, "failed": 0, "panicked": 0, "rejected": 0}}],
+        "rpc_identifiers": 0, "broadcast_filters": [], "in_flight": [],
+        "counts": {"handled": 1, "failed": 0, "panicked": 0, "rejected": 0},
+        "restarts": 0, "subscribers_lost": 0, "pending_results": 0, "closing": false,
+    })
+}
+
+/// Polls the dashboard until the announcement of `id` shows: every one published before it
+/// was read by then.
+async fn until_heard(dashboard: &Dashboard, id: &str, within: Duration) -> Overview {
+    let deadline = Instant::now() + within;
+    loop {
+        let overview = dashboard.overview();
+        if overview.workers.iter().any(|m| m.presence.id == id) {
+            return overview;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {id}");
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Announcements whose numbers are out of range — an interval no `Duration` holds (which
+/// panicked the roster), progress past 1, ages negative, a timestamp no page reads — are
+/// refused one by one, as are undecodable and oversized ones; the dashboard goes on
+/// answering and sampling.
+#[actix_rt::test]
+async fn an_announcement_out_of_range_is_refused_and_the_dashboard_goes_on() {
+    let settings = amqp_settings(&amqp_url());
+    let comm = connect(&settings).await;
+    let options = DashboardOptions::default().with_sample_every(Duration::from_millis(100));
+    let dashboard = Dashboard::start(&comm, options).await.unwrap();
+    let app = test::init_service(App::new().service(dashboard.scope(""))).await;
+    let forger = Forger::connect(&settings).await;
+    let queue = unique("forged-q");
+    let mut bad = Vec::new();
+    for (n, change) in [
+        serde_json::json!({"interval_secs": 1e300}),
+        serde_json::json!({"interval_secs": -1.0}),
+        serde_json::json!({"interval_secs": 1e9}),
+        serde_json::json!({"uptime_secs": -3.0}),
+        serde_json::json!({"sent_at_ms": u64::MAX}),
+        serde_json::json!({"in_flight": [{"queue": queue, "correlation_id": null,
+            "age_secs": 1e300, "progress": null, "note": null}]}),
+        serde_json::json!({"in_flight": [{"queue": queue, "correlation_id": null,
+            "age_secs": 1.0, "progress": 7.5, "note": null}]}),
+        serde_json::json!({"task_queues": [{"name": "", "prefetch": 1, "subscribers": 1,
+            "running": 0, "counts": {"handled": 0, "failed": 0, "panicked": 0, "rejected": 0}}]}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = format!("out-of-range-{n}");
+        let mut presence = forged(&id, &queue);
+        for (key, value) in change.as_object().unwrap() {
+            presence[key] = value.clone();
+        }
+        forger
+            .publish(&serde_json::to_vec(&presence).unwrap())
+            .await;
+        bad.push(id);
+    }
+    forger.publish(b"{\"id\": 1e999}").await;
+    forger.publish(&vec![b' '; 300 * 1024]).await;
+    let marker = uuid::Uuid::new_v4().to_string();
+    forger
+        .publish(&serde_json::to_vec(&forged(&marker, &queue)).unwrap())
+        .await;
+    let overview = until_heard(&dashboard, &marker, Duration::from_secs(20)).await;
+    for id in &bad {
+        assert!(
+            overview.workers.iter().all(|m| &m.presence.id != id),
+            "{id} was not refused"
+        );
+    }
+    // Still answering, and still sampling: new samples keep coming.
+    let samples = overview.series.len();
+    for _ in 0..3 {
+        let response = test::call_service(
+            &app,
+            test::TestRequest::get().uri("/api/overview").to_request(),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    until(
+        "another sample",
+        async || dashboard.overview().series.len(),
+        |n| *n > samples || *n >= 450,
+    )
+    .await;
+    drop(app);
+    drop(dashboard);
+    comm.close().await.unwrap();
+}
+
+/// Counts that are each in range but overflow a `u64` when the dashboard adds them up (over
+/// a worker's outcomes, over the workers of a queue, a queue's ready and running tasks):
+/// the sums saturate, and the sampler goes on sampling.
+#[actix_rt::test]
+async fn counts_that_overflow_a_sum_leave_the_dashboard_sampling() {
+    let settings = amqp_settings(&amqp_url());
+    let comm = connect(&settings).await;
+    let queue = unique("huge-q");
+    let options = DashboardOptions::default()
+        .with_sample_every(Duration::from_millis(100))
+        .with_queues([queue.clone()]);
+    let dashboard = Dashboard::start(&comm, options).await.unwrap();
+    let forger = Forger::connect(&settings).await;
+    let max = serde_json::json!({"handled": u64::MAX, "failed": u64::MAX,
+        "panicked": 0, "rejected": 0});
+    let mut last = String::new();
+    for n in 0..2 {
+        last = format!("huge-counts-{n}-{}", uuid::Uuid::new_v4().simple());
+        let mut presence = forged(&last, &queue);
+        presence["counts"] = max.clone();
+        presence["task_queues"][0]["counts"] = max.clone();
+        presence["task_queues"][0]["running"] = serde_json::json!(u64::MAX);
+        forger
+            .publish(&serde_json::to_vec(&presence).unwrap())
+            .await;
+    }
+    until_heard(&dashboard, &last, Duration::from_secs(20)).await;
+    let samples = dashboard.overview().series.len();
+    let overview = until(
+        "two more samples",
+        async || dashboard.overview(),
+        |o| o.series.len() >= samples + 2 || o.series.len() >= 9000,
+    )
+    .await;
+    let view = overview.queues.iter().find(|q| q.name == queue).unwrap();
+    assert_eq!(view.in_flight, u64::MAX, "{view:?}");
+    drop(dashboard);
+    comm.close().await.unwrap();
+}
+
+/// This process's resident memory, in bytes (Linux).
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// 100,000 forged announcements with distinct ids, each naming a queue of its own: the
+/// roster keeps its bound in count and bytes, the newest; the dashboard samples at most
+/// 200 queues; the roster holds at most 32 MiB ([`Roster::MAX_BYTES`]: about 5 MiB here),
+/// and this whole process — the forger's own buffers included — grows by less than 128 MiB
+/// (about 47 MiB measured).
+#[actix_rt::test]
+async fn a_flood_of_forged_ids_leaves_the_dashboard_within_its_bounds() {
+    const FORGED: usize = 100_000;
+    let settings = amqp_settings(&amqp_url());
+    let comm = connect(&settings).await;
+    let options = DashboardOptions::default().with_sample_every(Duration::from_millis(250));
+    let dashboard = Dashboard::start(&comm, options).await.unwrap();
+    let forger = Forger::connect(&settings).await;
+    let before = resident_bytes();
+    let started = Instant::now();
+    let prefix = uuid::Uuid::new_v4().simple().to_string();
+    for n in 0..FORGED {
+        let presence = forged(&format!("{prefix}-{n}"), &format!("forged-{prefix}-{n}"));
+        forger
+            .publish(&serde_json::to_vec(&presence).unwrap())
+            .await;
+    }
+    let last = format!("{prefix}-{}", FORGED - 1);
+    let overview = until_heard(&dashboard, &last, Duration::from_secs(120)).await;
+    let after = resident_bytes();
+    let footprint = dashboard.footprint();
+    let grown = after.saturating_sub(before);
+    println!(
+        "{FORGED} forged announcements in {:?}: roster {} members, {} bytes ({:.1} MiB); \
+         {} queues sampled; resident {:.1} MiB -> {:.1} MiB (+{:.1} MiB)",
+        started.elapsed(),
+        footprint.workers,
+        footprint.worker_bytes,
+        footprint.worker_bytes as f64 / 1048576.0,
+        footprint.queues,
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0,
+        grown as f64 / 1048576.0,
+    );
+    assert_eq!(
+        overview.workers.len(),
+        kiwimq::presence::Roster::MAX_MEMBERS
+    );
+    assert!(footprint.workers <= kiwimq::presence::Roster::MAX_MEMBERS);
+    assert!(footprint.worker_bytes <= kiwimq::presence::Roster::MAX_BYTES);
+    // The newest kept, the oldest forgotten (the dashboard's own communicator aside).
+    let forged_kept = overview
+        .workers
+        .iter()
+        .filter_map(|m| m.presence.id.strip_prefix(&format!("{prefix}-")))
+        .map(|n| n.parse::<usize>().unwrap());
+    assert!(
+        forged_kept
+            .clone()
+            .all(|n| n >= FORGED - kiwimq::presence::Roster::MAX_MEMBERS)
+    );
+    assert!(forged_kept.count() >= kiwimq::presence::Roster::MAX_MEMBERS - 1);
+    until(
+        "a sample of at most 200 queues",
+        async || dashboard.footprint().queues,
+        |queues| (1..=200).contains(queues),
+    )
+    .await;
+    assert!(grown < 128 << 20, "resident memory grew by {grown} bytes");
+    drop(dashboard);
+    comm.close().await.unwrap();
+}
+
 on_both_backends!(
     a_dropped_dashboard_leaves_no_subscriber_behind,
     the_api_shows_the_fleet_and_refuses_bad_input,
     a_token_is_required_when_set,
+    the_tail_keeps_at_most_its_bytes,
 );
