@@ -696,26 +696,87 @@ fn error_response(error: &Error) -> HttpResponse {
     problem(status, error)
 }
 
-/// The request's token, checked: `None` if it may go on, else the refusal.
-fn refused(dashboard: &Dashboard, request: &HttpRequest) -> Option<HttpResponse> {
-    let expected = dashboard.board.options.token.as_deref()?;
+/// The cookie that holds the token in a browser: set by opening the page as `?token=…`, so
+/// that the page's own requests — its assets, its API calls and its event stream, which
+/// cannot carry a header — need no token in their addresses (where logs and proxies would
+/// keep it). `HttpOnly` (the page's script never reads it) and `SameSite=Strict` (another
+/// site's page cannot make the browser send it).
+const TOKEN_COOKIE: &str = "kiwimq-dashboard-token";
+
+/// The token a request carries: `Authorization: Bearer …`, else `?token=…`, else the cookie.
+fn given_token(request: &HttpRequest) -> Option<String> {
     let bearer = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let query = web::Query::<BTreeMap<String, String>>::from_query(request.query_string())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    bearer
+        .or_else(|| query_token(request))
+        .or_else(|| cookie_token(request))
+}
+
+fn query_token(request: &HttpRequest) -> Option<String> {
+    web::Query::<BTreeMap<String, String>>::from_query(request.query_string())
         .ok()
-        .and_then(|q| q.get("token").cloned());
-    let given = bearer.map(str::to_owned).or(query);
+        .and_then(|q| q.get("token").cloned())
+}
+
+/// The token in [`TOKEN_COOKIE`], which holds it in hexadecimal (any token is then a valid
+/// cookie value).
+fn cookie_token(request: &HttpRequest) -> Option<String> {
+    let cookies = request.headers().get_all(header::COOKIE);
+    let value = cookies
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == TOKEN_COOKIE)
+        .map(|(_, value)| value)?;
+    if value.len() % 2 != 0 || !value.is_ascii() {
+        return None;
+    }
+    let bytes = (0..value.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(&value[at..at + 2], 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
+}
+
+fn hex(text: &str) -> String {
+    text.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How a request's token compares with the dashboard's.
+#[derive(Debug, PartialEq, Eq)]
+enum Token {
+    /// No token needed, or the right one given.
+    Right,
+    Wrong,
+    Missing,
+}
+
+fn token(dashboard: &Dashboard, given: Option<&str>) -> Token {
+    let Some(expected) = dashboard.board.options.token.as_deref() else {
+        return Token::Right;
+    };
     match given {
-        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => None,
-        Some(_) => Some(problem(StatusCode::UNAUTHORIZED, "wrong token")),
-        None => Some(
+        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Token::Right,
+        Some(_) => Token::Wrong,
+        None => Token::Missing,
+    }
+}
+
+/// The request's token, checked: `None` if it may go on, else the refusal.
+fn refused(dashboard: &Dashboard, request: &HttpRequest) -> Option<HttpResponse> {
+    match token(dashboard, given_token(request).as_deref()) {
+        Token::Right => None,
+        Token::Wrong => Some(problem(StatusCode::UNAUTHORIZED, "wrong token")),
+        Token::Missing => Some(
             HttpResponse::Unauthorized()
                 .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
                 .json(serde_json::json!({
-                    "error": "this dashboard needs a token: ?token=… or Authorization: Bearer …"
+                    "error": "this dashboard needs a token: open its page as ?token=… once \
+                              (a cookie keeps it), or send Authorization: Bearer …"
                 })),
         ),
     }
@@ -725,9 +786,87 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// On a loopback address, refuses a request whose `Host` is not a loopback name or
+/// address: a page of another site whose name was rebound to 127.0.0.1 (DNS rebinding) is
+/// otherwise of the dashboard's own origin, and could read its CSRF token and act. A
+/// request without `Host` (HTTP/1.0, not a browser) passes.
+fn misdirected(request: &HttpRequest) -> Option<HttpResponse> {
+    if !request.app_config().local_addr().ip().is_loopback() {
+        return None;
+    }
+    let host = request.headers().get(header::HOST)?;
+    if host.to_str().is_ok_and(is_loopback_host) {
+        return None;
+    }
+    Some(problem(
+        StatusCode::MISDIRECTED_REQUEST,
+        format!(
+            "this dashboard listens on a loopback address and answers to localhost, \
+             127.0.0.1 or [::1] only, not to Host {host:?} (a guard against DNS rebinding; \
+             a proxy in front must pass a loopback Host)"
+        ),
+    ))
+}
+
+/// Whether a `Host` header names a loopback host: `localhost`, 127.0.0.0/8 or `[::1]`,
+/// with any port or none.
+fn is_loopback_host(host: &str) -> bool {
+    let is_port = |port: &str| !port.is_empty() && port.parse::<u16>().is_ok();
+    if let Some(rest) = host.strip_prefix('[') {
+        let Some((inside, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let port_ok = after.is_empty() || after.strip_prefix(':').is_some_and(is_port);
+        return port_ok
+            && inside
+                .parse::<std::net::Ipv6Addr>()
+                .is_ok_and(|ip| ip.is_loopback());
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if is_port(port) => name,
+        Some(_) => return false,
+        None => host,
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Refuses a POST whose `Origin` (or, without one, `Referer`) is not the page's own: the
+/// host the request was sent to. One with neither (not a browser: `curl`) passes; it still
+/// needs the CSRF token.
+fn cross_origin(request: &HttpRequest) -> Option<HttpResponse> {
+    let headers = request.headers();
+    let claimed = headers
+        .get(header::ORIGIN)
+        .or_else(|| headers.get(header::REFERER))?;
+    let info = request.connection_info();
+    let own = info.host();
+    let authority = claimed.to_str().ok().and_then(|url| {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))?;
+        rest.split(['/', '?', '#']).next()
+    });
+    if authority.is_some_and(|authority| authority.eq_ignore_ascii_case(own)) {
+        return None;
+    }
+    Some(problem(
+        StatusCode::FORBIDDEN,
+        format!(
+            "an action from another origin ({claimed:?}) is refused: only the dashboard's \
+             own page (http://{own}) may act"
+        ),
+    ))
+}
+
+/// Refuses, with its answer, what the request may not do: any request on a loopback
+/// address with another `Host`; without the token, anything but the assets.
 macro_rules! authorized {
     ($dashboard:expr, $request:expr) => {
-        if let Some(refusal) = refused(&$dashboard, &$request) {
+        if let Some(refusal) = misdirected(&$request).or_else(|| refused(&$dashboard, &$request)) {
             return refusal;
         }
     };
@@ -740,8 +879,27 @@ fn no_store(mut response: HttpResponse) -> HttpResponse {
     response
 }
 
+/// The page says why it shows nothing: shown instead of the dashboard without its token.
+const NEEDS_TOKEN: &str = r#"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>kiwimq dashboard: token needed</title>
+<link rel="stylesheet" href="{{base}}assets/page.css">
+</head>
+<body>
+<header><h1>kiwimq</h1></header>
+<main><p class="alert" id="needs-token">{{why}}</p></main>
+</body>
+</html>
+"#;
+
+/// The page, or why not: `?token=…` sets the cookie and sends the browser on to the page
+/// without the token in its address.
 async fn page(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
-    authorized!(dashboard, request);
+    if let Some(refusal) = misdirected(&request) {
+        return refusal;
+    }
     let path = request.path();
     // Relative links resolve under the prefix with or without its trailing slash.
     let base = if path.ends_with('/') {
@@ -749,6 +907,55 @@ async fn page(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResp
     } else {
         format!("{path}/")
     };
+    let needs_token = |why: &str| {
+        let html = NEEDS_TOKEN
+            .replace("{{base}}", &html_escape(&base))
+            .replace("{{why}}", &html_escape(why));
+        no_store(
+            HttpResponse::Unauthorized()
+                .content_type("text/html; charset=utf-8")
+                .insert_header((header::CONTENT_SECURITY_POLICY, PAGE_POLICY))
+                .body(html),
+        )
+    };
+    if let Some(given) = query_token(&request) {
+        if token(&dashboard, Some(&given)) != Token::Right {
+            return needs_token(
+                "The token in this address is not this dashboard's: open it again with the \
+                 token it was started with (kiwimq dashboard --token, or \
+                 KIWIMQ_DASHBOARD_TOKEN).",
+            );
+        }
+        let cookie = format!(
+            "{TOKEN_COOKIE}={}; Path={base}; HttpOnly; SameSite=Strict",
+            hex(&given)
+        );
+        return no_store(
+            HttpResponse::SeeOther()
+                .insert_header((header::LOCATION, base.as_str()))
+                .insert_header((header::SET_COOKIE, cookie))
+                .insert_header((header::REFERRER_POLICY, "no-referrer"))
+                .finish(),
+        );
+    }
+    let given = given_token(&request);
+    match token(&dashboard, given.as_deref()) {
+        Token::Right => {}
+        Token::Wrong => {
+            return needs_token(
+                "This browser holds a token that is not this dashboard's (was it restarted \
+                 with another?): open it again as ?token=… with the token it was started \
+                 with.",
+            );
+        }
+        Token::Missing => {
+            return needs_token(
+                "This dashboard needs its token: open it once as ?token=… with the token it \
+                 was started with (kiwimq dashboard --token, or KIWIMQ_DASHBOARD_TOKEN); this \
+                 browser then keeps it in a cookie until it closes.",
+            );
+        }
+    }
     let html = PAGE
         .replace("{{csrf}}", &dashboard.board.csrf)
         .replace("{{base}}", &html_escape(&base))
@@ -756,14 +963,14 @@ async fn page(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResp
     no_store(
         HttpResponse::Ok()
             .content_type("text/html; charset=utf-8")
-            .insert_header((
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
-            ))
+            .insert_header((header::CONTENT_SECURITY_POLICY, PAGE_POLICY))
             .insert_header((header::X_FRAME_OPTIONS, "DENY"))
             .body(html),
     )
 }
+
+/// Scripts, styles and requests from the dashboard itself only; never in a frame.
+const PAGE_POLICY: &str = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'";
 
 fn html_escape(text: &str) -> String {
     text.replace('&', "&amp;")
@@ -772,15 +979,22 @@ fn html_escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-async fn script(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
-    authorized!(dashboard, request);
+/// The script: no secret in it (it is the same in every kiwimq), so served without the
+/// token — the page that loads it sends no token with it.
+async fn script(request: HttpRequest) -> HttpResponse {
+    if let Some(refusal) = misdirected(&request) {
+        return refusal;
+    }
     HttpResponse::Ok()
         .content_type("text/javascript; charset=utf-8")
         .body(SCRIPT)
 }
 
-async fn style(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
-    authorized!(dashboard, request);
+/// The style sheet, served without the token, as the script.
+async fn style(request: HttpRequest) -> HttpResponse {
+    if let Some(refusal) = misdirected(&request) {
+        return refusal;
+    }
     HttpResponse::Ok()
         .content_type("text/css; charset=utf-8")
         .body(STYLE)
@@ -901,6 +1115,9 @@ async fn act(
     path: web::Path<(String, String)>,
 ) -> HttpResponse {
     authorized!(dashboard, request);
+    if let Some(refusal) = cross_origin(&request) {
+        return refusal;
+    }
     let csrf = request
         .headers()
         .get("x-csrf-token")

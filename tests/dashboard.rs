@@ -322,6 +322,186 @@ async fn a_dropped_dashboard_leaves_no_subscriber_behind(backend: Backend) {
     comm.close().await.unwrap();
 }
 
+/// In a browser: `/?token=…` sets a cookie and sends it on to the page without the token
+/// in its address; the page's assets need no token (nothing secret in them), its API takes
+/// the cookie; without a token the page says why.
+async fn a_browser_keeps_the_token_in_a_cookie(backend: Backend) {
+    let comm = connect(&settings(backend)).await;
+    let options = DashboardOptions::default().with_token("s3cret");
+    let dashboard = Dashboard::start(&comm, options).await.unwrap();
+    let app = test::init_service(App::new().service(dashboard.scope("/kiwimq"))).await;
+    let call = async |request: test::TestRequest| {
+        let response = test::call_service(&app, request.to_request()).await;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = String::from_utf8_lossy(&test::read_body(response).await).into_owned();
+        (status, headers, body)
+    };
+
+    for asset in ["/kiwimq/assets/page.js", "/kiwimq/assets/page.css"] {
+        let (status, _, _) = call(test::TestRequest::get().uri(asset)).await;
+        assert_eq!(status, StatusCode::OK, "{asset}");
+    }
+    let (status, _, page) = call(test::TestRequest::get().uri("/kiwimq/")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        page.contains("id=\"needs-token\"") && page.contains("?token="),
+        "{page}"
+    );
+    assert!(!page.contains("kiwimq-csrf"), "{page}");
+    let (status, _, page) = call(test::TestRequest::get().uri("/kiwimq/?token=wrong")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(page.contains("not this dashboard's"), "{page}");
+
+    let (status, headers, _) = call(test::TestRequest::get().uri("/kiwimq/?token=s3cret")).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(headers.get("location").unwrap(), "/kiwimq/");
+    let cookie = headers
+        .get("set-cookie")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(
+        !cookie.contains("s3cret"),
+        "the cookie holds the token encoded: {cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    let with_cookie = |uri: &str| {
+        test::TestRequest::get()
+            .uri(uri)
+            .insert_header(("Cookie", format!("theme=dark; {pair}")))
+    };
+    let (status, _, page) = call(with_cookie("/kiwimq/")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("kiwimq-csrf"), "{page}");
+    let (status, _, _) = call(with_cookie("/kiwimq/api/workers")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = call(
+        test::TestRequest::get()
+            .uri("/kiwimq/api/workers")
+            .insert_header(("Cookie", "kiwimq-dashboard-token=77726f6e67")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    drop(app);
+    drop(dashboard);
+    comm.close().await.unwrap();
+}
+
+/// One raw HTTP/1.1 request to 127.0.0.1:`port`: its status and body.
+async fn raw_http(port: u16, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    (status, body.to_owned())
+}
+
+fn get_with_host(path: &str, host: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+}
+
+/// DNS rebinding: a page of another site whose name now points at 127.0.0.1 sends its own
+/// name as `Host`; on a loopback address the dashboard answers loopback names only. And a
+/// POST from another origin is refused, CSRF token or not.
+#[actix_rt::test]
+async fn on_loopback_another_host_or_origin_is_refused() {
+    let comm = connect(&settings(Backend::Mem)).await;
+    let queue = unique("origin-q");
+    comm.task_queue(&queue)
+        .add_task_subscriber(|task: Task<u32>| async move { Ok::<_, HandlerError>(task.body) })
+        .await
+        .unwrap();
+    let options = DashboardOptions::default().with_queues([queue.clone()]);
+    let dashboard = Dashboard::start(&comm, options).await.unwrap();
+    let port = free_port();
+    let server = actix_web::HttpServer::new(move || App::new().service(dashboard.scope("")))
+        .workers(1)
+        .disable_signals()
+        .bind(("127.0.0.1", port))
+        .unwrap()
+        .run();
+    let server_handle = server.handle();
+    actix_rt::spawn(server);
+
+    for host in [
+        "evil.example".to_owned(),
+        format!("evil.example:{port}"),
+        format!("127.0.0.1.evil.example:{port}"),
+        format!("localhost.evil.example:{port}"),
+        "[::2]:80".to_owned(),
+        "10.0.0.1".to_owned(),
+        "127.0.0.1:notaport".to_owned(),
+    ] {
+        for path in ["/", "/api/overview", "/assets/page.js"] {
+            let (status, body) = raw_http(port, &get_with_host(path, &host)).await;
+            assert_eq!(status, 421, "Host {host} {path}: {body}");
+            assert!(body.contains("DNS rebinding"), "{body}");
+        }
+    }
+    let mut page = String::new();
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("LOCALHOST:{port}"),
+        "127.9.8.7".to_owned(),
+        format!("[::1]:{port}"),
+        "localhost".to_owned(),
+    ] {
+        let (status, body) = raw_http(port, &get_with_host("/", &host)).await;
+        assert_eq!(status, 200, "Host {host}: {body}");
+        page = body;
+    }
+    let csrf = page
+        .split("name=\"kiwimq-csrf\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    let post = |origin: &str| {
+        format!(
+            "POST /api/queues/{queue}/purge HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{origin}\
+             X-CSRF-Token: {csrf}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    };
+    for origin in [
+        "Origin: http://evil.example\r\n".to_owned(),
+        format!("Origin: http://evil.example:{port}\r\n"),
+        "Origin: null\r\n".to_owned(),
+        format!("Referer: http://evil.example:{port}/kiwimq/\r\n"),
+        format!("Origin: http://127.0.0.1:{}\r\n", port.wrapping_add(1)),
+    ] {
+        let (status, body) = raw_http(port, &post(&origin)).await;
+        assert_eq!(status, 403, "{origin}: {body}");
+        assert!(body.contains("another origin"), "{body}");
+    }
+    for origin in [
+        format!("Origin: http://127.0.0.1:{port}\r\n"),
+        format!("Referer: http://127.0.0.1:{port}/\r\n"),
+        // Not a browser (curl): the CSRF token alone guards it.
+        String::new(),
+    ] {
+        let (status, body) = raw_http(port, &post(&origin)).await;
+        assert_eq!(status, 200, "{origin}: {body}");
+    }
+    server_handle.stop(false).await;
+    comm.close().await.unwrap();
+}
+
 /// Long subjects and senders are cut as bodies are: the tail's bytes are bounded.
 async fn the_tail_keeps_at_most_its_bytes(backend: Backend) {
     let comm = connect(&settings(backend)).await;
@@ -619,5 +799,6 @@ on_both_backends!(
     a_dropped_dashboard_leaves_no_subscriber_behind,
     the_api_shows_the_fleet_and_refuses_bad_input,
     a_token_is_required_when_set,
+    a_browser_keeps_the_token_in_a_cookie,
     the_tail_keeps_at_most_its_bytes,
 );
