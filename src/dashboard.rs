@@ -66,8 +66,9 @@ const STYLE: &str = include_str!("dashboard/page.css");
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct DashboardOptions {
-    /// A token every request must carry (`Authorization: Bearer TOKEN`, or `?token=TOKEN`,
-    /// which the page passes on); none: no authentication (for 127.0.0.1 only).
+    /// A token every request but the page's assets must carry (`Authorization: Bearer
+    /// TOKEN`, `?token=TOKEN`, or the cookie the page sets when opened as `?token=TOKEN`): 1
+    /// to 1,024 visible ASCII characters; none: no authentication (for 127.0.0.1 only).
     pub token: Option<String>,
     /// Task queues to show besides those the workers consume (and the default queue).
     pub queues: Vec<String>,
@@ -105,6 +106,20 @@ impl DashboardOptions {
     {
         self.queues.extend(queues.into_iter().map(Into::into));
         self
+    }
+
+    /// Whether its token, if any, is one every way of giving it can carry: 1 to 1,024
+    /// visible ASCII characters (no space).
+    fn check_token(&self) -> Result<()> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        if token.is_empty() || token.len() > 1024 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::config(
+                "a dashboard token is 1 to 1,024 visible ASCII characters, without spaces",
+            ));
+        }
+        Ok(())
     }
 
     /// Samples every `every` (at least 100 ms).
@@ -364,6 +379,7 @@ impl Dashboard {
     /// broadcast subscriber to `comm`; both go when the last clone of the dashboard is
     /// dropped, or when this future is dropped before it resolves.
     pub async fn start(comm: &Communicator, options: DashboardOptions) -> Result<Dashboard> {
+        options.check_token()?;
         // Made first, so that whatever is registered below goes with it, even if this
         // future is dropped half way.
         let board = Arc::new(Board {
@@ -1186,28 +1202,58 @@ async fn not_found(dashboard: web::Data<Dashboard>, request: HttpRequest) -> Htt
     )
 }
 
-/// Serves a dashboard of `comm` on `bind` under `prefix` until the process is told to stop
-/// (SIGINT or SIGTERM): what `kiwimq dashboard` runs. Refuses an address other than a
-/// loopback one without a token.
-pub async fn serve(
-    comm: &Communicator,
-    bind: std::net::SocketAddr,
-    prefix: &str,
-    options: DashboardOptions,
-) -> Result<()> {
+/// Whether a dashboard may be served on `bind` with `options`: its token, if any, is one a
+/// header and a cookie can carry ([`DashboardOptions::token`]), and an address other than a
+/// loopback one needs a token. `kiwimq dashboard` checks this before it connects.
+pub fn check_serving(bind: std::net::SocketAddr, options: &DashboardOptions) -> Result<()> {
+    options.check_token()?;
     if !bind.ip().is_loopback() && options.token.is_none() {
         return Err(Error::config(format!(
             "refusing to serve the dashboard on {bind} without a token: anyone who reaches it \
              could purge queues (give --token, or bind to 127.0.0.1)"
         )));
     }
+    Ok(())
+}
+
+/// Serves a dashboard of `comm` on `bind` under `prefix` until the process is told to stop
+/// (SIGINT or SIGTERM): what `kiwimq dashboard` runs. Refuses what [`check_serving`]
+/// refuses, and an address it cannot listen on, before it starts watching.
+pub async fn serve(
+    comm: &Communicator,
+    bind: std::net::SocketAddr,
+    prefix: &str,
+    options: DashboardOptions,
+) -> Result<()> {
+    check_serving(bind, &options)?;
+    serve_on(comm, listen(bind)?, prefix, options).await
+}
+
+/// A listening socket on `bind`, for [`serve_on`].
+pub fn listen(bind: std::net::SocketAddr) -> Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(bind)
+        .map_err(|e| Error::config(format!("cannot listen on {bind}: {e}")))
+}
+
+/// As [`serve`], on a socket already listening ([`listen`]): a program can then check its
+/// address before it connects to the broker, as `kiwimq dashboard` does.
+pub async fn serve_on(
+    comm: &Communicator,
+    listener: std::net::TcpListener,
+    prefix: &str,
+    options: DashboardOptions,
+) -> Result<()> {
+    let bind = listener
+        .local_addr()
+        .map_err(|e| Error::config(format!("a listening socket without an address: {e}")))?;
+    check_serving(bind, &options)?;
     let dashboard = Dashboard::start(comm, options).await?;
     let prefix = prefix.to_owned();
     let server =
         actix_web::HttpServer::new(move || actix_web::App::new().service(dashboard.scope(&prefix)))
             .workers(1)
             .disable_signals()
-            .bind(bind)
+            .listen(listener)
             .map_err(|e| Error::config(format!("cannot listen on {bind}: {e}")))?
             .run();
     let handle = server.handle();
