@@ -21,10 +21,42 @@
 //!
 //! Safe by default: the page and its assets are built into the binary (no CDN, works
 //! offline); `kiwimq dashboard` binds to 127.0.0.1 and refuses another address without a
-//! token ([`DashboardOptions::token`]: then every request carries `Authorization: Bearer
-//! TOKEN` or `?token=TOKEN`); actions (purge, requeue dead letters) are POSTs that carry the
-//! page's CSRF token in `X-CSRF-Token`; the broker URI is shown with its password hidden;
-//! bad input to the API gets a 4xx with a message (JSON `{"error": …}`).
+//! token ([`DashboardOptions::token`]), before it connects ([`check_serving`]); the broker
+//! URI is shown with its password hidden; bad input to the API gets a 4xx with a message
+//! (JSON `{"error": …}`).
+//!
+//! - **The token.** With one, every request but the page's script and style sheet (nothing
+//!   secret: the same in every kiwimq) carries it: `Authorization: Bearer TOKEN`,
+//!   `?token=TOKEN`, or the cookie a browser gets by opening the page once as
+//!   `/?token=TOKEN` — which then sends it on to `/`, so the token leaves the address bar
+//!   and the history, and the page's own requests (its event stream cannot carry a header)
+//!   never put it in an address a log or a proxy keeps. The cookie is `HttpOnly` and
+//!   `SameSite=Strict`, for the session. Without the token the page says so, in words.
+//! - **DNS rebinding.** On a loopback address, a request whose `Host` is not `localhost`,
+//!   127.0.0.0/8 or `[::1]` (any port) gets 421: another site's page whose name was
+//!   rebound to 127.0.0.1 cannot read the page (nor its CSRF token). A proxy in front must
+//!   pass a loopback `Host` (nginx's default does).
+//! - **Actions** (purge, requeue dead letters) are POSTs that carry the page's CSRF token
+//!   in `X-CSRF-Token`, and whose `Origin` (else `Referer`) is the page's own; one with
+//!   neither (`curl`, not a browser) needs the CSRF token alone.
+//!
+//! # Bounds
+//!
+//! Everything the dashboard keeps is bounded in count and in bytes, whatever the fleet —
+//! or anyone who may publish on its broker — sends it; past a bound the oldest goes first.
+//! [`Dashboard::footprint`] tells what it holds.
+//!
+//! | what | count | bytes |
+//! |---|---|---|
+//! | workers (the presence [`Roster`]) | [`Roster::MAX_MEMBERS`] (10,000), the longest silent forgotten first; lost and closed ones after 15 min | [`Roster::MAX_BYTES`] (32 MiB); an announcement is at most [`Presence::MAX_BYTES`](crate::presence::Presence::MAX_BYTES) (256 KiB) |
+//! | queues sampled | 200 (those of the options, the default one, then those of the workers heard most recently), besides those given in the options | a name is at most 255 bytes |
+//! | chart samples | 15 min over the sample interval (at most 9,000) | 40 bytes each |
+//! | AiiDA processes | 10,000, the longest silent forgotten first | pk and states cut at 500 bytes each |
+//! | broadcasts of the tail | [`DashboardOptions::broadcasts_kept`] (500) | subject and sender cut at 500 bytes, body at 2,000 |
+//!
+//! A flood of forged announcements with distinct ids (`tests/dashboard.rs` sends 100,000)
+//! thus pushes the real workers off the roster while it lasts; each is back at its next
+//! announcement.
 //!
 //! # The JSON API (under the prefix)
 //!
