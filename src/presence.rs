@@ -1047,6 +1047,14 @@ mod tests {
     }
 
     #[test]
+    fn a_communicator_never_announces_an_interval_its_watchers_refuse() {
+        let settings = crate::Settings::new("mem://")
+            .with_presence_interval(Some(Duration::from_secs(7 * 86_400)));
+        let interval = settings.presence_interval.unwrap().as_secs_f64();
+        assert_eq!(interval, Presence::MAX_INTERVAL_SECS);
+    }
+
+    #[test]
     fn counts_that_overflow_saturate() {
         let max = TaskCounts {
             handled: u64::MAX,
