@@ -163,8 +163,10 @@ impl Communicator {
 
     /// Every announcement on the broker from now on, this communicator's own included, as
     /// long as the stream is held; one that is undecodable, too large or has a number out
-    /// of range ([`Presence::from_json`]) is skipped with a warning and counted
-    /// (`kiwimq_presence_refused_total`, see [`crate::metrics`]). `Refused`
+    /// of range ([`Presence::from_json`]) is skipped and counted
+    /// (`kiwimq_presence_refused_total`, see [`crate::metrics`]), with a warning for the
+    /// 1st, 2nd, 4th, 8th… of a watch (the others at debug level: a flood does not flood
+    /// the log). `Refused`
     /// on AiiDA's ZeroMQ broker (see the module docs). At most the message prefetch
     /// ([`Settings::with_message_prefetch`](crate::Settings::with_message_prefetch)) of
     /// announcements wait in the stream; more wait in the broker while it is not read
@@ -191,6 +193,7 @@ impl Communicator {
         )
         .await?;
         let Unwatched { consumer, cancel } = consumer;
+        let mut refused = 0u64;
         let stream = consumer.filter_map(move |delivery| {
             let _held = &cancel;
             let presence = Presence::from_json(&delivery.body);
@@ -199,7 +202,13 @@ impl Communicator {
                 Ok(presence) => Some(presence),
                 Err(refusal) => {
                     crate::metrics::presence_refused(refusal.reason());
-                    tracing::warn!(%refusal, "a presence announcement refused, skipped");
+                    refused += 1;
+                    // A flood of them logs the 1st, 2nd, 4th, 8th…: the counter counts all.
+                    if refused.is_power_of_two() {
+                        tracing::warn!(%refusal, refused, "a presence announcement refused, skipped");
+                    } else {
+                        tracing::debug!(%refusal, refused, "a presence announcement refused, skipped");
+                    }
                     None
                 }
             })
