@@ -5,7 +5,7 @@
 //! and keeps tasks in AiiDA's `storage/tasks/{pending,processing}` layout. Beyond AiiDA's:
 //!
 //! - a task is on disk before it is confirmed (in the store's journal, one sync for a
-//!   batch), and its file and directory are synced before it is handed out; a task whose id
+//!   batch), and may go out at once; its file and directory follow, synced; a task whose id
 //!   is stored already (a client's resend after a lost confirm) is confirmed again, never
 //!   stored twice;
 //! - one broker a directory: `broker.lock` is locked (`flock`) for the broker's life, and
@@ -63,6 +63,10 @@ const MAX_PRESENCE_WATCHERS: usize = 4096;
 /// confirmed again rather than run again.
 const ACKED_MEMORY: Duration = Duration::from_secs(600);
 const ACKED_KEPT: usize = 100_000;
+/// How often the state's snapshot is written (when it changed), and past how many lines of
+/// its log sooner.
+const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(2);
+const SNAPSHOT_LINES: usize = 20_000;
 /// How long a worker's result may follow its ack.
 const RESULT_ROUTE_TTL: Duration = Duration::from_secs(60);
 /// The most tasks stored in one durable batch.
@@ -287,6 +291,15 @@ impl RecentIds {
     }
 }
 
+/// Where a task's result goes, and from whom it is taken.
+struct ResultRoute {
+    sender: ClientId,
+    /// The client the task was handed to: only its result is passed on.
+    holder: Option<ClientId>,
+    /// When the task was acked (its result may follow the ack).
+    acked: Option<Instant>,
+}
+
 /// What a task id that arrives again is.
 enum Repeat {
     /// A resend of the task stored (or acked) under it: confirmed again, not stored.
@@ -342,7 +355,7 @@ struct Server {
     /// The leased tasks that continue a process: task id → the process's RPC identifier,
     /// whose subscription by the holder claims the task.
     lease_pids: HashMap<String, String>,
-    result_routes: HashMap<String, (ClientId, Option<Instant>)>,
+    result_routes: HashMap<String, ResultRoute>,
     /// Clients found unreachable, since when; their tasks are kept until the grace ends.
     unreachable: HashMap<ClientId, Instant>,
     acked: RecentIds,
@@ -523,13 +536,18 @@ impl Server {
         // A route whose task is not held any more waits only the result's time to live.
         self.result_routes = decode(persisted.result_routes)
             .into_iter()
-            .map(|(task_id, identity)| {
-                let settled = self
+            .map(|(task_id, sender)| {
+                let holder = self
                     .dispatcher
                     .assignment(&task_id)
-                    .is_none()
-                    .then_some(now);
-                (task_id, (identity, settled))
+                    .map(|a| a.holder.clone());
+                let acked = holder.is_none().then_some(now);
+                let route = ResultRoute {
+                    sender,
+                    holder,
+                    acked,
+                };
+                (task_id, route)
             })
             .collect();
         // Everyone known is unreachable until it shows itself (clients reconnect by
@@ -581,7 +599,7 @@ impl Server {
             result_routes: self
                 .result_routes
                 .iter()
-                .map(|(k, (v, _))| (k.clone(), hex(v)))
+                .map(|(k, route)| (k.clone(), hex(&route.sender)))
                 .collect(),
             recently_acked: self.acked.newest(ACKED_SAVED),
         };
@@ -621,6 +639,7 @@ impl Server {
     fn run(mut self) -> Result<()> {
         let mut last_status = Instant::now();
         let mut last_tick = Instant::now();
+        let mut last_snapshot = Instant::now();
         let result = loop {
             if self.stop.load(Ordering::Acquire) {
                 break Ok(());
@@ -652,7 +671,14 @@ impl Server {
                 if let Err(error) = self.store.sync() {
                     tracing::warn!(%error, "cannot sync the task directories");
                 }
-                self.persist();
+                // The log holds every change between snapshots: a synced snapshot every few
+                // seconds, or sooner when the log is long, is enough.
+                if last_snapshot.elapsed() >= SNAPSHOT_INTERVAL
+                    || self.log.lines() >= SNAPSHOT_LINES
+                {
+                    last_snapshot = Instant::now();
+                    self.persist();
+                }
             }
             if last_status.elapsed() >= STATUS_INTERVAL {
                 last_status = Instant::now();
@@ -707,7 +733,7 @@ impl Server {
                     self.settle(&identity, &task_id, message.delivery, ack);
                 }
             }
-            Some(kind::TASK_RESPONSE) => self.on_result(message),
+            Some(kind::TASK_RESPONSE) => self.on_result(&identity, message),
             Some(kind::RPC) => self.on_rpc(identity, message),
             Some(kind::RPC_RESPONSE) => self.on_rpc_response(&identity, message),
             Some(kind::BROADCAST) => {
@@ -965,7 +991,7 @@ impl Server {
     }
 
     /// Hands pending tasks round-robin to workers with room. Who holds what is written down
-    /// (durably) before a task leaves, so a broker killed mid-dispatch still knows after its
+    /// (in the state's log) before a task leaves, so a broker killed mid-dispatch still knows after its
     /// restart that the task is taken and waits for its worker rather than running it twice.
     fn dispatch(&mut self) {
         let mut handed = Vec::new();
@@ -1010,16 +1036,26 @@ impl Server {
                 route: route.as_deref().map(hex),
             });
             if let Some(sender) = route {
-                self.result_routes.insert(task_id.clone(), (sender, None));
+                let route = ResultRoute {
+                    sender,
+                    holder: Some(worker.clone()),
+                    acked: None,
+                };
+                self.result_routes.insert(task_id.clone(), route);
             }
             handed.push((worker, task_id, delivery, bytes));
         }
         if handed.is_empty() {
             return;
         }
-        // Written down before the tasks leave.
-        self.log.record(&changes);
+        // Written down before the tasks leave; if it cannot be, they do not leave.
         self.dirty = true;
+        if !self.log.record(&changes) {
+            for (worker, task_id, delivery, _) in handed {
+                self.settle(&worker, &task_id, Some(delivery), false);
+            }
+            return;
+        }
         for (worker, task_id, delivery, bytes) in handed {
             let sent = self
                 .router
@@ -1055,20 +1091,23 @@ impl Server {
     fn settled_task(&mut self, task_id: &str, ack: bool) {
         self.handed_at.remove(task_id);
         self.lease_pids.remove(task_id);
-        self.record(Change::Release {
-            task: task_id.to_owned(),
-            acked: ack,
-        });
+        // The store first, the log after: a stop between the two leaves a hand-over written
+        // down whose task is gone (a restart takes back only tasks still stored), never a
+        // task stored whose hand-over is forgotten (it would go out again).
         if ack {
             self.store.ack(task_id);
             self.acked.insert(task_id);
             if let Some(route) = self.result_routes.get_mut(task_id) {
-                route.1 = Some(Instant::now());
+                route.acked = Some(Instant::now());
             }
         } else {
             self.store.nack(task_id);
             self.result_routes.remove(task_id);
         }
+        self.record(Change::Release {
+            task: task_id.to_owned(),
+            acked: ack,
+        });
     }
 
     /// Requeues tasks the dispatcher released for a holder (gone, lease ended, never
@@ -1110,11 +1149,19 @@ impl Server {
     }
 
     /// A worker's result: to the sender that asked for it, else dropped (as AiiDA's).
-    fn on_result(&mut self, message: Incoming<'_>) {
+    fn on_result(&mut self, from: &ClientId, message: Incoming<'_>) {
         let Some(task_id) = message.task_id.as_deref() else {
             return;
         };
-        let Some((sender, _)) = self.result_routes.remove(task_id) else {
+        // Taken only from the client the task was handed to.
+        match self.result_routes.get(task_id) {
+            Some(route) if route.holder.as_ref().is_none_or(|holder| holder == from) => {}
+            Some(_) => {
+                return tracing::warn!(client = %shown(from), %task_id, "a result from a client the task was not handed to was refused");
+            }
+            None => return,
+        }
+        let Some(ResultRoute { sender, .. }) = self.result_routes.remove(task_id) else {
             return;
         };
         self.dirty = true;
@@ -1285,8 +1332,10 @@ impl Server {
             }
         }
         let before = self.result_routes.len();
-        self.result_routes.retain(|_, (_, acked)| {
-            acked.is_none_or(|at| now.duration_since(at) < RESULT_ROUTE_TTL)
+        self.result_routes.retain(|_, route| {
+            route
+                .acked
+                .is_none_or(|at| now.duration_since(at) < RESULT_ROUTE_TTL)
         });
         if self.result_routes.len() != before {
             self.dirty = true;

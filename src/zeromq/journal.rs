@@ -2,10 +2,9 @@
 //! batch of tasks is confirmed once its lines are appended here and synced — one sync for
 //! the whole batch. Each task's file in AiiDA's `pending/` is written afterwards by the
 //! materializer (a thread of the store's own), which syncs a batch of files and their
-//! directory and then appends a mark: every task up to it has its file. A task is handed to
-//! a worker only once it is marked, so a task above the last mark was never dispatched, and
-//! one at or below it whose file is gone was settled. The journal is emptied whenever every
-//! line in it is marked.
+//! directory and then appends a mark: every task up to it has its file where it belongs (or,
+//! settled already, none). A task at or below the last mark whose file is gone was settled.
+//! The journal is emptied whenever every line in it is marked.
 //!
 //! A task may be handed out before its file is written: its fate is then told to the
 //! materializer ([`Fate`]), which writes a held task's file into `processing/` and writes
@@ -310,8 +309,6 @@ impl Drop for Journal {
     }
 }
 
-/// The materializer: writes each batch of journaled tasks into `pending/`, syncs them, and
-/// marks them, until the journal goes.
 /// Where task files go: AiiDA's `pending/` and `processing/`.
 #[derive(Debug, Clone)]
 pub(crate) struct Dirs {
@@ -319,6 +316,8 @@ pub(crate) struct Dirs {
     pub(crate) processing: PathBuf,
 }
 
+/// The materializer: writes each batch of journaled tasks, syncs them, puts each where its
+/// task's last fate says, and marks them, until the journal goes.
 fn materialize(
     shared: &Shared,
     received: &Receiver<Vec<Entry>>,
@@ -382,13 +381,10 @@ fn put_right(dirs: &Dirs, spares: &Spares, batch: &[Entry], fates: &mut HashMap<
                 .iter()
                 .filter(|path| path.exists())
                 .try_for_each(|path| spares.give_back(path)),
-            Fate::Held if !in_processing.exists() && in_pending.exists() => {
-                fs::rename(&in_pending, &in_processing)
-            }
-            Fate::Waiting if !in_pending.exists() && in_processing.exists() => {
-                fs::rename(&in_processing, &in_pending)
-            }
-            Fate::Held | Fate::Waiting => Ok(()),
+            // One place each (a write tried again after a failure may have left a copy in
+            // the other).
+            Fate::Held => settle_in(&in_pending, &in_processing),
+            Fate::Waiting => settle_in(&in_processing, &in_pending),
         };
         if let Err(error) = moved {
             tracing::error!(name = %entry.name, %error, ?fate, "cannot put a task's file where its fate says");
@@ -396,10 +392,50 @@ fn put_right(dirs: &Dirs, spares: &Spares, batch: &[Entry], fates: &mut HashMap<
     }
 }
 
+/// Makes `to` the one copy of a task's file: moves `from` there, or removes it when `to`
+/// is there already.
+fn settle_in(from: &Path, to: &Path) -> io::Result<()> {
+    if !from.exists() {
+        return Ok(());
+    }
+    if to.exists() {
+        fs::remove_file(from)
+    } else {
+        fs::rename(from, to)
+    }
+}
+
 /// Writes `entries` durably: over spares (or temporary files when none is ready), synced
 /// together, renamed to their names in `pending/` (or `processing/`, for a task held
 /// already), and the directories synced. A task settled already gets no file.
 fn write_files(dirs: &Dirs, spares: &Spares, fates: &Fates, entries: &[Entry]) -> io::Result<()> {
+    let mut taken = Vec::new();
+    let mut placed = 0;
+    let written = write_batch(dirs, spares, fates, entries, &mut taken, &mut placed);
+    if written.is_err() {
+        // What was taken and not put in place goes back: a spare to the pool (its content
+        // is nothing), a temporary away — a disk that fails does not eat them.
+        for path in taken.into_iter().skip(placed) {
+            if path.extension().is_some_and(|e| e == "spare") {
+                spares.pool().push(path);
+            } else {
+                let _ = fs::remove_file(path);
+            }
+        }
+    }
+    written
+}
+
+/// [`write_files`]' work: `taken` gets each file taken for a task, in order, and `placed`
+/// counts those renamed into place.
+fn write_batch(
+    dirs: &Dirs,
+    spares: &Spares,
+    fates: &Fates,
+    entries: &[Entry],
+    taken: &mut Vec<PathBuf>,
+    placed: &mut usize,
+) -> io::Result<()> {
     let pending_dir = &dirs.pending;
     let mut written = Vec::with_capacity(entries.len());
     let mut to_processing = false;
@@ -421,11 +457,13 @@ fn write_files(dirs: &Dirs, spares: &Spares, fates: &Fates, entries: &[Entry]) -
         // made as a temporary one (a crash leaves a `.tmp`, removed at start).
         let (path, mut file) = match spares.take() {
             Some(spare) => {
+                taken.push(spare.clone());
                 let file = OpenOptions::new().write(true).truncate(true).open(&spare)?;
                 (spare, file)
             }
             None => {
                 let temporary = pending_dir.join(format!("{}.tmp", entry.name));
+                taken.push(temporary.clone());
                 let file = File::create(&temporary)?;
                 (temporary, file)
             }
@@ -459,6 +497,7 @@ fn write_files(dirs: &Dirs, spares: &Spares, fates: &Fates, entries: &[Entry]) -
     })?;
     for (name, path, _, dir) in &written {
         fs::rename(path, dir.join(name))?;
+        *placed += 1;
     }
     if to_processing {
         sync_dir(&dirs.processing)?;

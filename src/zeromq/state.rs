@@ -233,12 +233,12 @@ impl StateLog {
         Ok(Self { file, lines: 0 })
     }
 
-    /// Appends `changes` in one write; an error is reported (the snapshot at the next tick
-    /// holds them).
-    pub(crate) fn record(&mut self, changes: &[Change]) {
+    /// Appends `changes` in one write; whether they were written (an error is reported:
+    /// the next snapshot holds them).
+    pub(crate) fn record(&mut self, changes: &[Change]) -> bool {
         use std::io::Write;
         if changes.is_empty() {
-            return;
+            return true;
         }
         let mut text = Vec::with_capacity(changes.len() * 128);
         for change in changes {
@@ -247,8 +247,14 @@ impl StateLog {
             }
         }
         match self.file.write_all(&text) {
-            Ok(()) => self.lines += changes.len(),
-            Err(error) => tracing::error!(%error, "cannot write broker-state.log"),
+            Ok(()) => {
+                self.lines += changes.len();
+                true
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot write broker-state.log");
+                false
+            }
         }
     }
 

@@ -346,7 +346,7 @@ impl Store {
     }
 
     /// Stores a batch of tasks durably, in order; returns once all are on disk (in the
-    /// journal: their files follow, and each is handed out only once it has one).
+    /// journal: their files follow; a task may go out before its file, from memory).
     pub(crate) fn push_all(&mut self, tasks: &[StoredTask]) -> io::Result<()> {
         if tasks.is_empty() {
             return Ok(());
@@ -704,7 +704,7 @@ mod tests {
         }
     }
 
-    /// Stores `tasks` and waits until their files are written, as the broker's dispatch does.
+    /// Stores `tasks` and waits until their files are written.
     fn push(store: &mut Store, tasks: &[StoredTask]) -> io::Result<()> {
         store.push_all(tasks)?;
         assert!(
