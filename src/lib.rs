@@ -140,6 +140,9 @@ pub use transport::QueueStats;
 
 #[cfg(feature = "dashboard")]
 pub mod dashboard;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod presence;
 pub mod trace;

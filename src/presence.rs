@@ -110,7 +110,12 @@ pub struct TaskCounts {
 impl TaskCounts {
     /// Every outcome.
     pub fn total(&self) -> u64 {
-        self.handled + self.failed + self.panicked + self.rejected
+        // Counts from an announcement are the sender's to choose: near u64::MAX, a sum
+        // saturates rather than overflow.
+        self.handled
+            .saturating_add(self.failed)
+            .saturating_add(self.panicked)
+            .saturating_add(self.rejected)
     }
 
     fn add(&mut self, other: &TaskCounts) {
@@ -141,9 +146,12 @@ impl Presence {
     /// Whether a communicator last heard from at `last_heard` is lost by `now`: nothing for
     /// three of its intervals (and not closed, which it would have said).
     pub fn is_lost(&self, last_heard: Instant, now: Instant) -> bool {
-        !self.closing
-            && now.saturating_duration_since(last_heard)
-                > Duration::from_secs_f64(self.interval_secs.max(0.001) * LOST_AFTER_INTERVALS)
+        // The interval is the sender's to choose: one too large for a Duration (1e300, or
+        // infinite) is never lost, where `from_secs_f64` would panic (found by fuzzing).
+        let lost_after =
+            Duration::try_from_secs_f64(self.interval_secs.max(0.001) * LOST_AFTER_INTERVALS)
+                .unwrap_or(Duration::MAX);
+        !self.closing && now.saturating_duration_since(last_heard) > lost_after
     }
 }
 
@@ -706,11 +714,8 @@ mod tests {
         assert!(activity.in_flight(Instant::now()).is_empty());
     }
 
-    #[test]
-    fn a_roster_forgets_a_member_silent_longer_than_it_keeps_them() {
-        let mut roster = Roster::default();
-        let heard = Instant::now();
-        let presence = Presence {
+    fn sample_presence() -> Presence {
+        Presence {
             id: "a".into(),
             host: "h".into(),
             pid: 1,
@@ -731,7 +736,39 @@ mod tests {
             subscribers_lost: 0,
             pending_results: 0,
             closing: false,
+        }
+    }
+
+    #[test]
+    fn an_interval_too_large_for_a_duration_is_never_lost_and_never_a_panic() {
+        let heard = Instant::now();
+        for interval in [1e300, f64::INFINITY, f64::MAX, f64::NAN, -1.0] {
+            let mut presence = sample_presence();
+            presence.interval_secs = interval;
+            let lost = presence.is_lost(heard, heard + Duration::from_secs(3600));
+            assert_eq!(lost, interval.is_nan() || interval < 0.0, "{interval}");
+            let mut roster = Roster::default();
+            roster.heard(presence, heard);
+            assert_eq!(roster.members(heard + Duration::from_secs(1)).len(), 1);
+        }
+    }
+
+    #[test]
+    fn counts_near_the_largest_number_total_without_overflow() {
+        let counts = TaskCounts {
+            handled: u64::MAX,
+            failed: u64::MAX,
+            panicked: 1,
+            rejected: 1,
         };
+        assert_eq!(counts.total(), u64::MAX);
+    }
+
+    #[test]
+    fn a_roster_forgets_a_member_silent_longer_than_it_keeps_them() {
+        let mut roster = Roster::default();
+        let heard = Instant::now();
+        let presence = sample_presence();
         roster.heard(presence, heard);
         let standing = |roster: &mut Roster, after: Duration| {
             roster.members(heard + after).first().map(|m| m.standing)

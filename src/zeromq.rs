@@ -19,7 +19,7 @@
 pub(crate) mod broker;
 mod client;
 mod journal;
-mod protocol;
+pub(crate) mod protocol;
 mod store;
 
 pub(crate) use client::ZmqTransport;
