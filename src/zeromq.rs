@@ -13,13 +13,19 @@
 //! runs); kiwimq's broker returns it (the optional `results` field, which AiiDA's clients
 //! never send). JSON only ([`Codec::Json`](crate::Codec::Json), the default for `zmq://` URIs).
 //! `protocol` holds the messages, `client` the transport, `broker` kiwimq's own broker
-//! (`kiwimq broker`), `store` its durable task queue and `journal` the write-ahead journal
-//! that confirms its tasks.
+//! (`kiwimq broker`) — its loop, over `dispatch` (who holds which task: socket-free),
+//! `rpc_router` (who serves which RPC), `state` (`broker-state.json`), `service` (the
+//! service directory's files and lock, `broker.status` as both sides read it), `store` its
+//! durable task queue and `journal` the write-ahead journal that confirms its tasks.
 
 pub(crate) mod broker;
 mod client;
+mod dispatch;
 mod journal;
 pub(crate) mod protocol;
+mod rpc_router;
+mod service;
+mod state;
 mod store;
 
 pub(crate) use client::ZmqTransport;

@@ -4,6 +4,8 @@
 //! worker, a stalled one. The fault tests print their figures.
 
 mod common;
+#[path = "common/raw_zmq.rs"]
+mod raw_zmq;
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -12,6 +14,7 @@ use common::aiida::{BrokerProcess, PythonPeer, endpoint, scratch};
 use common::{SOON, Seen, count, eventually, seen};
 use kiwimq::broker::Broker;
 use kiwimq::{HandlerError, Rpc, Settings, Task};
+use raw_zmq::RawWorker;
 
 async fn connect(uri: &str) -> kiwimq::Communicator {
     Settings::new(uri)
@@ -503,58 +506,6 @@ fn a_task_whose_id_cannot_name_a_file_is_refused_and_the_others_are_stored() {
     assert!(!dir.join("escaped").exists() && !dir.join("storage/escaped").exists());
     broker.stop().unwrap();
     let _ = std::fs::remove_dir_all(dir);
-}
-
-/// A DEALER speaking the protocol by hand, as a worker would.
-struct RawWorker {
-    _context: zmq::Context,
-    socket: zmq::Socket,
-}
-
-impl RawWorker {
-    fn connect(broker: &BrokerProcess, identity: &str) -> Self {
-        let context = zmq::Context::new();
-        let socket = context.socket(zmq::DEALER).unwrap();
-        socket.set_identity(identity.as_bytes()).unwrap();
-        socket.set_rcvtimeo(500).unwrap();
-        socket.set_reconnect_ivl(50).unwrap();
-        let endpoint = broker.socket_uri().replacen("zmq+ipc://", "ipc://", 1);
-        socket.connect(&endpoint).unwrap();
-        Self {
-            _context: context,
-            socket,
-        }
-    }
-
-    fn send(&self, message: serde_json::Value) {
-        let bytes = message.to_string();
-        self.socket
-            .send_multipart([&b""[..], bytes.as_bytes()], 0)
-            .unwrap();
-    }
-
-    fn subscribe(&self) {
-        self.send(
-            serde_json::json!({"type": "subscribe_task", "id": "s", "sender": "raw",
-            "identifier": "raw-tasks", "prefetch_count": 10}),
-        );
-    }
-
-    /// The next task handed to it within 10 s: its id. (The broker's pings come between.)
-    fn next_task(&self) -> Option<String> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            let Ok(frames) = self.socket.recv_multipart(0) else {
-                continue;
-            };
-            let message: serde_json::Value =
-                serde_json::from_slice(frames.last().unwrap()).unwrap();
-            if message["type"] == "task" {
-                return Some(message["id"].as_str().unwrap().to_owned());
-            }
-        }
-        None
-    }
 }
 
 /// The broker writes down who holds a task before it hands it over, so a restarted broker

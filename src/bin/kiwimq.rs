@@ -129,6 +129,10 @@ struct BrokerArgs {
     /// Seconds a worker that stopped answering keeps its tasks before they go to another.
     #[arg(long, default_value = "30", value_parser = seconds)]
     worker_grace: Duration,
+    /// Seconds a task handed over as the last run stopped (which may never have reached its
+    /// worker) is kept for that worker at a restart before it goes back to the queue.
+    #[arg(long, default_value = "30", value_parser = seconds)]
+    restore_lease: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -264,6 +268,7 @@ fn broker(args: &BrokerArgs) -> Outcome {
         .init();
     let running = kiwimq::broker::Broker::new(&args.service_dir)
         .with_worker_grace(args.worker_grace)
+        .with_restore_lease(args.restore_lease)
         .start()
         .map_err(fail)?;
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -5,14 +5,27 @@
 //! and keeps tasks in AiiDA's `storage/tasks/{pending,processing}` layout. Beyond AiiDA's:
 //!
 //! - a task is on disk before it is confirmed (in the store's journal, one sync for a
-//!   batch), and its file and directory are synced before it is handed out;
+//!   batch), and its file and directory are synced before it is handed out; a task whose id
+//!   is stored already (a client's resend after a lost confirm) is confirmed again, never
+//!   stored twice;
+//! - one broker a directory: `broker.lock` is locked (`flock`) for the broker's life, and
+//!   every file it writes is written to a temporary of its own, synced, renamed, the
+//!   directory synced;
 //! - the socket is at the same path after every restart, and the subscriptions, prefetch
 //!   limits and task assignments are kept in `storage/broker-state.json`: clients that
 //!   reconnect with their identity (libzmq does by itself) go on, their acks accepted;
 //! - a worker that stops answering keeps its tasks for a grace period (30 s by default)
 //!   before they go to another worker, so a stalled worker (SIGSTOP, a long pause) that
 //!   comes back does not run a task twice; a killed one's tasks run elsewhere after it;
-//! - pending RPCs expire (their callers get an error), dead clients are dropped;
+//! - a task taken back at start as a client's that was handed over in the last moments
+//!   before the stop (it may never have left) is leased: unless its holder claims it within
+//!   the lease (30 s by default) — by its settle, by saying it holds it (kiwimq's clients),
+//!   or, for AiiDA's, by serving the RPC of the process the task continues — it goes back to
+//!   the queue;
+//! - a settle counts only for the delivery it names (kiwimq's clients name it), so a settle
+//!   sent again after a reconnect never settles a later delivery of the same task;
+//! - pending RPCs expire (their callers get an error), an answer counts only from the client
+//!   the RPC went to, dead clients are dropped;
 //! - no send blocks: a peer whose queue is full gets its task back in the queue, or its
 //!   caller an error;
 //! - a worker's task result goes back to a sender that asked for it (kiwimq's clients do,
@@ -21,29 +34,33 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::dispatch::{Assignment, ClientId, Dispatcher, Refusal};
 use super::journal::Wake;
 use super::protocol::{Incoming, Outgoing, json_string, kind, null};
-use super::store::{Store, StoredTask};
+use super::rpc_router::{RpcRouter, Unanswered};
+use super::service::{HANDOVER, KIWIMQ, ServiceFiles, ServiceLock, ServiceStatus, unix_now};
+use super::state::{HandOver, PersistedState, hex, unhex};
+use super::store::{Lookup, Store, StoredTask};
 use crate::error::{Error, Result};
-
-/// AiiDA's pid-file sentinel: the daemon calls a broker reachable by it.
-const PID_SENTINEL: &str = "aiida-zeromq-broker";
 /// How often `broker.status` is rewritten, as AiiDA's broker does.
 const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 /// How often clients are probed and timers looked at.
 const TICK: Duration = Duration::from_millis(250);
-/// The most RPCs waiting for an answer at once; more are refused with an error.
-const MAX_PENDING_RPCS: usize = 100_000;
+/// The most clients watching presence at once; more are refused (a dashboard watches).
+const MAX_PRESENCE_WATCHERS: usize = 4096;
+/// How long, and how many, ids of acked tasks are remembered, so a resend of a task whose
+/// confirm was lost (its sender resends within its send timeout, 60 s by default) is
+/// confirmed again rather than run again.
+const ACKED_MEMORY: Duration = Duration::from_secs(600);
+const ACKED_KEPT: usize = 100_000;
 /// How long a worker's result may follow its ack.
 const RESULT_ROUTE_TTL: Duration = Duration::from_secs(60);
 /// The most tasks stored in one durable batch.
@@ -64,17 +81,41 @@ pub struct Broker {
     service_dir: PathBuf,
     worker_grace: Duration,
     rpc_timeout: Duration,
+    restore_lease: Duration,
+    max_message_size: usize,
 }
 
 impl Broker {
-    /// A broker for `service_dir` (created if missing), with the default grace (30 s) and
-    /// RPC timeout (5 min).
+    /// A broker for `service_dir` (created if missing), with the default grace (30 s), RPC
+    /// timeout (5 min), restore lease (30 s) and message size limit (128 MiB).
     pub fn new(service_dir: impl Into<PathBuf>) -> Self {
         Self {
             service_dir: service_dir.into(),
             worker_grace: Duration::from_secs(30),
             rpc_timeout: Duration::from_secs(300),
+            restore_lease: Duration::from_secs(30),
+            max_message_size: crate::settings::DEFAULT_MAX_MESSAGE_SIZE,
         }
+    }
+
+    /// How long a task taken back at start as a client's, whose hand-over may not have
+    /// reached it (it was handed over within a second of the broker's stop), is kept for
+    /// that client before it goes back to the queue. The client claims it sooner by settling
+    /// it, by saying it holds it (kiwimq's clients do on reconnect), or — AiiDA's — by
+    /// serving the RPC of the process the task continues. Longer spares a slow worker's task
+    /// from running twice; shorter brings a lost hand-over back sooner.
+    #[must_use]
+    pub fn with_restore_lease(mut self, lease: Duration) -> Self {
+        self.restore_lease = lease;
+        self
+    }
+
+    /// The largest message a client may send (libzmq drops the connection of a client
+    /// that sends more); the default is kiwimq's clients' own default limit.
+    #[must_use]
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
     }
 
     /// How long a worker that stopped answering keeps its tasks before they go to another
@@ -94,7 +135,8 @@ impl Broker {
     }
 
     /// Opens the storage, binds the socket, writes the service files and serves on a
-    /// thread of its own. Refuses when another live broker holds the directory.
+    /// thread of its own. Refuses when another broker serves the directory (kiwimq's, which
+    /// holds its lock; or AiiDA's, which its `broker.pid` names).
     pub fn start(self) -> Result<RunningBroker> {
         let (waker, wakee) = UnixStream::pair()
             .and_then(|(a, b)| {
@@ -185,125 +227,6 @@ impl Drop for RunningBroker {
     }
 }
 
-/// A stable, short directory for the socket of `service_dir` (IPC paths are limited to
-/// about 107 bytes, which is why AiiDA's broker makes a temporary one each start).
-fn sockets_dir(service_dir: &Path) -> PathBuf {
-    // FNV-1a: stable across builds and versions, unlike the standard library's hasher.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in service_dir.as_os_str().as_encoded_bytes() {
-        hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
-    }
-    std::env::temp_dir().join(format!("kiwimq_zeromq_{hash:016x}"))
-}
-
-/// The pid a service directory's `broker.pid` names, if that process is alive.
-fn live_broker(pid_file: &Path) -> Option<u32> {
-    let text = std::fs::read_to_string(pid_file).ok()?;
-    let pid: u32 = text.split_whitespace().last()?.parse().ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The state is the field after the parenthesised command name.
-    let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
-    (state != "Z").then_some(pid)
-}
-
-/// The files of a service directory.
-struct ServiceFiles {
-    pid: PathBuf,
-    status: PathBuf,
-    sockets: PathBuf,
-    socket_dir: PathBuf,
-    socket: PathBuf,
-}
-
-impl ServiceFiles {
-    fn new(dir: &Path) -> Self {
-        let socket_dir = sockets_dir(dir);
-        Self {
-            pid: dir.join("broker.pid"),
-            status: dir.join("broker.status"),
-            sockets: dir.join("broker.sockets"),
-            socket: socket_dir.join("router.sock"),
-            socket_dir,
-        }
-    }
-
-    /// Writes `path` whole or not at all.
-    fn replace(path: &Path, text: &[u8]) -> std::io::Result<()> {
-        let temporary = path.with_extension("tmp");
-        std::fs::write(&temporary, text)?;
-        std::fs::rename(temporary, path)
-    }
-
-    /// Makes the socket directory, private to this user.
-    fn prepare_socket_dir(&self) -> Result<()> {
-        match std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&self.socket_dir)
-        {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_error("the socket directory", e)),
-        }
-        let meta = std::fs::symlink_metadata(&self.socket_dir)
-            .map_err(|e| io_error("the socket directory", e))?;
-        let uid = std::fs::metadata("/proc/self")
-            .map(|m| m.uid())
-            .unwrap_or(meta.uid());
-        if !meta.is_dir() || meta.uid() != uid {
-            return Err(Error::connection(format!(
-                "broker: {} is not a directory of this user's: refusing to put the socket there",
-                self.socket_dir.display()
-            )));
-        }
-        std::fs::set_permissions(&self.socket_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| io_error("the socket directory", e))?;
-        match std::fs::remove_file(&self.socket) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error("the old socket", e)),
-        }
-        Ok(())
-    }
-
-    /// Announces the broker: sockets first, the pid last (AiiDA reads the pid as "up").
-    fn announce(&self) -> Result<()> {
-        let sockets = self.socket_dir.display().to_string();
-        Self::replace(&self.sockets, sockets.as_bytes())
-            .and_then(|()| {
-                let pid = format!("{PID_SENTINEL} {}", std::process::id());
-                Self::replace(&self.pid, pid.as_bytes())
-            })
-            .map_err(|e| io_error("the service files", e))
-    }
-
-    fn remove(&self) {
-        for path in [&self.pid, &self.status, &self.sockets, &self.socket] {
-            let _ = std::fs::remove_file(path);
-        }
-        let _ = std::fs::remove_dir(&self.socket_dir);
-    }
-}
-
-/// What survives a restart besides the tasks: who subscribed what, and who holds which task.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Persisted {
-    /// Identifier → client identity (hex).
-    task_subscribers: HashMap<String, String>,
-    rpc_subscribers: HashMap<String, String>,
-    /// Client identity (hex) → its prefetch (`None` unlimited).
-    prefetch: HashMap<String, Option<u32>>,
-    /// Task id → the identity (hex) it was handed to.
-    assignments: HashMap<String, String>,
-    /// Task id → the identity (hex) its result goes back to.
-    result_routes: HashMap<String, String>,
-}
-
-type Identity = Vec<u8>;
-
-fn hex(identity: &[u8]) -> String {
-    identity.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// An identity for a log line: as text when it is printable (AiiDA's and kiwimq's clients
 /// name themselves `client-<hex>`), else in hex.
 fn shown(identity: &[u8]) -> String {
@@ -313,56 +236,76 @@ fn shown(identity: &[u8]) -> String {
     }
 }
 
-fn unhex(text: &str) -> Option<Identity> {
-    (0..text.len())
-        .step_by(2)
-        .map(|at| u8::from_str_radix(text.get(at..at + 2)?, 16).ok())
-        .collect()
-}
-
-/// A task received and not yet on disk, with who to confirm it to.
+/// A task received this round, with who to confirm it to.
 struct Arrival {
     task: StoredTask,
-    from: Identity,
+    from: ClientId,
     confirm: bool,
+    /// A resend of a task that arrived earlier this round: confirmed with it, not stored.
+    resent: bool,
 }
 
-/// The service directories this process serves, so that two brokers of one process never
-/// share one (a second would take the first one's socket).
-static SERVED: std::sync::LazyLock<std::sync::Mutex<HashSet<PathBuf>>> =
-    std::sync::LazyLock::new(Default::default);
+/// The ids of tasks acked lately, oldest first (bounded in time and count).
+#[derive(Default)]
+struct RecentIds {
+    order: VecDeque<(Instant, String)>,
+    ids: HashSet<String>,
+}
 
-/// This process's hold on a service directory, given back on drop.
-struct Claim(PathBuf);
-
-impl Claim {
-    fn take(dir: &Path) -> Result<Self> {
-        let dir = dir
-            .canonicalize()
-            .map_err(|e| io_error("the service directory", e))?;
-        let mut served = SERVED.lock().unwrap_or_else(|p| p.into_inner());
-        if !served.insert(dir.clone()) {
-            return Err(Error::refused(format!(
-                "a broker of this process already serves {}",
-                dir.display()
-            )));
+impl RecentIds {
+    fn insert(&mut self, id: &str) {
+        if self.ids.insert(id.to_owned()) {
+            self.order.push_back((Instant::now(), id.to_owned()));
         }
-        Ok(Self(dir))
+        self.prune(Instant::now());
+    }
+
+    fn prune(&mut self, now: Instant) {
+        while let Some((at, id)) = self.order.front() {
+            if now.duration_since(*at) < ACKED_MEMORY && self.order.len() <= ACKED_KEPT {
+                break;
+            }
+            self.ids.remove(id);
+            self.order.pop_front();
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
     }
 }
 
-impl Drop for Claim {
-    fn drop(&mut self) {
-        SERVED
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.0);
+/// What a task id that arrives again is.
+enum Repeat {
+    /// A resend of the task stored (or acked) under it: confirmed again, not stored.
+    Resent,
+    /// Another task under a taken id: refused.
+    Conflict,
+}
+
+/// The pid a plumpy `continue` task's body names, as the RPC identifier of its process.
+fn continued_pid(body: &RawValue) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Args {
+        pid: serde_json::Value,
+    }
+    #[derive(serde::Deserialize)]
+    struct Continue {
+        task: String,
+        args: Args,
+    }
+    let parsed: Continue = serde_json::from_str(body.get()).ok()?;
+    match (parsed.task.as_str(), parsed.args.pid) {
+        ("continue", serde_json::Value::Number(pid)) => Some(pid.to_string()),
+        ("continue", serde_json::Value::String(pid)) => Some(pid),
+        _ => None,
     }
 }
 
 /// The serving loop's state; lives on the broker thread.
 struct Server {
-    _claim: Claim,
+    /// Held for the broker's life: no second broker serves the directory.
+    lock: ServiceLock,
     router: zmq::Socket,
     _context: zmq::Context,
     wakee: UnixStream,
@@ -371,28 +314,27 @@ struct Server {
     state_file: PathBuf,
     store: Store,
     grace: Duration,
-    rpc_timeout: Duration,
+    restore_lease: Duration,
     /// This broker's `sender`, as AiiDA's pings carry it.
     sender: Box<RawValue>,
 
-    task_subscribers: HashMap<String, Identity>,
-    rpc_subscribers: HashMap<String, Identity>,
+    dispatcher: Dispatcher,
+    rpcs: RpcRouter,
     /// Clients that watch presence announcements (kiwimq's own message types; not kept
     /// across a restart: a watcher subscribes again as it reconnects).
-    presence_watchers: std::collections::HashSet<Identity>,
-    prefetch: HashMap<Identity, Option<u32>>,
-    load: HashMap<Identity, u32>,
-    available: VecDeque<Identity>,
-    assignments: HashMap<String, Identity>,
-    result_routes: HashMap<String, (Identity, Option<Instant>)>,
-    pending_rpcs: HashMap<String, (Identity, Instant)>,
+    presence_watchers: HashSet<ClientId>,
+    /// When each task held was handed over (seconds since the epoch), written down with it.
+    handed_at: HashMap<String, f64>,
+    /// The leased tasks that continue a process: task id → the process's RPC identifier,
+    /// whose subscription by the holder claims the task.
+    lease_pids: HashMap<String, String>,
+    result_routes: HashMap<String, (ClientId, Option<Instant>)>,
     /// Clients found unreachable, since when; their tasks are kept until the grace ends.
-    unreachable: HashMap<Identity, Instant>,
-    /// The tasks taken back at start as each client's (from before a restart), until the
-    /// client says which it holds: one handed over just before the stop may never have
-    /// reached it. Only kiwimq's clients say; AiiDA's keep theirs until they settle them.
-    restored_holds: HashMap<Identity, HashSet<String>>,
+    unreachable: HashMap<ClientId, Instant>,
+    acked: RecentIds,
     arrivals: Vec<Arrival>,
+    /// Arrivals of this round by task id.
+    arrival_ids: HashMap<String, usize>,
     dirty: bool,
     /// The state changed only by settles and expiries: written at the next tick (a lost
     /// settle is harmless on restore, where only tasks still stored are taken back).
@@ -409,33 +351,20 @@ impl Server {
     ) -> Result<Self> {
         let dir = &options.service_dir;
         std::fs::create_dir_all(dir).map_err(|e| io_error("the service directory", e))?;
+        // Before anything of the directory is read: a second broker stops here.
+        let lock = ServiceLock::take(dir)?;
         let files = ServiceFiles::new(dir);
-        let claim = Claim::take(dir)?;
-        if let Some(pid) = live_broker(&files.pid).filter(|pid| *pid != std::process::id()) {
-            return Err(Error::refused(format!(
-                "a broker (pid {pid}) already serves {}",
-                dir.display()
-            )));
-        }
         let storage = dir.join("storage");
         let store = Store::open(&storage.join("tasks"), wake)
             .map_err(|e| io_error("the task storage", e))?;
         let state_file = storage.join("broker-state.json");
-        let persisted: Persisted = std::fs::read(&state_file)
-            .ok()
-            .and_then(|bytes| match serde_json::from_slice(&bytes) {
-                Ok(state) => Some(state),
-                Err(error) => {
-                    tracing::error!(%error, "broker-state.json does not decode; starting without it");
-                    None
-                }
-            })
-            .unwrap_or_default();
+        let persisted = PersistedState::load(&state_file);
         files.prepare_socket_dir()?;
         let context = zmq::Context::new();
         let router = context
             .socket(zmq::ROUTER)
             .map_err(|e| zmq_error("a ROUTER socket", e))?;
+        let max_message_size = i64::try_from(options.max_message_size).unwrap_or(i64::MAX);
         let options_set = || -> std::result::Result<(), zmq::Error> {
             router.set_router_mandatory(true)?;
             // A client reconnecting with its identity replaces its old, dead connection.
@@ -445,6 +374,7 @@ impl Server {
             router.set_heartbeat_timeout(6000)?;
             router.set_sndhwm(10_000)?;
             router.set_rcvhwm(10_000)?;
+            router.set_maxmsgsize(max_message_size)?;
             Ok(())
         };
         options_set().map_err(|e| zmq_error("socket options", e))?;
@@ -453,8 +383,15 @@ impl Server {
             .bind(&endpoint)
             .map_err(|e| zmq_error(&format!("binding {endpoint}"), e))?;
 
+        // Delivery numbers never go back: above the last run's, and above the clock's µs
+        // (for a state file lost).
+        let clock_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let floor = persisted.next_delivery.max(clock_us);
         let mut server = Self {
-            _claim: claim,
+            lock,
             router,
             _context: context,
             wakee,
@@ -463,25 +400,25 @@ impl Server {
             state_file,
             store,
             grace: options.worker_grace,
-            rpc_timeout: options.rpc_timeout,
+            restore_lease: options.restore_lease,
             sender: json_string("broker"),
-            task_subscribers: HashMap::new(),
-            rpc_subscribers: HashMap::new(),
-            presence_watchers: std::collections::HashSet::new(),
-            prefetch: HashMap::new(),
-            load: HashMap::new(),
-            available: VecDeque::new(),
-            assignments: HashMap::new(),
+            dispatcher: Dispatcher::new(floor),
+            rpcs: RpcRouter::new(options.rpc_timeout),
+            presence_watchers: HashSet::new(),
+            handed_at: HashMap::new(),
+            lease_pids: HashMap::new(),
             result_routes: HashMap::new(),
-            pending_rpcs: HashMap::new(),
             unreachable: HashMap::new(),
-            restored_holds: HashMap::new(),
+            acked: RecentIds::default(),
             arrivals: Vec::new(),
-            dirty: false,
+            arrival_ids: HashMap::new(),
+            dirty: true,
             settled: false,
             last_persist: Instant::now(),
         };
         server.restore(persisted);
+        server.persist();
+        server.lock.touch();
         server.files.announce()?;
         server.write_status();
         tracing::info!(socket = %endpoint, pending = server.store.pending(), "broker serving");
@@ -489,37 +426,93 @@ impl Server {
     }
 
     /// Takes back what the last run knew: subscriptions, limits, and each task's holder —
-    /// who is given the grace period to come back for it.
-    fn restore(&mut self, persisted: Persisted) {
+    /// who is given the grace period to come back for it. A hand-over made in the last
+    /// moments of the last run is leased.
+    fn restore(&mut self, persisted: PersistedState) {
         let now = Instant::now();
-        let decode = |map: HashMap<String, String>| -> HashMap<String, Identity> {
+        let decode = |map: HashMap<String, String>| -> HashMap<String, ClientId> {
             map.into_iter()
                 .filter_map(|(key, identity)| Some((key, unhex(&identity)?)))
                 .collect()
         };
-        self.task_subscribers = decode(persisted.task_subscribers);
-        self.rpc_subscribers = decode(persisted.rpc_subscribers);
-        self.prefetch = persisted
-            .prefetch
-            .into_iter()
-            .filter_map(|(identity, limit)| Some((unhex(&identity)?, limit)))
-            .collect();
-        let mut held = decode(persisted.assignments);
+        for (identifier, client) in decode(persisted.task_subscribers) {
+            self.dispatcher.restore_subscription(identifier, client);
+        }
+        for (identifier, client) in decode(persisted.rpc_subscribers) {
+            self.rpcs.subscribe(identifier, client);
+        }
+        for (identity, limit) in persisted.prefetch {
+            if let Some(client) = unhex(&identity) {
+                self.dispatcher.restore_limit(client, limit);
+            }
+        }
+        // The last run's last sign of life: a hand-over after (or just before) it may still
+        // have been in the socket's queue when it stopped.
+        let alive = self
+            .lock
+            .previous_alive()
+            .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
+            .map(|at| at.as_secs_f64());
+        let held = decode(persisted.assignments);
+        let mut leased = 0;
         for task_id in self.store.claim_all(&held) {
-            let identity = held.remove(&task_id).expect("a claimed task was asked for");
-            *self.load.entry(identity.clone()).or_default() += 1;
-            self.unreachable.entry(identity.clone()).or_insert(now);
-            self.restored_holds
-                .entry(identity.clone())
-                .or_default()
-                .insert(task_id.clone());
-            self.assignments.insert(task_id, identity);
+            let Some(holder) = held.get(&task_id).cloned() else {
+                continue;
+            };
+            let hand_over = persisted.deliveries.get(&task_id).copied();
+            let uncertain = match (hand_over, alive) {
+                (Some(hand_over), Some(alive)) => hand_over.at >= alive - HANDOVER.as_secs_f64(),
+                (Some(_), None) => true,
+                // A state file from before delivery numbers: as that version restored it.
+                (None, _) => false,
+            };
+            let delivery =
+                hand_over.map_or_else(|| self.dispatcher.next_delivery(), |h| h.delivery);
+            let assignment = Assignment {
+                holder: holder.clone(),
+                delivery,
+                restored: true,
+                lease: uncertain.then(|| now + self.restore_lease),
+            };
+            if !self.dispatcher.restore(task_id.clone(), assignment) {
+                continue;
+            }
+            self.handed_at
+                .insert(task_id.clone(), hand_over.map_or_else(unix_now, |h| h.at));
+            self.unreachable.entry(holder.clone()).or_insert(now);
+            if uncertain {
+                leased += 1;
+                let pid = self
+                    .store
+                    .held(&task_id)
+                    .and_then(|t| continued_pid(&t.body));
+                match pid {
+                    Some(pid) if self.rpcs.serves(&holder, &pid) => {
+                        self.dispatcher.claim(&holder, &task_id);
+                    }
+                    Some(pid) => {
+                        self.lease_pids.insert(task_id, pid);
+                    }
+                    None => {}
+                }
+            }
+        }
+        if leased > 0 {
+            tracing::info!(
+                leased, lease = ?self.restore_lease,
+                "tasks handed over as the last run stopped may not have reached their workers: \
+                 leased to them until they claim them"
+            );
         }
         // A route whose task is not held any more waits only the result's time to live.
         self.result_routes = decode(persisted.result_routes)
             .into_iter()
             .map(|(task_id, identity)| {
-                let settled = (!self.assignments.contains_key(&task_id)).then_some(now);
+                let settled = self
+                    .dispatcher
+                    .assignment(&task_id)
+                    .is_none()
+                    .then_some(now);
                 (task_id, (identity, settled))
             })
             .collect();
@@ -538,48 +531,65 @@ impl Server {
         self.dirty = false;
         self.settled = false;
         self.last_persist = Instant::now();
-        let encode = |map: &HashMap<String, Identity>| -> HashMap<String, String> {
+        let encode = |map: &HashMap<String, ClientId>| -> HashMap<String, String> {
             map.iter().map(|(k, v)| (k.clone(), hex(v))).collect()
         };
-        let state = Persisted {
-            task_subscribers: encode(&self.task_subscribers),
-            rpc_subscribers: encode(&self.rpc_subscribers),
-            prefetch: self.prefetch.iter().map(|(k, v)| (hex(k), *v)).collect(),
-            assignments: encode(&self.assignments),
+        let assignments = self.dispatcher.assignments();
+        let state = PersistedState {
+            task_subscribers: encode(self.dispatcher.subscriptions()),
+            rpc_subscribers: encode(self.rpcs.subscriptions()),
+            prefetch: self
+                .dispatcher
+                .limits()
+                .iter()
+                .map(|(k, v)| (hex(k), *v))
+                .collect(),
+            assignments: assignments
+                .iter()
+                .map(|(task_id, a)| (task_id.clone(), hex(&a.holder)))
+                .collect(),
+            deliveries: assignments
+                .iter()
+                .map(|(task_id, a)| {
+                    let at = self
+                        .handed_at
+                        .get(task_id)
+                        .copied()
+                        .unwrap_or_else(unix_now);
+                    let hand_over = HandOver {
+                        delivery: a.delivery,
+                        at,
+                    };
+                    (task_id.clone(), hand_over)
+                })
+                .collect(),
+            next_delivery: self.dispatcher.next_delivery(),
             result_routes: self
                 .result_routes
                 .iter()
                 .map(|(k, (v, _))| (k.clone(), hex(v)))
                 .collect(),
         };
-        let bytes = serde_json::to_vec(&state).expect("the state serializes");
-        if let Err(error) = ServiceFiles::replace(&self.state_file, &bytes) {
+        if let Err(error) = state.save(&self.state_file) {
             tracing::error!(%error, "cannot write broker-state.json");
         }
     }
 
     fn write_status(&self) {
-        let timestamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
-        let status = serde_json::json!({
-            "running": true,
-            "pending_tasks": self.store.pending(),
-            "processing_tasks": self.store.processing(),
-            "task_subscribers": self.task_subscribers.len(),
-            "rpc_subscribers": self.rpc_subscribers.len(),
-            "available_workers": self.available.len(),
-            "in_flight_tasks": self.assignments.len(),
-            "pending_rpc_responses": self.pending_rpcs.len(),
-            "timestamp": timestamp,
-            "pid": std::process::id(),
-            "broker": "kiwimq",
+        let count = |n: usize| Some(n as u64);
+        self.files.write_status(&ServiceStatus {
+            running: true,
+            pending_tasks: count(self.store.pending()),
+            processing_tasks: count(self.store.processing()),
+            task_subscribers: count(self.dispatcher.subscriptions().len()),
+            rpc_subscribers: count(self.rpcs.subscriptions().len()),
+            available_workers: count(self.dispatcher.available()),
+            in_flight_tasks: count(self.dispatcher.assignments().len()),
+            pending_rpc_responses: count(self.rpcs.pending()),
+            timestamp: Some(unix_now()),
+            pid: Some(u64::from(std::process::id())),
+            broker: Some(KIWIMQ.to_owned()),
         });
-        let text = serde_json::to_vec_pretty(&status).expect("a status serializes");
-        if let Err(error) = ServiceFiles::replace(&self.files.status, &text) {
-            tracing::warn!(%error, "cannot write broker.status");
-        }
     }
 
     fn run(mut self) -> Result<()> {
@@ -606,12 +616,11 @@ impl Server {
             if items[0].is_readable() {
                 self.read_messages();
             }
-            if let Err(error) = self.store_arrivals() {
-                break Err(error);
-            }
+            self.store_arrivals();
             self.dispatch();
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
+                self.lock.touch();
                 self.probe();
                 self.expire();
                 if let Err(error) = self.store.sync() {
@@ -663,37 +672,18 @@ impl Server {
         }
     }
 
-    fn handle(&mut self, identity: Identity, message: Incoming<'_>) {
+    fn handle(&mut self, identity: ClientId, message: Incoming<'_>) {
         match message.kind.as_deref() {
             Some(kind::TASK) => self.on_task(identity, message),
             Some(kind::TASK_ACK) | Some(kind::TASK_NACK) => {
                 let ack = message.kind.as_deref() == Some(kind::TASK_ACK);
                 if let Some(task_id) = message.task_id {
-                    self.settle(&identity, &task_id, ack);
+                    self.settle(&identity, &task_id, message.delivery, ack);
                 }
             }
             Some(kind::TASK_RESPONSE) => self.on_result(message),
             Some(kind::RPC) => self.on_rpc(identity, message),
-            Some(kind::RPC_RESPONSE) => {
-                let Some(rpc_id) = message.rpc_id.as_deref() else {
-                    return;
-                };
-                match self.pending_rpcs.remove(rpc_id) {
-                    Some((caller, _)) => {
-                        let frame = Outgoing {
-                            rpc_id: Some(rpc_id),
-                            result: Some(message.result.unwrap_or_else(|| null())),
-                            error: Some(message.error.as_deref()),
-                            ..Outgoing::new(
-                                kind::RPC_RESPONSE,
-                                message.sender.unwrap_or_else(|| null()),
-                            )
-                        };
-                        self.send(&caller, &frame.encode());
-                    }
-                    None => tracing::debug!(%rpc_id, "an answer nobody waits for (expired?)"),
-                }
-            }
+            Some(kind::RPC_RESPONSE) => self.on_rpc_response(&identity, message),
             Some(kind::BROADCAST) => {
                 let bytes = Outgoing {
                     body: Some(message.body.unwrap_or_else(|| null())),
@@ -711,37 +701,31 @@ impl Server {
                 let Some(identifier) = message_identifier(&message) else {
                     return;
                 };
-                self.task_subscribers.insert(identifier, identity.clone());
                 let limit = message
                     .prefetch_count
                     .filter(|n| *n > 0)
                     .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
-                self.prefetch.insert(identity.clone(), limit);
+                self.dispatcher.subscribe(identifier, &identity, limit);
                 self.dirty = true;
-                self.mark_available(&identity);
             }
             Some(kind::SUBSCRIBE_RPC) => {
                 if let Some(identifier) = message_identifier(&message) {
-                    self.rpc_subscribers.insert(identifier, identity);
+                    self.claim_by_rpc(&identity, &identifier);
+                    self.rpcs.subscribe(identifier, identity);
                     self.dirty = true;
                 }
             }
             Some(kind::UNSUBSCRIBE_TASK) => {
-                if let Some(identifier) = message_identifier(&message) {
-                    if self.task_subscribers.get(&identifier) == Some(&identity) {
-                        self.task_subscribers.remove(&identifier);
-                        self.dirty = true;
-                    }
-                    if !self.task_subscribers.values().any(|i| *i == identity) {
-                        self.prefetch.remove(&identity);
-                    }
+                if let Some(identifier) = message_identifier(&message)
+                    && self.dispatcher.unsubscribe(&identifier, &identity)
+                {
+                    self.dirty = true;
                 }
             }
             Some(kind::UNSUBSCRIBE_RPC) => {
                 if let Some(identifier) = message_identifier(&message)
-                    && self.rpc_subscribers.get(&identifier) == Some(&identity)
+                    && self.rpcs.unsubscribe(&identifier, &identity)
                 {
-                    self.rpc_subscribers.remove(&identifier);
                     self.dirty = true;
                 }
             }
@@ -753,13 +737,18 @@ impl Server {
                     ..Outgoing::new(kind::PRESENCE, message.sender.unwrap_or_else(|| null()))
                 }
                 .encode();
-                let watchers: Vec<Identity> = self.presence_watchers.iter().cloned().collect();
+                let watchers: Vec<ClientId> = self.presence_watchers.iter().cloned().collect();
                 for watcher in watchers {
                     self.send(&watcher, &bytes);
                 }
             }
             Some(kind::HOLDING) => self.on_holding(&identity, message.task_ids.unwrap_or_default()),
             Some(kind::WATCH_PRESENCE) => {
+                if self.presence_watchers.len() >= MAX_PRESENCE_WATCHERS
+                    && !self.presence_watchers.contains(&identity)
+                {
+                    return tracing::warn!(client = %shown(&identity), "too many presence watchers: one more was refused");
+                }
                 self.presence_watchers.insert(identity);
             }
             Some(kind::UNWATCH_PRESENCE) => {
@@ -769,28 +758,53 @@ impl Server {
         }
     }
 
-    fn on_task(&mut self, from: Identity, message: Incoming<'_>) {
+    fn on_task(&mut self, from: ClientId, message: Incoming<'_>) {
         let id = message.id.clone().unwrap_or_else(super::protocol::new_id);
         if !super::store::usable_task_id(&id) {
             // Its file could not be named after it (AiiDA's ids are `uuid4().hex`).
-            let refusal = Outgoing {
-                task_id: Some(&id),
-                result: Some(RawValue::FALSE),
-                error: Some(Some(
-                    "a task id must be 1 to 128 ASCII letters, digits, '-' or '_'",
-                )),
-                ..Outgoing::new(kind::TASK_RESPONSE, &self.sender)
-            }
-            .encode();
-            tracing::warn!(client = %shown(&from), task_id = %id, "a task with an id that cannot name its file was refused");
-            return self.send(&from, &refusal);
+            return self.refuse_task(
+                &from,
+                &id,
+                "a task id must be 1 to 128 ASCII letters, digits, '-' or '_'",
+            );
         }
         let body = message.body.unwrap_or_else(|| null()).to_owned();
         let no_reply = message.no_reply.unwrap_or(false);
+        let results = message.results == Some(true);
+        match self.repeat(&id, &from, &body) {
+            None => {}
+            Some(Repeat::Conflict) => {
+                tracing::warn!(client = %shown(&from), task_id = %id, "a task under an id another task holds was refused");
+                return self.refuse_task(
+                    &from,
+                    &id,
+                    "a task id must be new: another task holds this one",
+                );
+            }
+            Some(Repeat::Resent) => {
+                tracing::debug!(client = %shown(&from), task_id = %id, "a task sent again was confirmed again, not stored twice");
+                if let Some(&at) = self.arrival_ids.get(&id) {
+                    let first = &self.arrivals[at];
+                    let task = first.task.clone();
+                    self.arrivals.push(Arrival {
+                        task,
+                        from,
+                        confirm: !no_reply,
+                        resent: true,
+                    });
+                    return;
+                }
+                if !no_reply {
+                    self.confirm_task(&from, &id, results);
+                }
+                return;
+            }
+        }
         let sender = message
             .sender
             .and_then(|raw| serde_json::from_str(raw.get()).ok())
             .unwrap_or(serde_json::Value::Null);
+        self.arrival_ids.insert(id.clone(), self.arrivals.len());
         self.arrivals.push(Arrival {
             task: StoredTask {
                 id: Some(id),
@@ -798,133 +812,170 @@ impl Server {
                 sender_identity: Some(hex(&from)),
                 body,
                 no_reply,
-                timestamp: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs_f64(),
-                results: message.results == Some(true),
+                timestamp: unix_now(),
+                results,
             },
             from,
             confirm: !no_reply,
+            resent: false,
         });
     }
 
-    /// Stores what arrived this round, durably, then confirms it.
-    fn store_arrivals(&mut self) -> Result<()> {
+    /// Whether a task arriving under `id` repeats one known: arrived this round, stored
+    /// (waiting or handed out), or acked lately. The same sender or the same body is a resend.
+    fn repeat(&self, id: &str, from: &ClientId, body: &RawValue) -> Option<Repeat> {
+        let same = |task: &StoredTask| {
+            task.sender_identity.as_deref() == Some(hex(from).as_str())
+                || task.body.get() == body.get()
+        };
+        if let Some(&at) = self.arrival_ids.get(id) {
+            return Some(if same(&self.arrivals[at].task) {
+                Repeat::Resent
+            } else {
+                Repeat::Conflict
+            });
+        }
+        match self.store.lookup(id) {
+            Lookup::Present(Some(task)) if !same(&task) => Some(Repeat::Conflict),
+            // Stored, and the same (or unreadable now: one id, one task either way).
+            Lookup::Present(_) => Some(Repeat::Resent),
+            Lookup::Absent => self.acked.contains(id).then_some(Repeat::Resent),
+        }
+    }
+
+    fn confirm_task(&mut self, to: &ClientId, task_id: &str, results: bool) {
+        let confirm = Outgoing {
+            task_id: Some(task_id),
+            result: Some(RawValue::TRUE),
+            results: results.then_some(true),
+            ..Outgoing::new(kind::TASK_RESPONSE, &self.sender)
+        }
+        .encode();
+        self.send(to, &confirm);
+    }
+
+    fn refuse_task(&mut self, to: &ClientId, task_id: &str, error: &str) {
+        let refusal = Outgoing {
+            task_id: Some(task_id),
+            result: Some(RawValue::FALSE),
+            error: Some(Some(error)),
+            ..Outgoing::new(kind::TASK_RESPONSE, &self.sender)
+        }
+        .encode();
+        self.send(to, &refusal);
+    }
+
+    /// Stores what arrived this round, durably, then confirms it; or, if it cannot be
+    /// stored, refuses it (the senders are told, and nothing is half-stored under a
+    /// confirm).
+    fn store_arrivals(&mut self) {
         if self.arrivals.is_empty() {
-            return Ok(());
+            return;
         }
         let arrivals = std::mem::take(&mut self.arrivals);
-        let tasks: Vec<StoredTask> = arrivals.iter().map(|a| a.task.clone()).collect();
-        if let Err(error) = self.store.push_all(&tasks) {
-            // Not confirmed: the senders time out and send again; nothing is half-stored
-            // under a confirm.
-            tracing::error!(%error, count = tasks.len(), "tasks could not be stored");
-            return Ok(());
+        self.arrival_ids.clear();
+        let tasks: Vec<StoredTask> = arrivals
+            .iter()
+            .filter(|a| !a.resent)
+            .map(|a| a.task.clone())
+            .collect();
+        let stored = self.store.push_all(&tasks);
+        if let Err(error) = &stored {
+            tracing::error!(%error, count = tasks.len(), "tasks could not be stored: refused");
         }
         for arrival in arrivals {
-            if !arrival.confirm {
-                continue;
+            let id = arrival.task.id.as_deref().unwrap_or_default();
+            match &stored {
+                Ok(()) if arrival.confirm => {
+                    self.confirm_task(&arrival.from, id, arrival.task.results);
+                }
+                Ok(()) => {}
+                // Said even to a sender that asked for no reply: its client may listen.
+                Err(error) => {
+                    let text = format!("the broker cannot store the task: {error}");
+                    self.refuse_task(&arrival.from, id, &text);
+                }
             }
-            let confirm = Outgoing {
-                task_id: arrival.task.id.as_deref(),
-                result: Some(RawValue::TRUE),
-                results: arrival.task.results.then_some(true),
-                ..Outgoing::new(kind::TASK_RESPONSE, &self.sender)
-            }
-            .encode();
-            self.send(&arrival.from, &confirm);
         }
-        Ok(())
     }
 
     /// Every client holding a subscription (and, with `holders`, a task), once each.
-    fn clients(&self, holders: bool) -> Vec<Identity> {
-        let held = self.assignments.values().filter(|_| holders);
-        let unique: HashSet<&Identity> = self
-            .task_subscribers
+    fn clients(&self, holders: bool) -> Vec<ClientId> {
+        let held = self
+            .dispatcher
+            .assignments()
             .values()
-            .chain(self.rpc_subscribers.values())
+            .filter(|_| holders)
+            .map(|a| &a.holder);
+        let unique: HashSet<&ClientId> = self
+            .dispatcher
+            .subscriptions()
+            .values()
+            .chain(self.rpcs.subscriptions().values())
             .chain(held)
             .collect();
         unique.into_iter().cloned().collect()
     }
 
     /// A client unreachable until now showed itself: it gets tasks again.
-    fn back(&mut self, identity: &Identity) {
+    fn back(&mut self, identity: &ClientId) {
         if self.unreachable.remove(identity).is_some() {
             tracing::info!(client = %shown(identity), "a client is back");
-            self.mark_available(identity);
-        }
-    }
-
-    fn has_capacity(&self, identity: &Identity) -> bool {
-        match self.prefetch.get(identity).copied().flatten() {
-            None => true,
-            Some(limit) => self.load.get(identity).copied().unwrap_or(0) < limit,
-        }
-    }
-
-    fn mark_available(&mut self, identity: &Identity) {
-        if self.task_subscribers.values().any(|i| i == identity)
-            && self.has_capacity(identity)
-            && !self.available.contains(identity)
-        {
-            self.available.push_back(identity.clone());
+            self.dispatcher.mark_available(identity);
         }
     }
 
     /// Hands pending tasks round-robin to workers with room. Who holds what is written down
-    /// before a task leaves, so a broker killed mid-dispatch still knows after its restart
-    /// that the task is taken and waits for its worker rather than running it twice.
+    /// (durably) before a task leaves, so a broker killed mid-dispatch still knows after its
+    /// restart that the task is taken and waits for its worker rather than running it twice.
     fn dispatch(&mut self) {
         let mut handed = Vec::new();
-        let mut rounds = self.available.len();
-        while rounds > 0 && self.store.pending() > 0 {
-            let Some(worker) = self.available.pop_front() else {
+        while self.store.pending() > 0 {
+            let unreachable = &self.unreachable;
+            let Some(worker) = self
+                .dispatcher
+                .next_worker(|client| !unreachable.contains_key(client))
+            else {
                 break;
             };
-            rounds = self.available.len() + 1;
-            if self.unreachable.contains_key(&worker)
-                || !self.task_subscribers.values().any(|i| *i == worker)
-                || !self.has_capacity(&worker)
-            {
-                rounds -= 1;
-                continue;
-            }
             let Some((task_id, task)) = self.store.pop() else {
-                self.available.push_front(worker);
+                self.dispatcher.put_back(worker);
                 break;
+            };
+            let Some(delivery) = self.dispatcher.assign(&task_id, &worker) else {
+                // The store keeps one id once, so this cannot be; said if it is.
+                tracing::error!(%task_id, "a task handed out is held already: left with its holder");
+                self.dispatcher.put_back(worker);
+                continue;
             };
             let bytes = Outgoing {
                 id: task_id.clone(),
                 body: Some(&task.body),
                 no_reply: Some(task.no_reply),
+                delivery: Some(delivery),
                 ..Outgoing::new(kind::TASK, &self.sender)
             }
             .encode();
-            self.assignments.insert(task_id.clone(), worker.clone());
-            *self.load.entry(worker.clone()).or_default() += 1;
+            self.handed_at.insert(task_id.clone(), unix_now());
             if task.results
                 && let Some(sender) = task.sender_identity.as_deref().and_then(unhex)
             {
                 self.result_routes.insert(task_id.clone(), (sender, None));
             }
             self.dirty = true;
-            self.mark_available(&worker);
-            handed.push((worker, task_id, bytes));
+            handed.push((worker, task_id, delivery, bytes));
         }
         if handed.is_empty() {
             return;
         }
         self.persist();
-        for (worker, task_id, bytes) in handed {
+        for (worker, task_id, delivery, bytes) in handed {
             let sent = self
                 .router
                 .send_multipart([&worker[..], b"", &bytes], zmq::DONTWAIT);
             if let Err(error) = sent {
                 tracing::warn!(worker = %shown(&worker), %error, "a task could not be handed over; back in the queue");
-                self.settle(&worker, &task_id, false);
+                self.settle(&worker, &task_id, Some(delivery), false);
                 if error == zmq::Error::EHOSTUNREACH {
                     self.unreachable.entry(worker).or_insert_with(Instant::now);
                 }
@@ -932,28 +983,31 @@ impl Server {
         }
     }
 
-    fn settle(&mut self, identity: &Identity, task_id: &str, ack: bool) {
-        match self.assignments.get(task_id) {
-            Some(holder) if holder == identity => {}
-            Some(holder) => {
-                tracing::warn!(client = %shown(identity), holder = %shown(holder), %task_id, "a settle of a task another client holds was refused");
-                return;
+    /// A client settles a task it holds (for the delivery it names, if it names one).
+    fn settle(&mut self, identity: &ClientId, task_id: &str, delivery: Option<u64>, ack: bool) {
+        match self.dispatcher.settle(identity, task_id, delivery) {
+            Ok(()) => self.settled_task(task_id, ack),
+            Err(Refusal::OtherHolder) => {
+                tracing::warn!(client = %shown(identity), %task_id, "a settle of a task another client holds was refused");
+            }
+            Err(Refusal::StaleDelivery) => {
+                tracing::info!(client = %shown(identity), %task_id, "a settle of an earlier delivery of a task (sent again after a reconnect) was ignored");
             }
             // A settle sent again after a reconnect, of a task already settled.
-            None => {
+            Err(Refusal::NotHeld) => {
                 tracing::debug!(client = %shown(identity), %task_id, "a settle of a task no one holds was ignored");
-                return;
             }
         }
-        self.assignments.remove(task_id);
-        if let Some(load) = self.load.get_mut(identity) {
-            *load = load.saturating_sub(1);
-        }
-        // A slot is free again, whoever settled (the worker, or the broker for it).
-        self.mark_available(identity);
+    }
+
+    /// A task the dispatcher let go: acked or back in the queue.
+    fn settled_task(&mut self, task_id: &str, ack: bool) {
+        self.handed_at.remove(task_id);
+        self.lease_pids.remove(task_id);
         self.settled = true;
         if ack {
             self.store.ack(task_id);
+            self.acked.insert(task_id);
             if let Some(route) = self.result_routes.get_mut(task_id) {
                 route.1 = Some(Instant::now());
             }
@@ -963,19 +1017,19 @@ impl Server {
         }
     }
 
+    /// Requeues tasks the dispatcher released for a holder (gone, lease ended, never
+    /// reached).
+    fn requeue_released(&mut self, task_ids: Vec<String>) {
+        for task_id in task_ids {
+            self.settled_task(&task_id, false);
+        }
+    }
+
     /// A client back after a restart says which tasks it holds: those taken back as its own
     /// that it does not hold never reached it, and go back to the queue.
-    fn on_holding(&mut self, identity: &Identity, holding: Vec<String>) {
-        let Some(restored) = self.restored_holds.remove(identity) else {
-            return;
-        };
+    fn on_holding(&mut self, identity: &ClientId, holding: Vec<String>) {
         let holding: HashSet<String> = holding.into_iter().collect();
-        let lost: Vec<String> = restored
-            .into_iter()
-            .filter(|task_id| {
-                !holding.contains(task_id) && self.assignments.get(task_id) == Some(identity)
-            })
-            .collect();
+        let lost = self.dispatcher.holding(identity, &holding);
         if lost.is_empty() {
             return;
         }
@@ -983,10 +1037,23 @@ impl Server {
             client = %shown(identity), count = lost.len(),
             "tasks handed to a client just before the broker stopped never reached it; requeued"
         );
-        for task_id in lost {
-            self.settle(identity, &task_id, false);
-        }
+        self.requeue_released(lost);
         self.dirty = true;
+    }
+
+    /// A client serves a process's RPC: a leased task continuing that process is its own.
+    fn claim_by_rpc(&mut self, identity: &ClientId, identifier: &str) {
+        let claimed: Vec<String> = self
+            .lease_pids
+            .iter()
+            .filter(|(_, pid)| *pid == identifier)
+            .map(|(task_id, _)| task_id.clone())
+            .collect();
+        for task_id in claimed {
+            if self.dispatcher.claim(identity, &task_id) {
+                self.lease_pids.remove(&task_id);
+            }
+        }
     }
 
     /// A worker's result: to the sender that asked for it, else dropped (as AiiDA's).
@@ -1010,25 +1077,14 @@ impl Server {
         self.send(&sender, &frame.encode());
     }
 
-    fn on_rpc(&mut self, caller: Identity, message: Incoming<'_>) {
+    fn on_rpc(&mut self, caller: ClientId, message: Incoming<'_>) {
         let rpc_id = message.id.clone().unwrap_or_default();
-        let Some(recipient) = message.recipient() else {
-            return self.rpc_error(&caller, &rpc_id, "Missing recipient");
+        let recipient = message.recipient();
+        let target = match self.rpcs.route(&rpc_id, recipient.as_deref()) {
+            Ok(target) => target,
+            Err(error) => return self.rpc_error(&caller, &rpc_id, &error),
         };
-        let Some(target) = self.rpc_subscribers.get(&recipient).cloned() else {
-            return self.rpc_error(
-                &caller,
-                &rpc_id,
-                &format!("Recipient not found: {recipient}"),
-            );
-        };
-        if self.pending_rpcs.len() >= MAX_PENDING_RPCS {
-            return self.rpc_error(
-                &caller,
-                &rpc_id,
-                "the broker holds too many unanswered RPCs",
-            );
-        }
+        let recipient = recipient.unwrap_or_default();
         let bytes = Outgoing {
             id: rpc_id.clone(),
             recipient: Some(&recipient),
@@ -1040,10 +1096,7 @@ impl Server {
             .router
             .send_multipart([&target[..], b"", &bytes], zmq::DONTWAIT)
         {
-            Ok(()) => {
-                let deadline = Instant::now() + self.rpc_timeout;
-                self.pending_rpcs.insert(rpc_id, (caller, deadline));
-            }
+            Ok(()) => self.rpcs.forwarded(rpc_id, caller, target),
             Err(error) => {
                 let reason = if error == zmq::Error::EAGAIN {
                     format!("Recipient busy: {recipient}")
@@ -1056,7 +1109,30 @@ impl Server {
         }
     }
 
-    fn rpc_error(&mut self, caller: &Identity, rpc_id: &str, error: &str) {
+    fn on_rpc_response(&mut self, from: &ClientId, message: Incoming<'_>) {
+        let Some(rpc_id) = message.rpc_id.as_deref() else {
+            return;
+        };
+        match self.rpcs.answer(from, rpc_id) {
+            Ok(caller) => {
+                let frame = Outgoing {
+                    rpc_id: Some(rpc_id),
+                    result: Some(message.result.unwrap_or_else(|| null())),
+                    error: Some(message.error.as_deref()),
+                    ..Outgoing::new(kind::RPC_RESPONSE, message.sender.unwrap_or_else(|| null()))
+                };
+                self.send(&caller, &frame.encode());
+            }
+            Err(Unanswered::NotTheRecipient) => {
+                tracing::warn!(client = %shown(from), %rpc_id, "an answer from a client the RPC did not go to was refused");
+            }
+            Err(Unanswered::NotWaiting) => {
+                tracing::debug!(%rpc_id, "an answer nobody waits for (expired?)");
+            }
+        }
+    }
+
+    fn rpc_error(&mut self, caller: &ClientId, rpc_id: &str, error: &str) {
         let frame = Outgoing {
             rpc_id: Some(rpc_id),
             result: Some(null()),
@@ -1068,7 +1144,7 @@ impl Server {
     }
 
     /// Sends without blocking; a client it cannot reach is noted unreachable.
-    fn send(&mut self, identity: &Identity, bytes: &[u8]) {
+    fn send(&mut self, identity: &ClientId, bytes: &[u8]) {
         match self
             .router
             .send_multipart([&identity[..], b"", bytes], zmq::DONTWAIT)
@@ -1085,10 +1161,18 @@ impl Server {
         }
     }
 
-    /// Pings every client that holds a task or a subscription: the reachable ones are
-    /// struck off `unreachable`; those past the grace lose their tasks and subscriptions.
+    /// Pings every client that holds a task, a subscription or a presence watch: the
+    /// reachable ones are struck off `unreachable`; those past the grace lose what they
+    /// hold.
     fn probe(&mut self) {
-        let known = self.clients(true);
+        let mut known = self.clients(true);
+        known.extend(
+            self.presence_watchers
+                .iter()
+                .filter(|w| !known.contains(w))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
         let ping = Outgoing::new(kind::PING, &self.sender).encode();
         let now = Instant::now();
         for identity in known {
@@ -1105,46 +1189,46 @@ impl Server {
                 }
             }
         }
-        let known: HashSet<Identity> = self.clients(true).into_iter().collect();
+        let mut known: HashSet<ClientId> = self.clients(true).into_iter().collect();
+        known.extend(self.presence_watchers.iter().cloned());
         self.unreachable
             .retain(|identity, _| known.contains(identity));
     }
 
-    fn remove_client(&mut self, identity: &Identity) {
-        let tasks: Vec<String> = self
-            .assignments
-            .iter()
-            .filter(|(_, holder)| *holder == identity)
-            .map(|(task_id, _)| task_id.clone())
-            .collect();
+    fn remove_client(&mut self, identity: &ClientId) {
+        let tasks = self.dispatcher.remove_client(identity);
         tracing::warn!(client = %shown(identity), tasks = tasks.len(), "a client gone past its grace: its tasks go back to the queue");
-        for task_id in tasks {
-            self.settle(identity, &task_id, false);
+        self.requeue_released(tasks);
+        for (rpc_id, caller) in self.rpcs.remove_client(identity) {
+            self.rpc_error(
+                &caller,
+                &rpc_id,
+                "Recipient gone: the client serving it is unreachable",
+            );
         }
-        self.task_subscribers.retain(|_, holder| holder != identity);
-        self.rpc_subscribers.retain(|_, holder| holder != identity);
         self.presence_watchers.remove(identity);
-        self.prefetch.remove(identity);
-        self.load.remove(identity);
-        self.available.retain(|i| i != identity);
         self.unreachable.remove(identity);
-        self.restored_holds.remove(identity);
         self.settled = true;
     }
 
-    /// Answers expired RPCs with an error, and forgets result routes gone stale.
+    /// Answers expired RPCs with an error, requeues the leased tasks not claimed in time,
+    /// and forgets result routes gone stale.
     fn expire(&mut self) {
         let now = Instant::now();
-        let expired: Vec<(String, Identity)> = self
-            .pending_rpcs
-            .iter()
-            .filter(|(_, (_, deadline))| *deadline <= now)
-            .map(|(rpc_id, (caller, _))| (rpc_id.clone(), caller.clone()))
-            .collect();
-        for (rpc_id, caller) in expired {
-            self.pending_rpcs.remove(&rpc_id);
-            let error = format!("no answer within {:?}", self.rpc_timeout);
+        for (rpc_id, caller) in self.rpcs.expired(now) {
+            let error = format!("no answer within {:?}", self.rpcs.timeout());
             self.rpc_error(&caller, &rpc_id, &error);
+        }
+        if self.dispatcher.has_leases() {
+            let ended = self.dispatcher.expire_leases(now);
+            if !ended.is_empty() {
+                tracing::warn!(
+                    count = ended.len(),
+                    "tasks handed over as the last run stopped were not claimed within the lease: requeued"
+                );
+                self.requeue_released(ended);
+                self.dirty = true;
+            }
         }
         let before = self.result_routes.len();
         self.result_routes.retain(|_, (_, acked)| {
@@ -1153,6 +1237,7 @@ impl Server {
         if self.result_routes.len() != before {
             self.settled = true;
         }
+        self.acked.prune(now);
     }
 }
 
@@ -1167,4 +1252,39 @@ fn message_identifier(message: &Incoming<'_>) -> Option<String> {
                 .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok())
         })
         .filter(|identifier| !identifier.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_continue_tasks_pid_is_its_process_rpc_identifier() {
+        let body = |text: &str| RawValue::from_string(text.to_owned()).unwrap();
+        let of = |text: &str| continued_pid(&body(text));
+        assert_eq!(
+            of(r#"{"task":"continue","args":{"pid":8,"nowait":false,"tag":null}}"#),
+            Some("8".into())
+        );
+        assert_eq!(
+            of(r#"{"task":"continue","args":{"pid":"8"}}"#),
+            Some("8".into())
+        );
+        assert_eq!(of(r#"{"task":"launch","args":{"pid":8}}"#), None);
+        assert_eq!(of(r#"[1, 2]"#), None);
+    }
+
+    #[test]
+    fn acked_ids_are_remembered_a_while_and_only_so_many() {
+        let mut recent = RecentIds::default();
+        recent.insert("a");
+        assert!(recent.contains("a"));
+        recent.prune(Instant::now() + ACKED_MEMORY);
+        assert!(!recent.contains("a"));
+        for n in 0..ACKED_KEPT + 10 {
+            recent.insert(&n.to_string());
+        }
+        assert!(recent.ids.len() <= ACKED_KEPT);
+        assert!(!recent.contains("0") && recent.contains(&(ACKED_KEPT + 9).to_string()));
+    }
 }

@@ -26,6 +26,7 @@ use tokio::sync::{broadcast, watch};
 use super::protocol::{
     self, Answer, BroadcastEnvelope, Incoming, Outgoing, ReplyEnvelope, TaskEnvelope, kind,
 };
+use super::service::{ServiceStatus, service_dir_of_socket};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{self, ConnectionEvent};
 use crate::settings::Settings;
@@ -182,7 +183,7 @@ pub(crate) struct Link {
     /// consumer's channel drops its deliveries, and their ackers requeue them.
     outbox: Mutex<VecDeque<Frame>>,
     /// Recent settles, to send again after a reconnect (taken alone, or after `state`).
-    settled: Mutex<VecDeque<(Instant, Arc<Vec<u8>>)>>,
+    settled: Mutex<VecDeque<RecentSettle>>,
     /// The tasks handed to this client and not settled, to tell a restarted kiwimq broker
     /// which of those it thinks this client holds really reached it (taken alone, or after
     /// `state`).
@@ -212,7 +213,7 @@ impl Link {
         self.outbox.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn settled(&self) -> MutexGuard<'_, VecDeque<(Instant, Arc<Vec<u8>>)>> {
+    fn settled(&self) -> MutexGuard<'_, VecDeque<RecentSettle>> {
         self.settled.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -264,10 +265,19 @@ impl Link {
     }
 }
 
-/// Acks or requeues one task with the broker.
+/// A settle sent lately, to send again after a reconnect: of one delivery of a task.
+struct RecentSettle {
+    at: Instant,
+    /// The task it settles: a new delivery of it makes this settle one not to send again.
+    task_id: String,
+    frame: Arc<Vec<u8>>,
+}
+
+/// Acks or requeues one delivery of a task with the broker.
 struct TaskSettle {
     link: Arc<Link>,
     task_id: String,
+    delivery: Option<u64>,
 }
 
 impl Settle for TaskSettle {
@@ -285,6 +295,7 @@ impl Settle for TaskSettle {
         };
         let frame = Outgoing {
             task_id: Some(&self.task_id),
+            delivery: self.delivery,
             ..Outgoing::new(kind, &self.link.sender)
         }
         .encode();
@@ -292,12 +303,16 @@ impl Settle for TaskSettle {
         {
             let mut settled = self.link.settled();
             let now = Instant::now();
-            while settled.front().is_some_and(|(at, _)| {
-                now.duration_since(*at) > SETTLE_MEMORY || settled.len() >= SETTLES_KEPT
+            while settled.front().is_some_and(|recent| {
+                now.duration_since(recent.at) > SETTLE_MEMORY || settled.len() >= SETTLES_KEPT
             }) {
                 settled.pop_front();
             }
-            settled.push_back((now, frame.clone()));
+            settled.push_back(RecentSettle {
+                at: now,
+                task_id: self.task_id,
+                frame: frame.clone(),
+            });
         }
         self.link.outbox().push_back(Frame {
             bytes: frame,
@@ -336,7 +351,10 @@ impl ZmqTransport {
         let endpoint = Endpoint::parse(&settings.uri)?;
         let service_dir = match &endpoint {
             Endpoint::ServiceDir(dir) => Some(dir.clone()),
-            Endpoint::Fixed(_) => None,
+            // kiwimq's broker marks its socket's directory with its service directory.
+            Endpoint::Fixed(endpoint) => {
+                service_dir_of_socket(Path::new(endpoint.trim_start_matches("ipc://")))
+            }
         };
         let deadline = Instant::now() + settings.connect_timeout;
         let first = loop {
@@ -544,21 +562,21 @@ impl Drop for ZmqTransport {
 /// The task queue's counts in a service directory's `broker.status` (AiiDA's format: its
 /// `pending_tasks`, `processing_tasks` and `task_subscribers`), at most 5 s old.
 fn status_counts(dir: &Path) -> Result<QueueStats> {
-    let path = dir.join("broker.status");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| Error::refused(format!("{}: {e}", path.display())))?;
-    let status: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::codec(format!("{}: {e}", path.display())))?;
-    let count = |field: &str| {
-        status[field]
-            .as_u64()
+    let status = ServiceStatus::read(dir)?;
+    let count = |value: Option<u64>, field: &str| {
+        value
             .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
-            .ok_or_else(|| Error::codec(format!("{}: no count '{field}'", path.display())))
+            .ok_or_else(|| {
+                Error::codec(format!(
+                    "{}: no count '{field}'",
+                    dir.join("broker.status").display()
+                ))
+            })
     };
     Ok(QueueStats {
-        ready: count("pending_tasks")?,
-        unacknowledged: Some(count("processing_tasks")?),
-        consumers: count("task_subscribers")?,
+        ready: count(status.pending_tasks, "pending_tasks")?,
+        unacknowledged: Some(count(status.processing_tasks, "processing_tasks")?),
+        consumers: count(status.task_subscribers, "task_subscribers")?,
     })
 }
 
@@ -1146,9 +1164,9 @@ impl Io {
                 self.link
                     .settled()
                     .iter()
-                    .filter(|(at, _)| since.is_some_and(|since| *at >= since))
-                    .map(|(_, bytes)| Frame {
-                        bytes: bytes.clone(),
+                    .filter(|recent| since.is_some_and(|since| recent.at >= since))
+                    .map(|recent| Frame {
+                        bytes: recent.frame.clone(),
                         task_id: None,
                     }),
             );
@@ -1310,6 +1328,12 @@ impl Io {
             return tracing::warn!("a task without id was dropped (it cannot be acked)");
         };
         self.link.held().insert(task_id.clone());
+        // A new delivery of a task settled lately: the old settle is not sent again after a
+        // reconnect (on AiiDA's broker, which numbers no deliveries, it would settle this
+        // one — requeue a task this client runs).
+        self.link
+            .settled()
+            .retain(|recent| recent.task_id != task_id);
         let no_reply = message.no_reply.unwrap_or(false);
         let body = TaskEnvelope::encode(message.body.unwrap_or_else(|| protocol::null()), no_reply);
         let mut delivery = Delivery {
@@ -1322,6 +1346,7 @@ impl Io {
             acker: Acker::new(TaskSettle {
                 link: self.link.clone(),
                 task_id,
+                delivery: message.delivery,
             }),
         };
         let mut state = self.link.lock();
@@ -1449,8 +1474,5 @@ fn presence_refused() -> Error {
 /// (AiiDA's has no such field). Written before the broker serves, so it is there once a
 /// connection is.
 fn is_kiwimq_broker(dir: &Path) -> bool {
-    std::fs::read(dir.join("broker.status"))
-        .ok()
-        .and_then(|text| serde_json::from_slice::<serde_json::Value>(&text).ok())
-        .is_some_and(|status| status["broker"] == "kiwimq")
+    ServiceStatus::read(dir).is_ok_and(|status| status.is_kiwimq())
 }

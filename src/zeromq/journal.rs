@@ -39,8 +39,11 @@ const MATERIALIZED_AT_ONCE: usize = 512;
 /// it without end.
 const JOURNAL_LIMIT: u64 = 16 << 20;
 
-/// How long an append waits for the materializer to catch up before it goes on anyway.
-const CATCH_UP: Duration = Duration::from_secs(60);
+/// How long an append past the limit waits for the materializer to catch up before it is
+/// refused. Far below any client's confirm timeout, so a refused task is said to be so
+/// (and not stored) rather than left to time out, be sent again and be stored twice; and
+/// short, since the broker's thread (RPCs, pings) waits with it.
+const CATCH_UP: Duration = Duration::from_secs(2);
 
 /// One task on its way to `pending/`: its place in the journal, its file name, its bytes.
 #[derive(Debug)]
@@ -179,12 +182,17 @@ impl Journal {
     }
 
     /// Appends `tasks` (named `names`) and returns once they are on disk, with the place
-    /// of each in the journal; their files follow.
+    /// of each in the journal; their files follow. Past its limit, it waits a little for the
+    /// files to catch up, then refuses ([`io::ErrorKind::StorageFull`]): nothing appended.
     pub(crate) fn append(&self, tasks: &[StoredTask], names: &[String]) -> io::Result<Vec<u64>> {
         if self.shared.appender().len > JOURNAL_LIMIT && !self.flush(CATCH_UP) {
-            tracing::warn!(
-                "the journal is past its limit and its tasks' files are not written yet; it grows on"
-            );
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "the broker's disk is behind: {} MiB of confirmed tasks wait for their files                      (try again later)",
+                    JOURNAL_LIMIT >> 20
+                ),
+            ));
         }
         let mut lines = Vec::with_capacity(tasks.len() * 256);
         let mut entries = Vec::with_capacity(tasks.len());
@@ -542,6 +550,42 @@ mod tests {
             after < 80 << 10,
             "the journal was emptied before the append: {after} bytes"
         );
+        drop(journal);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn past_its_limit_an_append_that_cannot_catch_up_is_refused_and_appends_nothing() {
+        let (journal_file, pending, dir) = scratch();
+        let spares = Arc::new(Spares::open(&dir.join("spare")).unwrap());
+        let journal =
+            Journal::start(&journal_file, pending, spares.clone(), Box::new(|| {})).unwrap();
+        let big = |n: usize| StoredTask {
+            id: Some(n.to_string()),
+            sender: serde_json::Value::Null,
+            sender_identity: None,
+            body: serde_json::value::to_raw_value(&"x".repeat(1 << 20)).unwrap(),
+            no_reply: true,
+            timestamp: 0.0,
+            results: false,
+        };
+        let stalled = spares.pool();
+        let mut n = 0;
+        while fs::metadata(&journal_file).unwrap().len() <= JOURNAL_LIMIT {
+            n += 1;
+            journal
+                .append(&[big(n)], &[format!("{n}_{n}.json")])
+                .unwrap();
+        }
+        let before = fs::metadata(&journal_file).unwrap().len();
+        let started = std::time::Instant::now();
+        let refused = journal
+            .append(&[big(0)], &["0_0.json".to_owned()])
+            .unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::StorageFull, "{refused}");
+        assert!(started.elapsed() < CATCH_UP * 2, "refused within its wait");
+        assert_eq!(fs::metadata(&journal_file).unwrap().len(), before);
+        drop(stalled);
         drop(journal);
         fs::remove_dir_all(dir).unwrap();
     }

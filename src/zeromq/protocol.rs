@@ -85,6 +85,11 @@ pub(crate) struct Incoming<'a> {
     /// `kiwimq_holding`: the tasks the sender holds.
     #[serde(default)]
     pub(crate) task_ids: Option<Vec<String>>,
+    /// kiwimq's own, on a task kiwimq's broker hands out: the number of this hand-over; on a
+    /// `task_ack`/`task_nack` from kiwimq's clients: the hand-over settled. AiiDA's never
+    /// send it, and ignore it.
+    #[serde(default)]
+    pub(crate) delivery: Option<u64>,
 }
 
 impl<'a> Incoming<'a> {
@@ -143,6 +148,9 @@ pub(crate) struct Outgoing<'a> {
     /// `kiwimq_holding`: the tasks the sender holds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) task_ids: Option<Vec<&'a str>>,
+    /// `task` from kiwimq's broker, and a settle of it: the hand-over's number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) delivery: Option<u64>,
 }
 
 /// JSON `null`, as a raw value.
@@ -170,6 +178,7 @@ impl<'a> Outgoing<'a> {
             prefetch_count: None,
             results: None,
             task_ids: None,
+            delivery: None,
         }
     }
 

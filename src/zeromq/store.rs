@@ -25,6 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::journal::{self, Journal, Wake};
+pub(super) use super::service::sync_dir;
 
 /// A task as stored: AiiDA's fields (`id, sender, sender_identity, body, no_reply,
 /// timestamp`) and kiwimq's optional `results`. Tolerates the files `verdi process repair`
@@ -149,8 +150,23 @@ impl Spares {
     }
 }
 
-/// At most this many stored tasks are kept in memory to dispatch without a read.
+/// At most this many stored tasks are kept in memory to dispatch without a read…
 const CACHED_TASKS: usize = 65_536;
+/// …and at most this many bytes of them (a backlog of large tasks is read back instead).
+const CACHED_BYTES: usize = 64 << 20;
+
+/// How long the queue waits after a task file could not be read (not "gone": EIO, EMFILE…)
+/// before it tries again.
+const READ_RETRY: Duration = Duration::from_secs(1);
+
+/// What the store knows of a task id.
+#[derive(Debug)]
+pub(crate) enum Lookup {
+    /// No task of that id is waiting or handed out.
+    Absent,
+    /// One is: as stored, when it could be read.
+    Present(Option<StoredTask>),
+}
 
 fn null_body() -> Box<serde_json::value::RawValue> {
     super::protocol::null().to_owned()
@@ -168,6 +184,15 @@ pub(crate) struct Store {
     stocking: Option<std::thread::JoinHandle<()>>,
     /// Pending tasks stored by this run, by file name.
     cached: HashMap<String, StoredTask>,
+    /// The bytes of `cached`, about.
+    cached_bytes: usize,
+    /// Waiting tasks by id → their file's name: one id is stored once.
+    pending_ids: HashMap<String, String>,
+    /// Tasks requeued whose file could not be moved back yet (by file name): tried again
+    /// at every sync, never forgotten.
+    stranded: Vec<String>,
+    /// After a read error, no pop before this.
+    read_blocked_until: Option<std::time::Instant>,
     /// The last timestamp used in a name, so names stay unique and ordered within a batch.
     last_us: u128,
     /// Where a stored task is confirmed first; its file follows.
@@ -192,9 +217,9 @@ pub(super) fn task_id(name: &str) -> Option<&str> {
         .map(|(_, id)| id)
 }
 
-/// Syncs a directory, so the names created or removed in it survive a crash.
-pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+/// The bytes a task keeps in memory, about.
+fn task_bytes(task: &StoredTask) -> usize {
+    task.body.get().len() + 256
 }
 
 impl Store {
@@ -237,8 +262,34 @@ impl Store {
             }
         }
         pending.sort();
+        // One id, one task: a copy a crash or an older broker left (a resend stored twice)
+        // is moved aside, the first in the queue's order kept.
+        let mut pending_ids = HashMap::with_capacity(pending.len());
+        let mut duplicates = Vec::new();
+        pending.retain(|name| {
+            let id = task_id(name).unwrap_or_default().to_owned();
+            if pending_ids.contains_key(&id) {
+                duplicates.push(name.clone());
+                return false;
+            }
+            pending_ids.insert(id, name.clone());
+            true
+        });
+        if !duplicates.is_empty() {
+            let duplicate_dir = tasks_dir.join("duplicate");
+            fs::create_dir_all(&duplicate_dir)?;
+            for name in &duplicates {
+                fs::rename(pending_dir.join(name), duplicate_dir.join(name))?;
+            }
+            tracing::error!(
+                count = duplicates.len(),
+                "tasks stored twice under one id: the later copies moved to storage/tasks/duplicate/ (not run, not deleted)"
+            );
+            sync_dir(&duplicate_dir)?;
+        }
         sync_dir(&pending_dir)?;
         sync_dir(&processing_dir)?;
+        sync_dir(tasks_dir)?;
         Ok(Self {
             pending_dir,
             processing_dir,
@@ -248,6 +299,10 @@ impl Store {
             spares,
             stocking: Some(stocking),
             cached: HashMap::new(),
+            cached_bytes: 0,
+            pending_ids,
+            stranded: Vec::new(),
+            read_blocked_until: None,
             last_us: 0,
             journal,
             unwritten: HashMap::new(),
@@ -259,9 +314,9 @@ impl Store {
         self.pending.len()
     }
 
-    /// Tasks handed out and not settled.
+    /// Tasks handed out and not settled (and those requeued whose file is not back yet).
     pub(crate) fn processing(&self) -> usize {
-        self.processing.len()
+        self.processing.len() + self.stranded.len()
     }
 
     fn name_for(&mut self, task_id: &str) -> String {
@@ -285,13 +340,68 @@ impl Store {
             .collect();
         let seqs = self.journal.append(tasks, &names)?;
         for ((name, seq), task) in names.into_iter().zip(seqs).zip(tasks) {
-            if self.cached.len() < CACHED_TASKS {
-                self.cached.insert(name.clone(), task.clone());
-            }
+            self.cache(&name, task.clone());
             self.unwritten.insert(name.clone(), seq);
+            if let Some(id) = task_id(&name) {
+                self.pending_ids.insert(id.to_owned(), name.clone());
+            }
             self.pending.push_back(name);
         }
         Ok(())
+    }
+
+    /// Whether a task of `id` is stored (waiting, or handed out), and what it is.
+    pub(crate) fn lookup(&self, id: &str) -> Lookup {
+        let (name, dir) = match (self.pending_ids.get(id), self.processing.get(id)) {
+            (Some(name), _) => (name, &self.pending_dir),
+            (None, Some(name)) => (name, &self.processing_dir),
+            (None, None) => return Lookup::Absent,
+        };
+        if let Some(task) = self.cached.get(name) {
+            return Lookup::Present(Some(task.clone()));
+        }
+        let read = fs::read(dir.join(name))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        Lookup::Present(read)
+    }
+
+    /// A task handed out, as stored (read back from its file).
+    pub(crate) fn held(&self, id: &str) -> Option<StoredTask> {
+        let name = self.processing.get(id)?;
+        let bytes = fs::read(self.held_file(name)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    fn cache(&mut self, name: &str, task: StoredTask) {
+        let bytes = task_bytes(&task);
+        if self.cached.len() < CACHED_TASKS && self.cached_bytes + bytes <= CACHED_BYTES {
+            self.cached_bytes += bytes;
+            self.cached.insert(name.to_owned(), task);
+        }
+    }
+
+    fn uncache(&mut self, name: &str) -> Option<StoredTask> {
+        let task = self.cached.remove(name)?;
+        self.cached_bytes = self.cached_bytes.saturating_sub(task_bytes(&task));
+        Some(task)
+    }
+
+    /// Takes `name` off the waiting ids.
+    fn forget_pending(&mut self, name: &str) {
+        if let Some(id) = task_id(name)
+            && self.pending_ids.get(id).is_some_and(|n| n == name)
+        {
+            self.pending_ids.remove(id);
+        }
+    }
+
+    /// Puts `name` back at the head of the queue.
+    fn requeue_front(&mut self, name: String) {
+        if let Some(id) = task_id(&name) {
+            self.pending_ids.insert(id.to_owned(), name.clone());
+        }
+        self.pending.push_front(name);
     }
 
     /// Waits (up to `timeout`) until every task stored has its file; whether they do.
@@ -302,6 +412,12 @@ impl Store {
     /// Takes the next task into processing. Skips (and quarantines) files that do not
     /// decode, and files gone from under it.
     pub(crate) fn pop(&mut self) -> Option<(String, StoredTask)> {
+        if let Some(until) = self.read_blocked_until {
+            if std::time::Instant::now() < until {
+                return None;
+            }
+            self.read_blocked_until = None;
+        }
         let mut marked = u64::MAX;
         if !self.unwritten.is_empty() {
             marked = self.journal.marked();
@@ -322,42 +438,67 @@ impl Store {
             }
             let path = self.pending_dir.join(&name);
             let id = task_id(&name).unwrap_or_default().to_owned();
-            if let Some(task) = self.cached.remove(&name) {
-                if let Err(error) = fs::rename(&path, self.processing_dir.join(&name)) {
-                    if error.kind() == io::ErrorKind::NotFound {
+            self.forget_pending(&name);
+            if self.processing.contains_key(&id) {
+                // One id, one task: a second copy never goes out beside the first.
+                self.set_aside(&name, &path);
+                continue;
+            }
+            let task = match self.uncache(&name) {
+                Some(task) => task,
+                None => match fs::read(&path) {
+                    Ok(bytes) => match serde_json::from_slice::<StoredTask>(&bytes) {
+                        Ok(task) => task,
+                        Err(error) => {
+                            self.quarantine(&name, &path, &error.to_string());
+                            continue;
+                        }
+                    },
+                    Err(error) if error.kind() == io::ErrorKind::NotFound => {
                         // Removed from under the broker (`verdi process repair` does).
                         tracing::warn!(%name, "a pending task file is gone; skipped");
                         continue;
                     }
-                    tracing::error!(%name, %error, "cannot move a task to processing");
-                    self.cached.insert(name.clone(), task);
-                    self.pending.push_front(name);
-                    return None;
-                }
-                self.processing.insert(id.clone(), name);
-                return Some((id, task));
-            }
-            let bytes = match fs::read(&path) {
-                Ok(bytes) => bytes,
-                Err(error) => {
-                    tracing::warn!(%name, %error, "a pending task file is gone; skipped");
-                    continue;
-                }
-            };
-            match serde_json::from_slice::<StoredTask>(&bytes) {
-                Ok(task) => {
-                    if let Err(error) = fs::rename(&path, self.processing_dir.join(&name)) {
-                        tracing::error!(%name, %error, "cannot move a task to processing");
-                        self.pending.push_front(name);
+                    Err(error) => {
+                        // Not gone: unreadable for now (EIO, EMFILE…). It stays first.
+                        tracing::error!(%name, %error, "cannot read a task file; trying again in 1 s");
+                        self.block_reads();
+                        self.requeue_front(name);
                         return None;
                     }
-                    self.processing.insert(id.clone(), name);
-                    return Some((id, task));
+                },
+            };
+            if let Err(error) = fs::rename(&path, self.processing_dir.join(&name)) {
+                if error.kind() == io::ErrorKind::NotFound {
+                    tracing::warn!(%name, "a pending task file is gone; skipped");
+                    continue;
                 }
-                Err(error) => self.quarantine(&name, &path, &error.to_string()),
+                tracing::error!(%name, %error, "cannot move a task to processing; trying again in 1 s");
+                self.cache(&name, task);
+                self.block_reads();
+                self.requeue_front(name);
+                return None;
             }
+            self.processing.insert(id.clone(), name);
+            return Some((id, task));
         }
         None
+    }
+
+    fn block_reads(&mut self) {
+        self.read_blocked_until = Some(std::time::Instant::now() + READ_RETRY);
+    }
+
+    /// Moves a second copy of a task held already to `duplicate/`.
+    fn set_aside(&mut self, name: &str, path: &Path) {
+        self.uncache(name);
+        let duplicate_dir = self.corrupt_dir.with_file_name("duplicate");
+        let moved = fs::create_dir_all(&duplicate_dir)
+            .and_then(|()| fs::rename(path, duplicate_dir.join(name)));
+        tracing::error!(
+            %name, moved = moved.is_ok(),
+            "a second task under the id of one handed out: moved to storage/tasks/duplicate/ (not run, not deleted)"
+        );
     }
 
     fn quarantine(&self, name: &str, path: &Path, error: &str) {
@@ -391,7 +532,8 @@ impl Store {
                 self.processing_dir.join(&name),
             ) {
                 Ok(()) => {
-                    self.cached.remove(&name);
+                    self.uncache(&name);
+                    self.forget_pending(&name);
                     self.processing.insert(id.clone(), name);
                     claimed.push(id);
                 }
@@ -422,13 +564,22 @@ impl Store {
         let Some(name) = self.processing.remove(task_id) else {
             return false;
         };
-        let held = self.held_file(&name);
-        let back = self.pending_dir.join(&name);
-        match fs::rename(&held, &back) {
-            Ok(()) => self.pending.push_front(name),
-            Err(error) => tracing::error!(%name, %error, "cannot return a task to pending"),
+        if let Err(error) = self.move_back(&name) {
+            tracing::error!(%name, %error, "cannot return a task to pending; trying again at the next sync");
+            self.stranded.push(name);
         }
         true
+    }
+
+    /// Moves a requeued task's file back to `pending/`, at the head of the queue.
+    fn move_back(&mut self, name: &str) -> io::Result<()> {
+        let held = self.held_file(name);
+        let back = self.pending_dir.join(name);
+        if held != back {
+            fs::rename(&held, &back)?;
+        }
+        self.requeue_front(name.to_owned());
+        Ok(())
     }
 
     /// Where the file of a task handed out is: in `processing/`, unless AiiDA's own tools
@@ -446,7 +597,13 @@ impl Store {
 
     /// Syncs the removals and moves since the last call (acks, nacks, pops), so a crash
     /// does not bring back many acked tasks.
-    pub(crate) fn sync(&self) -> io::Result<()> {
+    pub(crate) fn sync(&mut self) -> io::Result<()> {
+        for name in std::mem::take(&mut self.stranded) {
+            if let Err(error) = self.move_back(&name) {
+                tracing::error!(%name, %error, "cannot return a task to pending; trying again at the next sync");
+                self.stranded.push(name);
+            }
+        }
         sync_dir(&self.pending_dir)?;
         sync_dir(&self.processing_dir)?;
         sync_dir(&self.spares.dir)

@@ -41,8 +41,12 @@ pub fn scratch(what: &str) -> PathBuf {
 pub enum Program {
     /// AiiDA's own (`python -m aiida.brokers.zeromq.service`).
     Aiida,
-    /// `kiwimq broker`, giving an unreachable worker this many seconds.
-    Kiwimq { worker_grace: u64 },
+    /// `kiwimq broker`, giving an unreachable worker this many seconds, and a hand-over
+    /// cut short by a stop `restore_lease` seconds (the default when `None`).
+    Kiwimq {
+        worker_grace: u64,
+        restore_lease: Option<u64>,
+    },
 }
 
 /// A ZeroMQ broker process (AiiDA's or kiwimq's), in its own service directory.
@@ -65,7 +69,20 @@ impl BrokerProcess {
 
     /// Starts `kiwimq broker` and waits until it serves.
     pub async fn kiwimq(worker_grace: u64) -> Self {
-        Self::start_program(Program::Kiwimq { worker_grace }).await
+        Self::start_program(Program::Kiwimq {
+            worker_grace,
+            restore_lease: None,
+        })
+        .await
+    }
+
+    /// Starts `kiwimq broker` with a restore lease of `restore_lease` seconds.
+    pub async fn kiwimq_leased(worker_grace: u64, restore_lease: u64) -> Self {
+        Self::start_program(Program::Kiwimq {
+            worker_grace,
+            restore_lease: Some(restore_lease),
+        })
+        .await
     }
 
     /// Starts `kiwimq broker` for the service directory `service_dir` (an AiiDA profile's).
@@ -73,7 +90,10 @@ impl BrokerProcess {
         std::fs::create_dir_all(&service_dir).unwrap();
         let mut broker = Self {
             service_dir,
-            program: Program::Kiwimq { worker_grace },
+            program: Program::Kiwimq {
+                worker_grace,
+                restore_lease: None,
+            },
             process: None,
             sockets_dirs: Vec::new(),
         };
@@ -128,7 +148,10 @@ impl BrokerProcess {
                     .env("AIIDA_PATH", self.service_dir.join("aiida-home"));
                 command
             }
-            Program::Kiwimq { worker_grace } => {
+            Program::Kiwimq {
+                worker_grace,
+                restore_lease,
+            } => {
                 let mut command = Command::new(env!("CARGO_BIN_EXE_kiwimq"));
                 command
                     .args(["broker", "--service-dir"])
@@ -136,6 +159,9 @@ impl BrokerProcess {
                     .arg("--log-file-path")
                     .arg(self.service_dir.join("broker.log"))
                     .args(["--worker-grace", &worker_grace.to_string()]);
+                if let Some(lease) = restore_lease {
+                    command.args(["--restore-lease", &lease.to_string()]);
+                }
                 command
             }
         }
