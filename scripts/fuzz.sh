@@ -8,10 +8,11 @@
 #
 #   scripts/fuzz.sh                      every target, 10,000,000 inputs each
 #   scripts/fuzz.sh -n 100000 presence   one target, 100,000 inputs
+#   scripts/fuzz.sh -t 600               every target for 10,000,000 inputs or 600 s, if sooner
 #   scripts/fuzz.sh -m                   then merge what was found into fuzz/corpus (minimized)
 #
 # Environment: RUNS (as -n), RSS_LIMIT_MB (512), MALLOC_LIMIT_MB (64: the most one
-# allocation may take), TIMEOUT (10: seconds one input may take), MAX_LEN (4096 bytes),
+# allocation may take), TIMEOUT (10: seconds one input may take), MAX_LEN (1024 bytes),
 # FUZZ_BIN (a directory of targets built before: no build).
 set -euo pipefail
 
@@ -20,13 +21,15 @@ RUNS=${RUNS:-10000000}
 RSS_LIMIT_MB=${RSS_LIMIT_MB:-512}
 MALLOC_LIMIT_MB=${MALLOC_LIMIT_MB:-64}
 TIMEOUT=${TIMEOUT:-10}
-MAX_LEN=${MAX_LEN:-4096}
+MAX_LEN=${MAX_LEN:-1024}
+SECONDS_EACH=0
 MERGE=0
-while getopts "n:mh" option; do
+while getopts "n:t:mh" option; do
     case $option in
         n) RUNS=$OPTARG ;;
+        t) SECONDS_EACH=$OPTARG ;;
         m) MERGE=1 ;;
-        *) sed -n '2,15p' "$0"; exit 2 ;;
+        *) sed -n '2,17p' "$0"; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
@@ -59,6 +62,7 @@ for target in $TARGETS; do
     mkdir -p "$corpus" "$found" "$artifacts"
     echo "== $target: $RUNS inputs (log: $log)"
     start=$(date +%s)
+    stamp=$(mktemp)
     status=0
     # Every input that once crashed this target, run first, whole (fuzzing truncates an
     # input to MAX_LEN).
@@ -72,14 +76,15 @@ for target in $TARGETS; do
         fi
     fi
     # New inputs go to corpus-new/ (the first directory); the kept corpus is only read.
-    "$BIN/$target" -runs="$RUNS" -rss_limit_mb="$RSS_LIMIT_MB" \
+    "$BIN/$target" -runs="$RUNS" -max_total_time="$SECONDS_EACH" -rss_limit_mb="$RSS_LIMIT_MB" \
         -malloc_limit_mb="$MALLOC_LIMIT_MB" -timeout="$TIMEOUT" -max_len="$MAX_LEN" \
         -artifact_prefix="$artifacts/" -print_final_stats=1 \
         "$found" "$corpus" >> "$log" 2>&1 || status=$?
     seconds=$(( $(date +%s) - start ))
     tried=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     speed=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
-    crashes=$(find "$artifacts" -type f | wc -l)
+    crashes=$(find "$artifacts" -type f -newer "$stamp" | wc -l)
+    rm -f "$stamp"
     if [ "$status" -ne 0 ] || [ "$crashes" -ne 0 ]; then
         failed=1
         crashes=$(( crashes > 0 ? crashes : 1 ))

@@ -279,7 +279,7 @@ pub fn zeromq_from_broker(data: &[u8]) {
         Some(kind::RPC) => {
             let _ = message.recipient();
             if let Some(body) = message.body {
-                let _ = Codec::Json.decode::<Intent>(body.get().as_bytes());
+                let _ = alone(body);
             }
         }
         Some(kind::PRESENCE) => {
@@ -289,6 +289,277 @@ pub fn zeromq_from_broker(data: &[u8]) {
         }
         _ => {}
     }
+}
+
+/// A message from a client as kiwimq's broker reads it: the fields it routes by, a task as
+/// it is stored (its file must read back as what came), an RPC through the router, and the
+/// frames it forwards, which a client must read back with the values they carried.
+#[cfg(feature = "zeromq")]
+pub fn zeromq_from_client(data: &[u8]) {
+    use crate::zeromq::protocol::{self, Incoming, Outgoing, json_string, kind};
+    use crate::zeromq::rpc_router::RpcRouter;
+    use crate::zeromq::store::{StoredTask, usable_task_id};
+
+    let Ok(message) = Incoming::parse(data) else {
+        return;
+    };
+    let null = protocol::null();
+    let recipient = message.recipient();
+    let _ = message.identifier.as_deref().map(str::is_empty);
+    match message.kind.as_deref() {
+        Some(kind::TASK) => {
+            let id = message.id.clone().unwrap_or_else(protocol::new_id);
+            if !usable_task_id(&id) {
+                return;
+            }
+            let task = StoredTask {
+                id: Some(id),
+                sender: message
+                    .sender
+                    .and_then(|raw| serde_json::from_str(raw.get()).ok())
+                    .unwrap_or(serde_json::Value::Null),
+                sender_identity: Some("636c69656e742d31".into()),
+                body: message.body.unwrap_or(null).to_owned(),
+                no_reply: message.no_reply.unwrap_or(false),
+                timestamp: 1_765_000_000.5,
+                results: message.results == Some(true),
+            };
+            let file = serde_json::to_vec(&task).expect("a stored task encodes");
+            let back: StoredTask = serde_json::from_slice(&file).expect("a task file reads back");
+            assert_eq!(back.body.get(), task.body.get());
+            assert_eq!((&back.id, back.no_reply), (&task.id, task.no_reply));
+            assert_eq!(back.sender, task.sender);
+            // As the broker hands it to a worker, who reads what was sent.
+            let sender = json_string("broker");
+            let frame = Outgoing {
+                id: task.id.clone().unwrap_or_default(),
+                body: Some(&task.body),
+                no_reply: Some(task.no_reply),
+                ..Outgoing::new(kind::TASK, &sender)
+            }
+            .encode();
+            let read = Incoming::parse(&frame).expect("a dispatched task reads");
+            // A `null` body reads as none, which the client takes for `null`.
+            assert_eq!(read.body.unwrap_or(null).get(), task.body.get());
+            assert_eq!(read.id, task.id);
+        }
+        Some(kind::RPC) => {
+            let mut router = RpcRouter::new(std::time::Duration::from_secs(10));
+            router.subscribe("8".into(), b"worker".to_vec());
+            let rpc_id = message.id.clone().unwrap_or_default();
+            match router.route(&rpc_id, recipient.as_deref()) {
+                Ok(target) => {
+                    assert_eq!(recipient.as_deref(), Some("8"));
+                    router.forwarded(rpc_id.clone(), b"caller".to_vec(), target.clone());
+                    assert_eq!(
+                        router.answer(&target, &rpc_id).ok(),
+                        Some(b"caller".to_vec())
+                    );
+                }
+                Err(error) => assert!(!error.is_empty()),
+            }
+        }
+        Some(kind::BROADCAST) | Some(kind::RPC_RESPONSE) | Some(kind::PRESENCE) => {
+            // Forwarded with the values the client gave, spliced in as they came.
+            let frame = Outgoing {
+                body: Some(message.body.unwrap_or(null)),
+                subject: Some(message.subject.unwrap_or(null)),
+                correlation_id: Some(message.correlation_id.unwrap_or(null)),
+                rpc_id: message.rpc_id.as_deref(),
+                result: Some(message.result.unwrap_or(null)),
+                error: Some(message.error.as_deref()),
+                id: message.id.clone().unwrap_or_default(),
+                ..Outgoing::new(kind::BROADCAST, message.sender.unwrap_or(null))
+            }
+            .encode();
+            let read = Incoming::parse(&frame).expect("a forwarded frame reads");
+            let raw = |v: Option<&serde_json::value::RawValue>| v.unwrap_or(null).get().to_owned();
+            assert_eq!(raw(read.body), raw(message.body));
+            assert_eq!(raw(read.sender), raw(message.sender));
+            assert_eq!(raw(read.subject), raw(message.subject));
+            assert_eq!(raw(read.result), raw(message.result));
+            assert_eq!(read.error, message.error);
+            assert_eq!(read.rpc_id, message.rpc_id);
+        }
+        _ => {}
+    }
+}
+
+/// `broker.status` as a client reads it (`verdi status` reads the same file): AiiDA's
+/// fields, kiwimq's `broker`; what reads writes back the same.
+#[cfg(feature = "zeromq")]
+pub fn broker_status(data: &[u8]) {
+    use crate::zeromq::service::ServiceStatus;
+    let Ok(status) = serde_json::from_slice::<ServiceStatus>(data) else {
+        return;
+    };
+    let _ = status.is_kiwimq();
+    let text = serde_json::to_vec(&status).expect("a status encodes");
+    let again: ServiceStatus = serde_json::from_slice(&text).expect("a status reads back");
+    assert_eq!(serde_json::to_vec(&again).expect("encodes"), text);
+    for count in [
+        status.pending_tasks,
+        status.processing_tasks,
+        status.task_subscribers,
+    ] {
+        let _ = count.map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+    }
+}
+
+/// `storage/broker-state.json` as kiwimq's broker reads it at start: decoded, every
+/// identity unhexed, and its subscriptions, limits and hand-overs restored into a
+/// dispatcher as the broker does — after which a new hand-over's number is above every
+/// restored one (numbers are never reused), and the state writes back as it read.
+#[cfg(feature = "zeromq")]
+pub fn broker_state(data: &[u8]) {
+    use crate::zeromq::dispatch::{Assignment, Dispatcher};
+    use crate::zeromq::state::{PersistedState, hex, unhex};
+
+    let Ok(state) = PersistedState::decode(data) else {
+        return;
+    };
+    let text = serde_json::to_vec(&state).expect("a state encodes");
+    let again = PersistedState::decode(&text).expect("a state reads back");
+    let value = |state: &PersistedState| serde_json::to_value(state).expect("encodes");
+    assert_eq!(value(&again), value(&state), "a state reads back otherwise");
+
+    let mut dispatcher = Dispatcher::new(state.next_delivery);
+    for (identifier, identity) in &state.task_subscribers {
+        if let Some(client) = unhex(identity) {
+            assert_eq!(hex(&client), identity.to_ascii_lowercase());
+            dispatcher.restore_subscription(identifier.clone(), client);
+        }
+    }
+    for (identity, limit) in &state.prefetch {
+        if let Some(client) = unhex(identity) {
+            dispatcher.restore_limit(client, *limit);
+        }
+    }
+    let mut highest = None;
+    for (task_id, identity) in &state.assignments {
+        let Some(holder) = unhex(identity) else {
+            continue;
+        };
+        let hand_over = state.deliveries.get(task_id).copied();
+        let delivery = hand_over.map_or_else(|| dispatcher.next_delivery(), |h| h.delivery);
+        let assignment = Assignment {
+            holder,
+            delivery,
+            restored: true,
+            lease: None,
+        };
+        if dispatcher.restore(task_id.clone(), assignment) {
+            highest = highest.max(Some(delivery));
+        }
+    }
+    let worker = b"fuzz-worker".to_vec();
+    dispatcher.subscribe("fuzz".into(), &worker, None);
+    if let Some(delivery) = dispatcher.assign("a-task-no-state-names", &worker)
+        && let Some(highest) = highest
+    {
+        assert!(
+            delivery > highest || delivery == u64::MAX,
+            "delivery {delivery} reused (restored up to {highest})"
+        );
+    }
+}
+
+/// A task file in `storage/tasks/{pending,processing}/` as the store reads it at start: the
+/// first line is the file's name, the rest its content (AiiDA's, kiwimq's, or what
+/// `verdi process repair` writes). A name the store takes carries a usable id; a task that
+/// reads writes back the same.
+#[cfg(feature = "zeromq")]
+pub fn task_file(data: &[u8]) {
+    use crate::zeromq::store::{StoredTask, is_task_file_name, task_id, usable_task_id};
+
+    let (name, content) = match data.iter().position(|b| *b == b'\n') {
+        Some(at) => (&data[..at], &data[at + 1..]),
+        None => (&b""[..], data),
+    };
+    if let Ok(name) = std::str::from_utf8(name) {
+        let id = task_id(name);
+        if is_task_file_name(name) {
+            assert!(id.is_some_and(usable_task_id), "{name:?}");
+            assert!(!name.contains('/'), "{name:?} leaves its directory");
+        }
+    }
+    let Ok(task) = serde_json::from_slice::<StoredTask>(content) else {
+        return;
+    };
+    let text = serde_json::to_vec(&task).expect("a task encodes");
+    let again: StoredTask = serde_json::from_slice(&text).expect("a task reads back");
+    assert_eq!(serde_json::to_vec(&again).expect("encodes"), text);
+    assert_eq!(again.body.get(), task.body.get());
+}
+
+/// The journal (`storage/tasks/journal`) as the broker replays it at start, in a scratch
+/// directory of its own under the system's temporary one: whatever the lines say, files
+/// are written only into pending/, each under a task file's name.
+#[cfg(feature = "zeromq")]
+pub fn journal(data: &[u8]) {
+    use crate::zeromq::replay_journal as replay;
+    use crate::zeromq::store::is_task_file_name;
+    use std::sync::LazyLock;
+
+    static SCRATCH: LazyLock<std::path::PathBuf> = LazyLock::new(|| {
+        // In memory where there is a tmpfs: the replay syncs every file it writes.
+        let shm = std::path::Path::new("/dev/shm");
+        let base = if shm.is_dir() {
+            shm.to_owned()
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!("kiwimq-fuzz-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    });
+    let dir = &*SCRATCH;
+    let inner = dir.join("tasks");
+    let pending = inner.join("pending");
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(&pending).expect("a scratch directory");
+    let path = inner.join("journal");
+    std::fs::write(&path, data).expect("the journal written");
+    let restored = replay(&path, &pending).expect("a replay of a readable journal");
+    let names: Vec<String> = std::fs::read_dir(&pending)
+        .expect("pending/ lists")
+        .map(|entry| {
+            entry
+                .expect("an entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    // A name journaled twice is written twice, into one file.
+    assert!(
+        names.len() <= restored,
+        "restored {restored} but pending/ holds {names:?}"
+    );
+    for name in &names {
+        assert!(is_task_file_name(name), "replay wrote {name:?}");
+    }
+    let mut around: Vec<String> = std::fs::read_dir(&inner)
+        .expect("tasks/ lists")
+        .map(|entry| {
+            entry
+                .expect("an entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    around.sort();
+    assert_eq!(
+        around,
+        ["journal", "pending"],
+        "replay wrote beside pending/"
+    );
+    assert_eq!(
+        std::fs::metadata(&path).map(|m| m.len()).ok(),
+        Some(0),
+        "journal not emptied"
+    );
 }
 
 /// A value decoded alone and the same value decoded inside an envelope: both fail, or both
@@ -381,6 +652,8 @@ pub fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     seeds.push(("presence", vec![presence_seed()]));
     #[cfg(feature = "zeromq")]
     seeds.push(("zeromq_from_broker", zeromq_seeds()));
+    #[cfg(feature = "zeromq")]
+    seeds.extend(zeromq_file_seeds());
     seeds.push((
         "dashboard_parameters",
         [
@@ -556,6 +829,104 @@ fn zeromq_seeds() -> Vec<Vec<u8>> {
     seeds
 }
 
+/// Messages as AiiDA's clients and kiwimq's send them to a broker, and the files kiwimq's
+/// and AiiDA's brokers keep.
+#[cfg(feature = "zeromq")]
+fn zeromq_file_seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
+    use crate::zeromq::state::{HandOver, PersistedState};
+    use crate::zeromq::store::StoredTask;
+    let text = |texts: &[&str]| {
+        texts
+            .iter()
+            .map(|t| t.as_bytes().to_vec())
+            .collect::<Vec<_>>()
+    };
+    let from_client = text(&[
+        r#"{"type": "task", "id": "5b1c3e0b2e7f4b8e9d2a6c4f1e3b5d7a", "sender": "client-1a2b3c4d", "body": {"task": "continue", "args": {"pid": 8, "nowait": false, "tag": null}}, "no_reply": true}"#,
+        r#"{"type": "task", "id": "t-2", "sender": "client-1", "body": [1, 2], "no_reply": false, "results": true}"#,
+        r#"{"type": "subscribe_task", "id": "a1", "sender": "client-1a2b3c4d", "identifier": "client-1a2b3c4d", "prefetch_count": 200}"#,
+        r#"{"type": "subscribe_rpc", "id": "a2", "sender": "client-1a2b3c4d", "identifier": "8", "prefetch_count": null}"#,
+        r#"{"type": "unsubscribe_rpc", "id": "a3", "sender": "client-1a2b3c4d", "identifier": "8", "prefetch_count": null}"#,
+        r#"{"type": "rpc", "id": "9e8d7c6b", "sender": "client-1", "recipient": 8, "body": {"intent": "pause", "message": null}}"#,
+        r#"{"type": "rpc", "id": "9e8d7c6c", "sender": "client-1", "recipient": "8", "body": {"intent": "kill", "message": "bye", "force_kill": true}}"#,
+        r#"{"type": "rpc_response", "id": "r1", "sender": "client-2", "rpc_id": "9e8d7c6b", "result": true, "error": null}"#,
+        r#"{"type": "rpc_response", "id": "r2", "sender": "client-2", "rpc_id": "9e8d7c6b", "result": null, "error": "No handler for 8"}"#,
+        r#"{"type": "broadcast", "id": "b1", "sender": 8, "body": null, "subject": "state_changed.created.running", "correlation_id": null}"#,
+        r#"{"type": "task_ack", "id": "k1", "sender": "client-1", "task_id": "5b1c3e0b2e7f4b8e9d2a6c4f1e3b5d7a"}"#,
+        r#"{"type": "task_nack", "id": "k2", "sender": "client-1", "task_id": "t-2", "delivery": 3}"#,
+        r#"{"type": "kiwimq_holding", "id": "h", "sender": "client-1", "task_ids": ["t-2", "t-3"]}"#,
+        r#"{"type": "kiwimq_presence", "id": "p", "sender": "client-1", "body": {"id": "x", "interval_secs": 5.0}}"#,
+        r#"{"type": "kiwimq_watch_presence", "id": "w", "sender": "client-1"}"#,
+    ]);
+    let aiida_status = r#"{"running": true, "pending_tasks": 3, "processing_tasks": 1, "task_subscribers": 1, "rpc_subscribers": 4, "available_workers": 1, "in_flight_tasks": 1, "pending_rpc_responses": 0, "timestamp": 1765000000.123456, "pid": 4242}"#;
+    let mut status = text(&[aiida_status, r#"{"running": false}"#]);
+    let mut ours: serde_json::Value = serde_json::from_str(aiida_status).expect("JSON");
+    ours["broker"] = "kiwimq".into();
+    status.push(serde_json::to_vec_pretty(&ours).expect("encodes"));
+    let mut state = PersistedState {
+        next_delivery: 1_765_000_000_000_042,
+        ..PersistedState::default()
+    };
+    state
+        .task_subscribers
+        .insert("client-1".into(), "636c69656e742d31".into());
+    state
+        .rpc_subscribers
+        .insert("8".into(), "636c69656e742d31".into());
+    state.prefetch.insert("636c69656e742d31".into(), Some(200));
+    state.prefetch.insert("636c69656e742d32".into(), None);
+    state
+        .assignments
+        .insert("t-1".into(), "636c69656e742d31".into());
+    state.deliveries.insert(
+        "t-1".into(),
+        HandOver {
+            delivery: 1_765_000_000_000_041,
+            at: 1_765_000_000.25,
+        },
+    );
+    state
+        .result_routes
+        .insert("t-1".into(), "636c69656e742d32".into());
+    let states = vec![
+        serde_json::to_vec(&state).expect("encodes"),
+        br#"{"task_subscribers":{"t":"61"},"rpc_subscribers":{},"prefetch":{"61":3},"assignments":{"x":"61"},"result_routes":{}}"#.to_vec(),
+    ];
+    let task = StoredTask {
+        id: Some("5b1c3e0b2e7f4b8e9d2a6c4f1e3b5d7a".into()),
+        sender: "client-1a2b3c4d".into(),
+        sender_identity: Some("636c69656e742d31".into()),
+        body: serde_json::value::RawValue::from_string(
+            r#"{"task":"continue","args":{"pid":8,"nowait":false,"tag":null}}"#.into(),
+        )
+        .expect("JSON"),
+        no_reply: true,
+        timestamp: 1_765_000_000.123_456,
+        results: true,
+    };
+    let stored = serde_json::to_string(&task).expect("encodes");
+    let files = text(&[
+        &format!("1765000000123456_5b1c3e0b2e7f4b8e9d2a6c4f1e3b5d7a.json\n{stored}"),
+        "1765000000123457_t-2.json\n{\"body\": {\"task\": \"continue\", \"args\": {\"pid\": 9, \"nowait\": false, \"tag\": null}}, \"no_reply\": true}",
+        "1765000000123458_t-3.json\n{\"id\": \"t-3\", \"sender\": 8, \"sender_identity\": \"636c\", \"body\": null, \"no_reply\": false, \"timestamp\": 1765000000.5}",
+    ]);
+    let journal = text(&[
+        &format!(
+            "{{\"seq\":1,\"name\":\"1765000000123456_t-1.json\",\"task\":{stored}}}\n{{\"seq\":2,\"name\":\"1765000000123457_t-2.json\",\"task\":{stored}}}\n{{\"synced\":1}}\n"
+        ),
+        &format!(
+            "{{\"seq\":7,\"name\":\"1765000000123459_t-9.json\",\"task\":{stored}}}\n{{\"seq\":8,\"na"
+        ),
+    ]);
+    vec![
+        ("zeromq_from_client", from_client),
+        ("broker_status", status),
+        ("broker_state", states),
+        ("task_file", files),
+        ("journal", journal),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -587,6 +958,11 @@ mod tests {
             "presence" => presence(data),
             "zeromq_from_broker" => zeromq_from_broker(data),
             "dashboard_parameters" => dashboard_parameters(data),
+            "zeromq_from_client" => zeromq_from_client(data),
+            "broker_status" => broker_status(data),
+            "broker_state" => broker_state(data),
+            "task_file" => task_file(data),
+            "journal" => journal(data),
             other => panic!("no target {other}"),
         }
     }
