@@ -92,7 +92,9 @@ for target in $TARGETS; do
     fi
     if [ "$MERGE" -eq 1 ]; then
         merged=$(mktemp -d)
-        "$BIN/$target" -merge=1 -max_len="$MAX_LEN" -rss_limit_mb="$RSS_LIMIT_MB" \
+        # A set cover of the edges (not of their hit counts): a few hundred inputs a target.
+        "$BIN/$target" -set_cover_merge=1 -use_counters=0 -max_len="$MAX_LEN" \
+            -rss_limit_mb="$RSS_LIMIT_MB" \
             -timeout="$TIMEOUT" "$merged" "$corpus" "$found" > "$log.merge" 2>&1
         rm -rf "$corpus" && mv "$merged" "$corpus" && rm -rf "$found"
     fi

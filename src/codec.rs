@@ -54,8 +54,8 @@ fn decode_bincode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize)> {
     }
     match bytes.len() {
         0..=1024 => limited::<T, { 64 << 10 }>(bytes),
-        ..=16384 => limited::<T, { 1 << 20 }>(bytes),
-        ..=262_144 => limited::<T, { 16 << 20 }>(bytes),
+        1025..=16384 => limited::<T, { 1 << 20 }>(bytes),
+        16385..=262_144 => limited::<T, { 16 << 20 }>(bytes),
         _ => limited::<T, BINCODE_LIMIT>(bytes),
     }
 }
