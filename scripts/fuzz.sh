@@ -81,6 +81,8 @@ for target in $TARGETS; do
         -artifact_prefix="$artifacts/" -print_final_stats=1 \
         "$found" "$corpus" >> "$log" 2>&1 || status=$?
     seconds=$(( $(date +%s) - start ))
+    # The journal target's scratch directory (it replays into real files).
+    rm -rf /dev/shm/kiwimq-fuzz-journal-* "${TMPDIR:-/tmp}"/kiwimq-fuzz-journal-*
     tried=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     speed=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
     crashes=$(find "$artifacts" -type f -newer "$stamp" | wc -l)
