@@ -41,6 +41,25 @@ pub enum Codec {
 #[cfg(feature = "bincode")]
 const BINCODE_LIMIT: usize = 128 << 20;
 
+/// Decodes bincode with a limit on what the message may claim that grows with its size: at
+/// least 64 times its bytes (no value a Rust peer sends takes that much more memory than
+/// wire), at most [`BINCODE_LIMIT`]. bincode allocates a string or a vector as long as its
+/// length prefix says before it reads it, so under one fixed limit a 10-byte message made
+/// the decoder take 128 MiB (found by fuzzing).
+#[cfg(feature = "bincode")]
+fn decode_bincode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize)> {
+    fn limited<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<(T, usize)> {
+        let config = bincode::config::standard().with_limit::<LIMIT>();
+        bincode::serde::decode_from_slice(bytes, config).map_err(Error::codec)
+    }
+    match bytes.len() {
+        0..=1024 => limited::<T, { 64 << 10 }>(bytes),
+        1025..=16384 => limited::<T, { 1 << 20 }>(bytes),
+        16385..=262_144 => limited::<T, { 16 << 20 }>(bytes),
+        _ => limited::<T, BINCODE_LIMIT>(bytes),
+    }
+}
+
 impl Codec {
     /// Every codec compiled into this build.
     pub const ALL: &'static [Codec] = &[
@@ -113,10 +132,8 @@ impl Codec {
             #[cfg(feature = "bincode")]
             Self::Bincode => {
                 // The limit makes a bogus length prefix an error instead of an allocation
-                // of that size (which aborts the process).
-                let config = bincode::config::standard().with_limit::<BINCODE_LIMIT>();
-                let (value, used) =
-                    bincode::serde::decode_from_slice(bytes, config).map_err(Error::codec)?;
+                // of that size.
+                let (value, used) = decode_bincode(bytes)?;
                 no_trailing_bytes(bytes.len(), used)?;
                 Ok(value)
             }
@@ -503,6 +520,47 @@ mod tests {
                 .into_iter()
                 .collect::<BTreeMap<_, _>>(),
         );
+    }
+
+    /// Found by fuzzing (envelope_json): serde_json's default float parser read
+    /// `1.0000000000000001e45` one bit off, so what kiwimq read and wrote again read back
+    /// as another number.
+    #[test]
+    fn a_json_float_read_and_written_reads_back_the_same() {
+        for text in [
+            "1.0000000000000001e45",
+            "999999999999999999999999999999999999999999991",
+        ] {
+            let read: f64 = Codec::Json.decode(text.as_bytes()).unwrap();
+            let again: f64 = Codec::Json
+                .decode(&Codec::Json.encode(&read).unwrap())
+                .unwrap();
+            assert_eq!(read.to_bits(), again.to_bits(), "{text}");
+        }
+    }
+
+    /// Found by fuzzing (envelope_bincode): a string's length prefix of 100 MiB in a
+    /// message of a few bytes had bincode allocate the 100 MiB before it found the bytes
+    /// missing; now the claim is refused for what the message's size allows.
+    #[cfg(feature = "bincode")]
+    #[test]
+    fn a_bincode_length_prefix_claims_no_more_than_the_message_allows() {
+        // A varint of 100 MiB (0xfc: u32 follows), then three bytes of the string.
+        let mut bytes = vec![0xfc];
+        bytes.extend_from_slice(&(100u32 << 20).to_le_bytes());
+        bytes.extend_from_slice(b"abc");
+        let error = Codec::Bincode.decode::<String>(&bytes).unwrap_err();
+        assert!(error.to_string().contains("LimitExceeded"), "{error}");
+        // What a message of its size holds still decodes.
+        let long = "x".repeat(60_000);
+        let bytes = Codec::Bincode.encode(&vec![long.clone(); 4]).unwrap();
+        assert_eq!(
+            Codec::Bincode.decode::<Vec<String>>(&bytes).unwrap(),
+            vec![long; 4]
+        );
+        let many = vec![String::new(); 1000];
+        let bytes = Codec::Bincode.encode(&many).unwrap();
+        assert_eq!(Codec::Bincode.decode::<Vec<String>>(&bytes).unwrap(), many);
     }
 
     #[test]

@@ -96,6 +96,8 @@
 //! - `filter` — [`BroadcastFilter`]. `settings` — [`Settings`]. `error` — [`Error`].
 //! - `runtime` — a thread running an actix System: one for the actors, one for the
 //!   supervisor.
+//! - `fuzzing` (feature `fuzzing`, not an API) — the entry points of the fuzz targets in
+//!   `fuzz/`: each decoder of bytes from outside, with the properties it must keep.
 
 mod actors;
 mod amqp;
@@ -142,6 +144,9 @@ pub use transport::QueueStats;
 
 #[cfg(feature = "dashboard")]
 pub mod dashboard;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod presence;
 pub mod trace;

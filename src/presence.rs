@@ -715,6 +715,17 @@ mod tests {
     }
 
     #[test]
+    fn an_interval_too_large_for_a_duration_is_never_lost_and_never_a_panic() {
+        // Found by fuzzing the presence decoder: `from_secs_f64` panicked on 1e300.
+        let heard = Instant::now();
+        for interval in [1e300, f64::INFINITY, f64::MAX] {
+            let mut presence = announcement("a");
+            presence.interval_secs = interval;
+            assert!(!presence.is_lost(heard, heard + Duration::from_secs(3600)));
+        }
+    }
+
+    #[test]
     fn a_roster_forgets_a_member_silent_longer_than_it_keeps_them() {
         let mut roster = Roster::default();
         let heard = Instant::now();

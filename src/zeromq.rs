@@ -20,12 +20,14 @@
 
 pub(crate) mod broker;
 mod client;
-mod dispatch;
+pub(crate) mod dispatch;
 mod journal;
-mod protocol;
-mod rpc_router;
-mod service;
-mod state;
-mod store;
+pub(crate) mod protocol;
+pub(crate) mod rpc_router;
+pub(crate) mod service;
+pub(crate) mod state;
+pub(crate) mod store;
 
 pub(crate) use client::ZmqTransport;
+#[cfg(feature = "fuzzing")]
+pub(crate) use journal::replay as replay_journal;

@@ -177,7 +177,8 @@ impl Dispatcher {
             return None;
         }
         let delivery = self.next_delivery;
-        self.next_delivery += 1;
+        // A state file's number can be the largest (a crash's garbage): no overflow.
+        self.next_delivery = self.next_delivery.saturating_add(1);
         self.insert(
             task_id.to_owned(),
             Assignment {
@@ -357,6 +358,25 @@ mod tests {
 
     fn id(name: &str) -> ClientId {
         name.as_bytes().to_vec()
+    }
+
+    /// Found writing the broker-state fuzz target: a delivery number of u64::MAX in
+    /// broker-state.json (a crash's garbage) overflowed the next hand-over's number.
+    #[test]
+    fn a_restored_delivery_number_of_the_largest_does_not_overflow() {
+        for (floor, restored) in [(u64::MAX, 1), (0, u64::MAX)] {
+            let mut dispatcher = Dispatcher::new(floor);
+            let worker = id("w");
+            let assignment = Assignment {
+                holder: worker.clone(),
+                delivery: restored,
+                restored: true,
+                lease: None,
+            };
+            assert!(dispatcher.restore("old".into(), assignment));
+            dispatcher.subscribe("tasks".into(), &worker, None);
+            assert_eq!(dispatcher.assign("new", &worker), Some(u64::MAX));
+        }
     }
 
     fn subscribed(limit: Option<u32>) -> (Dispatcher, ClientId) {

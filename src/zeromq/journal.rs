@@ -28,7 +28,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::store::{Spares, StoredTask, sync_dir, task_id, usable_task_id};
+use super::store::{Spares, StoredTask, is_task_file_name, sync_dir};
 
 /// Called when the materializer has marked more tasks: the broker's loop can dispatch them.
 pub(crate) type Wake = Box<dyn Fn() + Send>;
@@ -544,7 +544,9 @@ pub(crate) fn replay(path: &Path, pending_dir: &Path) -> io::Result<usize> {
     }
     let mut restored = 0;
     for (seq, name, task) in tasks.into_iter().filter(|(seq, ..)| *seq > marked) {
-        if !task_id(&name).is_some_and(usable_task_id) {
+        // The name is joined to pending/: `../x_1.json` or `/tmp/x_1.json` would write
+        // elsewhere (found writing the journal's fuzz target).
+        if !is_task_file_name(&name) {
             tracing::warn!(%name, "a journaled task with an unusable name was skipped");
             continue;
         }
@@ -736,6 +738,27 @@ mod tests {
             !pending.join("12_c.json").exists(),
             "never synced, never confirmed"
         );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Found writing the journal's fuzz target: a line's name is joined to pending/, and only
+    /// its id was checked, so `../x_1.json` wrote a task file beside pending/.
+    #[test]
+    fn a_journaled_name_that_leaves_pending_is_skipped() {
+        let (journal, pending, dir) = scratch();
+        let outside = pending.parent().unwrap().join("x_1.json");
+        let inside = format!(
+            "{}\n{}\n",
+            line(1, "../x_1.json", 7),
+            line(2, "9_t-2.json", 7)
+        );
+        fs::write(&journal, inside).unwrap();
+        assert_eq!(replay(&journal, &pending).unwrap(), 1);
+        assert!(
+            !outside.exists(),
+            "a task file was written outside pending/"
+        );
+        assert!(pending.join("9_t-2.json").exists());
         fs::remove_dir_all(dir).unwrap();
     }
 

@@ -298,7 +298,8 @@ pub(crate) fn hex(identity: &[u8]) -> String {
 
 /// The identity a hex text names; `None` for text that is not hex.
 pub(crate) fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
+    // `from_str_radix` takes a sign: "+f" would read as 0x0f (found by fuzzing).
+    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..text.len())
@@ -320,6 +321,15 @@ mod tests {
         assert_eq!(unhex("abc"), None);
         assert_eq!(unhex("zz"), None);
         assert_eq!(unhex("é1"), None);
+    }
+
+    /// Found by fuzzing (broker_state): "+1" read as the identity 0x01, which writes back
+    /// as "01", so two texts named one client.
+    #[test]
+    fn a_sign_is_not_hex() {
+        assert_eq!(unhex("+1"), None);
+        assert_eq!(unhex("23656e74+d31"), None);
+        assert_eq!(unhex("2B"), Some(vec![0x2b]));
     }
 
     #[test]

@@ -222,8 +222,18 @@ pub(crate) fn usable_task_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Whether `name` is a task file's name as the store makes them, `{time_us}_{task_id}.json`
+/// with a usable id: nothing that names a file outside its directory.
+pub(crate) fn is_task_file_name(name: &str) -> bool {
+    name.strip_suffix(".json")
+        .and_then(|stem| stem.split_once('_'))
+        .is_some_and(|(time, id)| {
+            !time.is_empty() && time.bytes().all(|b| b.is_ascii_digit()) && usable_task_id(id)
+        })
+}
+
 /// The task id a file's name carries: `{time_us}_{task_id}.json`.
-pub(super) fn task_id(name: &str) -> Option<&str> {
+pub(crate) fn task_id(name: &str) -> Option<&str> {
     name.strip_suffix(".json")?
         .split_once('_')
         .map(|(_, id)| id)
