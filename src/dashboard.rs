@@ -669,7 +669,9 @@ impl Board {
             round_trip_ms: round_trip,
             workers: live.len(),
         });
-        let kept = (HISTORY.as_secs_f64() / self.options.sample_every.as_secs_f64()) as usize;
+        // The field is public: the floor `with_sample_every` keeps holds here too.
+        let every = self.options.sample_every.max(Duration::from_millis(100));
+        let kept = (HISTORY.as_secs_f64() / every.as_secs_f64()) as usize;
         while state.series.len() > kept.max(1) {
             state.series.pop_front();
         }

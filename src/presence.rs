@@ -14,7 +14,7 @@
 //!
 //! Anyone who may publish on the broker can announce anything, so a watcher checks what it
 //! hears ([`Presence::from_json`]): an announcement over 256 KiB, undecodable, or with a
-//! number out of range (an interval that is not a finite number from 0 to a day, an age or
+//! number out of range (an interval that is not a finite number from 0 to four minutes, an age or
 //! an uptime negative or absurd, progress outside 0 to 1, a queue name AMQP would refuse)
 //! is refused alone, logged and counted (`kiwimq_presence_refused_total`); counts are
 //! added up saturating. A [`Roster`] is bounded in members and bytes.
@@ -145,10 +145,12 @@ impl Presence {
     /// The longest announcement a watcher accepts, in bytes of JSON.
     pub const MAX_BYTES: usize = 256 * 1024;
 
-    /// The longest interval a watcher accepts, in seconds (a day): a communicator announces
-    /// itself at least this often ([`Settings::with_presence_interval`](crate::Settings::with_presence_interval)
-    /// caps its interval so).
-    pub const MAX_INTERVAL_SECS: f64 = 86_400.0;
+    /// The longest interval a watcher accepts, in seconds (four minutes: three of them, when
+    /// a silent member is taken for lost, fit in the 15 minutes a roster keeps it): a
+    /// communicator announces itself at least this often
+    /// ([`Settings::with_presence_interval`](crate::Settings::with_presence_interval) caps
+    /// its interval so).
+    pub const MAX_INTERVAL_SECS: f64 = 240.0;
 
     /// The longest uptime or task age a watcher accepts, in seconds (about 317 years).
     pub const MAX_AGE_SECS: f64 = 1e10;
@@ -349,7 +351,8 @@ impl Roster {
     /// from longest ago while it holds more than its bounds.
     pub fn heard(&mut self, presence: Presence, now: Instant) -> Result<(), InvalidPresence> {
         presence.check()?;
-        let bytes = presence.footprint();
+        // Its id is held twice more, as the members' key and in the order of hearing.
+        let bytes = presence.footprint() + 2 * presence.id.len();
         if let Some(before) = self.members.remove(&presence.id) {
             self.order.remove(&(before.at, before.place));
             self.bytes -= before.bytes;
@@ -712,6 +715,22 @@ mod tests {
             pending_results: 0,
             closing: false,
         }
+    }
+
+    #[test]
+    fn a_member_announcing_at_the_longest_interval_is_lost_before_it_is_forgotten() {
+        // Three intervals (lost) fit in what a roster keeps of a silent member: a live one
+        // never vanishes between two announcements, a dead one shows as lost first.
+        assert!(3.0 * Presence::MAX_INTERVAL_SECS < Roster::KEPT.as_secs_f64());
+        let mut roster = Roster::default();
+        let heard = Instant::now();
+        let mut presence = announcement("slow");
+        presence.interval_secs = Presence::MAX_INTERVAL_SECS;
+        roster.heard(presence, heard).unwrap();
+        let later = heard + Duration::from_secs_f64(Presence::MAX_INTERVAL_SECS * 3.5);
+        let members = roster.members(later);
+        assert_eq!(members.len(), 1, "forgotten before it was lost");
+        assert_eq!(members[0].standing, Standing::Lost);
     }
 
     #[test]

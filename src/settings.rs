@@ -10,9 +10,11 @@ pub(crate) use tls::TlsOptions;
 
 use crate::Codec;
 
-/// The longest presence interval: watchers refuse an announcement of a longer one (a day,
-/// as `Presence::MAX_INTERVAL_SECS` says; a test in `presence` holds the two together).
-pub(crate) const LONGEST_PRESENCE_INTERVAL: Duration = Duration::from_secs(86_400);
+/// The longest presence interval: watchers refuse an announcement of a longer one (four
+/// minutes, as `Presence::MAX_INTERVAL_SECS` says; a test in `presence` holds the two
+/// together). Three intervals — when a watcher takes a silent member for lost — fit in the
+/// 15 minutes a roster keeps a member it no longer hears.
+pub(crate) const LONGEST_PRESENCE_INTERVAL: Duration = Duration::from_secs(240);
 
 /// Connection settings: `Settings::new(uri)`, then `with_*` methods, then
 /// [`connect`](Settings::connect).
@@ -438,7 +440,8 @@ impl Settings {
     /// How often the communicator announces itself on kiwimq's presence exchange (see
     /// [`crate::presence`]): every 5 s by default; `None` turns presence off. A watcher
     /// takes a communicator silent for three intervals for lost. On ZeroMQ only through
-    /// kiwimq's broker. At most a day (longer is a day): watchers refuse a longer one.
+    /// kiwimq's broker. At most four minutes (longer is four minutes): watchers refuse a
+    /// longer one, and a roster keeps a silent member 15 minutes, three intervals.
     pub fn with_presence_interval(mut self, interval: Option<Duration>) -> Self {
         self.presence_interval = interval
             .filter(|interval| !interval.is_zero())

@@ -576,3 +576,21 @@ async fn a_result_from_a_client_the_task_was_not_handed_to_is_refused() {
     let answer = sender.next_of("task_response", TEN).expect("the result");
     assert_eq!(answer["result"], "real", "{answer}");
 }
+
+/// However its service directory is spelled (`svc`, `svc/./`, through a symlink), a broker
+/// serves one socket at one path.
+#[test]
+fn one_service_directory_however_spelled_has_one_socket() {
+    let dir = scratch("kiwimq-spelled");
+    let link = dir.with_extension("link");
+    std::os::unix::fs::symlink(&dir, &link).unwrap();
+    let mut sockets = Vec::new();
+    for spelled in [dir.clone(), dir.join("."), link.clone()] {
+        let broker = kiwimq::broker::Broker::new(&spelled).start().unwrap();
+        sockets.push(broker.socket_uri());
+        broker.stop().unwrap();
+    }
+    assert!(sockets.iter().all(|s| *s == sockets[0]), "{sockets:?}");
+    let _ = std::fs::remove_file(link);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -14,6 +14,31 @@ use crate::error::{ErrorKind, Result};
 use crate::presence::{Presence, QueuePresence, now_ms};
 use crate::transport::{Outgoing, Route, Source};
 
+/// The most tasks in flight an announcement lists, and the longest note it carries of one:
+/// so that an announcement stays well within what a watcher takes
+/// ([`Presence::MAX_BYTES`]), however many tasks run and however long their notes.
+const ANNOUNCED_IN_FLIGHT: usize = 200;
+const ANNOUNCED_NOTE_BYTES: usize = 200;
+
+fn announced_in_flight(
+    mut in_flight: Vec<crate::presence::InFlightTask>,
+) -> Vec<crate::presence::InFlightTask> {
+    in_flight.truncate(ANNOUNCED_IN_FLIGHT);
+    for task in &mut in_flight {
+        if let Some(note) = task.note.as_mut()
+            && note.len() > ANNOUNCED_NOTE_BYTES
+        {
+            let mut end = ANNOUNCED_NOTE_BYTES;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+            note.push('…');
+        }
+    }
+    in_flight
+}
+
 impl Core {
     /// This communicator's announcement now, from what it can tell at once: its queues and
     /// identifiers only with `tree` (asked of the actor tree).
@@ -58,7 +83,7 @@ impl Core {
             task_queues,
             rpc_identifiers: tree.rpc_identifiers,
             broadcast_filters: activity.filters(),
-            in_flight: activity.in_flight(now),
+            in_flight: announced_in_flight(activity.in_flight(now)),
             counts: activity.total(),
             restarts: self.incidents.restarts(),
             subscribers_lost: self.incidents.losses(),
@@ -253,5 +278,33 @@ impl Drop for CancelOnDrop {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_announcement_lists_a_bounded_number_of_tasks_with_short_notes() {
+        let task = |n: usize| crate::presence::InFlightTask {
+            queue: "q".repeat(255),
+            correlation_id: Some(format!("{n:036}")),
+            age_secs: 1.0,
+            progress: Some(0.5),
+            note: Some("é".repeat(100_000)),
+        };
+        let listed = announced_in_flight((0..5_000).map(task).collect());
+        assert_eq!(listed.len(), ANNOUNCED_IN_FLIGHT);
+        assert!(
+            listed
+                .iter()
+                .all(|t| t.note.as_ref().unwrap().len() <= ANNOUNCED_NOTE_BYTES + 3)
+        );
+        let bytes = serde_json::to_vec(&listed).unwrap().len();
+        assert!(
+            bytes < crate::presence::Presence::MAX_BYTES / 2,
+            "{bytes} bytes of tasks in flight"
+        );
     }
 }

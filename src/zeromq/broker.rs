@@ -374,8 +374,14 @@ impl Server {
         wake: Wake,
         stop: Arc<AtomicBool>,
     ) -> Result<Self> {
-        let dir = &options.service_dir;
-        std::fs::create_dir_all(dir).map_err(|e| io_error("the service directory", e))?;
+        std::fs::create_dir_all(&options.service_dir)
+            .map_err(|e| io_error("the service directory", e))?;
+        // One spelling of it (`svc`, `./svc/`, a symlink), so the socket's path derived from
+        // it is the same at every start however it was named.
+        let dir = &options
+            .service_dir
+            .canonicalize()
+            .map_err(|e| io_error("the service directory", e))?;
         // Before anything of the directory is read: a second broker stops here.
         let lock = ServiceLock::take(dir)?;
         let files = ServiceFiles::new(dir);

@@ -52,6 +52,10 @@ const SETTLE_MEMORY: Duration = Duration::from_secs(10);
 /// At most this many recent settles are remembered.
 const SETTLES_KEPT: usize = 100_000;
 
+/// How old a `broker.status` may be (its broker rewrites it every 5 s) before its counts
+/// are taken for a dead broker's.
+const STATUS_STALE: Duration = Duration::from_secs(15);
+
 /// The longest `close` waits for the unsubscriptions to leave.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
@@ -607,6 +611,15 @@ impl Drop for ZmqTransport {
 /// `pending_tasks`, `processing_tasks` and `task_subscribers`), at most 5 s old.
 fn status_counts(dir: &Path) -> Result<QueueStats> {
     let status = ServiceStatus::read(dir)?;
+    // Rewritten every 5 s by a broker that runs: an older one is a dead broker's.
+    let age = status.timestamp.map(|at| super::service::unix_now() - at);
+    if !status.running || age.is_some_and(|age| age > STATUS_STALE.as_secs_f64()) {
+        return Err(Error::connection(format!(
+            "{}: {} s old: the broker is not running (or is stalled)",
+            dir.join("broker.status").display(),
+            age.map_or_else(|| "?".to_owned(), |age| format!("{age:.0}"))
+        )));
+    }
     let count = |value: Option<u64>, field: &str| {
         value
             .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
@@ -1515,4 +1528,31 @@ fn presence_refused() -> Error {
 /// connection is.
 fn is_kiwimq_broker(dir: &Path) -> bool {
     ServiceStatus::read(dir).is_ok_and(|status| status.is_kiwimq())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_brokers_status_gives_no_counts() {
+        let dir = std::env::temp_dir().join(format!("kiwimq-status-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |age: f64, running: bool| {
+            let status = serde_json::json!({"running": running, "pending_tasks": 4,
+                "processing_tasks": 1, "task_subscribers": 2,
+                "timestamp": super::super::service::unix_now() - age});
+            std::fs::write(dir.join("broker.status"), status.to_string()).unwrap();
+        };
+        write(1.0, true);
+        let stats = status_counts(&dir).unwrap();
+        assert_eq!((stats.ready, stats.consumers), (4, 2));
+        // A broker killed 40 s ago left its last status behind.
+        write(40.0, true);
+        let stale = status_counts(&dir).unwrap_err().to_string();
+        assert!(stale.contains("not running"), "{stale}");
+        write(1.0, false);
+        assert!(status_counts(&dir).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
