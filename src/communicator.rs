@@ -30,6 +30,7 @@ use crate::tree::{BroadcastHubChild, Inspect, Root, TaskConsumerChild};
 use crate::{Codec, mem};
 
 mod broadcasts;
+mod presence;
 mod rpc;
 mod tasks;
 
@@ -231,7 +232,7 @@ impl Communicator {
             let weak = Arc::downgrade(&inner);
             inner
                 .runtime
-                .spawn(crate::presence::announce_while_open(weak, interval));
+                .spawn(presence::announce_while_open(weak, interval));
         }
         Ok(Self { inner })
     }

@@ -21,10 +21,42 @@
 //!
 //! Safe by default: the page and its assets are built into the binary (no CDN, works
 //! offline); `kiwimq dashboard` binds to 127.0.0.1 and refuses another address without a
-//! token ([`DashboardOptions::token`]: then every request carries `Authorization: Bearer
-//! TOKEN` or `?token=TOKEN`); actions (purge, requeue dead letters) are POSTs that carry the
-//! page's CSRF token in `X-CSRF-Token`; the broker URI is shown with its password hidden;
-//! bad input to the API gets a 4xx with a message (JSON `{"error": …}`).
+//! token ([`DashboardOptions::token`]), before it connects ([`check_serving`]); the broker
+//! URI is shown with its password hidden; bad input to the API gets a 4xx with a message
+//! (JSON `{"error": …}`).
+//!
+//! - **The token.** With one, every request but the page's script and style sheet (nothing
+//!   secret: the same in every kiwimq) carries it: `Authorization: Bearer TOKEN`,
+//!   `?token=TOKEN`, or the cookie a browser gets by opening the page once as
+//!   `/?token=TOKEN` — which then sends it on to `/`, so the token leaves the address bar
+//!   and the history, and the page's own requests (its event stream cannot carry a header)
+//!   never put it in an address a log or a proxy keeps. The cookie is `HttpOnly` and
+//!   `SameSite=Strict`, for the session. Without the token the page says so, in words.
+//! - **DNS rebinding.** On a loopback address, a request whose `Host` is not `localhost`,
+//!   127.0.0.0/8 or `[::1]` (any port) gets 421: another site's page whose name was
+//!   rebound to 127.0.0.1 cannot read the page (nor its CSRF token). A proxy in front must
+//!   pass a loopback `Host` (nginx's default does).
+//! - **Actions** (purge, requeue dead letters) are POSTs that carry the page's CSRF token
+//!   in `X-CSRF-Token`, and whose `Origin` (else `Referer`) is the page's own; one with
+//!   neither (`curl`, not a browser) needs the CSRF token alone.
+//!
+//! # Bounds
+//!
+//! Everything the dashboard keeps is bounded in count and in bytes, whatever the fleet —
+//! or anyone who may publish on its broker — sends it; past a bound the oldest goes first.
+//! [`Dashboard::footprint`] tells what it holds.
+//!
+//! | what | count | bytes |
+//! |---|---|---|
+//! | workers (the presence [`Roster`]) | [`Roster::MAX_MEMBERS`] (10,000), the longest silent forgotten first; lost and closed ones after 15 min | [`Roster::MAX_BYTES`] (32 MiB); an announcement is at most [`Presence::MAX_BYTES`](crate::presence::Presence::MAX_BYTES) (256 KiB) |
+//! | queues sampled | 200 (those of the options, the default one, then those of the workers heard most recently), besides those given in the options | a name is at most 255 bytes |
+//! | chart samples | 15 min over the sample interval (at most 9,000) | 40 bytes each |
+//! | AiiDA processes | 10,000, the longest silent forgotten first | pk and states cut at 500 bytes each |
+//! | broadcasts of the tail | [`DashboardOptions::broadcasts_kept`] (500) | subject and sender cut at 500 bytes, body at 2,000 |
+//!
+//! A flood of forged announcements with distinct ids (`tests/dashboard.rs` sends 100,000)
+//! thus pushes the real workers off the roster while it lasts; each is back at its next
+//! announcement.
 //!
 //! # The JSON API (under the prefix)
 //!
@@ -66,8 +98,9 @@ const STYLE: &str = include_str!("dashboard/page.css");
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct DashboardOptions {
-    /// A token every request must carry (`Authorization: Bearer TOKEN`, or `?token=TOKEN`,
-    /// which the page passes on); none: no authentication (for 127.0.0.1 only).
+    /// A token every request but the page's assets must carry (`Authorization: Bearer
+    /// TOKEN`, `?token=TOKEN`, or the cookie the page sets when opened as `?token=TOKEN`): 1
+    /// to 1,024 visible ASCII characters; none: no authentication (for 127.0.0.1 only).
     pub token: Option<String>,
     /// Task queues to show besides those the workers consume (and the default queue).
     pub queues: Vec<String>,
@@ -107,6 +140,20 @@ impl DashboardOptions {
         self
     }
 
+    /// Whether its token, if any, is one every way of giving it can carry: 1 to 1,024
+    /// visible ASCII characters (no space).
+    fn check_token(&self) -> Result<()> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        if token.is_empty() || token.len() > 1024 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::config(
+                "a dashboard token is 1 to 1,024 visible ASCII characters, without spaces",
+            ));
+        }
+        Ok(())
+    }
+
     /// Samples every `every` (at least 100 ms).
     #[must_use]
     pub fn with_sample_every(mut self, every: Duration) -> Self {
@@ -120,6 +167,17 @@ const HISTORY: Duration = Duration::from_secs(15 * 60);
 
 /// Processes kept: the longest silent ones go first (an AiiDA profile may run millions).
 const PROCESSES_KEPT: usize = 10_000;
+
+/// Queues sampled at most: those given in the options, the default queue, then those of the
+/// workers heard from most recently. Each costs two reads of the broker at every sample.
+const QUEUES_SAMPLED: usize = 200;
+
+/// The longest subject, sender, pk or state kept of a broadcast, in bytes (cut there, with
+/// `…`); a body is cut at [`BODY_KEPT`].
+const TEXT_KEPT: usize = 500;
+
+/// The longest broadcast body kept, in bytes of JSON (cut there, with `…`).
+const BODY_KEPT: usize = 2000;
 
 /// A running dashboard: watchers of a communicator's fleet, and the web service showing
 /// them ([`scope`](Self::scope)). Cloning is cheap; the watchers stop when the last clone is
@@ -183,16 +241,66 @@ impl Drop for Board {
     }
 }
 
+/// What the dashboard keeps, each part bounded in count and bytes (see the module docs).
 #[derive(Default)]
 struct State {
     roster: Roster,
     presence: Option<String>,
+    /// The queues of the last sample: at most [`QUEUES_SAMPLED`].
     queues: BTreeMap<String, QueueView>,
+    /// At most [`HISTORY`] over the sample interval.
     series: VecDeque<Sample>,
-    processes: BTreeMap<String, ProcessView>,
+    processes: Processes,
+    /// At most [`DashboardOptions::broadcasts_kept`], each cut to [`BODY_KEPT`] and
+    /// [`TEXT_KEPT`].
     broadcasts: VecDeque<BroadcastView>,
     /// The previous sample's totals, for rates.
     last: Option<Previous>,
+}
+
+/// AiiDA processes by pk, at most [`PROCESSES_KEPT`]: the one heard from longest ago goes
+/// first.
+#[derive(Default)]
+struct Processes {
+    by_pk: BTreeMap<String, (ProcessView, u64)>,
+    /// The pks by when they were last heard, oldest first.
+    order: BTreeMap<u64, String>,
+    next: u64,
+}
+
+impl Processes {
+    fn heard(&mut self, view: ProcessView) {
+        let place = self.next;
+        self.next += 1;
+        if let Some((_, before)) = self.by_pk.remove(&view.pk) {
+            self.order.remove(&before);
+        }
+        self.order.insert(place, view.pk.clone());
+        self.by_pk.insert(view.pk.clone(), (view, place));
+        while self.by_pk.len() > PROCESSES_KEPT {
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
+            self.by_pk.remove(&oldest);
+        }
+    }
+
+    fn views(&self) -> Vec<ProcessView> {
+        self.by_pk.values().map(|(view, _)| view.clone()).collect()
+    }
+}
+
+/// `text` cut to at most `max` bytes (at a character's boundary), marked with `…`.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut at = max;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.truncate(at);
+        text.push('…');
+    }
+    text
 }
 
 /// A sample's totals: when, tasks done, and per queue tasks done and held.
@@ -260,11 +368,11 @@ pub struct ProcessView {
 pub struct BroadcastView {
     /// When it was heard, in milliseconds since the Unix epoch.
     pub at_ms: u64,
-    /// Its subject.
+    /// Its subject (cut at 500 bytes).
     pub subject: Option<String>,
-    /// Its sender.
+    /// Its sender (cut at 500 bytes).
     pub sender: Option<String>,
-    /// Its body, as JSON text (cut at 2,000 characters).
+    /// Its body, as JSON text (cut at 2,000 bytes).
     pub body: String,
 }
 
@@ -303,6 +411,7 @@ impl Dashboard {
     /// broadcast subscriber to `comm`; both go when the last clone of the dashboard is
     /// dropped, or when this future is dropped before it resolves.
     pub async fn start(comm: &Communicator, options: DashboardOptions) -> Result<Dashboard> {
+        options.check_token()?;
         // Made first, so that whatever is registered below goes with it, even if this
         // future is dropped half way.
         let board = Arc::new(Board {
@@ -330,7 +439,11 @@ impl Dashboard {
                 let weak = Arc::downgrade(&board);
                 Some(tokio::spawn(stream.for_each(move |presence| {
                     if let Some(board) = weak.upgrade() {
-                        lock(&board.state).roster.heard(presence, Instant::now());
+                        let heard = lock(&board.state).roster.heard(presence, Instant::now());
+                        if let Err(refusal) = heard {
+                            crate::metrics::presence_refused(refusal.reason());
+                            tracing::warn!(%refusal, "a presence announcement refused");
+                        }
                     }
                     futures::future::ready(())
                 })))
@@ -389,46 +502,61 @@ impl Dashboard {
     pub fn overview(&self) -> Overview {
         self.board.overview()
     }
+
+    /// What the dashboard holds now, to check against its bounds.
+    pub fn footprint(&self) -> Footprint {
+        let state = lock(&self.board.state);
+        Footprint {
+            workers: state.roster.len(),
+            worker_bytes: state.roster.bytes(),
+            queues: state.queues.len(),
+            samples: state.series.len(),
+            processes: state.processes.by_pk.len(),
+            broadcasts: state.broadcasts.len(),
+        }
+    }
+}
+
+/// What a [`Dashboard`] holds, each part with its bound (the module docs list them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Footprint {
+    /// Workers on the roster: at most [`Roster::MAX_MEMBERS`].
+    pub workers: usize,
+    /// Bytes of their announcements: at most [`Roster::MAX_BYTES`].
+    pub worker_bytes: usize,
+    /// Queues sampled: at most 200, besides those given in the options.
+    pub queues: usize,
+    /// Samples of the charts: at most 15 minutes over the sample interval.
+    pub samples: usize,
+    /// AiiDA processes: at most 10,000.
+    pub processes: usize,
+    /// Broadcasts of the tail: at most [`DashboardOptions::broadcasts_kept`].
+    pub broadcasts: usize,
 }
 
 impl Board {
     fn heard(&self, broadcast: Broadcast<serde_json::Value>) {
         let at_ms = now_ms();
-        let subject = broadcast.subject_text().map(|s| s.into_owned());
-        let sender = broadcast.sender_text().map(|s| s.into_owned());
+        let subject = broadcast
+            .subject_text()
+            .map(|s| cut(s.into_owned(), TEXT_KEPT));
+        let sender = broadcast
+            .sender_text()
+            .map(|s| cut(s.into_owned(), TEXT_KEPT));
         let mut state = lock(&self.state);
         if let (Some(subject), Some(pk)) = (&subject, &sender)
             && let Some(change) = subject.strip_prefix("state_changed.")
         {
             let (previous, state_now) = change.split_once('.').unwrap_or(("", change));
-            state.processes.insert(
-                pk.clone(),
-                ProcessView {
-                    pk: pk.clone(),
-                    state: state_now.to_owned(),
-                    previous: previous.to_owned(),
-                    at_ms,
-                },
-            );
-            if state.processes.len() > PROCESSES_KEPT
-                && let Some(oldest) = state
-                    .processes
-                    .values()
-                    .min_by_key(|p| p.at_ms)
-                    .map(|p| p.pk.clone())
-            {
-                state.processes.remove(&oldest);
-            }
+            state.processes.heard(ProcessView {
+                pk: pk.clone(),
+                state: state_now.to_owned(),
+                previous: previous.to_owned(),
+                at_ms,
+            });
         }
-        let mut body = broadcast.body.to_string();
-        if body.len() > 2000 {
-            let mut cut = 2000;
-            while !body.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            body.truncate(cut);
-            body.push('…');
-        }
+        let body = cut(broadcast.body.to_string(), BODY_KEPT);
         state.broadcasts.push_front(BroadcastView {
             at_ms,
             subject,
@@ -436,6 +564,25 @@ impl Board {
             body,
         });
         state.broadcasts.truncate(self.options.broadcasts_kept);
+    }
+
+    /// The queues to sample: those of the options, the default one, then those of the
+    /// members heard from most recently, [`QUEUES_SAMPLED`] at most.
+    fn queues_to_sample(&self, members: &[Member]) -> BTreeSet<String> {
+        let mut names: BTreeSet<String> = self.options.queues.iter().cloned().collect();
+        names.insert(self.comm.settings().task_queue().to_owned());
+        let mut recent: Vec<&Member> = members.iter().collect();
+        recent.sort_by(|a, b| a.silent_secs.total_cmp(&b.silent_secs));
+        let announced = recent
+            .into_iter()
+            .flat_map(|member| &member.presence.task_queues);
+        for queue in announced {
+            if names.len() >= QUEUES_SAMPLED.max(self.options.queues.len() + 1) {
+                break;
+            }
+            names.insert(queue.name.clone());
+        }
+        names
     }
 
     /// Reads the queues and the round trip, and publishes the overview.
@@ -450,27 +597,25 @@ impl Board {
             Err(_) => None,
         };
         let now = Instant::now();
-        let (members, mut names) = {
-            let mut state = lock(&self.state);
-            let members = state.roster.members(now);
-            let names: BTreeSet<String> = state.queues.keys().cloned().collect();
-            (members, names)
-        };
-        names.extend(self.options.queues.iter().cloned());
-        names.insert(self.comm.settings().task_queue().to_owned());
+        let members = lock(&self.state).roster.members(now);
+        let names = self.queues_to_sample(&members);
         let live: Vec<&Member> = members
             .iter()
             .filter(|m| m.standing == Standing::Live)
             .collect();
         // Done and running per queue, over the live workers and those just lost.
         let mut per_queue: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        // Saturating: the counts come from the network.
         for member in &members {
             for queue in &member.presence.task_queues {
-                names.insert(queue.name.clone());
+                if !names.contains(&queue.name) {
+                    continue;
+                }
                 let entry = per_queue.entry(queue.name.clone()).or_default();
-                entry.0 += queue.counts.total();
+                entry.0 = entry.0.saturating_add(queue.counts.total());
                 if member.standing == Standing::Live {
-                    entry.1 += queue.running as u64;
+                    let running = u64::try_from(queue.running).unwrap_or(u64::MAX);
+                    entry.1 = entry.1.saturating_add(running);
                 }
             }
         }
@@ -481,7 +626,9 @@ impl Board {
                     .await,
             );
         }
-        let done: u64 = per_queue.values().map(|q| q.0).sum();
+        let done = per_queue
+            .values()
+            .fold(0u64, |done, q| done.saturating_add(q.0));
         let mut state = lock(&self.state);
         let mut tasks_per_sec = 0.0;
         if let Some(previous) = &state.last {
@@ -496,7 +643,7 @@ impl Board {
                     continue;
                 };
                 let out = done_now.saturating_sub(*done_before) as f64;
-                let held = u64::from(view.ready.unwrap_or(0)) + view.in_flight;
+                let held = u64::from(view.ready.unwrap_or(0)).saturating_add(view.in_flight);
                 let grew = held as f64 - *held_before as f64;
                 view.rate_out = out / seconds;
                 view.rate_in = ((out + grew) / seconds).max(0.0);
@@ -506,7 +653,7 @@ impl Board {
             .iter()
             .map(|view| {
                 let done = per_queue.get(&view.name).map_or(0, |q| q.0);
-                let held = u64::from(view.ready.unwrap_or(0)) + view.in_flight;
+                let held = u64::from(view.ready.unwrap_or(0)).saturating_add(view.in_flight);
                 (view.name.clone(), (done, held))
             })
             .collect();
@@ -562,7 +709,7 @@ impl Board {
             workers,
             queues: state.queues.values().cloned().collect(),
             series: state.series.iter().copied().collect(),
-            processes: state.processes.values().cloned().collect(),
+            processes: state.processes.views(),
             broadcasts: state.broadcasts.iter().take(100).cloned().collect(),
             at_ms: now_ms(),
         }
@@ -597,26 +744,87 @@ fn error_response(error: &Error) -> HttpResponse {
     problem(status, error)
 }
 
-/// The request's token, checked: `None` if it may go on, else the refusal.
-fn refused(dashboard: &Dashboard, request: &HttpRequest) -> Option<HttpResponse> {
-    let expected = dashboard.board.options.token.as_deref()?;
+/// The cookie that holds the token in a browser: set by opening the page as `?token=…`, so
+/// that the page's own requests — its assets, its API calls and its event stream, which
+/// cannot carry a header — need no token in their addresses (where logs and proxies would
+/// keep it). `HttpOnly` (the page's script never reads it) and `SameSite=Strict` (another
+/// site's page cannot make the browser send it).
+const TOKEN_COOKIE: &str = "kiwimq-dashboard-token";
+
+/// The token a request carries: `Authorization: Bearer …`, else `?token=…`, else the cookie.
+fn given_token(request: &HttpRequest) -> Option<String> {
     let bearer = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let query = web::Query::<BTreeMap<String, String>>::from_query(request.query_string())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    bearer
+        .or_else(|| query_token(request))
+        .or_else(|| cookie_token(request))
+}
+
+fn query_token(request: &HttpRequest) -> Option<String> {
+    web::Query::<BTreeMap<String, String>>::from_query(request.query_string())
         .ok()
-        .and_then(|q| q.get("token").cloned());
-    let given = bearer.map(str::to_owned).or(query);
+        .and_then(|q| q.get("token").cloned())
+}
+
+/// The token in [`TOKEN_COOKIE`], which holds it in hexadecimal (any token is then a valid
+/// cookie value).
+fn cookie_token(request: &HttpRequest) -> Option<String> {
+    let cookies = request.headers().get_all(header::COOKIE);
+    let value = cookies
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == TOKEN_COOKIE)
+        .map(|(_, value)| value)?;
+    if value.len() % 2 != 0 || !value.is_ascii() {
+        return None;
+    }
+    let bytes = (0..value.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(&value[at..at + 2], 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
+}
+
+fn hex(text: &str) -> String {
+    text.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How a request's token compares with the dashboard's.
+#[derive(Debug, PartialEq, Eq)]
+enum Token {
+    /// No token needed, or the right one given.
+    Right,
+    Wrong,
+    Missing,
+}
+
+fn token(dashboard: &Dashboard, given: Option<&str>) -> Token {
+    let Some(expected) = dashboard.board.options.token.as_deref() else {
+        return Token::Right;
+    };
     match given {
-        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => None,
-        Some(_) => Some(problem(StatusCode::UNAUTHORIZED, "wrong token")),
-        None => Some(
+        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Token::Right,
+        Some(_) => Token::Wrong,
+        None => Token::Missing,
+    }
+}
+
+/// The request's token, checked: `None` if it may go on, else the refusal.
+fn refused(dashboard: &Dashboard, request: &HttpRequest) -> Option<HttpResponse> {
+    match token(dashboard, given_token(request).as_deref()) {
+        Token::Right => None,
+        Token::Wrong => Some(problem(StatusCode::UNAUTHORIZED, "wrong token")),
+        Token::Missing => Some(
             HttpResponse::Unauthorized()
                 .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
                 .json(serde_json::json!({
-                    "error": "this dashboard needs a token: ?token=… or Authorization: Bearer …"
+                    "error": "this dashboard needs a token: open its page as ?token=… once \
+                              (a cookie keeps it), or send Authorization: Bearer …"
                 })),
         ),
     }
@@ -626,9 +834,87 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// On a loopback address, refuses a request whose `Host` is not a loopback name or
+/// address: a page of another site whose name was rebound to 127.0.0.1 (DNS rebinding) is
+/// otherwise of the dashboard's own origin, and could read its CSRF token and act. A
+/// request without `Host` (HTTP/1.0, not a browser) passes.
+fn misdirected(request: &HttpRequest) -> Option<HttpResponse> {
+    if !request.app_config().local_addr().ip().is_loopback() {
+        return None;
+    }
+    let host = request.headers().get(header::HOST)?;
+    if host.to_str().is_ok_and(is_loopback_host) {
+        return None;
+    }
+    Some(problem(
+        StatusCode::MISDIRECTED_REQUEST,
+        format!(
+            "this dashboard listens on a loopback address and answers to localhost, \
+             127.0.0.1 or [::1] only, not to Host {host:?} (a guard against DNS rebinding; \
+             a proxy in front must pass a loopback Host)"
+        ),
+    ))
+}
+
+/// Whether a `Host` header names a loopback host: `localhost`, 127.0.0.0/8 or `[::1]`,
+/// with any port or none.
+fn is_loopback_host(host: &str) -> bool {
+    let is_port = |port: &str| !port.is_empty() && port.parse::<u16>().is_ok();
+    if let Some(rest) = host.strip_prefix('[') {
+        let Some((inside, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let port_ok = after.is_empty() || after.strip_prefix(':').is_some_and(is_port);
+        return port_ok
+            && inside
+                .parse::<std::net::Ipv6Addr>()
+                .is_ok_and(|ip| ip.is_loopback());
+    }
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if is_port(port) => name,
+        Some(_) => return false,
+        None => host,
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Refuses a POST whose `Origin` (or, without one, `Referer`) is not the page's own: the
+/// host the request was sent to. One with neither (not a browser: `curl`) passes; it still
+/// needs the CSRF token.
+fn cross_origin(request: &HttpRequest) -> Option<HttpResponse> {
+    let headers = request.headers();
+    let claimed = headers
+        .get(header::ORIGIN)
+        .or_else(|| headers.get(header::REFERER))?;
+    let info = request.connection_info();
+    let own = info.host();
+    let authority = claimed.to_str().ok().and_then(|url| {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))?;
+        rest.split(['/', '?', '#']).next()
+    });
+    if authority.is_some_and(|authority| authority.eq_ignore_ascii_case(own)) {
+        return None;
+    }
+    Some(problem(
+        StatusCode::FORBIDDEN,
+        format!(
+            "an action from another origin ({claimed:?}) is refused: only the dashboard's \
+             own page (http://{own}) may act"
+        ),
+    ))
+}
+
+/// Refuses, with its answer, what the request may not do: any request on a loopback
+/// address with another `Host`; without the token, anything but the assets.
 macro_rules! authorized {
     ($dashboard:expr, $request:expr) => {
-        if let Some(refusal) = refused(&$dashboard, &$request) {
+        if let Some(refusal) = misdirected(&$request).or_else(|| refused(&$dashboard, &$request)) {
             return refusal;
         }
     };
@@ -641,8 +927,27 @@ fn no_store(mut response: HttpResponse) -> HttpResponse {
     response
 }
 
+/// The page says why it shows nothing: shown instead of the dashboard without its token.
+const NEEDS_TOKEN: &str = r#"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>kiwimq dashboard: token needed</title>
+<link rel="stylesheet" href="{{base}}assets/page.css">
+</head>
+<body>
+<header><h1>kiwimq</h1></header>
+<main><p class="alert" id="needs-token">{{why}}</p></main>
+</body>
+</html>
+"#;
+
+/// The page, or why not: `?token=…` sets the cookie and sends the browser on to the page
+/// without the token in its address.
 async fn page(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
-    authorized!(dashboard, request);
+    if let Some(refusal) = misdirected(&request) {
+        return refusal;
+    }
     let path = request.path();
     // Relative links resolve under the prefix with or without its trailing slash.
     let base = if path.ends_with('/') {
@@ -650,6 +955,55 @@ async fn page(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResp
     } else {
         format!("{path}/")
     };
+    let needs_token = |why: &str| {
+        let html = NEEDS_TOKEN
+            .replace("{{base}}", &html_escape(&base))
+            .replace("{{why}}", &html_escape(why));
+        no_store(
+            HttpResponse::Unauthorized()
+                .content_type("text/html; charset=utf-8")
+                .insert_header((header::CONTENT_SECURITY_POLICY, PAGE_POLICY))
+                .body(html),
+        )
+    };
+    if let Some(given) = query_token(&request) {
+        if token(&dashboard, Some(&given)) != Token::Right {
+            return needs_token(
+                "The token in this address is not this dashboard's: open it again with the \
+                 token it was started with (kiwimq dashboard --token, or \
+                 KIWIMQ_DASHBOARD_TOKEN).",
+            );
+        }
+        let cookie = format!(
+            "{TOKEN_COOKIE}={}; Path={base}; HttpOnly; SameSite=Strict",
+            hex(&given)
+        );
+        return no_store(
+            HttpResponse::SeeOther()
+                .insert_header((header::LOCATION, base.as_str()))
+                .insert_header((header::SET_COOKIE, cookie))
+                .insert_header((header::REFERRER_POLICY, "no-referrer"))
+                .finish(),
+        );
+    }
+    let given = given_token(&request);
+    match token(&dashboard, given.as_deref()) {
+        Token::Right => {}
+        Token::Wrong => {
+            return needs_token(
+                "This browser holds a token that is not this dashboard's (was it restarted \
+                 with another?): open it again as ?token=… with the token it was started \
+                 with.",
+            );
+        }
+        Token::Missing => {
+            return needs_token(
+                "This dashboard needs its token: open it once as ?token=… with the token it \
+                 was started with (kiwimq dashboard --token, or KIWIMQ_DASHBOARD_TOKEN); this \
+                 browser then keeps it in a cookie until it closes.",
+            );
+        }
+    }
     let html = PAGE
         .replace("{{csrf}}", &dashboard.board.csrf)
         .replace("{{base}}", &html_escape(&base))
@@ -657,14 +1011,14 @@ async fn page(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResp
     no_store(
         HttpResponse::Ok()
             .content_type("text/html; charset=utf-8")
-            .insert_header((
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
-            ))
+            .insert_header((header::CONTENT_SECURITY_POLICY, PAGE_POLICY))
             .insert_header((header::X_FRAME_OPTIONS, "DENY"))
             .body(html),
     )
 }
+
+/// Scripts, styles and requests from the dashboard itself only; never in a frame.
+const PAGE_POLICY: &str = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'";
 
 fn html_escape(text: &str) -> String {
     text.replace('&', "&amp;")
@@ -673,15 +1027,22 @@ fn html_escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-async fn script(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
-    authorized!(dashboard, request);
+/// The script: no secret in it (it is the same in every kiwimq), so served without the
+/// token — the page that loads it sends no token with it.
+async fn script(request: HttpRequest) -> HttpResponse {
+    if let Some(refusal) = misdirected(&request) {
+        return refusal;
+    }
     HttpResponse::Ok()
         .content_type("text/javascript; charset=utf-8")
         .body(SCRIPT)
 }
 
-async fn style(dashboard: web::Data<Dashboard>, request: HttpRequest) -> HttpResponse {
-    authorized!(dashboard, request);
+/// The style sheet, served without the token, as the script.
+async fn style(request: HttpRequest) -> HttpResponse {
+    if let Some(refusal) = misdirected(&request) {
+        return refusal;
+    }
     HttpResponse::Ok()
         .content_type("text/css; charset=utf-8")
         .body(STYLE)
@@ -719,7 +1080,7 @@ async fn processes(dashboard: web::Data<Dashboard>, request: HttpRequest) -> Htt
 /// A queue name from a path: not empty, at most 255 bytes (AMQP's limit), no control
 /// characters.
 pub(crate) fn queue_name(name: &str) -> std::result::Result<&str, Box<HttpResponse>> {
-    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+    if !crate::presence::is_queue_name(name) {
         return Err(Box::new(problem(
             StatusCode::BAD_REQUEST,
             "a queue name is 1 to 255 bytes without control characters",
@@ -826,6 +1187,9 @@ async fn act(
     path: web::Path<(String, String)>,
 ) -> HttpResponse {
     authorized!(dashboard, request);
+    if let Some(refusal) = cross_origin(&request) {
+        return refusal;
+    }
     let csrf = request
         .headers()
         .get("x-csrf-token")
@@ -894,28 +1258,58 @@ async fn not_found(dashboard: web::Data<Dashboard>, request: HttpRequest) -> Htt
     )
 }
 
-/// Serves a dashboard of `comm` on `bind` under `prefix` until the process is told to stop
-/// (SIGINT or SIGTERM): what `kiwimq dashboard` runs. Refuses an address other than a
-/// loopback one without a token.
-pub async fn serve(
-    comm: &Communicator,
-    bind: std::net::SocketAddr,
-    prefix: &str,
-    options: DashboardOptions,
-) -> Result<()> {
+/// Whether a dashboard may be served on `bind` with `options`: its token, if any, is one a
+/// header and a cookie can carry ([`DashboardOptions::token`]), and an address other than a
+/// loopback one needs a token. `kiwimq dashboard` checks this before it connects.
+pub fn check_serving(bind: std::net::SocketAddr, options: &DashboardOptions) -> Result<()> {
+    options.check_token()?;
     if !bind.ip().is_loopback() && options.token.is_none() {
         return Err(Error::config(format!(
             "refusing to serve the dashboard on {bind} without a token: anyone who reaches it \
              could purge queues (give --token, or bind to 127.0.0.1)"
         )));
     }
+    Ok(())
+}
+
+/// Serves a dashboard of `comm` on `bind` under `prefix` until the process is told to stop
+/// (SIGINT or SIGTERM): what `kiwimq dashboard` runs. Refuses what [`check_serving`]
+/// refuses, and an address it cannot listen on, before it starts watching.
+pub async fn serve(
+    comm: &Communicator,
+    bind: std::net::SocketAddr,
+    prefix: &str,
+    options: DashboardOptions,
+) -> Result<()> {
+    check_serving(bind, &options)?;
+    serve_on(comm, listen(bind)?, prefix, options).await
+}
+
+/// A listening socket on `bind`, for [`serve_on`].
+pub fn listen(bind: std::net::SocketAddr) -> Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(bind)
+        .map_err(|e| Error::config(format!("cannot listen on {bind}: {e}")))
+}
+
+/// As [`serve`], on a socket already listening ([`listen`]): a program can then check its
+/// address before it connects to the broker, as `kiwimq dashboard` does.
+pub async fn serve_on(
+    comm: &Communicator,
+    listener: std::net::TcpListener,
+    prefix: &str,
+    options: DashboardOptions,
+) -> Result<()> {
+    let bind = listener
+        .local_addr()
+        .map_err(|e| Error::config(format!("a listening socket without an address: {e}")))?;
+    check_serving(bind, &options)?;
     let dashboard = Dashboard::start(comm, options).await?;
     let prefix = prefix.to_owned();
     let server =
         actix_web::HttpServer::new(move || actix_web::App::new().service(dashboard.scope(&prefix)))
             .workers(1)
             .disable_signals()
-            .bind(bind)
+            .listen(listener)
             .map_err(|e| Error::config(format!("cannot listen on {bind}: {e}")))?
             .run();
     let handle = server.handle();

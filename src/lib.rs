@@ -74,9 +74,11 @@
 //! - `tree` — the `Root` actor and how it starts its children.
 //! - `handlers` — the handler threads closure subscribers run on.
 //! - `fleet` — [`Fleet`], a worker process's main loop; `health` — [`Health`].
-//! - [`presence`] — each communicator's announcement of itself, and the roster a watcher
-//!   keeps; `dashboard` (feature `dashboard`) — the fleet's live web view and JSON API,
-//!   its page in `dashboard/`.
+//! - [`presence`] — the records of presence: each communicator's announcement of itself,
+//!   checked as a watcher hears it, and the bounded roster a watcher keeps (it imports
+//!   nothing of the crate); `communicator/presence` announces and watches them.
+//!   `dashboard` (feature `dashboard`) — the fleet's live web view and JSON API, its page
+//!   in `dashboard/`.
 //! - `actors/` — the consumer-side actors every backend shares: `TaskConsumer`,
 //!   `RpcEndpoint`, `BroadcastHub`, and the reply router.
 //! - `transport` — the seam to a backend: an AMQP-shaped interface over bytes.

@@ -17,6 +17,7 @@
 //! | `kiwimq_tasks_dead_lettered_total` | counter | tasks sent to the dead-letter queue |
 //! | `kiwimq_messages_undecodable_total` | counter | bodies no subscriber could decode |
 //! | `kiwimq_reconnects_total` | counter | connections restored after a loss |
+//! | `kiwimq_presence_refused_total` | counter | presence announcements a watcher refused, by `reason` (`too_large`, `undecodable`, `out_of_range`) |
 //! | `kiwimq_tasks_running` | gauge | tasks being handled now |
 //! | `kiwimq_results_pending` | gauge | task and RPC results awaited |
 //! | `kiwimq_subscribers` | gauge | subscribers, by `kind` |
@@ -46,6 +47,8 @@ pub const DEAD_LETTERED: &str = "kiwimq_tasks_dead_lettered_total";
 pub const UNDECODABLE: &str = "kiwimq_messages_undecodable_total";
 /// Connections restored after a loss.
 pub const RECONNECTS: &str = "kiwimq_reconnects_total";
+/// Presence announcements refused by a watcher, by `reason`.
+pub const PRESENCE_REFUSED: &str = "kiwimq_presence_refused_total";
 /// Tasks being handled now.
 pub const TASKS_RUNNING: &str = "kiwimq_tasks_running";
 /// Results awaited.
@@ -60,6 +63,12 @@ pub const ROUND_TRIP_SECONDS: &str = "kiwimq_round_trip_seconds";
 /// A task counter for `queue`.
 pub(crate) fn task(name: &'static str, queue: &Arc<str>) {
     ::metrics::counter!(name, "kind" => "task", "queue" => queue.clone()).increment(1);
+}
+
+/// Counts a presence announcement refused for `reason` (see
+/// [`InvalidPresence::reason`](crate::presence::InvalidPresence::reason)).
+pub(crate) fn presence_refused(reason: &'static str) {
+    ::metrics::counter!(PRESENCE_REFUSED, "reason" => reason).increment(1);
 }
 
 /// The metrics labelled by kind alone, registered once per process (at first use: the
@@ -255,8 +264,12 @@ const SECONDS_BUCKETS: &[f64] = &[
 /// gives the text to serve at `/metrics`.
 #[cfg(feature = "prometheus")]
 pub fn install_prometheus() -> crate::Result<metrics_exporter_prometheus::PrometheusHandle> {
-    use std::sync::OnceLock;
+    use std::sync::{Mutex, OnceLock};
     static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
+    // Held while installing: two first calls at once would otherwise both try, and the
+    // second fail, the process's recorder being set by the first.
+    static INSTALLING: Mutex<()> = Mutex::new(());
+    let _installing = INSTALLING.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
     }

@@ -1,6 +1,6 @@
 //! Presence: each communicator says, every few seconds, who it is and what it is doing —
 //! for a dashboard (`kiwimq dashboard`, the `dashboard` feature) or a script watching
-//! the fleet with [`Communicator::watch_presence`].
+//! the fleet with [`Communicator::watch_presence`](crate::Communicator::watch_presence).
 //!
 //! An announcement ([`Presence`], JSON) goes to an exchange of kiwimq's own beside the
 //! message exchange (`<message exchange>.kiwimq-presence` on RabbitMQ, a binding of its own
@@ -8,9 +8,16 @@
 //! carries the process (host, pid, program), kiwimq's version, the backend and node, the
 //! subscribers by kind, the tasks in flight with their age and the progress their handlers
 //! report ([`Task::report_progress`](crate::Task::report_progress)), the outcomes counted
-//! so far, restarts, health and uptime. [`close`](Communicator::close) sends a last word
+//! so far, restarts, health and uptime. [`close`](crate::Communicator::close) sends a last word
 //! (`closing: true`); a watcher that hears nothing from a communicator for three intervals
 //! takes it for lost ([`Presence::is_lost`]).
+//!
+//! Anyone who may publish on the broker can announce anything, so a watcher checks what it
+//! hears ([`Presence::from_json`]): an announcement over 256 KiB, undecodable, or with a
+//! number out of range (an interval that is not a finite number from 0 to a day, an age or
+//! an uptime negative or absurd, progress outside 0 to 1, a queue name AMQP would refuse)
+//! is refused alone, logged and counted (`kiwimq_presence_refused_total`); counts are
+//! added up saturating. A [`Roster`] is bounded in members and bytes.
 //!
 //! On by default, every 5 s: [`Settings::with_presence_interval`](crate::Settings::with_presence_interval)
 //! changes the interval or turns it off. On ZeroMQ, kiwimq's broker carries announcements in
@@ -23,13 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::StreamExt;
-use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
-
-use crate::communicator::{Communicator, Core};
-use crate::error::{ErrorKind, Result};
-use crate::transport::{Outgoing, Route, Source};
 
 /// One communicator's announcement of itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,10 +109,8 @@ pub struct TaskCounts {
 }
 
 impl TaskCounts {
-    /// Every outcome.
+    /// Every outcome (saturating: the counts come from the network).
     pub fn total(&self) -> u64 {
-        // Counts from an announcement are the sender's to choose: near u64::MAX, a sum
-        // saturates rather than overflow.
         self.handled
             .saturating_add(self.failed)
             .saturating_add(self.panicked)
@@ -119,10 +118,10 @@ impl TaskCounts {
     }
 
     fn add(&mut self, other: &TaskCounts) {
-        self.handled += other.handled;
-        self.failed += other.failed;
-        self.panicked += other.panicked;
-        self.rejected += other.rejected;
+        self.handled = self.handled.saturating_add(other.handled);
+        self.failed = self.failed.saturating_add(other.failed);
+        self.panicked = self.panicked.saturating_add(other.panicked);
+        self.rejected = self.rejected.saturating_add(other.rejected);
     }
 }
 
@@ -143,15 +142,138 @@ pub struct InFlightTask {
 }
 
 impl Presence {
+    /// The longest announcement a watcher accepts, in bytes of JSON.
+    pub const MAX_BYTES: usize = 256 * 1024;
+
+    /// The longest interval a watcher accepts, in seconds (a day): a communicator announces
+    /// itself at least this often ([`Settings::with_presence_interval`](crate::Settings::with_presence_interval)
+    /// caps its interval so).
+    pub const MAX_INTERVAL_SECS: f64 = 86_400.0;
+
+    /// The longest uptime or task age a watcher accepts, in seconds (about 317 years).
+    pub const MAX_AGE_SECS: f64 = 1e10;
+
+    /// The latest `sent_at_ms` a watcher accepts: 2^53, the largest integer a page's
+    /// JavaScript reads exactly (the year 287,396).
+    pub const MAX_SENT_AT_MS: u64 = 1 << 53;
+
+    /// An announcement from its JSON, checked ([`check`](Self::check)): what a watcher
+    /// accepts of the network. At most [`MAX_BYTES`](Self::MAX_BYTES) are read.
+    pub fn from_json(bytes: &[u8]) -> Result<Presence, InvalidPresence> {
+        if bytes.len() > Self::MAX_BYTES {
+            return Err(InvalidPresence::TooLarge(bytes.len()));
+        }
+        let presence: Presence = serde_json::from_slice(bytes)
+            .map_err(|error| InvalidPresence::Undecodable(error.to_string()))?;
+        presence.check()?;
+        Ok(presence)
+    }
+
+    /// Whether every number of the announcement is in its range — intervals, uptimes and
+    /// ages finite, not negative and at most their maximum, progress from 0 to 1, queue
+    /// names as AMQP allows them — so that arithmetic on it cannot overflow or panic.
+    pub fn check(&self) -> Result<(), InvalidPresence> {
+        let out_of_range = |what: &str, value: &dyn std::fmt::Display| {
+            Err(InvalidPresence::OutOfRange(format!("{what} {value}")))
+        };
+        let seconds = |value: f64, max: f64| value.is_finite() && (0.0..=max).contains(&value);
+        if !seconds(self.interval_secs, Self::MAX_INTERVAL_SECS) {
+            return out_of_range("interval_secs", &self.interval_secs);
+        }
+        if !seconds(self.uptime_secs, Self::MAX_AGE_SECS) {
+            return out_of_range("uptime_secs", &self.uptime_secs);
+        }
+        if self.sent_at_ms > Self::MAX_SENT_AT_MS {
+            return out_of_range("sent_at_ms", &self.sent_at_ms);
+        }
+        for task in &self.in_flight {
+            if !seconds(task.age_secs, Self::MAX_AGE_SECS) {
+                return out_of_range("in_flight.age_secs", &task.age_secs);
+            }
+            if let Some(progress) = task.progress
+                && !seconds(progress, 1.0)
+            {
+                return out_of_range("in_flight.progress", &progress);
+            }
+        }
+        if let Some(queue) = self.task_queues.iter().find(|q| !is_queue_name(&q.name)) {
+            return out_of_range("task_queues.name", &format!("{:?}", queue.name));
+        }
+        Ok(())
+    }
+
     /// Whether a communicator last heard from at `last_heard` is lost by `now`: nothing for
-    /// three of its intervals (and not closed, which it would have said).
+    /// three of its intervals (and not closed, which it would have said). Never panics,
+    /// whatever its interval: one that no `Duration` holds is never lost.
     pub fn is_lost(&self, last_heard: Instant, now: Instant) -> bool {
-        // The interval is the sender's to choose: one too large for a Duration (1e300, or
-        // infinite) is never lost, where `from_secs_f64` would panic (found by fuzzing).
-        let lost_after =
+        let silent_for =
             Duration::try_from_secs_f64(self.interval_secs.max(0.001) * LOST_AFTER_INTERVALS)
                 .unwrap_or(Duration::MAX);
-        !self.closing && now.saturating_duration_since(last_heard) > lost_after
+        !self.closing && now.saturating_duration_since(last_heard) > silent_for
+    }
+
+    /// About how many bytes of memory it holds: what a [`Roster`] counts against its bound.
+    pub fn footprint(&self) -> usize {
+        use std::mem::size_of;
+        let text = |s: &String| s.len();
+        size_of::<Presence>()
+            + text(&self.id)
+            + text(&self.host)
+            + text(&self.program)
+            + text(&self.version)
+            + text(&self.backend)
+            + text(&self.node)
+            + self
+                .task_queues
+                .iter()
+                .map(|q| size_of::<QueuePresence>() + q.name.len())
+                .sum::<usize>()
+            + self
+                .broadcast_filters
+                .iter()
+                .map(|f| size_of::<String>() + f.len())
+                .sum::<usize>()
+            + self
+                .in_flight
+                .iter()
+                .map(|t| {
+                    size_of::<InFlightTask>()
+                        + t.queue.len()
+                        + t.correlation_id.as_ref().map_or(0, String::len)
+                        + t.note.as_ref().map_or(0, String::len)
+                })
+                .sum::<usize>()
+    }
+}
+
+/// Whether `name` is a queue name as AMQP allows it: 1 to 255 bytes, no control characters.
+pub fn is_queue_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && !name.chars().any(char::is_control)
+}
+
+/// Why a watcher refused an announcement.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidPresence {
+    /// Longer than [`Presence::MAX_BYTES`] (its length).
+    #[error("an announcement of {0} bytes, more than {max}", max = Presence::MAX_BYTES)]
+    TooLarge(usize),
+    /// Not an announcement's JSON.
+    #[error("not an announcement: {0}")]
+    Undecodable(String),
+    /// A field out of its range (which, and its value).
+    #[error("an announcement with {0} out of range")]
+    OutOfRange(String),
+}
+
+impl InvalidPresence {
+    /// `too_large`, `undecodable` or `out_of_range`: the refusal's label in the metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            InvalidPresence::TooLarge(_) => "too_large",
+            InvalidPresence::Undecodable(_) => "undecodable",
+            InvalidPresence::OutOfRange(_) => "out_of_range",
+        }
     }
 }
 
@@ -173,10 +295,30 @@ pub enum Standing {
 
 /// The communicators a watcher heard from, with their standing: what a dashboard shows.
 /// Feed it each announcement with [`heard`](Self::heard); those lost or closed are kept
-/// for [`Roster::KEPT`], then forgotten.
+/// for [`Roster::KEPT`], then forgotten. Its members are keyed by an id each announcer
+/// chooses, so it is bounded: at most [`MAX_MEMBERS`](Self::MAX_MEMBERS) members and
+/// [`MAX_BYTES`](Self::MAX_BYTES) of announcements ([`Presence::footprint`]); past
+/// either, the member heard from longest ago is forgotten first. A flood of forged ids
+/// thus pushes real members out for as long as it lasts; each comes back at its next
+/// announcement.
 #[derive(Debug, Default, Clone)]
 pub struct Roster {
-    members: BTreeMap<String, (Presence, Instant)>,
+    members: HashMap<String, Heard>,
+    /// The members by when they were last heard, oldest first: who goes first.
+    order: BTreeMap<(Instant, u64), String>,
+    /// The sum of the members' footprints.
+    bytes: usize,
+    /// Breaks ties in `order` between members heard at the same instant.
+    next: u64,
+}
+
+/// A member's latest announcement, when it came, and its place in the roster's order.
+#[derive(Debug, Clone)]
+struct Heard {
+    presence: Presence,
+    at: Instant,
+    place: u64,
+    bytes: usize,
 }
 
 /// One communicator in a [`Roster`].
@@ -195,28 +337,91 @@ impl Roster {
     /// How long a lost or closed communicator stays on the roster.
     pub const KEPT: Duration = Duration::from_secs(15 * 60);
 
-    /// Notes an announcement heard at `now`.
-    pub fn heard(&mut self, presence: Presence, now: Instant) {
-        self.members.insert(presence.id.clone(), (presence, now));
+    /// The most members a roster holds.
+    pub const MAX_MEMBERS: usize = 10_000;
+
+    /// The most bytes of announcements a roster holds (32 MiB): a hundred and twenty-eight
+    /// of the largest a watcher accepts, or ten thousand of 3 KiB.
+    pub const MAX_BYTES: usize = 32 * 1024 * 1024;
+
+    /// Notes an announcement heard at `now`, unless one of its numbers is out of range
+    /// ([`Presence::check`]): then the roster is left as it was. Forgets the members heard
+    /// from longest ago while it holds more than its bounds.
+    pub fn heard(&mut self, presence: Presence, now: Instant) -> Result<(), InvalidPresence> {
+        presence.check()?;
+        let bytes = presence.footprint();
+        if let Some(before) = self.members.remove(&presence.id) {
+            self.order.remove(&(before.at, before.place));
+            self.bytes -= before.bytes;
+        }
+        let place = self.next;
+        self.next += 1;
+        self.order.insert((now, place), presence.id.clone());
+        self.bytes += bytes;
+        self.members.insert(
+            presence.id.clone(),
+            Heard {
+                presence,
+                at: now,
+                place,
+                bytes,
+            },
+        );
+        while self.members.len() > Self::MAX_MEMBERS || self.bytes > Self::MAX_BYTES {
+            if !self.forget_oldest() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets the member heard from longest ago; false if there is none.
+    fn forget_oldest(&mut self) -> bool {
+        let Some((_, id)) = self.order.pop_first() else {
+            return false;
+        };
+        if let Some(gone) = self.members.remove(&id) {
+            self.bytes -= gone.bytes;
+        }
+        true
+    }
+
+    /// How many members it holds.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The bytes of announcements it holds (the sum of their [`Presence::footprint`]).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Every member at `now`, by host, program and pid; forgets those gone for longer than
     /// [`KEPT`](Self::KEPT).
     pub fn members(&mut self, now: Instant) -> Vec<Member> {
-        self.members
-            .retain(|_, (_, heard)| now.saturating_duration_since(*heard) < Self::KEPT);
+        while let Some((&(at, _), _)) = self.order.first_key_value() {
+            if now.saturating_duration_since(at) < Self::KEPT {
+                break;
+            }
+            self.forget_oldest();
+        }
         let mut members: Vec<Member> = self
             .members
             .values()
-            .map(|(presence, heard)| Member {
+            .map(|Heard { presence, at, .. }| Member {
                 standing: if presence.closing {
                     Standing::Closed
-                } else if presence.is_lost(*heard, now) {
+                } else if presence.is_lost(*at, now) {
                     Standing::Lost
                 } else {
                     Standing::Live
                 },
-                silent_secs: now.saturating_duration_since(*heard).as_secs_f64(),
+                silent_secs: now.saturating_duration_since(*at).as_secs_f64(),
                 presence: presence.clone(),
             })
             .collect();
@@ -342,14 +547,14 @@ impl Activity {
         lock(&self.0.broadcast_filters).remove(identifier);
     }
 
-    fn counts(&self, queue: &str) -> TaskCounts {
+    pub(crate) fn counts(&self, queue: &str) -> TaskCounts {
         lock(&self.0.counts)
             .get(queue)
             .map(|tally| tally.counts())
             .unwrap_or_default()
     }
 
-    fn total(&self) -> TaskCounts {
+    pub(crate) fn total(&self) -> TaskCounts {
         let mut total = TaskCounts::default();
         for tally in lock(&self.0.counts).values() {
             total.add(&tally.counts());
@@ -358,7 +563,7 @@ impl Activity {
     }
 
     /// The tasks in flight, oldest first.
-    fn in_flight(&self, now: Instant) -> Vec<InFlightTask> {
+    pub(crate) fn in_flight(&self, now: Instant) -> Vec<InFlightTask> {
         let in_flight = lock(&self.0.in_flight);
         let mut running: Vec<(&u64, &Running)> = in_flight.iter().collect();
         running.sort_by_key(|(id, _)| **id);
@@ -374,7 +579,7 @@ impl Activity {
             .collect()
     }
 
-    fn filters(&self) -> Vec<String> {
+    pub(crate) fn filters(&self) -> Vec<String> {
         lock(&self.0.broadcast_filters).values().cloned().collect()
     }
 }
@@ -408,12 +613,12 @@ impl Drop for Progress {
 /// Who a communicator is: what each of its announcements repeats.
 #[derive(Debug, Clone)]
 pub(crate) struct Identity {
-    id: String,
-    host: String,
-    pid: u32,
-    program: String,
-    backend: String,
-    started: Instant,
+    pub(crate) id: String,
+    pub(crate) host: String,
+    pub(crate) pid: u32,
+    pub(crate) program: String,
+    pub(crate) backend: String,
+    pub(crate) started: Instant,
 }
 
 impl Identity {
@@ -457,236 +662,6 @@ pub(crate) fn now_ms() -> u64 {
         })
 }
 
-impl Core {
-    /// This communicator's announcement now, from what it can tell at once: its queues and
-    /// identifiers only with `tree` (asked of the actor tree).
-    fn presence_now(&self, tree: Option<Subscriptions>, closing: bool) -> Presence {
-        let identity = &self.identity;
-        let activity = &self.activity;
-        let now = Instant::now();
-        let tree = tree.unwrap_or_default();
-        let task_queues = tree
-            .queues
-            .into_iter()
-            .map(|(name, prefetch, subscribers, running)| QueuePresence {
-                counts: activity.counts(&name),
-                name: name.to_string(),
-                prefetch,
-                subscribers,
-                running,
-            })
-            .collect();
-        Presence {
-            id: identity.id.clone(),
-            host: identity.host.clone(),
-            pid: identity.pid,
-            program: identity.program.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            backend: identity.backend.clone(),
-            node: self
-                .conduit
-                .transport
-                .node()
-                .unwrap_or_else(|| self.settings.redacted_uri()),
-            connected: self.conduit.transport.is_connected() && !closing,
-            sent_at_ms: now_ms(),
-            uptime_secs: now
-                .saturating_duration_since(identity.started)
-                .as_secs_f64(),
-            interval_secs: self
-                .settings
-                .presence_interval
-                .unwrap_or_default()
-                .as_secs_f64(),
-            task_queues,
-            rpc_identifiers: tree.rpc_identifiers,
-            broadcast_filters: activity.filters(),
-            in_flight: activity.in_flight(now),
-            counts: activity.total(),
-            restarts: self.incidents.restarts(),
-            subscribers_lost: self.incidents.losses(),
-            pending_results: self.replies.len(),
-            closing,
-        }
-    }
-
-    /// Its subscriptions, as the actor tree knows them.
-    async fn subscriptions(&self) -> Option<Subscriptions> {
-        let tree = self.root.send(crate::tree::Inspect).await.ok()?;
-        let mut queues = Vec::with_capacity(tree.task_queues.len());
-        for queue in tree.task_queues {
-            if let Ok(stats) = queue.send(crate::actors::task_consumer::Describe).await {
-                queues.push(stats);
-            }
-        }
-        queues.sort_by(|a, b| a.0.cmp(&b.0));
-        Some(Subscriptions {
-            queues,
-            rpc_identifiers: tree.rpc_endpoints.len(),
-        })
-    }
-
-    /// Sends one announcement. Nobody watching is fine.
-    async fn announce(&self, presence: &Presence) -> Result<()> {
-        announce(&self.conduit, presence).await
-    }
-
-    /// The last word, sent by [`Communicator::close`].
-    pub(crate) async fn say_goodbye(&self) {
-        if self.settings.presence_interval.is_none() || !self.presence_supported() {
-            return;
-        }
-        let presence = self.presence_now(self.subscriptions().await, true);
-        if let Err(error) = self.announce(&presence).await {
-            tracing::debug!(%error, "the presence's last word was not sent");
-        }
-    }
-
-    /// Whether its backend has a channel for presence (every one but a `zmq://` connection
-    /// to AiiDA's broker).
-    pub(crate) fn presence_supported(&self) -> bool {
-        self.conduit.transport.carries_presence()
-    }
-}
-
-/// Sends one announcement through `conduit`.
-async fn announce(conduit: &crate::actors::Conduit, presence: &Presence) -> Result<()> {
-    let body = serde_json::to_vec(presence)
-        .map_err(|e| crate::Error::codec(format!("a presence that is not JSON: {e}")))?;
-    let message = Outgoing {
-        body,
-        ..Outgoing::default()
-    };
-    conduit.send(Route::Presence, message).await
-}
-
-/// A communicator's queues `(name, prefetch, subscribers, running)` and identifiers.
-#[derive(Debug, Default)]
-pub(crate) struct Subscriptions {
-    queues: Vec<(Arc<str>, u16, usize, usize)>,
-    rpc_identifiers: usize,
-}
-
-/// Announces the communicator every interval while it lives. Holds it weakly: presence
-/// never keeps a communicator open.
-pub(crate) async fn announce_while_open(core: std::sync::Weak<Core>, interval: Duration) {
-    loop {
-        let (presence, conduit) = {
-            let Some(core) = core.upgrade() else {
-                return;
-            };
-            if core.check_open().is_err() {
-                return;
-            }
-            let presence = core.presence_now(core.subscriptions().await, false);
-            (presence, core.conduit.clone())
-        };
-        // Sent without the communicator: a publish that waits for its confirm (up to the
-        // send timeout, with the broker away) does not keep a dropped one open; its
-        // transport is closed then, and the send fails `Closed`.
-        if let Err(error) = announce(&conduit, &presence).await {
-            if matches!(error.kind(), ErrorKind::Closed) {
-                return;
-            }
-            tracing::debug!(%error, "a presence announcement was not sent");
-        }
-        drop(conduit);
-        actix_rt::time::sleep(interval).await;
-    }
-}
-
-impl Communicator {
-    /// What this communicator would announce now (see [`crate::presence`]), whether or
-    /// not presence is on.
-    pub async fn presence(&self) -> Presence {
-        let inner = &self.inner;
-        let closed = inner.check_open().is_err();
-        inner.presence_now(inner.subscriptions().await, closed)
-    }
-
-    /// Every announcement on the broker from now on, this communicator's own included, as
-    /// long as the stream is held; an undecodable one is skipped with a warning. `Refused`
-    /// on AiiDA's ZeroMQ broker (see the module docs). At most the message prefetch
-    /// ([`Settings::with_message_prefetch`](crate::Settings::with_message_prefetch)) of
-    /// announcements wait in the stream; more wait in the broker while it is not read
-    /// (for 66 s, the presence queue's message TTL). Dropping the stream, or this future
-    /// before it resolves, removes the watcher's queue.
-    pub async fn watch_presence(&self) -> Result<BoxStream<'static, Presence>> {
-        let inner = &self.inner;
-        inner.check_open()?;
-        let queue = format!(
-            "{}.presence-watch-{}",
-            inner.settings.message_exchange,
-            uuid::Uuid::new_v4().simple()
-        );
-        let consume = inner
-            .conduit
-            .transport
-            .consume(Source::Presence(queue), inner.conduit.message_prefetch);
-        let owner = Arc::downgrade(inner);
-        // Consumed as one operation: a caller that gives up has the consumer cancelled.
-        let consumer = crate::communicator::to_completion(
-            inner,
-            async move { consume.await.map(|c| Unwatched::new(owner, c)) },
-            |_, unwatched| async move { drop(unwatched) },
-        )
-        .await?;
-        let Unwatched { consumer, cancel } = consumer;
-        let stream = consumer.filter_map(move |delivery| {
-            let _held = &cancel;
-            let presence = serde_json::from_slice::<Presence>(&delivery.body);
-            delivery.acker.settle(crate::transport::Outcome::Ack);
-            futures::future::ready(match presence {
-                Ok(presence) => Some(presence),
-                Err(error) => {
-                    tracing::warn!(%error, "an undecodable presence announcement, skipped");
-                    None
-                }
-            })
-        });
-        Ok(stream.boxed())
-    }
-}
-
-/// A watcher's deliveries, and what cancels its consumer when they are dropped.
-struct Unwatched {
-    consumer: BoxStream<'static, crate::transport::Delivery>,
-    cancel: CancelOnDrop,
-}
-
-impl Unwatched {
-    fn new(owner: std::sync::Weak<Core>, consumer: crate::transport::Consumer) -> Self {
-        Self {
-            consumer: consumer.deliveries,
-            cancel: CancelOnDrop {
-                owner,
-                tag: Some(consumer.tag),
-            },
-        }
-    }
-}
-
-/// Cancels a watcher's consumer (its queue goes with it) when its stream is dropped, on the
-/// communicator's runtime; held weakly: a watch does not keep a communicator open (a
-/// closing one drops its consumers anyway).
-struct CancelOnDrop {
-    owner: std::sync::Weak<Core>,
-    tag: Option<String>,
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let (Some(tag), Some(core)) = (self.tag.take(), self.owner.upgrade()) {
-            let cancel = core.conduit.transport.cancel(&tag);
-            core.runtime.spawn(async move {
-                if let Err(error) = cancel.await {
-                    tracing::debug!(%error, "a presence watcher's consumer was not cancelled");
-                }
-            });
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -714,9 +689,9 @@ mod tests {
         assert!(activity.in_flight(Instant::now()).is_empty());
     }
 
-    fn sample_presence() -> Presence {
+    fn announcement(id: &str) -> Presence {
         Presence {
-            id: "a".into(),
+            id: id.into(),
             host: "h".into(),
             pid: 1,
             program: "p".into(),
@@ -741,35 +716,20 @@ mod tests {
 
     #[test]
     fn an_interval_too_large_for_a_duration_is_never_lost_and_never_a_panic() {
+        // Found by fuzzing the presence decoder: `from_secs_f64` panicked on 1e300.
         let heard = Instant::now();
-        for interval in [1e300, f64::INFINITY, f64::MAX, f64::NAN, -1.0] {
-            let mut presence = sample_presence();
+        for interval in [1e300, f64::INFINITY, f64::MAX] {
+            let mut presence = announcement("a");
             presence.interval_secs = interval;
-            let lost = presence.is_lost(heard, heard + Duration::from_secs(3600));
-            assert_eq!(lost, interval.is_nan() || interval < 0.0, "{interval}");
-            let mut roster = Roster::default();
-            roster.heard(presence, heard);
-            assert_eq!(roster.members(heard + Duration::from_secs(1)).len(), 1);
+            assert!(!presence.is_lost(heard, heard + Duration::from_secs(3600)));
         }
-    }
-
-    #[test]
-    fn counts_near_the_largest_number_total_without_overflow() {
-        let counts = TaskCounts {
-            handled: u64::MAX,
-            failed: u64::MAX,
-            panicked: 1,
-            rejected: 1,
-        };
-        assert_eq!(counts.total(), u64::MAX);
     }
 
     #[test]
     fn a_roster_forgets_a_member_silent_longer_than_it_keeps_them() {
         let mut roster = Roster::default();
         let heard = Instant::now();
-        let presence = sample_presence();
-        roster.heard(presence, heard);
+        roster.heard(announcement("a"), heard).unwrap();
         let standing = |roster: &mut Roster, after: Duration| {
             roster.members(heard + after).first().map(|m| m.standing)
         };
@@ -785,5 +745,153 @@ mod tests {
             standing(&mut roster, Roster::KEPT + Duration::from_secs(1)),
             None
         );
+    }
+
+    #[test]
+    fn an_interval_no_duration_holds_is_never_lost_and_never_panics() {
+        let heard = Instant::now();
+        let later = heard + Duration::from_secs(3600);
+        for interval in [1e300, f64::INFINITY, f64::MAX, f64::NAN, -1.0, 0.0] {
+            let mut presence = announcement("a");
+            presence.interval_secs = interval;
+            let lost = presence.is_lost(heard, later);
+            assert_eq!(lost, interval.is_nan() || interval <= 0.0, "{interval}");
+        }
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_at_decode_and_by_the_roster() {
+        let json = |change: &dyn Fn(&mut serde_json::Value)| {
+            let mut value = serde_json::to_value(announcement("a")).unwrap();
+            change(&mut value);
+            serde_json::to_vec(&value).unwrap()
+        };
+        assert!(Presence::from_json(&json(&|_| ())).is_ok());
+        let refused = |change: &dyn Fn(&mut serde_json::Value)| {
+            Presence::from_json(&json(change)).unwrap_err().reason()
+        };
+        assert_eq!(
+            refused(&|v| v["interval_secs"] = 1e300.into()),
+            "out_of_range"
+        );
+        assert_eq!(
+            refused(&|v| v["interval_secs"] = (-5.0).into()),
+            "out_of_range"
+        );
+        assert_eq!(refused(&|v| v["uptime_secs"] = 1e11.into()), "out_of_range");
+        assert_eq!(
+            refused(&|v| v["sent_at_ms"] = u64::MAX.into()),
+            "out_of_range"
+        );
+        assert_eq!(refused(&|v| v["pid"] = (-1).into()), "undecodable");
+        let task = |age: f64, progress: f64| {
+            serde_json::json!([{"queue": "q", "correlation_id": null, "age_secs": age,
+                "progress": progress, "note": null}])
+        };
+        assert!(Presence::from_json(&json(&|v| v["in_flight"] = task(1.0, 0.5))).is_ok());
+        assert_eq!(
+            refused(&|v| v["in_flight"] = task(-1.0, 0.5)),
+            "out_of_range"
+        );
+        assert_eq!(
+            refused(&|v| v["in_flight"] = task(1.0, 1.5)),
+            "out_of_range"
+        );
+        let long = "q".repeat(256);
+        let queue = serde_json::json!([{"name": long, "prefetch": 1, "subscribers": 1,
+            "running": 0, "counts": TaskCounts::default()}]);
+        assert_eq!(
+            refused(&|v| v["task_queues"] = queue.clone()),
+            "out_of_range"
+        );
+        let huge = vec![b' '; Presence::MAX_BYTES + 1];
+        assert_eq!(
+            Presence::from_json(&huge).unwrap_err().reason(),
+            "too_large"
+        );
+
+        let mut roster = Roster::default();
+        let mut absurd = announcement("absurd");
+        absurd.interval_secs = 1e300;
+        assert!(roster.heard(absurd, Instant::now()).is_err());
+        assert!(roster.is_empty());
+        assert!(roster.members(Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn a_communicator_never_announces_an_interval_its_watchers_refuse() {
+        let settings = crate::Settings::new("mem://")
+            .with_presence_interval(Some(Duration::from_secs(7 * 86_400)));
+        let interval = settings.presence_interval.unwrap().as_secs_f64();
+        assert_eq!(interval, Presence::MAX_INTERVAL_SECS);
+    }
+
+    #[test]
+    fn counts_that_overflow_saturate() {
+        let max = TaskCounts {
+            handled: u64::MAX,
+            failed: u64::MAX,
+            panicked: 1,
+            rejected: 1,
+        };
+        assert_eq!(max.total(), u64::MAX);
+        let mut sum = max;
+        sum.add(&max);
+        assert_eq!(
+            sum,
+            TaskCounts {
+                panicked: 2,
+                rejected: 2,
+                ..max
+            }
+        );
+    }
+
+    #[test]
+    fn a_roster_flooded_with_ids_keeps_the_newest_within_its_bounds() {
+        let mut roster = Roster::default();
+        let start = Instant::now();
+        for n in 0..100_000u64 {
+            let at = start + Duration::from_millis(n);
+            roster
+                .heard(announcement(&format!("forged-{n}")), at)
+                .unwrap();
+        }
+        println!(
+            "a roster after 100,000 forged ids: {} members, {} bytes",
+            roster.len(),
+            roster.bytes()
+        );
+        assert_eq!(roster.len(), Roster::MAX_MEMBERS);
+        assert!(roster.bytes() <= Roster::MAX_BYTES);
+        let now = start + Duration::from_millis(100_000);
+        let members = roster.members(now);
+        assert!(members.iter().all(|m| {
+            let n: u64 = m.presence.id["forged-".len()..].parse().unwrap();
+            n >= 100_000 - Roster::MAX_MEMBERS as u64
+        }));
+        // Heard again: a member moves to the newest end, and the count is unchanged.
+        roster.heard(announcement("forged-90000"), now).unwrap();
+        roster.heard(announcement("newcomer"), now).unwrap();
+        assert_eq!(roster.len(), Roster::MAX_MEMBERS);
+        let ids: Vec<String> = roster
+            .members(now)
+            .into_iter()
+            .map(|m| m.presence.id)
+            .collect();
+        assert!(ids.contains(&"forged-90000".to_owned()) && ids.contains(&"newcomer".to_owned()));
+        assert!(!ids.contains(&"forged-90001".to_owned()));
+        // Big announcements: the bytes bound holds first.
+        let mut big = Roster::default();
+        for n in 0..200 {
+            let mut presence = announcement(&format!("big-{n}"));
+            presence.broadcast_filters = vec!["x".repeat(250_000)];
+            big.heard(presence, start).unwrap();
+        }
+        assert!(big.bytes() <= Roster::MAX_BYTES, "{}", big.bytes());
+        assert!(big.len() < 200);
+        // Forgotten after KEPT, bytes and all.
+        assert!(big.members(start + Roster::KEPT).is_empty());
+        assert_eq!(big.bytes(), 0);
     }
 }

@@ -10,6 +10,10 @@ pub(crate) use tls::TlsOptions;
 
 use crate::Codec;
 
+/// The longest presence interval: watchers refuse an announcement of a longer one (a day,
+/// as `Presence::MAX_INTERVAL_SECS` says; a test in `presence` holds the two together).
+pub(crate) const LONGEST_PRESENCE_INTERVAL: Duration = Duration::from_secs(86_400);
+
 /// Connection settings: `Settings::new(uri)`, then `with_*` methods, then
 /// [`connect`](Settings::connect).
 ///
@@ -434,9 +438,11 @@ impl Settings {
     /// How often the communicator announces itself on kiwimq's presence exchange (see
     /// [`crate::presence`]): every 5 s by default; `None` turns presence off. A watcher
     /// takes a communicator silent for three intervals for lost. On ZeroMQ only through
-    /// kiwimq's broker.
+    /// kiwimq's broker. At most a day (longer is a day): watchers refuse a longer one.
     pub fn with_presence_interval(mut self, interval: Option<Duration>) -> Self {
-        self.presence_interval = interval.filter(|interval| !interval.is_zero());
+        self.presence_interval = interval
+            .filter(|interval| !interval.is_zero())
+            .map(|interval| interval.min(LONGEST_PRESENCE_INTERVAL));
         self
     }
 

@@ -506,3 +506,41 @@ async fn the_dashboard_command_serves_the_fleet_and_refuses_an_open_bind_without
     );
     worker.close().await.unwrap();
 }
+
+/// `kiwimq dashboard` refuses what it cannot serve — an open address without a token, a
+/// token no header or cookie can carry, an address it cannot listen on — before it
+/// connects: here to a broker that is not there, which it must never reach.
+#[actix_rt::test]
+async fn the_dashboard_command_checks_its_address_and_token_before_it_connects() {
+    let nobody = format!("amqp://guest:guest@127.0.0.1:{}/%2f", common::free_port());
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = busy.local_addr().unwrap().to_string();
+    for (args, refusal) in [
+        (vec!["--bind", "0.0.0.0:0"], "without a token"),
+        (vec!["--token", "two words"], "visible ASCII"),
+        (vec!["--token", ""], "visible ASCII"),
+        (vec!["--bind", busy.as_str()], "cannot listen"),
+    ] {
+        let started = std::time::Instant::now();
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiwimq"))
+            .args(["--uri", &nobody, "--timeout", "30", "dashboard"])
+            .args(&args)
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(SOON, output)
+            .await
+            .expect("kiwimq dashboard refuses at once")
+            .unwrap();
+        assert!(!output.status.success(), "{args:?}");
+        assert!(
+            stderr(&output).contains(refusal),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        println!(
+            "{args:?} refused in {:?}: {}",
+            started.elapsed(),
+            stderr(&output)
+        );
+    }
+}

@@ -2,7 +2,8 @@
 //! (WebDriver), loads the page in front of a fleet of two worker processes on RabbitMQ and
 //! reads what it renders as the page updates itself: the worker count, a queue's depth
 //! moving after 100 tasks, a worker shown lost after SIGKILL, a dead letter requeued
-//! through the page's button. Screenshots go to `target/dashboard-*.png`.
+//! through the page's button — without a token, and with one (opened as `?token=…`, after
+//! the page said why it needs it). Screenshots go to `target/dashboard-*.png`.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`scripts/test.sh` installs them).
 
@@ -150,6 +151,18 @@ async fn screenshot(browser: &Client, name: &str) {
 
 #[actix_rt::test]
 async fn dashboard_in_a_browser() {
+    dashboard_in_a_browser_with(None).await;
+}
+
+/// With a token, as a dashboard off loopback must have: opened without it, the page says
+/// why it shows nothing; opened as `?token=…`, it keeps the token in a cookie, drops it
+/// from the address, and renders and acts as without one.
+#[actix_rt::test]
+async fn dashboard_in_a_browser_with_its_token() {
+    dashboard_in_a_browser_with(Some("T0ken-for-the-browser")).await;
+}
+
+async fn dashboard_in_a_browser_with(token: Option<&str>) {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let queue = unique("browser-q");
     let cure = std::env::temp_dir().join(format!("kiwimq-browser-cure-{id}"));
@@ -164,9 +177,12 @@ async fn dashboard_in_a_browser() {
     let comm = settings.connect().await.unwrap();
     let mut workers = Killed(vec![spawn_worker(&config), spawn_worker(&config)]);
 
-    let options = DashboardOptions::default()
+    let mut options = DashboardOptions::default()
         .with_sample_every(Duration::from_millis(250))
         .with_queues([queue.clone()]);
+    if let Some(token) = token {
+        options = options.with_token(token);
+    }
     let dashboard = Dashboard::start(&comm, options).await.unwrap();
     let http = free_port();
     let server = actix_web::HttpServer::new(move || {
@@ -183,10 +199,28 @@ async fn dashboard_in_a_browser() {
     let driver_port = free_port();
     let _driver = Killed(vec![chromedriver(driver_port)]);
     let browser = browser(driver_port).await;
-    browser
-        .goto(&format!("http://127.0.0.1:{http}/kiwimq/"))
-        .await
-        .unwrap();
+    let page = format!("http://127.0.0.1:{http}/kiwimq/");
+    if let Some(token) = token {
+        browser.goto(&page).await.unwrap();
+        let why = until_text(&browser, "#needs-token", "why the page is empty", |t| {
+            t.contains("needs its token")
+        })
+        .await;
+        println!("without its token, the page says: {why}");
+        screenshot(&browser, "token-needed").await;
+        browser
+            .goto(&format!("{page}?token={token}"))
+            .await
+            .unwrap();
+        let at = browser.current_url().await.unwrap();
+        assert_eq!(at.as_str(), page, "the token left the address");
+    } else {
+        browser.goto(&page).await.unwrap();
+    }
+    let shot = |name: &str| match token {
+        Some(_) => format!("token-{name}"),
+        None => name.to_owned(),
+    };
 
     // The fleet: two workers, live.
     until_text(&browser, "#worker-count", "two workers", |t| t == "2").await;
@@ -194,7 +228,7 @@ async fn dashboard_in_a_browser() {
         t.starts_with("live")
     })
     .await;
-    screenshot(&browser, "workers").await;
+    screenshot(&browser, &shot("workers")).await;
 
     // 100 tasks: the queue's depth rises, then falls to 0 as the workers take them.
     let sending = comm.task_queue(&queue);
@@ -213,7 +247,7 @@ async fn dashboard_in_a_browser() {
     })
     .await;
     println!("depth seen after 100 tasks: {seen}");
-    screenshot(&browser, "depth").await;
+    screenshot(&browser, &shot("depth")).await;
     for reply in replies {
         reply.await.unwrap();
     }
@@ -234,7 +268,7 @@ async fn dashboard_in_a_browser() {
     println!("killed worker shown lost after {:?}", started.elapsed());
     assert_eq!(text(&browser, "#worker-count").await.as_deref(), Some("1"));
     assert_eq!(text(&browser, "#lost-count").await.as_deref(), Some("1"));
-    screenshot(&browser, "lost").await;
+    screenshot(&browser, &shot("lost")).await;
 
     // A dead letter, requeued through the page's button and its confirmation.
     let _ = sending.task_send::<_, usize>(&"poison".to_owned()).await;
@@ -256,7 +290,7 @@ async fn dashboard_in_a_browser() {
         t.contains("Requeue dead letters")
     })
     .await;
-    screenshot(&browser, "confirm").await;
+    screenshot(&browser, &shot("confirm")).await;
     browser
         .find(Locator::Css("#confirm-yes"))
         .await
@@ -275,7 +309,7 @@ async fn dashboard_in_a_browser() {
     })
     .await;
     let _ = sending.purge().await;
-    screenshot(&browser, "requeued").await;
+    screenshot(&browser, &shot("requeued")).await;
 
     browser.close().await.unwrap();
     server_handle.stop(false).await;

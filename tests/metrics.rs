@@ -167,3 +167,61 @@ async fn counts_match_known_traffic() {
         );
     }
 }
+
+/// A presence announcement a watcher refuses — here one whose interval no `Duration`
+/// holds, published on RabbitMQ as anyone who may publish there can — is counted by reason.
+#[actix::test]
+async fn a_refused_announcement_is_counted() {
+    use futures::StreamExt;
+    let handle = kiwimq::metrics::install_prometheus().unwrap();
+    let settings = common::amqp_settings(&common::amqp_url());
+    let watcher = settings.clone().connect().await.unwrap();
+    let mut watch = watcher.watch_presence().await.unwrap();
+    let refused = || {
+        sample(
+            &handle.render(),
+            kiwimq::metrics::PRESENCE_REFUSED,
+            &[("reason", "out_of_range")],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = refused();
+    let connection =
+        lapin::Connection::connect(&common::amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let exchange = format!("{}.kiwimq-presence", settings.message_exchange());
+    let mut presence = serde_json::to_value(watcher.presence().await).unwrap();
+    presence["interval_secs"] = 1e300.into();
+    channel
+        .basic_publish(
+            exchange.as_str().into(),
+            "[kiwimq.presence]".into(),
+            lapin::options::BasicPublishOptions::default(),
+            &serde_json::to_vec(&presence).unwrap(),
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    // A communicator that announces itself: heard after the refused one.
+    let speaker = settings
+        .with_presence_interval(Some(std::time::Duration::from_millis(100)))
+        .connect()
+        .await
+        .unwrap();
+    let speaker_id = speaker.presence().await.id;
+    let heard = async {
+        while let Some(heard) = watch.next().await {
+            if heard.id == speaker_id {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(SOON, heard).await.unwrap();
+    assert_eq!(refused(), before + 1.0);
+    drop(watch);
+    speaker.close().await.unwrap();
+    watcher.close().await.unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+}

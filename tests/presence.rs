@@ -172,9 +172,9 @@ async fn a_silent_communicator_is_taken_for_lost(backend: Backend) {
     let (id, closing_id) = (worker.presence().await.id, closing.presence().await.id);
     let mut roster = Roster::default();
     let presence = heard(&mut watch, &id, "an announcement", |_| true).await;
-    roster.heard(presence, Instant::now());
+    roster.heard(presence, Instant::now()).unwrap();
     let presence = heard(&mut watch, &closing_id, "the other's", |_| true).await;
-    roster.heard(presence, Instant::now());
+    roster.heard(presence, Instant::now()).unwrap();
     let standing = |roster: &mut Roster, id: &str| {
         let members = roster.members(Instant::now());
         members
@@ -195,7 +195,7 @@ async fn a_silent_communicator_is_taken_for_lost(backend: Backend) {
         assert!(Instant::now() < deadline, "never taken for lost and closed");
         let next = actix_rt::time::timeout(INTERVAL, watch.next()).await;
         if let Ok(Some(presence)) = next {
-            roster.heard(presence, Instant::now());
+            roster.heard(presence, Instant::now()).unwrap();
         }
     }
     let took = dropped_at.elapsed();

@@ -140,6 +140,19 @@ fn tally(handled: &Seen<u64>) -> (usize, usize) {
     (distinct.len(), handled.len() - distinct.len())
 }
 
+/// The bodies handled more than once.
+fn twice_over(handled: &Seen<u64>) -> Vec<u64> {
+    let mut counts = std::collections::HashMap::<u64, usize>::new();
+    for body in handled.lock().unwrap().iter() {
+        *counts.entry(*body).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(b, _)| b)
+        .collect()
+}
+
 /// Waits until `tasks` distinct tasks are handled and the broker's storage is empty; the
 /// distinct tasks handled, and how many ran more than once.
 async fn handled_once_each(
@@ -211,7 +224,13 @@ async fn a_broker_killed_with_1000_confirmed_tasks_loses_none_and_every_client_r
          {} lost, {twice} run twice",
         TASKS as usize - distinct
     );
-    assert_eq!(twice, 0, "a task ran twice");
+    assert_eq!(
+        twice,
+        0,
+        "a task ran twice ({:?}); the broker's log is in {}",
+        twice_over(&handled),
+        broker.service_dir.display()
+    );
     // Every client goes on without being restarted: tasks, and an RPC both ways.
     sender.task_send_no_reply(&TASKS).await.unwrap();
     eventually(SOON, "a task after the restart", || {

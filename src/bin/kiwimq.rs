@@ -321,6 +321,16 @@ fn fail(error: kiwimq::Error) -> String {
 async fn run(cli: Cli) -> Outcome {
     let connection = &cli.connection;
     let timeout = connection.timeout;
+    // The dashboard's address and token are checked, and its socket bound, before the
+    // connection: a command that cannot serve fails at once, not after the broker answered.
+    let dashboard = match &cli.command {
+        Command::Dashboard(args) => {
+            let options = dashboard_options(args);
+            kiwimq::dashboard::check_serving(args.bind, &options).map_err(fail)?;
+            Some((options, kiwimq::dashboard::listen(args.bind).map_err(fail)?))
+        }
+        _ => None,
+    };
     let comm = connect(connection, timeout).await?;
     let result = match cli.command {
         Command::Rpc(RpcCommand::Call { id, body }) => {
@@ -437,31 +447,37 @@ async fn run(cli: Cli) -> Outcome {
         }
         // Run by `main` before any connection.
         Command::Broker(_) => Err("the broker takes no connection".into()),
-        Command::Dashboard(args) => {
-            let mut options = kiwimq::dashboard::DashboardOptions::default()
-                .with_queues(args.queues)
-                .with_sample_every(args.sample_every);
-            if let Some(token) = args.token {
-                options = options.with_token(token);
+        Command::Dashboard(args) => match dashboard {
+            Some((options, listener)) => {
+                let path = if args.path == "/" {
+                    ""
+                } else {
+                    args.path.as_str()
+                };
+                let bind = listener.local_addr().unwrap_or(args.bind);
+                println!(
+                    "kiwimq dashboard of {} on http://{bind}{path}/",
+                    comm.settings().redacted_uri(),
+                );
+                kiwimq::dashboard::serve_on(&comm, listener, path, options)
+                    .await
+                    .map_err(fail)
             }
-            let path = if args.path == "/" {
-                ""
-            } else {
-                args.path.as_str()
-            };
-            println!(
-                "kiwimq dashboard of {} on http://{}{}/",
-                comm.settings().redacted_uri(),
-                args.bind,
-                path
-            );
-            kiwimq::dashboard::serve(&comm, args.bind, path, options)
-                .await
-                .map_err(fail)
-        }
+            None => Err("the dashboard's socket was not bound".into()),
+        },
     };
     let _ = comm.close().await;
     result
+}
+
+fn dashboard_options(args: &DashboardArgs) -> kiwimq::dashboard::DashboardOptions {
+    let mut options = kiwimq::dashboard::DashboardOptions::default()
+        .with_queues(args.queues.iter().cloned())
+        .with_sample_every(args.sample_every);
+    if let Some(token) = &args.token {
+        options = options.with_token(token.clone());
+    }
+    options
 }
 
 async fn connect(connection: &Connection, timeout: Duration) -> Result<Communicator, String> {

@@ -4,15 +4,28 @@
 (function () {
   const base = document.querySelector('meta[name="kiwimq-base"]').content;
   const csrf = document.querySelector('meta[name="kiwimq-csrf"]').content;
-  const token = new URLSearchParams(location.search).get("token");
   const STUCK_SECS = 300;
   let latest = null;
   let pending = null;
 
+  // The token, if the dashboard has one, travels in its cookie (set by opening the page as
+  // ?token=…): never in these addresses.
   function url(path) {
-    const u = new URL(base + path, location.href);
-    if (token) u.searchParams.set("token", token);
-    return u.toString();
+    return new URL(base + path, location.href).toString();
+  }
+
+  // Says on the page why it shows nothing new: the token is refused (the dashboard was
+  // restarted with another, or the browser dropped its cookie).
+  async function explain() {
+    try {
+      const r = await fetch(url("api/overview"));
+      if (r.status !== 401) return;
+      const alert = document.getElementById("alert");
+      alert.textContent = "This dashboard no longer accepts this browser's token: open it again as ?token=… with the token it was started with.";
+      alert.hidden = false;
+    } catch (e) {
+      // The dashboard is away: "reconnecting…" says so.
+    }
   }
 
   function el(tag, text, cls) {
@@ -222,6 +235,7 @@
     events.onerror = () => {
       live.dataset.state = "down";
       live.textContent = "reconnecting…";
+      explain();
     };
   }
 

@@ -5,7 +5,7 @@
 //! and keeps tasks in AiiDA's `storage/tasks/{pending,processing}` layout. Beyond AiiDA's:
 //!
 //! - a task is on disk before it is confirmed (in the store's journal, one sync for a
-//!   batch), and its file and directory are synced before it is handed out; a task whose id
+//!   batch), and may go out at once; its file and directory follow, synced; a task whose id
 //!   is stored already (a client's resend after a lost confirm) is confirmed again, never
 //!   stored twice;
 //! - one broker a directory: `broker.lock` is locked (`flock`) for the broker's life, and
@@ -47,7 +47,9 @@ use super::journal::Wake;
 use super::protocol::{Incoming, Outgoing, json_string, kind, null};
 use super::rpc_router::{RpcRouter, Unanswered};
 use super::service::{HANDOVER, KIWIMQ, ServiceFiles, ServiceLock, ServiceStatus, unix_now};
-use super::state::{HandOver, PersistedState, hex, unhex};
+use super::state::{
+    ACKED_KEPT as ACKED_SAVED, Change, HandOver, PersistedState, StateLog, hex, unhex,
+};
 use super::store::{Lookup, Store, StoredTask};
 use crate::error::{Error, Result};
 /// How often `broker.status` is rewritten, as AiiDA's broker does.
@@ -61,6 +63,10 @@ const MAX_PRESENCE_WATCHERS: usize = 4096;
 /// confirmed again rather than run again.
 const ACKED_MEMORY: Duration = Duration::from_secs(600);
 const ACKED_KEPT: usize = 100_000;
+/// How often the state's snapshot is written (when it changed), and past how many lines of
+/// its log sooner.
+const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(2);
+const SNAPSHOT_LINES: usize = 20_000;
 /// How long a worker's result may follow its ack.
 const RESULT_ROUTE_TTL: Duration = Duration::from_secs(60);
 /// The most tasks stored in one durable batch.
@@ -273,6 +279,25 @@ impl RecentIds {
     fn contains(&self, id: &str) -> bool {
         self.ids.contains(id)
     }
+
+    /// The newest `count` ids, oldest first.
+    fn newest(&self, count: usize) -> Vec<String> {
+        let skip = self.order.len().saturating_sub(count);
+        self.order
+            .iter()
+            .skip(skip)
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+}
+
+/// Where a task's result goes, and from whom it is taken.
+struct ResultRoute {
+    sender: ClientId,
+    /// The client the task was handed to: only its result is passed on.
+    holder: Option<ClientId>,
+    /// When the task was acked (its result may follow the ack).
+    acked: Option<Instant>,
 }
 
 /// What a task id that arrives again is.
@@ -312,6 +337,8 @@ struct Server {
     stop: Arc<AtomicBool>,
     files: ServiceFiles,
     state_file: PathBuf,
+    /// The changes since the last snapshot of `state_file`.
+    log: StateLog,
     store: Store,
     grace: Duration,
     restore_lease: Duration,
@@ -328,18 +355,16 @@ struct Server {
     /// The leased tasks that continue a process: task id → the process's RPC identifier,
     /// whose subscription by the holder claims the task.
     lease_pids: HashMap<String, String>,
-    result_routes: HashMap<String, (ClientId, Option<Instant>)>,
+    result_routes: HashMap<String, ResultRoute>,
     /// Clients found unreachable, since when; their tasks are kept until the grace ends.
     unreachable: HashMap<ClientId, Instant>,
     acked: RecentIds,
     arrivals: Vec<Arrival>,
     /// Arrivals of this round by task id.
     arrival_ids: HashMap<String, usize>,
+    /// The state changed since the last snapshot (the log holds what changed): a snapshot
+    /// is written at the next tick.
     dirty: bool,
-    /// The state changed only by settles and expiries: written at the next tick (a lost
-    /// settle is harmless on restore, where only tasks still stored are taken back).
-    settled: bool,
-    last_persist: Instant,
 }
 
 impl Server {
@@ -358,7 +383,9 @@ impl Server {
         let store = Store::open(&storage.join("tasks"), wake)
             .map_err(|e| io_error("the task storage", e))?;
         let state_file = storage.join("broker-state.json");
-        let persisted = PersistedState::load(&state_file);
+        let log_file = storage.join("broker-state.log");
+        let persisted = PersistedState::restore(&state_file, &log_file);
+        let log = StateLog::open(&log_file).map_err(|e| io_error("broker-state.log", e))?;
         files.prepare_socket_dir()?;
         let context = zmq::Context::new();
         let router = context
@@ -398,6 +425,7 @@ impl Server {
             stop,
             files,
             state_file,
+            log,
             store,
             grace: options.worker_grace,
             restore_lease: options.restore_lease,
@@ -413,8 +441,6 @@ impl Server {
             arrivals: Vec::new(),
             arrival_ids: HashMap::new(),
             dirty: true,
-            settled: false,
-            last_persist: Instant::now(),
         };
         server.restore(persisted);
         server.persist();
@@ -435,6 +461,9 @@ impl Server {
                 .filter_map(|(key, identity)| Some((key, unhex(&identity)?)))
                 .collect()
         };
+        for id in &persisted.recently_acked {
+            self.acked.insert(id);
+        }
         for (identifier, client) in decode(persisted.task_subscribers) {
             self.dispatcher.restore_subscription(identifier, client);
         }
@@ -507,13 +536,18 @@ impl Server {
         // A route whose task is not held any more waits only the result's time to live.
         self.result_routes = decode(persisted.result_routes)
             .into_iter()
-            .map(|(task_id, identity)| {
-                let settled = self
+            .map(|(task_id, sender)| {
+                let holder = self
                     .dispatcher
                     .assignment(&task_id)
-                    .is_none()
-                    .then_some(now);
-                (task_id, (identity, settled))
+                    .map(|a| a.holder.clone());
+                let acked = holder.is_none().then_some(now);
+                let route = ResultRoute {
+                    sender,
+                    holder,
+                    acked,
+                };
+                (task_id, route)
             })
             .collect();
         // Everyone known is unreachable until it shows itself (clients reconnect by
@@ -523,14 +557,12 @@ impl Server {
         }
     }
 
+    /// Writes a snapshot of the state, durably, if it changed; then empties the log.
     fn persist(&mut self) {
-        let due = self.settled && self.last_persist.elapsed() >= TICK;
-        if !self.dirty && !due {
+        if !self.dirty && self.log.lines() == 0 {
             return;
         }
         self.dirty = false;
-        self.settled = false;
-        self.last_persist = Instant::now();
         let encode = |map: &HashMap<String, ClientId>| -> HashMap<String, String> {
             map.iter().map(|(k, v)| (k.clone(), hex(v))).collect()
         };
@@ -567,12 +599,24 @@ impl Server {
             result_routes: self
                 .result_routes
                 .iter()
-                .map(|(k, (v, _))| (k.clone(), hex(v)))
+                .map(|(k, route)| (k.clone(), hex(&route.sender)))
                 .collect(),
+            recently_acked: self.acked.newest(ACKED_SAVED),
         };
-        if let Err(error) = state.save(&self.state_file) {
-            tracing::error!(%error, "cannot write broker-state.json");
+        match state.save(&self.state_file) {
+            Ok(()) => {
+                if let Err(error) = self.log.clear() {
+                    tracing::error!(%error, "cannot empty broker-state.log");
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot write broker-state.json"),
         }
+    }
+
+    /// Writes a change down before it shows outside, and marks a snapshot due.
+    fn record(&mut self, change: Change) {
+        self.log.record(std::slice::from_ref(&change));
+        self.dirty = true;
     }
 
     fn write_status(&self) {
@@ -595,6 +639,7 @@ impl Server {
     fn run(mut self) -> Result<()> {
         let mut last_status = Instant::now();
         let mut last_tick = Instant::now();
+        let mut last_snapshot = Instant::now();
         let result = loop {
             if self.stop.load(Ordering::Acquire) {
                 break Ok(());
@@ -626,8 +671,15 @@ impl Server {
                 if let Err(error) = self.store.sync() {
                     tracing::warn!(%error, "cannot sync the task directories");
                 }
+                // The log holds every change between snapshots: a synced snapshot every few
+                // seconds, or sooner when the log is long, is enough.
+                if last_snapshot.elapsed() >= SNAPSHOT_INTERVAL
+                    || self.log.lines() >= SNAPSHOT_LINES
+                {
+                    last_snapshot = Instant::now();
+                    self.persist();
+                }
             }
-            self.persist();
             if last_status.elapsed() >= STATUS_INTERVAL {
                 last_status = Instant::now();
                 self.write_status();
@@ -681,7 +733,7 @@ impl Server {
                     self.settle(&identity, &task_id, message.delivery, ack);
                 }
             }
-            Some(kind::TASK_RESPONSE) => self.on_result(message),
+            Some(kind::TASK_RESPONSE) => self.on_result(&identity, message),
             Some(kind::RPC) => self.on_rpc(identity, message),
             Some(kind::RPC_RESPONSE) => self.on_rpc_response(&identity, message),
             Some(kind::BROADCAST) => {
@@ -705,28 +757,41 @@ impl Server {
                     .prefetch_count
                     .filter(|n| *n > 0)
                     .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+                self.record(Change::SubscribeTask {
+                    identifier: identifier.clone(),
+                    client: hex(&identity),
+                    limit,
+                });
                 self.dispatcher.subscribe(identifier, &identity, limit);
-                self.dirty = true;
             }
             Some(kind::SUBSCRIBE_RPC) => {
                 if let Some(identifier) = message_identifier(&message) {
+                    self.record(Change::SubscribeRpc {
+                        identifier: identifier.clone(),
+                        client: hex(&identity),
+                    });
                     self.claim_by_rpc(&identity, &identifier);
                     self.rpcs.subscribe(identifier, identity);
-                    self.dirty = true;
                 }
             }
             Some(kind::UNSUBSCRIBE_TASK) => {
-                if let Some(identifier) = message_identifier(&message)
-                    && self.dispatcher.unsubscribe(&identifier, &identity)
-                {
-                    self.dirty = true;
+                if let Some(identifier) = message_identifier(&message) {
+                    self.record(Change::UnsubscribeTask {
+                        identifier: identifier.clone(),
+                        client: hex(&identity),
+                    });
+                    self.dispatcher.unsubscribe(&identifier, &identity);
                 }
             }
             Some(kind::UNSUBSCRIBE_RPC) => {
                 if let Some(identifier) = message_identifier(&message)
-                    && self.rpcs.unsubscribe(&identifier, &identity)
+                    && self.rpcs.serves(&identity, &identifier)
                 {
-                    self.dirty = true;
+                    self.record(Change::UnsubscribeRpc {
+                        identifier: identifier.clone(),
+                        client: hex(&identity),
+                    });
+                    self.rpcs.unsubscribe(&identifier, &identity);
                 }
             }
             Some(kind::PING) => {}
@@ -926,10 +991,11 @@ impl Server {
     }
 
     /// Hands pending tasks round-robin to workers with room. Who holds what is written down
-    /// (durably) before a task leaves, so a broker killed mid-dispatch still knows after its
+    /// (in the state's log) before a task leaves, so a broker killed mid-dispatch still knows after its
     /// restart that the task is taken and waits for its worker rather than running it twice.
     fn dispatch(&mut self) {
         let mut handed = Vec::new();
+        let mut changes = Vec::new();
         while self.store.pending() > 0 {
             let unreachable = &self.unreachable;
             let Some(worker) = self
@@ -956,19 +1022,40 @@ impl Server {
                 ..Outgoing::new(kind::TASK, &self.sender)
             }
             .encode();
-            self.handed_at.insert(task_id.clone(), unix_now());
-            if task.results
-                && let Some(sender) = task.sender_identity.as_deref().and_then(unhex)
-            {
-                self.result_routes.insert(task_id.clone(), (sender, None));
+            let at = unix_now();
+            self.handed_at.insert(task_id.clone(), at);
+            let route = task
+                .results
+                .then(|| task.sender_identity.as_deref().and_then(unhex))
+                .flatten();
+            changes.push(Change::Assign {
+                task: task_id.clone(),
+                client: hex(&worker),
+                delivery,
+                at,
+                route: route.as_deref().map(hex),
+            });
+            if let Some(sender) = route {
+                let route = ResultRoute {
+                    sender,
+                    holder: Some(worker.clone()),
+                    acked: None,
+                };
+                self.result_routes.insert(task_id.clone(), route);
             }
-            self.dirty = true;
             handed.push((worker, task_id, delivery, bytes));
         }
         if handed.is_empty() {
             return;
         }
-        self.persist();
+        // Written down before the tasks leave; if it cannot be, they do not leave.
+        self.dirty = true;
+        if !self.log.record(&changes) {
+            for (worker, task_id, delivery, _) in handed {
+                self.settle(&worker, &task_id, Some(delivery), false);
+            }
+            return;
+        }
         for (worker, task_id, delivery, bytes) in handed {
             let sent = self
                 .router
@@ -1004,17 +1091,23 @@ impl Server {
     fn settled_task(&mut self, task_id: &str, ack: bool) {
         self.handed_at.remove(task_id);
         self.lease_pids.remove(task_id);
-        self.settled = true;
+        // The store first, the log after: a stop between the two leaves a hand-over written
+        // down whose task is gone (a restart takes back only tasks still stored), never a
+        // task stored whose hand-over is forgotten (it would go out again).
         if ack {
             self.store.ack(task_id);
             self.acked.insert(task_id);
             if let Some(route) = self.result_routes.get_mut(task_id) {
-                route.1 = Some(Instant::now());
+                route.acked = Some(Instant::now());
             }
         } else {
             self.store.nack(task_id);
             self.result_routes.remove(task_id);
         }
+        self.record(Change::Release {
+            task: task_id.to_owned(),
+            acked: ack,
+        });
     }
 
     /// Requeues tasks the dispatcher released for a holder (gone, lease ended, never
@@ -1038,7 +1131,6 @@ impl Server {
             "tasks handed to a client just before the broker stopped never reached it; requeued"
         );
         self.requeue_released(lost);
-        self.dirty = true;
     }
 
     /// A client serves a process's RPC: a leased task continuing that process is its own.
@@ -1057,14 +1149,22 @@ impl Server {
     }
 
     /// A worker's result: to the sender that asked for it, else dropped (as AiiDA's).
-    fn on_result(&mut self, message: Incoming<'_>) {
+    fn on_result(&mut self, from: &ClientId, message: Incoming<'_>) {
         let Some(task_id) = message.task_id.as_deref() else {
             return;
         };
-        let Some((sender, _)) = self.result_routes.remove(task_id) else {
+        // Taken only from the client the task was handed to.
+        match self.result_routes.get(task_id) {
+            Some(route) if route.holder.as_ref().is_none_or(|holder| holder == from) => {}
+            Some(_) => {
+                return tracing::warn!(client = %shown(from), %task_id, "a result from a client the task was not handed to was refused");
+            }
+            None => return,
+        }
+        let Some(ResultRoute { sender, .. }) = self.result_routes.remove(task_id) else {
             return;
         };
-        self.settled = true;
+        self.dirty = true;
         let frame = Outgoing {
             task_id: Some(task_id),
             result: Some(message.result.unwrap_or_else(|| null())),
@@ -1199,6 +1299,9 @@ impl Server {
         let tasks = self.dispatcher.remove_client(identity);
         tracing::warn!(client = %shown(identity), tasks = tasks.len(), "a client gone past its grace: its tasks go back to the queue");
         self.requeue_released(tasks);
+        self.record(Change::RemoveClient {
+            client: hex(identity),
+        });
         for (rpc_id, caller) in self.rpcs.remove_client(identity) {
             self.rpc_error(
                 &caller,
@@ -1208,7 +1311,6 @@ impl Server {
         }
         self.presence_watchers.remove(identity);
         self.unreachable.remove(identity);
-        self.settled = true;
     }
 
     /// Answers expired RPCs with an error, requeues the leased tasks not claimed in time,
@@ -1227,15 +1329,16 @@ impl Server {
                     "tasks handed over as the last run stopped were not claimed within the lease: requeued"
                 );
                 self.requeue_released(ended);
-                self.dirty = true;
             }
         }
         let before = self.result_routes.len();
-        self.result_routes.retain(|_, (_, acked)| {
-            acked.is_none_or(|at| now.duration_since(at) < RESULT_ROUTE_TTL)
+        self.result_routes.retain(|_, route| {
+            route
+                .acked
+                .is_none_or(|at| now.duration_since(at) < RESULT_ROUTE_TTL)
         });
         if self.result_routes.len() != before {
-            self.settled = true;
+            self.dirty = true;
         }
         self.acked.prune(now);
     }

@@ -183,10 +183,10 @@ pub(crate) struct Link {
     /// consumer's channel drops its deliveries, and their ackers requeue them.
     outbox: Mutex<VecDeque<Frame>>,
     /// Recent settles, to send again after a reconnect (taken alone, or after `state`).
-    settled: Mutex<VecDeque<RecentSettle>>,
+    settled: Mutex<RecentSettles>,
     /// The tasks handed to this client and not settled, to tell a restarted kiwimq broker
-    /// which of those it thinks this client holds really reached it (taken alone, or after
-    /// `state`).
+    /// which of those it thinks this client holds really reached it (taken alone, after
+    /// `state`, or after `settled`).
     held: Mutex<HashSet<String>>,
     /// Whether the broker is kiwimq's (its `broker.status` says so, read once at connect),
     /// which reads kiwimq's own message types: presence, and which tasks a client holds.
@@ -213,7 +213,7 @@ impl Link {
         self.outbox.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn settled(&self) -> MutexGuard<'_, VecDeque<RecentSettle>> {
+    fn settled(&self) -> MutexGuard<'_, RecentSettles> {
         self.settled.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -265,6 +265,51 @@ impl Link {
     }
 }
 
+/// The settles sent lately, oldest first (at most `SETTLES_KEPT`, none older than
+/// `SETTLE_MEMORY`), and how many of them each task has.
+#[derive(Default)]
+struct RecentSettles {
+    order: VecDeque<RecentSettle>,
+    of_task: HashMap<String, u32>,
+}
+
+impl RecentSettles {
+    fn push(&mut self, recent: RecentSettle) {
+        let now = recent.at;
+        while self.order.front().is_some_and(|oldest| {
+            now.duration_since(oldest.at) > SETTLE_MEMORY || self.order.len() >= SETTLES_KEPT
+        }) {
+            if let Some(oldest) = self.order.pop_front() {
+                self.forget(&oldest.task_id);
+            }
+        }
+        *self.of_task.entry(recent.task_id.clone()).or_default() += 1;
+        self.order.push_back(recent);
+    }
+
+    fn forget(&mut self, task_id: &str) {
+        if let Some(count) = self.of_task.get_mut(task_id) {
+            *count -= 1;
+            if *count == 0 {
+                self.of_task.remove(task_id);
+            }
+        }
+    }
+
+    /// Forgets the settles of `task_id` (delivered again: they are of an earlier delivery).
+    fn forget_task(&mut self, task_id: &str) {
+        if self.of_task.remove(task_id).is_some() {
+            self.order.retain(|recent| recent.task_id != task_id);
+        }
+    }
+
+    fn since(&self, since: Option<Instant>) -> impl Iterator<Item = &RecentSettle> {
+        self.order
+            .iter()
+            .filter(move |recent| since.is_some_and(|since| recent.at >= since))
+    }
+}
+
 /// A settle sent lately, to send again after a reconnect: of one delivery of a task.
 struct RecentSettle {
     at: Instant,
@@ -282,7 +327,6 @@ struct TaskSettle {
 
 impl Settle for TaskSettle {
     fn settle(self: Box<Self>, outcome: Outcome) {
-        self.link.held().remove(&self.task_id);
         let kind = match outcome {
             Outcome::Ack => kind::TASK_ACK,
             Outcome::Requeue => kind::TASK_NACK,
@@ -303,12 +347,12 @@ impl Settle for TaskSettle {
         {
             let mut settled = self.link.settled();
             let now = Instant::now();
-            while settled.front().is_some_and(|recent| {
-                now.duration_since(recent.at) > SETTLE_MEMORY || settled.len() >= SETTLES_KEPT
-            }) {
-                settled.pop_front();
-            }
-            settled.push_back(RecentSettle {
+            // No longer held, under the lock of the settles: a reconnect sees this task
+            // either held or settled, never neither (it would tell a restarted broker it
+            // does not hold a task whose settle it has not sent again: the task would run
+            // twice).
+            self.link.held().remove(&self.task_id);
+            settled.push(RecentSettle {
                 at: now,
                 task_id: self.task_id,
                 frame: frame.clone(),
@@ -1160,16 +1204,13 @@ impl Io {
             // Settles the broker may not have written down before it went; one it did write
             // is refused harmlessly.
             let since = lost.map(|at| at.checked_sub(SETTLE_MEMORY).unwrap_or(at));
-            again.extend(
-                self.link
-                    .settled()
-                    .iter()
-                    .filter(|recent| since.is_some_and(|since| recent.at >= since))
-                    .map(|recent| Frame {
-                        bytes: recent.frame.clone(),
-                        task_id: None,
-                    }),
-            );
+            // The settles and the holdings read under one lock (the settles'), as a settle
+            // changes both under it.
+            let settled = self.link.settled();
+            again.extend(settled.since(since).map(|recent| Frame {
+                bytes: recent.frame.clone(),
+                task_id: None,
+            }));
             // Which tasks reached this client: kiwimq's broker requeues those it took back
             // as this client's that did not (a hand-over cut short by its stop).
             if self.link.is_kiwimq_broker() {
@@ -1185,6 +1226,7 @@ impl Io {
                     task_id: None,
                 });
             }
+            drop(settled);
             if let Some(lost) = lost {
                 for (id, unconfirmed) in state.unconfirmed.iter_mut() {
                     if unconfirmed.handed.is_some_and(|handed| handed <= lost) {
@@ -1331,9 +1373,7 @@ impl Io {
         // A new delivery of a task settled lately: the old settle is not sent again after a
         // reconnect (on AiiDA's broker, which numbers no deliveries, it would settle this
         // one — requeue a task this client runs).
-        self.link
-            .settled()
-            .retain(|recent| recent.task_id != task_id);
+        self.link.settled().forget_task(&task_id);
         let no_reply = message.no_reply.unwrap_or(false);
         let body = TaskEnvelope::encode(message.body.unwrap_or_else(|| protocol::null()), no_reply);
         let mut delivery = Delivery {

@@ -2,18 +2,23 @@
 //! batch of tasks is confirmed once its lines are appended here and synced — one sync for
 //! the whole batch. Each task's file in AiiDA's `pending/` is written afterwards by the
 //! materializer (a thread of the store's own), which syncs a batch of files and their
-//! directory and then appends a mark: every task up to it has its file. A task is handed to
-//! a worker only once it is marked, so a task above the last mark was never dispatched, and
-//! one at or below it whose file is gone was settled. The journal is emptied whenever every
-//! line in it is marked.
+//! directory and then appends a mark: every task up to it has its file where it belongs (or,
+//! settled already, none). A task at or below the last mark whose file is gone was settled.
+//! The journal is emptied whenever every line in it is marked.
+//!
+//! A task may be handed out before its file is written: its fate is then told to the
+//! materializer ([`Fate`]), which writes a held task's file into `processing/` and writes
+//! none for a task settled already — whose settle the store appends here first (a
+//! `settled` line), so that a start never writes it again.
 //!
 //! At start, [`replay`] writes again each task above the last mark whose file in `pending/`
-//! is missing or does not decode (a crash between the confirm and the file), then empties
-//! the journal. A last line cut short by a crash was never synced, so never confirmed: it
-//! is skipped.
+//! is missing or does not decode (a crash between the confirm and the file), unless a
+//! `settled` line says it was done, then empties the journal. A last line cut short by a
+//! crash was never synced, so never confirmed: it is skipped.
 //!
 //! [`Store`]: super::store::Store
 
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -27,6 +32,24 @@ use super::store::{Spares, StoredTask, is_task_file_name, sync_dir};
 
 /// Called when the materializer has marked more tasks: the broker's loop can dispatch them.
 pub(crate) type Wake = Box<dyn Fn() + Send>;
+
+/// What became of a task before its file was marked, by file name: told by the store
+/// ([`Journal::tell`]) under the same lock under which the materializer, after writing a
+/// batch, puts each file where its task's last fate says and then marks the batch — so a
+/// fate is either told before the mark (and done by the materializer) or refused (the file
+/// is marked: the store moves it itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fate {
+    /// A worker holds it: its file goes to `processing/`.
+    Held,
+    /// It was settled: no file.
+    Settled,
+    /// Back in the queue: its file goes to `pending/`.
+    Waiting,
+}
+
+/// The fates, shared by the store and the materializer.
+pub(crate) type Fates = Arc<Mutex<HashMap<String, Fate>>>;
 
 /// At most this many tasks are written and synced by the materializer in one go. A batch
 /// goes out to workers once it is marked, so smaller batches let dispatch overlap the
@@ -64,6 +87,9 @@ struct Line {
     task: Option<Box<serde_json::value::RawValue>>,
     #[serde(default)]
     synced: Option<u64>,
+    /// A task settled before its file was written.
+    #[serde(default)]
+    settled: Option<u64>,
 }
 
 /// The journal file, its length, and the last task appended to it.
@@ -143,6 +169,7 @@ impl Shared {
 #[derive(Debug)]
 pub(crate) struct Journal {
     shared: Arc<Shared>,
+    fates: Fates,
     entries: Option<Sender<Vec<Entry>>>,
     materializer: Option<JoinHandle<()>>,
 }
@@ -152,10 +179,11 @@ impl Journal {
     /// which writes tasks into `pending_dir` over `spares` and calls `wake` after each mark.
     pub(crate) fn start(
         path: &Path,
-        pending_dir: PathBuf,
+        dirs: Dirs,
         spares: Arc<Spares>,
         wake: Wake,
     ) -> io::Result<Self> {
+        let fates = Fates::default();
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         let shared = Arc::new(Shared {
             appender: Mutex::new(Appender {
@@ -170,12 +198,14 @@ impl Journal {
         let (entries, received) = mpsc::channel();
         let materializer = {
             let shared = shared.clone();
+            let fates = fates.clone();
             std::thread::Builder::new()
                 .name("kiwimq-tasks".into())
-                .spawn(move || materialize(&shared, &received, &pending_dir, &spares, &wake))?
+                .spawn(move || materialize(&shared, &received, &dirs, &spares, &fates, &wake))?
         };
         Ok(Self {
             shared,
+            fates,
             entries: Some(entries),
             materializer: Some(materializer),
         })
@@ -223,14 +253,33 @@ impl Journal {
         Ok(seqs)
     }
 
-    /// The last task whose file is written: tasks up to it may be handed out.
-    pub(crate) fn marked(&self) -> u64 {
-        *self.shared.marked()
+    fn fates(&self) -> MutexGuard<'_, HashMap<String, Fate>> {
+        self.fates.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The last task appended.
-    pub(crate) fn appended(&self) -> u64 {
-        self.shared.appender().appended
+    /// Tells the materializer the fate of the task at `seq` (its file `name`), if its file
+    /// is not marked yet: whether it was not (the materializer then puts the file as the
+    /// fate says, or writes none). A settle is noted in the journal too, so a start does not
+    /// write the task again (written, not synced: a power cut may bring it back, and it
+    /// runs again — at least once).
+    pub(crate) fn tell(&self, name: &str, seq: u64, fate: Fate) -> bool {
+        let mut fates = self.fates();
+        if *self.shared.marked() >= seq {
+            return false;
+        }
+        if fate == Fate::Settled {
+            let line = format!("{{\"settled\":{seq}}}\n");
+            if let Err(error) = self.shared.appender().append(line.as_bytes(), false) {
+                tracing::warn!(%error, "cannot note a settle in the journal; a restart may run the task again");
+            }
+        }
+        fates.insert(name.to_owned(), fate);
+        true
+    }
+
+    /// The last task whose file is written (or, settled first, needs none).
+    pub(crate) fn marked(&self) -> u64 {
+        *self.shared.marked()
     }
 
     /// Waits (up to `timeout`) until every task appended has its file; whether they do.
@@ -260,13 +309,21 @@ impl Drop for Journal {
     }
 }
 
-/// The materializer: writes each batch of journaled tasks into `pending/`, syncs them, and
-/// marks them, until the journal goes.
+/// Where task files go: AiiDA's `pending/` and `processing/`.
+#[derive(Debug, Clone)]
+pub(crate) struct Dirs {
+    pub(crate) pending: PathBuf,
+    pub(crate) processing: PathBuf,
+}
+
+/// The materializer: writes each batch of journaled tasks, syncs them, puts each where its
+/// task's last fate says, and marks them, until the journal goes.
 fn materialize(
     shared: &Shared,
     received: &Receiver<Vec<Entry>>,
-    pending_dir: &Path,
+    dirs: &Dirs,
     spares: &Spares,
+    fates: &Fates,
     wake: &Wake,
 ) {
     while let Ok(mut batch) = received.recv() {
@@ -276,7 +333,7 @@ fn materialize(
                 Err(_) => break,
             }
         }
-        while let Err(error) = write_files(pending_dir, spares, &batch) {
+        while let Err(error) = write_files(dirs, spares, fates, &batch) {
             tracing::error!(
                 %error, count = batch.len(),
                 "confirmed tasks cannot be written to pending/ (the journal keeps them); trying again in 1 s"
@@ -289,7 +346,13 @@ fn materialize(
         let Some(last) = batch.last().map(|entry| entry.seq) else {
             continue;
         };
-        if let Err(error) = shared.mark(last) {
+        // The fates told since the files were written are done, then the batch is marked,
+        // under one lock: no fate falls between.
+        let mut told = fates.lock().unwrap_or_else(|p| p.into_inner());
+        put_right(dirs, spares, &batch, &mut told);
+        let marked = shared.mark(last);
+        drop(told);
+        if let Err(error) = marked {
             // The files are there, so they may go out; but a start before the next mark
             // would write again those of them settled by then, and run them again.
             tracing::warn!(%error, "cannot mark tasks written in the journal; a restart may run some again");
@@ -300,26 +363,117 @@ fn materialize(
     }
 }
 
-/// Writes `entries` into `pending_dir` durably: over spares (or temporary files when none
-/// is ready), synced together, renamed to their names, and the directory synced.
-fn write_files(pending_dir: &Path, spares: &Spares, entries: &[Entry]) -> io::Result<()> {
+/// After a batch is written: each file whose task's fate was told is put where the fate
+/// says (a settled one's removed, a held one's in `processing/`, a requeued one's in
+/// `pending/`), and the fates of the batch forgotten.
+fn put_right(dirs: &Dirs, spares: &Spares, batch: &[Entry], fates: &mut HashMap<String, Fate>) {
+    if fates.is_empty() {
+        return;
+    }
+    for entry in batch {
+        let Some(fate) = fates.remove(&entry.name) else {
+            continue;
+        };
+        let in_pending = dirs.pending.join(&entry.name);
+        let in_processing = dirs.processing.join(&entry.name);
+        let moved = match fate {
+            Fate::Settled => [in_pending, in_processing]
+                .iter()
+                .filter(|path| path.exists())
+                .try_for_each(|path| spares.give_back(path)),
+            // One place each (a write tried again after a failure may have left a copy in
+            // the other).
+            Fate::Held => settle_in(&in_pending, &in_processing),
+            Fate::Waiting => settle_in(&in_processing, &in_pending),
+        };
+        if let Err(error) = moved {
+            tracing::error!(name = %entry.name, %error, ?fate, "cannot put a task's file where its fate says");
+        }
+    }
+}
+
+/// Makes `to` the one copy of a task's file: moves `from` there, or removes it when `to`
+/// is there already.
+fn settle_in(from: &Path, to: &Path) -> io::Result<()> {
+    if !from.exists() {
+        return Ok(());
+    }
+    if to.exists() {
+        fs::remove_file(from)
+    } else {
+        fs::rename(from, to)
+    }
+}
+
+/// Writes `entries` durably: over spares (or temporary files when none is ready), synced
+/// together, renamed to their names in `pending/` (or `processing/`, for a task held
+/// already), and the directories synced. A task settled already gets no file.
+fn write_files(dirs: &Dirs, spares: &Spares, fates: &Fates, entries: &[Entry]) -> io::Result<()> {
+    let mut taken = Vec::new();
+    let mut placed = 0;
+    let written = write_batch(dirs, spares, fates, entries, &mut taken, &mut placed);
+    if written.is_err() {
+        // What was taken and not put in place goes back: a spare to the pool (its content
+        // is nothing), a temporary away — a disk that fails does not eat them.
+        for path in taken.into_iter().skip(placed) {
+            if path.extension().is_some_and(|e| e == "spare") {
+                spares.pool().push(path);
+            } else {
+                let _ = fs::remove_file(path);
+            }
+        }
+    }
+    written
+}
+
+/// [`write_files`]' work: `taken` gets each file taken for a task, in order, and `placed`
+/// counts those renamed into place.
+fn write_batch(
+    dirs: &Dirs,
+    spares: &Spares,
+    fates: &Fates,
+    entries: &[Entry],
+    taken: &mut Vec<PathBuf>,
+    placed: &mut usize,
+) -> io::Result<()> {
+    let pending_dir = &dirs.pending;
     let mut written = Vec::with_capacity(entries.len());
+    let mut to_processing = false;
     for entry in entries {
+        let fate = fates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&entry.name)
+            .copied();
+        let dir = match fate {
+            Some(Fate::Settled) => continue,
+            Some(Fate::Held) => {
+                to_processing = true;
+                &dirs.processing
+            }
+            Some(Fate::Waiting) | None => pending_dir,
+        };
         // A spare is written over where it is (a crash leaves it a spare); a new file is
         // made as a temporary one (a crash leaves a `.tmp`, removed at start).
         let (path, mut file) = match spares.take() {
             Some(spare) => {
+                taken.push(spare.clone());
                 let file = OpenOptions::new().write(true).truncate(true).open(&spare)?;
                 (spare, file)
             }
             None => {
                 let temporary = pending_dir.join(format!("{}.tmp", entry.name));
+                taken.push(temporary.clone());
                 let file = File::create(&temporary)?;
                 (temporary, file)
             }
         };
         file.write_all(&entry.bytes)?;
-        written.push((&entry.name, path, file));
+        written.push((&entry.name, path, file, dir));
+    }
+    if written.is_empty() {
+        // Every task of the batch was settled before its file: nothing to write.
+        return Ok(());
     }
     // Issued together, the syncs share the file system's commits.
     let threads = written.len().clamp(1, 8);
@@ -328,7 +482,11 @@ fn write_files(pending_dir: &Path, spares: &Spares, entries: &[Entry]) -> io::Re
         let syncs: Vec<_> = written
             .chunks(chunk)
             .map(|files| {
-                scope.spawn(move || files.iter().try_for_each(|(_, _, file)| file.sync_data()))
+                scope.spawn(move || {
+                    files
+                        .iter()
+                        .try_for_each(|(_, _, file, _)| file.sync_data())
+                })
             })
             .collect();
         for sync in syncs {
@@ -337,8 +495,12 @@ fn write_files(pending_dir: &Path, spares: &Spares, entries: &[Entry]) -> io::Re
         }
         Ok(())
     })?;
-    for (name, path, _) in &written {
-        fs::rename(path, pending_dir.join(name))?;
+    for (name, path, _, dir) in &written {
+        fs::rename(path, dir.join(name))?;
+        *placed += 1;
+    }
+    if to_processing {
+        sync_dir(&dirs.processing)?;
     }
     sync_dir(pending_dir)
 }
@@ -354,12 +516,18 @@ pub(crate) fn replay(path: &Path, pending_dir: &Path) -> io::Result<usize> {
     };
     let mut tasks = Vec::new();
     let mut marked = 0;
+    let mut settled = HashSet::new();
     for (number, line) in BufReader::new(file).split(b'\n').enumerate() {
         let line = line?;
         match serde_json::from_slice::<Line>(&line) {
             Ok(Line {
                 synced: Some(seq), ..
             }) => marked = marked.max(seq),
+            Ok(Line {
+                settled: Some(seq), ..
+            }) => {
+                settled.insert(seq);
+            }
             Ok(Line {
                 seq: Some(seq),
                 name: Some(name),
@@ -375,11 +543,23 @@ pub(crate) fn replay(path: &Path, pending_dir: &Path) -> io::Result<usize> {
         }
     }
     let mut restored = 0;
-    for (_, name, task) in tasks.into_iter().filter(|(seq, ..)| *seq > marked) {
+    for (seq, name, task) in tasks.into_iter().filter(|(seq, ..)| *seq > marked) {
         // The name is joined to pending/: `../x_1.json` or `/tmp/x_1.json` would write
         // elsewhere (found writing the journal's fuzz target).
         if !is_task_file_name(&name) {
             tracing::warn!(%name, "a journaled task with an unusable name was skipped");
+            continue;
+        }
+        if settled.contains(&seq) {
+            // Settled before its mark: a file written for it all the same (its writer had
+            // begun) is taken away, so the task does not run again.
+            match fs::remove_file(pending_dir.join(&name)) {
+                Ok(()) => {
+                    tracing::debug!(%name, "the file of a task settled before it was removed")
+                }
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => return Err(error),
+            }
             continue;
         }
         let file = pending_dir.join(&name);
@@ -420,6 +600,15 @@ mod tests {
         (dir.join("journal"), pending, dir)
     }
 
+    fn dirs(pending: &Path) -> Dirs {
+        let processing = pending.with_file_name("processing");
+        fs::create_dir_all(&processing).unwrap();
+        Dirs {
+            pending: pending.to_owned(),
+            processing,
+        }
+    }
+
     fn line(seq: u64, name: &str, pid: u32) -> String {
         format!(
             "{{\"seq\":{seq},\"name\":\"{name}\",\"task\":{{\"id\":\"{pid}\",\"body\":{{\"task\":\"continue\",\"args\":{{\"pid\":{pid}}}}},\"no_reply\":true}}}}\n"
@@ -457,6 +646,79 @@ mod tests {
             "a settled task is not brought back"
         );
         assert!(pending.join("11_b.json").exists());
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_task_settled_before_its_file_is_not_written_at_start() {
+        let (journal, pending, dir) = scratch();
+        let text = line(1, "10_a.json", 1)
+            + &line(2, "11_b.json", 2)
+            + &line(3, "12_c.json", 3)
+            + "{\"settled\":1}\n{\"settled\":3}\n";
+        fs::write(&journal, text).unwrap();
+        // Its writer had begun before the settle: the file is there, and must go.
+        fs::write(pending.join("12_c.json"), br#"{"id": "3", "body": 3}"#).unwrap();
+        assert_eq!(replay(&journal, &pending).unwrap(), 1);
+        assert!(!pending.join("10_a.json").exists(), "settled: never again");
+        assert!(
+            !pending.join("12_c.json").exists(),
+            "settled: its late file gone"
+        );
+        assert!(pending.join("11_b.json").exists());
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_materializer_writes_a_held_tasks_file_to_processing_and_none_for_a_settled_one() {
+        let (journal_file, pending, dir) = scratch();
+        let spares = Arc::new(Spares::open(&dir.join("spare")).unwrap());
+        let stalled = spares.pool();
+        let journal = Journal::start(
+            &journal_file,
+            dirs(&pending),
+            spares.clone(),
+            Box::new(|| {}),
+        )
+        .unwrap();
+        let task = |id: &str| StoredTask {
+            id: Some(id.to_owned()),
+            sender: serde_json::Value::Null,
+            sender_identity: None,
+            body: serde_json::value::to_raw_value(&serde_json::json!({"pid": 1})).unwrap(),
+            no_reply: true,
+            timestamp: 0.0,
+            results: false,
+        };
+        let names = ["1_a.json", "2_b.json", "3_c.json"].map(str::to_owned);
+        journal
+            .append(&[task("a"), task("b"), task("c")], &names)
+            .unwrap();
+        assert!(journal.tell(&names[0], 1, Fate::Held));
+        assert!(journal.tell(&names[1], 2, Fate::Settled));
+        drop(stalled);
+        assert!(journal.flush(Duration::from_secs(10)));
+        assert!(
+            !journal.tell(&names[2], 3, Fate::Held),
+            "a fate after the mark is refused"
+        );
+        // A batch of settled tasks only: no file at all, and the writer goes on.
+        let stalled = spares.pool();
+        journal.append(&[task("d")], &["4_d.json".into()]).unwrap();
+        assert!(journal.tell("4_d.json", 4, Fate::Settled));
+        drop(stalled);
+        assert!(journal.flush(Duration::from_secs(10)));
+        journal.append(&[task("e")], &["5_e.json".into()]).unwrap();
+        assert!(
+            journal.flush(Duration::from_secs(10)),
+            "the writer is still there"
+        );
+        assert!(pending.join("5_e.json").exists());
+        assert!(journal.fates().is_empty(), "every fate was done as it says");
+        assert!(dir.join("processing/1_a.json").exists());
+        assert!(!dir.join("processing/2_b.json").exists() && !pending.join("2_b.json").exists());
+        assert!(pending.join("3_c.json").exists());
+        drop(journal);
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -505,7 +767,7 @@ mod tests {
         let (journal_file, pending, dir) = scratch();
         let spares = Arc::new(Spares::open(&dir.join("spare")).unwrap());
         let journal =
-            Journal::start(&journal_file, pending.clone(), spares, Box::new(|| {})).unwrap();
+            Journal::start(&journal_file, dirs(&pending), spares, Box::new(|| {})).unwrap();
         let task = |id: &str| StoredTask {
             id: Some(id.to_owned()),
             sender: serde_json::Value::Null,
@@ -531,7 +793,13 @@ mod tests {
         let (journal_file, pending, dir) = scratch();
         let spares = Arc::new(Spares::open(&dir.join("spare")).unwrap());
         let journal = Arc::new(
-            Journal::start(&journal_file, pending, spares.clone(), Box::new(|| {})).unwrap(),
+            Journal::start(
+                &journal_file,
+                dirs(&pending),
+                spares.clone(),
+                Box::new(|| {}),
+            )
+            .unwrap(),
         );
         let big = |n: usize| StoredTask {
             id: Some(n.to_string()),
@@ -581,8 +849,13 @@ mod tests {
     fn past_its_limit_an_append_that_cannot_catch_up_is_refused_and_appends_nothing() {
         let (journal_file, pending, dir) = scratch();
         let spares = Arc::new(Spares::open(&dir.join("spare")).unwrap());
-        let journal =
-            Journal::start(&journal_file, pending, spares.clone(), Box::new(|| {})).unwrap();
+        let journal = Journal::start(
+            &journal_file,
+            dirs(&pending),
+            spares.clone(),
+            Box::new(|| {}),
+        )
+        .unwrap();
         let big = |n: usize| StoredTask {
             id: Some(n.to_string()),
             sender: serde_json::Value::Null,

@@ -4,7 +4,10 @@
 //!
 //! Unlike AiiDA's, a task is on disk before it is confirmed: in the write-ahead journal
 //! (`journal`), one sync for a batch. Its file follows — written, synced, renamed into
-//! `pending/`, the directory synced, a batch at once — and only then can it be handed out.
+//! `pending/`, the directory synced, a batch at once. It may be handed out before (from
+//! memory): its file then goes straight to `processing/`, and a task settled before its
+//! file is written gets none (the journal notes the settle, so a start does not bring it
+//! back). After each batch the store puts right what the writer could not know in time.
 //! A file that does not decode is moved to `corrupt/` and reported, never deleted;
 //! leftover temporary files are removed at start, after the journal has written again
 //! every confirmed task whose file was not finished.
@@ -24,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::journal::{self, Journal, Wake};
+use super::journal::{self, Dirs, Fate, Journal, Wake};
 pub(super) use super::service::sync_dir;
 
 /// A task as stored: AiiDA's fields (`id, sender, sender_identity, body, no_reply,
@@ -52,6 +55,8 @@ pub(crate) struct StoredTask {
 
 /// Spare files kept ready.
 const SPARES_KEPT: usize = 1024;
+/// The largest settled task file kept as a spare (a file system's block).
+const SPARE_BYTES: u64 = 4096;
 
 /// Empty files for new tasks to be written into, and the thread that makes them.
 #[derive(Debug)]
@@ -111,9 +116,13 @@ impl Spares {
         spare
     }
 
-    /// Makes `path` (a settled task's file) a spare, or removes it when enough are kept.
-    fn give_back(&self, path: &Path) -> io::Result<()> {
-        if self.pool().len() >= SPARES_KEPT {
+    /// Makes `path` (a settled task's file) a spare, or removes it when enough are kept or
+    /// it is large: a spare keeps its blocks until it is written over, so only small files
+    /// are kept (at most `SPARES_KEPT` × `SPARE_BYTES` of disk) and a full disk gets the
+    /// room of settled tasks back.
+    pub(super) fn give_back(&self, path: &Path) -> io::Result<()> {
+        let large = fs::metadata(path).is_ok_and(|meta| meta.len() > SPARE_BYTES);
+        if large || self.pool().len() >= SPARES_KEPT {
             return fs::remove_file(path);
         }
         let spare = self.name();
@@ -197,8 +206,11 @@ pub(crate) struct Store {
     last_us: u128,
     /// Where a stored task is confirmed first; its file follows.
     journal: Journal,
-    /// Pending tasks whose file is not written yet, with their place in the journal.
+    /// Tasks whose file is not written yet (not marked), by file name: their place in the
+    /// journal. Kept in `cached` meanwhile, so they can be handed out.
     unwritten: HashMap<String, u64>,
+    /// The same, in journal order, to catch up with the marks.
+    unwritten_order: VecDeque<(u64, String)>,
 }
 
 /// Whether a task can be stored under `id`: it names the task's file (AiiDA's ids are
@@ -257,7 +269,11 @@ impl Store {
         }
         let journal_file = tasks_dir.join("journal");
         journal::replay(&journal_file, &pending_dir)?;
-        let journal = Journal::start(&journal_file, pending_dir.clone(), spares.clone(), wake)?;
+        let dirs = Dirs {
+            pending: pending_dir.clone(),
+            processing: processing_dir.clone(),
+        };
+        let journal = Journal::start(&journal_file, dirs, spares.clone(), wake)?;
         let mut pending = Vec::new();
         for entry in fs::read_dir(&pending_dir)? {
             let entry = entry?;
@@ -316,6 +332,7 @@ impl Store {
             last_us: 0,
             journal,
             unwritten: HashMap::new(),
+            unwritten_order: VecDeque::new(),
         })
     }
 
@@ -339,7 +356,7 @@ impl Store {
     }
 
     /// Stores a batch of tasks durably, in order; returns once all are on disk (in the
-    /// journal: their files follow, and each is handed out only once it has one).
+    /// journal: their files follow; a task may go out before its file, from memory).
     pub(crate) fn push_all(&mut self, tasks: &[StoredTask]) -> io::Result<()> {
         if tasks.is_empty() {
             return Ok(());
@@ -352,6 +369,7 @@ impl Store {
         for ((name, seq), task) in names.into_iter().zip(seqs).zip(tasks) {
             self.cache(&name, task.clone());
             self.unwritten.insert(name.clone(), seq);
+            self.unwritten_order.push_back((seq, name.clone()));
             if let Some(id) = task_id(&name) {
                 self.pending_ids.insert(id.to_owned(), name.clone());
             }
@@ -379,6 +397,9 @@ impl Store {
     /// A task handed out, as stored (read back from its file).
     pub(crate) fn held(&self, id: &str) -> Option<StoredTask> {
         let name = self.processing.get(id)?;
+        if let Some(task) = self.cached.get(name) {
+            return Some(task.clone());
+        }
         let bytes = fs::read(self.held_file(name)).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
@@ -414,9 +435,37 @@ impl Store {
         self.pending.push_front(name);
     }
 
-    /// Waits (up to `timeout`) until every task stored has its file; whether they do.
-    pub(crate) fn flush(&self, timeout: Duration) -> bool {
-        self.journal.flush(timeout)
+    /// Waits (up to `timeout`) until every task stored has its file where it belongs;
+    /// whether they do.
+    pub(crate) fn flush(&mut self, timeout: Duration) -> bool {
+        let done = self.journal.flush(timeout);
+        self.catch_up();
+        done
+    }
+
+    /// Once a batch's files are written (the materializer has put each where its task's
+    /// fate said): forgets them as unwritten, and the memory of those no longer waiting.
+    fn catch_up(&mut self) {
+        if self.unwritten_order.is_empty() {
+            return;
+        }
+        let marked = self.journal.marked();
+        while let Some(&(seq, _)) = self.unwritten_order.front() {
+            if seq > marked {
+                break;
+            }
+            let Some((_, name)) = self.unwritten_order.pop_front() else {
+                break;
+            };
+            if self.unwritten.get(&name) != Some(&seq) {
+                continue;
+            }
+            self.unwritten.remove(&name);
+            let waiting = task_id(&name).is_some_and(|id| self.pending_ids.get(id) == Some(&name));
+            if !waiting {
+                self.uncache(&name);
+            }
+        }
     }
 
     /// Takes the next task into processing. Skips (and quarantines) files that do not
@@ -428,24 +477,8 @@ impl Store {
             }
             self.read_blocked_until = None;
         }
-        let mut marked = u64::MAX;
-        if !self.unwritten.is_empty() {
-            marked = self.journal.marked();
-            if marked >= self.journal.appended() {
-                // Every file is written: nothing left to wait for.
-                self.unwritten.clear();
-                marked = u64::MAX;
-            }
-        }
+        self.catch_up();
         while let Some(name) = self.pending.pop_front() {
-            if let Some(seq) = self.unwritten.remove(&name)
-                && seq > marked
-            {
-                // Its file is still being written: a task goes out only from `pending/`.
-                self.unwritten.insert(name.clone(), seq);
-                self.pending.push_front(name);
-                return None;
-            }
             let path = self.pending_dir.join(&name);
             let id = task_id(&name).unwrap_or_default().to_owned();
             self.forget_pending(&name);
@@ -453,6 +486,19 @@ impl Store {
                 // One id, one task: a second copy never goes out beside the first.
                 self.set_aside(&name, &path);
                 continue;
+            }
+            if let Some(&seq) = self.unwritten.get(&name) {
+                // Its file is still being written: out from memory, the file to follow
+                // into `processing/`; or, not kept in memory, it waits for its file.
+                let Some(task) = self.cached.get(&name).cloned() else {
+                    self.requeue_front(name);
+                    return None;
+                };
+                if self.journal.tell(&name, seq, Fate::Held) {
+                    self.processing.insert(id.clone(), name);
+                    return Some((id, task));
+                }
+                // Marked meanwhile: in `pending/`, as any.
             }
             let task = match self.uncache(&name) {
                 Some(task) => task,
@@ -563,6 +609,13 @@ impl Store {
         let Some(name) = self.processing.remove(task_id) else {
             return false;
         };
+        if let Some(&seq) = self.unwritten.get(&name)
+            && self.journal.tell(&name, seq, Fate::Settled)
+        {
+            // Settled before its file was written: none is, and a start does not bring the
+            // task back.
+            return true;
+        }
         if let Err(error) = self.spares.give_back(&self.held_file(&name)) {
             tracing::warn!(%name, %error, "cannot remove an acked task's file");
         }
@@ -574,6 +627,13 @@ impl Store {
         let Some(name) = self.processing.remove(task_id) else {
             return false;
         };
+        if let Some(&seq) = self.unwritten.get(&name)
+            && self.journal.tell(&name, seq, Fate::Waiting)
+        {
+            // Its file goes to `pending/` (the materializer puts it there).
+            self.requeue_front(name);
+            return true;
+        }
         if let Err(error) = self.move_back(&name) {
             tracing::error!(%name, %error, "cannot return a task to pending; trying again at the next sync");
             self.stranded.push(name);
@@ -608,6 +668,7 @@ impl Store {
     /// Syncs the removals and moves since the last call (acks, nacks, pops), so a crash
     /// does not bring back many acked tasks.
     pub(crate) fn sync(&mut self) -> io::Result<()> {
+        self.catch_up();
         for name in std::mem::take(&mut self.stranded) {
             if let Err(error) = self.move_back(&name) {
                 tracing::error!(%name, %error, "cannot return a task to pending; trying again at the next sync");
@@ -653,7 +714,7 @@ mod tests {
         }
     }
 
-    /// Stores `tasks` and waits until their files are written, as the broker's dispatch does.
+    /// Stores `tasks` and waits until their files are written.
     fn push(store: &mut Store, tasks: &[StoredTask]) -> io::Result<()> {
         store.push_all(tasks)?;
         assert!(
@@ -698,22 +759,68 @@ mod tests {
     }
 
     #[test]
-    fn a_task_goes_out_only_once_its_file_is_written() {
+    fn a_task_handed_out_before_its_file_gets_it_in_processing_and_one_settled_first_none() {
         let dir = scratch();
         let mut store = Store::open(&dir, Box::new(|| {})).unwrap();
         let spares = store.spares.clone();
         // The journal's materializer waits on the spares while this is held.
         let stalled = spares.pool();
-        store.push_all(&[task("a")]).unwrap();
-        assert_eq!(store.pending(), 1);
-        assert!(
-            store.pop().is_none(),
-            "handed out before its file was written"
-        );
+        store
+            .push_all(&[
+                task("held"),
+                task("acked"),
+                task("requeued"),
+                task("waiting"),
+            ])
+            .unwrap();
+        let ids: Vec<String> = (0..3).map(|_| store.pop().unwrap().0).collect();
+        assert_eq!(ids, ["held", "acked", "requeued"], "out from memory");
+        assert!(store.ack("acked"));
+        assert!(store.nack("requeued"));
         drop(stalled);
         assert!(store.flush(Duration::from_secs(10)));
-        assert_eq!(store.pop().unwrap().0, "a");
-        assert!(dir.join("processing").read_dir().unwrap().next().is_some());
+        let names = |which: &str| -> Vec<String> {
+            let mut names: Vec<String> = fs::read_dir(dir.join(which))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter_map(|name| task_id(&name).map(str::to_owned))
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names("processing"), ["held"]);
+        assert_eq!(names("pending"), ["requeued", "waiting"]);
+        // And a start after a crash does not bring the acked one back.
+        drop(store);
+        let mut store = Store::open(&dir, Box::new(|| {})).unwrap();
+        let order: Vec<_> = std::iter::from_fn(|| store.pop().map(|(id, _)| id)).collect();
+        assert_eq!(order, ["held", "requeued", "waiting"]);
+        drop(store);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_task_settled_before_its_file_is_not_brought_back_by_the_journal() {
+        let dir = scratch();
+        let mut store = Store::open(&dir, Box::new(|| {})).unwrap();
+        let spares = store.spares.clone();
+        let stalled = spares.pool();
+        store.push_all(&[task("acked"), task("kept")]).unwrap();
+        assert_eq!(store.pop().unwrap().0, "acked");
+        assert!(store.ack("acked"));
+        // A crash before the files: the journal alone says what was confirmed.
+        let journal = fs::read(dir.join("journal")).unwrap();
+        drop(stalled);
+        drop(store);
+        fs::write(dir.join("journal"), journal).unwrap();
+        for which in ["pending", "processing"] {
+            for entry in fs::read_dir(dir.join(which)).unwrap() {
+                fs::remove_file(entry.unwrap().path()).unwrap();
+            }
+        }
+        let mut store = Store::open(&dir, Box::new(|| {})).unwrap();
+        let order: Vec<_> = std::iter::from_fn(|| store.pop().map(|(id, _)| id)).collect();
+        assert_eq!(order, ["kept"]);
         drop(store);
         fs::remove_dir_all(dir).unwrap();
     }

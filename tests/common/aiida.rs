@@ -236,7 +236,9 @@ impl Drop for BrokerProcess {
         if let Some(process) = self.process.as_mut() {
             let _ = process.start_kill();
         }
-        let _ = std::fs::remove_dir_all(&self.service_dir);
+        if std::env::var_os("KIWIMQ_KEEP_BROKER_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.service_dir);
+        }
         for dir in &self.sockets_dirs {
             let _ = std::fs::remove_dir_all(dir);
         }
