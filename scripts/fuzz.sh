@@ -64,13 +64,14 @@ for target in $TARGETS; do
     start=$(date +%s)
     stamp=$(mktemp)
     status=0
+    : > "$log"
     # Every input that once crashed this target, run first, whole (fuzzing truncates an
     # input to MAX_LEN).
     regressions=fuzz/regressions/$target
     if [ -d "$regressions" ]; then
         "$BIN/$target" -rss_limit_mb="$RSS_LIMIT_MB" -malloc_limit_mb="$MALLOC_LIMIT_MB" \
             -timeout="$TIMEOUT" -artifact_prefix="$artifacts/" "$regressions"/* \
-            > "$log" 2>&1 || status=$?
+            >> "$log" 2>&1 || status=$?
         if [ "$status" -ne 0 ]; then
             echo "a regression input crashes $target again (see $log)"
         fi
