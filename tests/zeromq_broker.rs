@@ -581,38 +581,7 @@ async fn a_kiwimq_client_back_after_a_broker_restart_gets_a_task_it_never_receiv
     let mut broker = BrokerProcess::kiwimq(30).await;
     let worker = connect(&broker.uri()).await;
     let handled = common::recorded_tasks::<u64>(&worker).await;
-    let state_file = broker.service_dir.join("storage/broker-state.json");
-    let read_state = || -> serde_json::Value {
-        std::fs::read(&state_file)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default()
-    };
-    eventually(SOON, "the worker's subscription written down", || {
-        read_state()["task_subscribers"]
-            .as_object()
-            .is_some_and(|subscribers| !subscribers.is_empty())
-    })
-    .await;
-    broker.kill().await;
-    let mut state = read_state();
-    let holder = state["task_subscribers"]
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap()
-        .clone();
-    state["assignments"] = serde_json::json!({"lost-in-handover": holder});
-    std::fs::write(&state_file, state.to_string()).unwrap();
-    std::fs::write(
-        broker
-            .service_dir
-            .join("storage/tasks/pending/1000_lost-in-handover.json"),
-        br#"{"id": "lost-in-handover", "body": 7, "no_reply": true}"#,
-    )
-    .unwrap();
-    broker.restart().await;
+    broker.restart_after_a_lost_hand_over().await;
     // Back (libzmq reconnects by itself), it holds nothing: the task comes to it.
     eventually(
         Duration::from_secs(10),

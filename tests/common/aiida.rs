@@ -220,6 +220,46 @@ impl BrokerProcess {
         self.spawn().await;
     }
 
+    /// Once a worker's subscription is written down, `kill -9`s the broker and leaves its
+    /// state as a `kill -9` during a hand-over does (long before the end, so not leased): a
+    /// task `lost-in-handover` (body 7) assigned to that worker, which never received it;
+    /// then starts it again.
+    pub async fn restart_after_a_lost_hand_over(&mut self) {
+        let state_file = self.service_dir.join("storage/broker-state.json");
+        let read_state = || -> serde_json::Value {
+            std::fs::read(&state_file)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                .unwrap_or_default()
+        };
+        eventually(SOON, "the worker's subscription written down", || {
+            read_state()["task_subscribers"]
+                .as_object()
+                .is_some_and(|subscribers| !subscribers.is_empty())
+        })
+        .await;
+        self.kill().await;
+        let mut state = read_state();
+        let holder = state["task_subscribers"]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap()
+            .clone();
+        state["assignments"] = serde_json::json!({"lost-in-handover": holder});
+        std::fs::write(&state_file, state.to_string()).unwrap();
+        // The log of changes since that snapshot says nothing of it.
+        let _ = std::fs::remove_file(self.service_dir.join("storage/broker-state.log"));
+        std::fs::write(
+            self.service_dir
+                .join("storage/tasks/pending/1000_lost-in-handover.json"),
+            br#"{"id": "lost-in-handover", "body": 7, "no_reply": true}"#,
+        )
+        .unwrap();
+        self.restart().await;
+    }
+
     /// What its `storage/tasks/{pending,processing}` hold.
     pub fn stored_tasks(&self) -> (usize, usize) {
         let count = |which: &str| {
