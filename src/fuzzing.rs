@@ -106,9 +106,13 @@ pub fn envelope(codec: Codec, data: &[u8]) {
                 return;
             };
             broadcast_headers(&broadcast);
-            let bytes = codec
-                .encode_broadcast(broadcast)
-                .expect("a decoded broadcast encodes");
+            let bytes = match codec.encode_broadcast(broadcast) {
+                Ok(bytes) => bytes,
+                // As in `round_trips`: YAML keyed by a sequence or mapping reads, and its
+                // writer says it cannot write it (found at 6.8 M inputs of this target).
+                Err(_) if codec == Codec::Yaml && yaml_has_complex_key(data) => return,
+                Err(e) => panic!("{codec}: a decoded broadcast does not encode: {e}"),
+            };
             let again = codec
                 .decode_broadcast::<Value>(&bytes)
                 .expect("a re-encoded broadcast decodes");
