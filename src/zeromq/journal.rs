@@ -609,6 +609,24 @@ mod tests {
         }
     }
 
+    /// A task `id` whose body is a string of `bytes` bytes.
+    fn sized(id: &str, bytes: usize) -> StoredTask {
+        StoredTask {
+            id: Some(id.to_owned()),
+            sender: serde_json::Value::Null,
+            sender_identity: None,
+            body: serde_json::value::to_raw_value(&"x".repeat(bytes)).unwrap(),
+            no_reply: true,
+            timestamp: 0.0,
+            results: false,
+        }
+    }
+
+    /// A small task `id`.
+    fn task(id: &str) -> StoredTask {
+        sized(id, 8)
+    }
+
     fn line(seq: u64, name: &str, pid: u32) -> String {
         format!(
             "{{\"seq\":{seq},\"name\":\"{name}\",\"task\":{{\"id\":\"{pid}\",\"body\":{{\"task\":\"continue\",\"args\":{{\"pid\":{pid}}}}},\"no_reply\":true}}}}\n"
@@ -681,15 +699,6 @@ mod tests {
             Box::new(|| {}),
         )
         .unwrap();
-        let task = |id: &str| StoredTask {
-            id: Some(id.to_owned()),
-            sender: serde_json::Value::Null,
-            sender_identity: None,
-            body: serde_json::value::to_raw_value(&serde_json::json!({"pid": 1})).unwrap(),
-            no_reply: true,
-            timestamp: 0.0,
-            results: false,
-        };
         let names = ["1_a.json", "2_b.json", "3_c.json"].map(str::to_owned);
         journal
             .append(&[task("a"), task("b"), task("c")], &names)
@@ -768,15 +777,6 @@ mod tests {
         let spares = Arc::new(Spares::open(&dir.join("spare")).unwrap());
         let journal =
             Journal::start(&journal_file, dirs(&pending), spares, Box::new(|| {})).unwrap();
-        let task = |id: &str| StoredTask {
-            id: Some(id.to_owned()),
-            sender: serde_json::Value::Null,
-            sender_identity: None,
-            body: serde_json::value::to_raw_value(&serde_json::json!({"pid": 1})).unwrap(),
-            no_reply: true,
-            timestamp: 0.0,
-            results: false,
-        };
         let names = ["1_a.json".to_owned(), "2_b.json".to_owned()];
         let seqs = journal.append(&[task("a"), task("b")], &names).unwrap();
         assert_eq!(seqs, [1, 2]);
@@ -801,15 +801,7 @@ mod tests {
             )
             .unwrap(),
         );
-        let big = |n: usize| StoredTask {
-            id: Some(n.to_string()),
-            sender: serde_json::Value::Null,
-            sender_identity: None,
-            body: serde_json::value::to_raw_value(&"x".repeat(64 << 10)).unwrap(),
-            no_reply: true,
-            timestamp: 0.0,
-            results: false,
-        };
+        let big = |n: usize| sized(&n.to_string(), 64 << 10);
         // The materializer stalls on the spares while this is held: nothing gets written.
         let stalled = spares.pool();
         let mut n = 0;
@@ -856,15 +848,7 @@ mod tests {
             Box::new(|| {}),
         )
         .unwrap();
-        let big = |n: usize| StoredTask {
-            id: Some(n.to_string()),
-            sender: serde_json::Value::Null,
-            sender_identity: None,
-            body: serde_json::value::to_raw_value(&"x".repeat(1 << 20)).unwrap(),
-            no_reply: true,
-            timestamp: 0.0,
-            results: false,
-        };
+        let big = |n: usize| sized(&n.to_string(), 1 << 20);
         let stalled = spares.pool();
         let mut n = 0;
         while fs::metadata(&journal_file).unwrap().len() <= JOURNAL_LIMIT {

@@ -5,6 +5,9 @@
 //! The Python environment is `KIWIMQ_AIIDA_VENV` or `target/aiida-venv`, which
 //! `scripts/aiida-venv.sh` makes (the test script runs it). A test that cannot find it fails
 //! and says how to make it: it is never skipped.
+//!
+//! `KIWIMQ_KEEP_BROKER_DIRS=1` keeps each broker's service directory (its `broker.log`,
+//! state and task files) after the test, to read what happened.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
